@@ -1,0 +1,92 @@
+"""Render a model's chat template with jinja2 exactly as transformers does."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class ChatTemplateError(ValueError):
+    """The template is missing, or raised while rendering these messages (a client error)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+class ChatTemplate:
+    """A compiled chat template plus the special-token strings it may reference."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
+        self.source = source
+        self.special_tokens = special_tokens or {}
+        self._template = _compile(source)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> "ChatTemplate | None":
+        """The template from ``chat_template.jinja`` or ``tokenizer_config.json``; None if the model has none."""
+        model_dir = Path(model_dir)
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        source = None
+        if (model_dir / "chat_template.jinja").is_file():
+            source = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        elif isinstance(cfg.get("chat_template"), str):
+            source = cfg["chat_template"]
+        elif isinstance(cfg.get("chat_template"), list):  # named templates: use "default"
+            source = next((t["template"] for t in cfg["chat_template"] if t.get("name") == "default"), None)
+        if source is None:
+            return None
+        specials = {}
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = cfg.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is not None:
+                specials[key] = value
+        return cls(source, specials)
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render ``messages``; extra keyword arguments (e.g. ``enable_thinking``) reach the template."""
+        try:
+            return self._template.render(
+                messages=messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+                **kwargs,
+            )
+        except ChatTemplateError:
+            raise
+        except (TemplateError, TypeError, AttributeError, KeyError, IndexError) as e:
+            raise ChatTemplateError(f"chat template failed on these messages: {e}") from None

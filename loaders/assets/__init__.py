@@ -1,0 +1,8 @@
+"""Files shipped with the package: the official Qwen3 tokenizer (Apache-2.0, see qwen3-tokenizer/README.md)."""
+
+from pathlib import Path
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """Directory holding the Qwen3 tokenizer.json, vocab.json, merges.txt, tokenizer_config.json."""
+    return Path(__file__).parent / "qwen3-tokenizer"

@@ -1,0 +1,172 @@
+"""Load a Qwen3 checkpoint into typed weights: INT8 linears (read or quantized on load) or float linears."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from loaders.checkpoint import CheckpointError, CheckpointReader
+from loaders.config import ConfigError, ModelConfig, load_model_config, read_json
+from loaders.quantization import (
+    CompressedTensorsW8A8,
+    FloatLinear,
+    Int8Linear,
+    LinearWeight,
+    quantize_linear,
+)
+
+FLOAT_TENSOR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class Quantization(str, Enum):
+    """How linear layers are executed: ``auto`` = whatever the checkpoint is, A8W8 for float checkpoints."""
+
+    AUTO = "auto"
+    A8W8 = "a8w8"
+    NONE = "none"
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``[out, in]`` of each linear module of one decoder layer, by its name inside the layer."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {
+        "self_attn.q_proj": (cfg.q_size, h),
+        "self_attn.k_proj": (cfg.kv_size, h),
+        "self_attn.v_proj": (cfg.kv_size, h),
+        "self_attn.o_proj": (h, cfg.q_size),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+
+
+def norm_shapes(cfg: ModelConfig) -> dict[str, tuple[int]]:
+    """Shapes of the per-layer norm weights, by name inside the layer."""
+    return {
+        "input_layernorm": (cfg.hidden_size,),
+        "post_attention_layernorm": (cfg.hidden_size,),
+        "self_attn.q_norm": (cfg.head_dim,),
+        "self_attn.k_norm": (cfg.head_dim,),
+    }
+
+
+@dataclass
+class LayerWeights:
+    norms: dict[str, torch.Tensor]
+    linears: dict[str, LinearWeight]
+
+
+@dataclass
+class ModelWeights:
+    config: ModelConfig
+    embed_tokens: torch.Tensor
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor
+    lm_head: LinearWeight
+    quantization: Quantization
+
+    def linear_bytes(self) -> int:
+        """Bytes of linear weights (including lm_head) read once per decode step."""
+        total = 0
+        for lw in [*(w for layer in self.layers for w in layer.linears.values()), self.lm_head]:
+            if isinstance(lw, Int8Linear):
+                total += lw.qweight.numel() + lw.scale.numel() * 4
+            else:
+                total += lw.weight.numel() * lw.weight.element_size()
+        return total
+
+
+class _LinearLoader:
+    """Reads one linear module as INT8 (from the file or quantized on load) or float, per the scheme."""
+
+    def __init__(self, reader: CheckpointReader, scheme: CompressedTensorsW8A8 | None, mode: Quantization):
+        self.reader, self.scheme, self.mode = reader, scheme, mode
+
+    def load(self, module: str, shape: tuple[int, int]) -> LinearWeight:
+        stored_int8 = self.scheme is not None and self.scheme.is_quantized(module)
+        if stored_int8:
+            q = self.reader.get(f"{module}.weight", shape, (torch.int8,))
+            name = f"{module}.weight_scale"
+            scale = self.reader.get(name, None, FLOAT_TENSOR_DTYPES)
+            if tuple(scale.shape) not in ((shape[0], 1), (shape[0],)):
+                raise CheckpointError(
+                    f"{self.reader.file_of(name)}: tensor {name!r} has shape {list(scale.shape)}, "
+                    f"expected [{shape[0]}, 1] or [{shape[0]}]"
+                )
+            for extra in ("weight_zero_point", "input_scale"):
+                if self.reader.has(f"{module}.{extra}"):
+                    raise CheckpointError(
+                        f"{self.reader.file_of(f'{module}.{extra}')}: tensor '{module}.{extra}' present: "
+                        "asymmetric weights / static activation scales are not supported"
+                    )
+            weight = Int8Linear(q, scale.reshape(-1).float())
+            if self.mode is Quantization.NONE:
+                return FloatLinear(weight.dequantized())
+            return weight
+        w = self.reader.get(f"{module}.weight", shape, FLOAT_TENSOR_DTYPES)
+        # lm_head stays in floating point unless the checkpoint itself quantized it.
+        if self.mode is Quantization.A8W8 and module != "lm_head":
+            return quantize_linear(w)
+        return FloatLinear(w)
+
+
+def load_model_weights(
+    model_dir: str | Path,
+    quantization: Quantization | str = Quantization.AUTO,
+    progress: bool | None = None,
+) -> ModelWeights:
+    """Load every tensor of a Qwen3 checkpoint, checking names, shapes and dtypes.
+
+    ``quantization``: ``auto``/``a8w8`` run every decoder linear in A8W8 (quantizing float weights on
+    load); ``none`` keeps float weights (INT8 checkpoints are dequantized: a reference path only).
+    """
+    model_dir = Path(model_dir)
+    mode = Quantization(quantization)
+    if mode is Quantization.AUTO:
+        mode = Quantization.A8W8
+    cfg = load_model_config(model_dir)
+    scheme = CompressedTensorsW8A8.from_config(read_json(model_dir / "config.json"))
+    reader = CheckpointReader(model_dir)
+    loader = _LinearLoader(reader, scheme, mode)
+    show = sys.stderr.isatty() if progress is None else progress
+
+    embed = reader.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), FLOAT_TENSOR_DTYPES)
+    layers: list[LayerWeights] = []
+    for i in tqdm(range(cfg.num_layers), desc="loading layers", disable=not show, file=sys.stderr):
+        prefix = f"model.layers.{i}"
+        norms = {
+            name: reader.get(f"{prefix}.{name}.weight", shape, FLOAT_TENSOR_DTYPES)
+            for name, shape in norm_shapes(cfg).items()
+        }
+        linears = {name: loader.load(f"{prefix}.{name}", shape) for name, shape in linear_shapes(cfg).items()}
+        layers.append(LayerWeights(norms=norms, linears=linears))
+    final_norm = reader.get("model.norm.weight", (cfg.hidden_size,), FLOAT_TENSOR_DTYPES)
+    if reader.has("lm_head.weight") and not cfg.tie_word_embeddings:
+        lm_head = loader.load("lm_head", (cfg.vocab_size, cfg.hidden_size))
+    elif cfg.tie_word_embeddings:
+        lm_head = FloatLinear(embed)
+    else:
+        raise CheckpointError(
+            f"{model_dir}: missing tensor 'lm_head.weight' (expected shape {[cfg.vocab_size, cfg.hidden_size]}; "
+            "tie_word_embeddings is false)"
+        )
+    return ModelWeights(cfg, embed, layers, final_norm, lm_head, mode)
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "LayerWeights",
+    "ModelWeights",
+    "Quantization",
+    "load_model_weights",
+    "linear_shapes",
+    "norm_shapes",
+]

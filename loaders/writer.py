@@ -1,0 +1,206 @@
+"""Writing checkpoints: the ``quantize`` command (compressed-tensors W8A8) and random test models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from loaders.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
+from loaders.config import ConfigError, ModelConfig, load_model_config, read_json
+from loaders.quantization import FLOAT_DTYPES, CompressedTensorsW8A8, quantize_weight
+from loaders.weights import linear_shapes
+
+# Files that travel with a checkpoint besides config and weights.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+QWEN3_BOS_ID = 151643  # <|endoftext|>
+QWEN3_EOS_ID = 151645  # <|im_end|>
+# llm-compressor / transformers default shard size.
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer and generation files that exist in ``src``."""
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], dst: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write tensors as ``model.safetensors``, or as shards plus an index when over ``max_shard_bytes``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(dst / SINGLE_FILE), metadata=metadata)
+        return
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(dst / fname), metadata=metadata)
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    (dst / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Write a float checkpoint as compressed-tensors W8A8 in llm-compressor's layout.
+
+    Every decoder linear becomes ``X.weight`` int8 ``[out, in]`` plus ``X.weight_scale`` ``[out, 1]`` in
+    the original float dtype; embeddings, norms and lm_head (``ignore: ["lm_head"]``) are copied as they are.
+    """
+    src, dst = Path(src), Path(dst)
+    raw = read_json(src / "config.json")
+    if CompressedTensorsW8A8.from_config(raw) is not None:
+        raise ConfigError(f"{src / 'config.json'}: checkpoint is already quantized")
+    cfg = load_model_config(src)
+    reader = CheckpointReader(src)
+    linear_modules = {
+        f"model.layers.{i}.{name}": shape for i in range(cfg.num_layers) for name, shape in linear_shapes(cfg).items()
+    }
+    out: dict[str, torch.Tensor] = {}
+    for name in reader.keys():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in linear_modules:
+            w = reader.get(name, linear_modules[module], tuple(set(FLOAT_DTYPES.values())))
+            q, scale = quantize_weight(w)
+            out[name] = q
+            out[f"{module}.weight_scale"] = scale.reshape(-1, 1)
+        else:
+            out[name] = reader.get(name)
+    missing = [m for m in linear_modules if f"{m}.weight" not in out]
+    if missing:
+        raise ConfigError(f"{src}: missing linear weights, e.g. {missing[0]}.weight")
+    save_tensors(out, dst, max_shard_bytes)
+    raw["quantization_config"] = CompressedTensorsW8A8.config_block(ignore=["lm_head"])
+    (dst / "config.json").write_text(json.dumps(raw, indent=2))
+    copy_side_files(src, dst)
+
+
+@dataclass(frozen=True)
+class RandomModelSpec:
+    """Shape of a random Qwen3 test model. Defaults are tiny; vocab matches the real Qwen3 tokenizer."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 128
+    vocab_size: int = 151936
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 4096
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    dtype: str = "bfloat16"
+    seed: int = 0
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            # Qwen3's ids; only meaningful when the vocabulary is the real one.
+            "bos_token_id": QWEN3_BOS_ID if self.vocab_size > QWEN3_BOS_ID else None,
+            "eos_token_id": QWEN3_EOS_ID if self.vocab_size > QWEN3_EOS_ID else None,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "max_window_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_hidden_layers": self.num_layers,
+            "num_key_value_heads": self.num_kv_heads,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_scaling": None,
+            "rope_theta": self.rope_theta,
+            "sliding_window": None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.dtype,
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": self.vocab_size,
+        }
+
+
+def random_qwen3_tensors(spec: RandomModelSpec) -> dict[str, torch.Tensor]:
+    """Deterministic random weights at the spec's shapes (fan-in scaled, so activations stay O(1))."""
+    g = torch.Generator().manual_seed(spec.seed)
+    dtype = FLOAT_DTYPES[spec.dtype]
+    cfg = load_model_config_from_spec(spec)
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    def norm_weight(n: int) -> torch.Tensor:
+        return (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype)
+
+    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(spec.vocab_size, spec.hidden_size, std=1.0)}
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = norm_weight(spec.hidden_size)
+        t[f"{p}.post_attention_layernorm.weight"] = norm_weight(spec.hidden_size)
+        t[f"{p}.self_attn.q_norm.weight"] = norm_weight(spec.head_dim)
+        t[f"{p}.self_attn.k_norm.weight"] = norm_weight(spec.head_dim)
+        for name, (out_f, in_f) in linear_shapes(cfg).items():
+            t[f"{p}.{name}.weight"] = normal(out_f, in_f, std=in_f**-0.5)
+    t["model.norm.weight"] = norm_weight(spec.hidden_size)
+    if not spec.tie_word_embeddings:
+        t["lm_head.weight"] = normal(spec.vocab_size, spec.hidden_size, std=spec.hidden_size**-0.5)
+    return t
+
+
+def load_model_config_from_spec(spec: RandomModelSpec) -> ModelConfig:
+    """The typed config a random checkpoint of this spec will have."""
+    return ModelConfig.from_dict(spec.config_dict(), source="RandomModelSpec")
+
+
+def write_random_qwen3(
+    dst: str | Path,
+    spec: RandomModelSpec = RandomModelSpec(),
+    quantized: bool = False,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a random Qwen3 checkpoint (float, or compressed-tensors W8A8 when ``quantized``).
+
+    ``tokenizer_dir`` (e.g. :func:`loaders.assets.qwen3_tokenizer_dir`) supplies tokenizer and generation files.
+    """
+    dst = Path(dst)
+    float_dir = dst if not quantized else dst.with_name(dst.name + ".float-tmp")
+    float_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(random_qwen3_tensors(spec), float_dir, max_shard_bytes)
+    (float_dir / "config.json").write_text(json.dumps(spec.config_dict(), indent=2))
+    if tokenizer_dir is not None:
+        copy_side_files(Path(tokenizer_dir), float_dir)
+    if quantized:
+        quantize_checkpoint(float_dir, dst, max_shard_bytes)
+        shutil.rmtree(float_dir)
+    return dst

@@ -1,0 +1,83 @@
+"""Parent-side handle of the worker process: spawn, wait until ready, send steps, detect death."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+from npu import messages as m
+from npu.worker import worker_main
+
+# How often a waiting parent checks that the worker is still alive.
+POLL_SECONDS = 0.05
+DEFAULT_STARTUP_TIMEOUT = 600.0
+
+
+class WorkerError(RuntimeError):
+    """The worker failed to start, died, or rejected a step."""
+
+
+class WorkerDied(WorkerError):
+    pass
+
+
+class WorkerClient:
+    """Owns one worker process. Not thread-safe: one thread drives steps."""
+
+    def __init__(self, config: m.WorkerConfig):
+        self.config = config
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=worker_main, args=(child, config), name="a8w8-worker", daemon=True)
+        self.process.start()
+        child.close()  # so that the worker's death closes the pipe and recv() raises at once
+        self.info: m.Ready | None = None
+
+    def _recv(self, timeout: float | None = None) -> m.FromWorker:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._conn.poll(POLL_SECONDS):
+            if not self.process.is_alive():
+                raise WorkerDied(f"worker process exited with code {self.process.exitcode}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise WorkerError(f"worker did not answer within {timeout} s")
+        try:
+            return m.decode_from_worker(self._conn.recv_bytes())
+        except (EOFError, OSError) as e:
+            raise WorkerDied(f"worker pipe closed ({e}); exit code {self.process.exitcode}") from None
+
+    def wait_ready(self, timeout: float = DEFAULT_STARTUP_TIMEOUT) -> m.Ready:
+        msg = self._recv(timeout)
+        if isinstance(msg, m.StartupFailed):
+            self.process.join(timeout=5)
+            raise WorkerError(f"worker failed to start: {msg.message}")
+        assert isinstance(msg, m.Ready), msg
+        self.info = msg
+        return msg
+
+    def step(self, req: m.StepRequest) -> m.StepResult:
+        """Send one step and wait for its result; raises WorkerError on a rejected step."""
+        try:
+            self._conn.send_bytes(m.encode(req))
+        except (BrokenPipeError, OSError) as e:
+            raise WorkerDied(f"worker pipe closed ({e})") from None
+        reply = self._recv()
+        if isinstance(reply, m.StepError):
+            raise WorkerError(f"worker rejected step {reply.step_id}: {reply.message}")
+        assert isinstance(reply, m.StepResult) and reply.step_id == req.step_id, reply
+        return reply
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self.process.is_alive():
+            try:
+                self._conn.send_bytes(m.encode(m.Shutdown()))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout)
+        self._conn.close()

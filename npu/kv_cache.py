@@ -1,0 +1,136 @@
+"""Paged KV cache: one flat slot array per layer, addressed through block tables.
+
+The KV dtype is an object that the attention code asks (``write``/``read``), so INT8 and BF16 share
+one code path. INT8 stores one fp32 scale per (token, kv head), quantized symmetric per token per
+head (K after k_norm and RoPE); the scales are applied inside attention (to the scores and to the
+probabilities), so no dequantized copy of the cache is ever made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+KV_INT8_QMAX = 127.0
+
+
+class KVCacheDtype(str, Enum):
+    INT8 = "int8"
+    BF16 = "bf16"
+    FP32 = "fp32"  # reference only: exact parity tests of the float path
+
+
+@dataclass
+class KVRead:
+    """K/V of a set of slots, as the attention computation consumes them."""
+
+    k: torch.Tensor  # [T, Hkv, D] float
+    v: torch.Tensor
+    k_scale: torch.Tensor | None  # [T, Hkv] or None when values are already real
+    v_scale: torch.Tensor | None
+
+
+class Int8KV:
+    """INT8 K/V with one fp32 scale per (token, kv head)."""
+
+    @staticmethod
+    def bytes_per_slot(num_kv_heads: int, head_dim: int) -> int:
+        return 2 * num_kv_heads * (head_dim + 4)  # K and V: int8 values + one fp32 scale per head
+
+    @staticmethod
+    def allocate(layers: int, slots: int, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+        return {
+            "k": torch.zeros(layers, slots, heads, head_dim, dtype=torch.int8),
+            "v": torch.zeros(layers, slots, heads, head_dim, dtype=torch.int8),
+            "k_scale": torch.zeros(layers, slots, heads, dtype=torch.float32),
+            "v_scale": torch.zeros(layers, slots, heads, dtype=torch.float32),
+        }
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        absmax = x.abs().amax(dim=-1)
+        inv = torch.where(absmax > 0, KV_INT8_QMAX / absmax, torch.zeros_like(absmax))
+        q = torch.round(x * inv[..., None]).clamp_(-KV_INT8_QMAX, KV_INT8_QMAX).to(torch.int8)
+        return q, absmax / KV_INT8_QMAX
+
+    def write(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        qk, sk = self._quantize(k.float())
+        qv, sv = self._quantize(v.float())
+        cache["k"][layer].index_copy_(0, slots, qk)
+        cache["v"][layer].index_copy_(0, slots, qv)
+        cache["k_scale"][layer].index_copy_(0, slots, sk)
+        cache["v_scale"][layer].index_copy_(0, slots, sv)
+
+    def read(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, dtype: torch.dtype) -> KVRead:
+        return KVRead(
+            k=cache["k"][layer].index_select(0, slots).to(dtype),
+            v=cache["v"][layer].index_select(0, slots).to(dtype),
+            k_scale=cache["k_scale"][layer].index_select(0, slots),
+            v_scale=cache["v_scale"][layer].index_select(0, slots),
+        )
+
+
+class FloatKV:
+    """K/V stored in a float dtype (bf16 for serving, fp32 as an exact reference)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def bytes_per_slot(self, num_kv_heads: int, head_dim: int) -> int:
+        return 2 * num_kv_heads * head_dim * self.dtype.itemsize
+
+    def allocate(self, layers: int, slots: int, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+        return {
+            "k": torch.zeros(layers, slots, heads, head_dim, dtype=self.dtype),
+            "v": torch.zeros(layers, slots, heads, head_dim, dtype=self.dtype),
+        }
+
+    def write(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        cache["k"][layer].index_copy_(0, slots, k.to(self.dtype))
+        cache["v"][layer].index_copy_(0, slots, v.to(self.dtype))
+
+    def read(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, dtype: torch.dtype) -> KVRead:
+        return KVRead(
+            k=cache["k"][layer].index_select(0, slots).to(dtype),
+            v=cache["v"][layer].index_select(0, slots).to(dtype),
+            k_scale=None,
+            v_scale=None,
+        )
+
+
+def kv_format(kv_dtype: KVCacheDtype | str) -> Int8KV | FloatKV:
+    """The storage object for a KV dtype name."""
+    kv_dtype = KVCacheDtype(kv_dtype)
+    if kv_dtype is KVCacheDtype.INT8:
+        return Int8KV()
+    return FloatKV(torch.bfloat16 if kv_dtype is KVCacheDtype.BF16 else torch.float32)
+
+
+class PagedKVCache:
+    """All layers' K/V for ``num_blocks`` blocks of ``block_size`` token slots."""
+
+    def __init__(self, kv_dtype: KVCacheDtype | str, num_layers: int, num_kv_heads: int, head_dim: int,
+                 num_blocks: int, block_size: int):
+        self.format = kv_format(kv_dtype)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.tensors = self.format.allocate(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+
+    @staticmethod
+    def blocks_for_budget(kv_dtype: KVCacheDtype | str, budget_bytes: int, num_layers: int, num_kv_heads: int,
+                          head_dim: int, block_size: int) -> int:
+        """How many blocks fit in ``budget_bytes``."""
+        per_block = kv_format(kv_dtype).bytes_per_slot(num_kv_heads, head_dim) * num_layers * block_size
+        return budget_bytes // per_block
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.format.write(self.tensors, layer, slots, k, v)
+
+    def read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> KVRead:
+        return self.format.read(self.tensors, layer, slots, dtype)
+
+    def slots_of(self, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Slot indices of a sequence's first ``num_tokens`` tokens."""
+        offsets = torch.arange(self.block_size)
+        return (block_table[:, None] * self.block_size + offsets).reshape(-1)[:num_tokens]

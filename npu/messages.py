@@ -1,0 +1,130 @@
+"""Typed IPC messages between the engine and the worker process.
+
+Encoding: msgspec msgpack over a ``multiprocessing`` pipe. msgspec validates field types on decode (a
+malformed message is an error reply, not a crash) and is several times faster and smaller than
+pickle for these lists of ints; nothing in a message needs pickle's arbitrary objects.
+A step carries only what changed: a sequence's token ids once (``NewSequence``), then per step how
+many of its tokens to compute and which blocks were appended to its block table.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingOptions(msgspec.Struct, frozen=True):
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
+    min_tokens: int = 0
+    # Token ids suppressed while fewer than min_tokens were generated (eos + stop_token_ids).
+    min_tokens_suppress_ids: list[int] = []
+    # None: no logprobs; k >= 0: the chosen token's logprob plus the top k.
+    logprobs: int | None = None
+
+
+class NewSequence(msgspec.Struct, frozen=True):
+    seq_id: int
+    token_ids: list[int]  # every known token: the prompt, then tokens generated before a preemption
+    num_prompt_tokens: int
+    num_cached_tokens: int  # leading tokens whose KV is already in the cache (prefix hit)
+    sampling: SamplingOptions
+
+
+class ScheduledChunk(msgspec.Struct, frozen=True):
+    seq_id: int
+    num_tokens: int  # compute this many of the sequence's tokens, from its computed count on
+    new_block_ids: list[int]  # appended to the sequence's block table before computing
+    sample: bool  # sample the next token after this chunk (only when it reaches the last known token)
+
+
+class StepRequest(msgspec.Struct, tag="step"):
+    step_id: int
+    finished_seq_ids: list[int]
+    new_seqs: list[NewSequence]
+    chunks: list[ScheduledChunk]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+class SampledToken(msgspec.Struct, frozen=True):
+    seq_id: int
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class StepResult(msgspec.Struct, tag="result"):
+    step_id: int
+    tokens: list[SampledToken]
+    compute_seconds: float
+
+
+class StepError(msgspec.Struct, tag="error"):
+    step_id: int
+    message: str
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    vocab_size: int
+    kv_cache_dtype: str
+    quantization: str
+    backend: str
+    weight_bytes: int
+
+
+class StartupFailed(msgspec.Struct, tag="failed"):
+    message: str
+
+
+ToWorker = StepRequest | Shutdown
+FromWorker = StepResult | StepError | Ready | StartupFailed
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_from_worker = msgspec.msgpack.Decoder(FromWorker)
+
+
+def encode(msg: ToWorker | FromWorker) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_worker(data: bytes) -> ToWorker:
+    return _to_worker.decode(data)
+
+
+def decode_from_worker(data: bytes) -> FromWorker:
+    return _from_worker.decode(data)
+
+
+# Default KV-cache budget when none is given: enough for many concurrent chats on a small model
+# without crowding a 16-24 GB machine.
+DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
+
+
+class WorkerConfig(msgspec.Struct, frozen=True):
+    """Everything the worker process needs to start (sent once, at spawn)."""
+
+    model_dir: str
+    quantization: str = "auto"  # auto | a8w8 | none
+    kv_cache_dtype: str = "int8"  # int8 | bf16
+    kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
+    block_size: int = 16
+    backend: str = "cpu"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    sampleable_vocab_size: int | None = None  # tokens past this id are padding; None: the whole vocab
+    num_threads: int | None = None
+    seed: int = 0
+    # Test-only: replay these token ids instead of running the model (see npu/replay.py).
+    replay_token_ids: list[int] | None = None

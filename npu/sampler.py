@@ -1,0 +1,100 @@
+"""Per-sequence sampling inside the worker, for one batch of logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from npu.messages import SampledToken, SamplingOptions
+
+# Temperatures below this are treated as greedy (argmax), as vLLM does.
+GREEDY_TEMPERATURE = 1e-5
+# Mixes a request's seed with the output index so each token's draw depends only on (seed, index):
+# reproducible across batching and preemption. A large odd constant spreads nearby seeds apart.
+SEED_STRIDE = 0x9E3779B97F4A7C15
+SEED_MASK = (1 << 63) - 1
+
+
+@dataclass
+class SequenceSamplingState:
+    """What the sampler remembers about one sequence."""
+
+    options: SamplingOptions
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    output_counts: dict[int, int] = field(default_factory=dict)
+
+    def record(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+
+
+class Sampler:
+    def __init__(self, sampleable_vocab_size: int, seed: int = 0):
+        self.sampleable_vocab_size = sampleable_vocab_size
+        self._unseeded = torch.Generator().manual_seed(seed)
+
+    def _apply_penalties(self, row: torch.Tensor, st: SequenceSamplingState) -> None:
+        o = st.options
+        if o.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(st.prompt_token_ids) | set(st.output_counts)), dtype=torch.long)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / o.repetition_penalty, vals * o.repetition_penalty)
+        if (o.presence_penalty or o.frequency_penalty) and st.output_counts:
+            ids = torch.tensor(list(st.output_counts), dtype=torch.long)
+            counts = torch.tensor(list(st.output_counts.values()), dtype=row.dtype)
+            row[ids] -= o.frequency_penalty * counts + o.presence_penalty
+        if o.logit_bias:
+            ids = torch.tensor([i for i in o.logit_bias if 0 <= i < row.numel()], dtype=torch.long)
+            if ids.numel():
+                row[ids] += torch.tensor([o.logit_bias[int(i)] for i in ids], dtype=row.dtype)
+        if len(st.output_token_ids) < o.min_tokens and o.min_tokens_suppress_ids:
+            row[torch.tensor(o.min_tokens_suppress_ids, dtype=torch.long)] = float("-inf")
+
+    def _generator(self, st: SequenceSamplingState) -> torch.Generator:
+        if st.options.seed is None:
+            return self._unseeded
+        mixed = (st.options.seed * SEED_STRIDE + len(st.output_token_ids)) & SEED_MASK
+        return torch.Generator().manual_seed(mixed)
+
+    def _draw(self, row: torch.Tensor, st: SequenceSamplingState) -> int:
+        o = st.options
+        if o.temperature < GREEDY_TEMPERATURE:
+            return int(torch.argmax(row))
+        if 0 < o.top_k < row.numel():
+            values, ids = torch.topk(row, o.top_k)
+        else:
+            values, ids = torch.sort(row, descending=True)
+        probs = torch.softmax(values / o.temperature, dim=-1)
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        if o.top_p < 1.0:
+            keep &= (torch.cumsum(probs, dim=-1) - probs) < o.top_p
+        if o.min_p > 0.0:
+            keep &= probs >= o.min_p * probs[0]
+        keep[0] = True  # the most likely token always survives
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+        choice = torch.multinomial(probs, 1, generator=self._generator(st))
+        return int(ids[choice])
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seq_ids: list[int], states: list[SequenceSamplingState]) -> list[SampledToken]:
+        """Sample one token per row of ``logits`` ``[S, vocab]`` and record it in each state."""
+        logits = logits.float()
+        logits[:, self.sampleable_vocab_size :] = float("-inf")  # padding rows are never sampled
+        want_logprobs = any(st.options.logprobs is not None for st in states)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        out: list[SampledToken] = []
+        for i, (seq_id, st) in enumerate(zip(seq_ids, states)):
+            row = logits[i].clone()
+            self._apply_penalties(row, st)
+            token = self._draw(row, st)
+            lp, top = None, None
+            if logprobs is not None and st.options.logprobs is not None:
+                lp = float(logprobs[i, token])
+                if st.options.logprobs > 0:
+                    v, idx = torch.topk(logprobs[i], st.options.logprobs)
+                    top = [(int(a), float(b)) for a, b in zip(idx, v)]
+            st.record(token)
+            out.append(SampledToken(seq_id=seq_id, token_id=token, logprob=lp, top_logprobs=top))
+        return out

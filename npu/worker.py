@@ -1,0 +1,55 @@
+"""The worker process: load the model, allocate the KV cache, warm up, then serve steps."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from multiprocessing.connection import Connection
+
+from npu import messages as m
+
+log = logging.getLogger("a8w8.worker")
+
+
+def _make_runner(config: m.WorkerConfig):
+    if config.replay_token_ids is not None:
+        from npu.replay import ReplayRunner
+
+        return ReplayRunner(config)
+    from npu.runner import ModelRunner
+
+    return ModelRunner(config)
+
+
+def worker_main(conn: Connection, config: m.WorkerConfig) -> None:
+    """Entry point of the spawned process. Exits when told to, or when the parent's pipe closes."""
+    try:
+        runner = _make_runner(config)
+        runner.warmup()
+    except Exception as e:  # any startup failure is reported to the parent, then the process exits
+        conn.send_bytes(m.encode(m.StartupFailed(message=f"{type(e).__name__}: {e}")))
+        return
+    conn.send_bytes(m.encode(runner.ready_message()))
+    from npu.runner import InvalidStep
+
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # parent went away
+        step_id = -1
+        try:
+            msg = m.decode_to_worker(data)
+            if isinstance(msg, m.Shutdown):
+                return
+            step_id = msg.step_id
+            reply = runner.execute(msg)
+        except (InvalidStep, m.msgspec.ValidationError, m.msgspec.DecodeError) as e:
+            reply = m.StepError(step_id=step_id, message=str(e))
+        except Exception as e:  # a bug in a step must reach the engine as an error, not kill serving
+            log.error("step %s failed:\n%s", step_id, traceback.format_exc())
+            reply = m.StepError(step_id=step_id, message=f"{type(e).__name__}: {e}")
+        try:
+            conn.send_bytes(m.encode(reply))
+        except (BrokenPipeError, OSError):
+            return

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing), installs a8w8-serve with its test extras, runs the test suite.
+# pytest exit code 5 ("no tests collected") is treated as a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
+exit "$rc"
