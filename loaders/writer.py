@@ -29,6 +29,7 @@ SIDE_FILES = (
 )
 QWEN3_BOS_ID = 151643  # <|endoftext|>
 QWEN3_EOS_ID = 151645  # <|im_end|>
+EMBED_INIT_STD = 0.02  # transformers' initializer_range for Qwen3
 # llm-compressor / transformers default shard size.
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -43,6 +44,8 @@ def copy_side_files(src: Path, dst: Path) -> None:
 def save_tensors(tensors: dict[str, torch.Tensor], dst: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write tensors as ``model.safetensors``, or as shards plus an index when over ``max_shard_bytes``."""
     dst.mkdir(parents=True, exist_ok=True)
+    for stale in [*dst.glob("*.safetensors"), dst / INDEX_FILE]:  # never mix with an older checkpoint
+        stale.unlink(missing_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -162,7 +165,11 @@ def random_qwen3_tensors(spec: RandomModelSpec) -> dict[str, torch.Tensor]:
     def norm_weight(n: int) -> torch.Tensor:
         return (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype)
 
-    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(spec.vocab_size, spec.hidden_size, std=1.0)}
+    # A small embedding (as in real initialisation) lets the layers, not the input token, steer the
+    # output; otherwise a tied random model just repeats its input.
+    t: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": normal(spec.vocab_size, spec.hidden_size, std=EMBED_INIT_STD)
+    }
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
         t[f"{p}.input_layernorm.weight"] = norm_weight(spec.hidden_size)

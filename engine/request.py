@@ -1,0 +1,84 @@
+"""A sequence being served: its tokens, progress, stop state and timestamps."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import SamplingParams
+from engine.stop import StopStringMatcher
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class Timestamps:
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] | None
+
+
+@dataclass
+class Sequence:
+    """One generated sequence (a request with ``n`` > 1 has ``n`` of them)."""
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n choices
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    max_tokens: int
+    priority: int
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+    eos_token_ids: tuple[int, ...]
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    num_preemptions: int = 0
+    times: Timestamps = field(default_factory=Timestamps)
+    admitted_once: bool = False
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def sort_key(self) -> tuple[int, float, int]:
+        """Scheduling order: priority (lower first), then arrival, then id."""
+        return (self.priority, self.times.arrival, self.seq_id)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

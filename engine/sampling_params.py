@@ -1,0 +1,91 @@
+"""Per-request sampling and stopping parameters, validated once at the door."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from npu.messages import SamplingOptions
+
+# Upper bound of top_logprobs, as OpenAI's API allows.
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16
+
+
+class InvalidRequest(ValueError):
+    """A request the engine will not run; the message is shown to the client (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = None  # None: up to the model's maximum length
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def validate(self) -> None:
+        def bad(param: str, why: str) -> InvalidRequest:
+            return InvalidRequest(f"{param} {why}", param)
+
+        if not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be between 1 and {MAX_N}, got {self.n}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise bad("min_tokens", f"must be between 0 and max_tokens, got {self.min_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise bad("temperature", f"must be between 0 and 2, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise bad("top_k", f"must be -1 (off), 0 (off) or positive, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", f"must be between 0 and 1, got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise bad(name, f"must be between -2 and 2, got {value}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        for token_id, bias in self.logit_bias.items():
+            if not -100.0 <= bias <= 100.0:
+                raise bad("logit_bias", f"values must be between -100 and 100, got {bias} for token {token_id}")
+
+    def with_defaults(self, **defaults: float | int) -> "SamplingParams":
+        return replace(self, **defaults)
+
+    def worker_options(self, eos_token_ids: tuple[int, ...], seed: int | None) -> SamplingOptions:
+        """What the worker needs to sample; ``seed`` is this sequence's (n > 1 gives each its own)."""
+        return SamplingOptions(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
+            seed=seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=dict(self.logit_bias),
+            min_tokens=self.min_tokens,
+            min_tokens_suppress_ids=sorted(set(() if self.ignore_eos else eos_token_ids) | set(self.stop_token_ids)),
+            logprobs=self.logprobs,
+        )

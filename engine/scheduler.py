@@ -1,0 +1,234 @@
+"""Continuous batching with one token budget per step (vLLM v1 style).
+
+Every sequence has ``num_computed_tokens`` that catch up to its known tokens (prompt + output).
+A step first serves running sequences (a decode is 1 token, a long prompt the next chunk), then admits
+waiting ones while the budget, the sequence cap and the free KV blocks allow. Prefix-cache hits set
+a new sequence's computed count ahead, which is how cached prefixes skip prefill. When blocks run
+out, the lowest-priority, newest running sequence is preempted by recompute.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.request import FinishReason, Sequence, Status, TokenLogprob
+from npu.messages import NewSequence, SampledToken, ScheduledChunk, StepRequest
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    # Prompt chunks longer than this are split (0: only the token budget limits a chunk).
+    long_prefill_token_threshold: int = 512
+    max_model_len: int = 4096
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SequenceUpdate:
+    """What one step changed for one sequence."""
+
+    seq: Sequence
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprob]
+    finished: bool
+
+
+@dataclass
+class ScheduledStep:
+    request: StepRequest
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.bm = block_manager
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.seqs: dict[int, Sequence] = {}
+        self._worker_known: set[int] = set()
+        self._to_release: list[int] = []  # sequences the worker must forget at the next step
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    # ---- admission and removal -------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.seqs[seq.seq_id] = seq
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def _release(self, seq: Sequence) -> None:
+        self.bm.free(seq.seq_id)
+        if seq.seq_id in self._worker_known:
+            self._worker_known.discard(seq.seq_id)
+            self._to_release.append(seq.seq_id)
+
+    def finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        if seq.finished:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.times.finished = time.monotonic()
+        del self.seqs[seq.seq_id]
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop its KV; it waits again with its generated tokens kept."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._to_release)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _chunk_len(self, seq: Sequence, computed: int, budget: int) -> int:
+        """Tokens to compute for ``seq`` this step, given ``computed`` already done."""
+        n = min(seq.num_tokens - computed, budget)
+        if self.config.long_prefill_token_threshold > 0:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
+
+    def schedule(self) -> ScheduledStep:
+        budget = self.config.max_num_batched_tokens
+        self._step_id += 1
+        new_seqs: list[NewSequence] = []
+        chunks: list[ScheduledChunk] = []
+        scheduled: list[tuple[Sequence, int]] = []
+        now = time.monotonic()
+
+        def emit(seq: Sequence, n: int, new_blocks: list[int]) -> None:
+            if seq.seq_id not in self._worker_known:
+                # The worker learns the whole table, prefix-cache blocks included.
+                new_blocks = list(self.bm.tables[seq.seq_id])
+                self._worker_known.add(seq.seq_id)
+                new_seqs.append(
+                    NewSequence(
+                        seq_id=seq.seq_id,
+                        token_ids=seq.all_token_ids,
+                        num_prompt_tokens=len(seq.prompt_token_ids),
+                        num_cached_tokens=seq.num_computed_tokens,
+                        sampling=seq.params.worker_options(seq.eos_token_ids, seq.seed),
+                    )
+                )
+            end = seq.num_computed_tokens + n
+            chunks.append(ScheduledChunk(seq.seq_id, n, new_blocks, sample=end == seq.num_tokens))
+            self.bm.cache_full_blocks(seq.seq_id, seq.all_token_ids, end)
+            scheduled.append((seq, n))
+            if seq.times.first_scheduled is None:
+                seq.times.first_scheduled = now
+
+        # 1. running sequences, best first; preempt from the back when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk_len(seq, seq.num_computed_tokens, budget)
+            new_blocks = self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n)
+            while new_blocks is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+                new_blocks = self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n)
+            if new_blocks is None:
+                break  # seq itself was preempted: it was the last one
+            emit(seq, n, new_blocks)
+            budget -= n
+            i += 1
+
+        # 2. waiting sequences, while budget, sequence cap and blocks allow (never preempting for them).
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached = self.bm.find_cached_prefix(seq.all_token_ids)
+            computed = len(cached) * self.bm.block_size
+            n = self._chunk_len(seq, computed, budget)
+            # Blocks needed beyond the cached ones must be free, counting cached blocks that are
+            # themselves in the free queue (adopting them takes them out of it).
+            cached_free = sum(1 for b in cached if self.bm.blocks[b].ref_count == 0)
+            need = -(-(computed + n) // self.bm.block_size) - len(cached)
+            if need + cached_free > self.bm.num_free_blocks:
+                break
+            self.waiting.pop(0)
+            self.bm.adopt_cached(seq.seq_id, cached, seq.num_tokens)
+            seq.num_computed_tokens = computed
+            if not seq.admitted_once:
+                seq.num_cached_tokens = computed
+                seq.admitted_once = True
+            new_blocks = self.bm.allocate(seq.seq_id, computed + n)
+            assert new_blocks is not None
+            seq.status = Status.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+            emit(seq, n, new_blocks)
+            budget -= n
+
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+        request = StepRequest(self._step_id, self._to_release, new_seqs, chunks)
+        self._to_release = []
+        return ScheduledStep(request, scheduled)
+
+    # ---- results ----------------------------------------------------------------------------
+    def update(self, step: ScheduledStep, tokens: list[SampledToken]) -> list[SequenceUpdate]:
+        """Append sampled tokens, detokenize, apply stop conditions; finished sequences are released."""
+        now = time.monotonic()
+        updates: list[SequenceUpdate] = []
+        for t in tokens:
+            seq = self.seqs.get(t.seq_id)
+            if seq is None or seq.finished:
+                continue  # aborted while the step ran
+            seq.output_token_ids.append(t.token_id)
+            new_lp = []
+            if t.logprob is not None:
+                new_lp.append(TokenLogprob(t.token_id, t.logprob, t.top_logprobs))
+                seq.logprobs.extend(new_lp)
+            seq.times.token_times.append(now)
+            if seq.times.first_token is None:
+                seq.times.first_token = now
+            seq.times.last_token = now
+            updates.append(self._apply_stops(seq, t.token_id, new_lp))
+        return updates
+
+    def _apply_stops(self, seq: Sequence, token: int, new_lp: list[TokenLogprob]) -> SequenceUpdate:
+        p = seq.params
+        n_out = len(seq.output_token_ids)
+        reason: FinishReason | None = None
+        stop_reason: str | int | None = None
+        text = ""
+        past_min = n_out >= p.min_tokens
+        if past_min and not p.ignore_eos and token in seq.eos_token_ids:
+            reason = FinishReason.STOP
+        elif past_min and token in p.stop_token_ids:
+            reason, stop_reason = FinishReason.STOP, token
+        if reason is None:
+            delta = seq.detokenizer.add([token])
+            text, hit = seq.stop_matcher.feed(delta) if past_min else (delta, False)
+            if hit:
+                reason, stop_reason = FinishReason.STOP, seq.stop_matcher.matched
+            elif n_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is FinishReason.LENGTH:
+                text += seq.stop_matcher.feed(seq.detokenizer.flush())[0] + seq.stop_matcher.flush()
+        else:
+            # eos / stop token: its text is not output, but text held back for stop strings is.
+            text = seq.stop_matcher.feed(seq.detokenizer.flush())[0] + seq.stop_matcher.flush()
+        if reason is not None:
+            self.finish(seq, reason, stop_reason)
+        return SequenceUpdate(seq, [token], text, new_lp, reason is not None)
