@@ -24,7 +24,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     # Prompt chunks longer than this are split (0: only the token budget limits a chunk).
     long_prefill_token_threshold: int = 512
-    max_model_len: int = 4096
+    max_model_len: int = 0  # 0: the worker's (the model's, or --max-model-len)
     enable_prefix_caching: bool = True
 
 

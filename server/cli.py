@@ -1,0 +1,191 @@
+"""``a8w8-serve`` command line: serve, generate, quantize, default-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from engine.core import EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.scheduler import SchedulerConfig
+from engine.tokenizer import TokenizerImpl
+from loaders.weights import Quantization
+from npu.kv_cache import KVCacheDtype
+from npu.messages import DEFAULT_KV_CACHE_BYTES, WorkerConfig
+
+API_KEY_ENV = "A8W8_SERVE_API_KEY"
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MiB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 1000000000)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and worker")
+    g.add_argument("--model", default=None,
+                   help="checkpoint directory (config.json + safetensors + tokenizer). Default: the built-in "
+                        "random-weight Qwen3 A8W8 demo model, generated on first use")
+    g.add_argument("--quantization", choices=[q.value for q in Quantization], default="auto",
+                   help="auto/a8w8: every decoder linear in INT8 (float checkpoints quantized on load); "
+                        "none: float weights (reference path)")
+    g.add_argument("--kv-cache-dtype", choices=[d.value for d in KVCacheDtype],
+                   default="int8", help="KV cache storage: int8 with per-token-per-head scales, bf16, or fp32 (reference)")
+    g.add_argument("--kv-cache-memory", type=parse_size, default=DEFAULT_KV_CACHE_BYTES,
+                   help="bytes for the paged KV cache (e.g. 2GiB); sets the number of blocks")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="maximum prompt + output tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--tokenizer-impl", choices=[t.value for t in TokenizerImpl], default="auto",
+                   help="hf: the tokenizers library; python: the dependency-free fallback; auto: hf if importable")
+    g.add_argument("--num-threads", type=int, default=None, help="compute threads in the worker (default: all cores)")
+    g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
+    s = p.add_argument_group("scheduler")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once")
+    s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    s.add_argument("--long-prefill-token-threshold", type=int, default=512,
+                   help="prompt chunks longer than this are split so decodes keep flowing (0: off)")
+    s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="disable automatic prefix caching")
+    s.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="waiting requests beyond this get HTTP 429 with Retry-After")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    model = args.model
+    if model is None:
+        from server.default_model import ensure_default_model
+
+        model = str(ensure_default_model())
+    if not Path(model).is_dir():
+        raise SystemExit(f"error: --model {model}: not a directory")
+    worker = WorkerConfig(
+        model_dir=str(Path(model).resolve()),
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        num_threads=args.num_threads,
+        seed=args.seed,
+    )
+    sched = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        max_model_len=args.max_model_len or 0,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    return EngineConfig(worker=worker, scheduler=sched, tokenizer_impl=args.tokenizer_impl,
+                        max_queued_requests=args.max_queued_requests)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from server.app import ServerSettings, create_app
+    from server.default_model import DEFAULT_MODEL_NAME
+
+    config = engine_config(args)
+    names = args.served_model_name or [DEFAULT_MODEL_NAME if args.model is None else Path(args.model).name]
+    settings = ServerSettings(
+        engine=config,
+        served_model_names=names,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        cors_origins=args.cors_allow_origin or [],
+        max_body_bytes=args.max_request_body_bytes,
+        reasoning_parser=args.reasoning_parser,
+    )
+    # access_log off: the app logs one line per request itself, with its latency.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=5)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from engine.llm import LLM
+
+    config = engine_config(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.sample_seed, ignore_eos=args.ignore_eos)
+    with LLM(config.worker.model_dir, worker=config.worker, scheduler=config.scheduler,
+             tokenizer_impl=config.tokenizer_impl) as llm:
+        for res in llm.generate(args.prompt, params):
+            for out in res.outputs:
+                print(f"--- prompt: {res.prompt!r} ({len(res.prompt_token_ids)} tokens), "
+                      f"{len(out.token_ids)} tokens, finish_reason={out.finish_reason}")
+                print(out.text)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from loaders.writer import quantize_checkpoint
+
+    quantize_checkpoint(args.src, args.dst, args.max_shard_size)
+    print(f"wrote compressed-tensors W8A8 checkpoint to {args.dst}")
+
+
+def cmd_default_model(_: argparse.Namespace) -> None:
+    from server.default_model import ensure_default_model
+
+    print(ensure_default_model())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="a8w8-serve", description="OpenAI-compatible A8W8 (INT8) Qwen3 server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the HTTP server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(serve)
+    h = serve.add_argument_group("http")
+    h.add_argument("--host", default="127.0.0.1", help="address to bind (use 0.0.0.0 to expose)")
+    h.add_argument("--port", type=int, default=8000)
+    h.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use; the first one is reported (default: the model directory name)")
+    h.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
+    h.add_argument("--cors-allow-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
+    h.add_argument("--max-request-body-bytes", type=parse_size, default="32MiB", help="larger bodies get HTTP 413")
+    h.add_argument("--reasoning-parser", choices=["auto", "qwen3", "none"], default="auto",
+                   help="split <think>...</think> into reasoning_content (auto: when the chat template uses <think>)")
+    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="offline generation, no server",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: batched)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sample-seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quantize", help="write a float checkpoint as compressed-tensors W8A8")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--max-shard-size", type=parse_size, default="5GiB")
+    q.set_defaults(func=cmd_quantize)
+
+    d = sub.add_parser("default-model", help="create (if needed) and print the built-in demo model's path")
+    d.set_defaults(func=cmd_default_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_engine import EngineDead, EngineOverloaded
+from engine.chat_template import ChatTemplateError
+from engine.sampling_params import InvalidRequest
+
+log = logging.getLogger("a8w8.server")
+
+# Seconds a client should wait before retrying an overloaded server.
+RETRY_AFTER_SECONDS = 1
+
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    413: "RequestTooLargeError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, HTTPStatus(status).phrase),
+                      "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Map engine exceptions to HTTP errors (bad input is never a 500)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc), exc.param)
+    if isinstance(exc, ChatTemplateError):
+        return APIError(400, str(exc), "messages")
+    if isinstance(exc, EngineOverloaded):
+        return APIError(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, EngineDead):
+        return APIError(503, f"the engine is not available: {exc}")
+    log.exception("unexpected error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid request")
+        return error_response(400, f"{param}: {msg}" if param else msg, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    async def _mapped(_: Request, exc: Exception) -> JSONResponse:
+        err = to_api_error(exc)
+        return error_response(err.status, err.message, err.param, err.headers)
+
+    for exc_class in (APIError, InvalidRequest, ChatTemplateError, EngineOverloaded, EngineDead):
+        app.add_exception_handler(exc_class, _mapped)

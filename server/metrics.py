@@ -1,0 +1,75 @@
+"""Prometheus metrics under vLLM's names (so existing dashboards work), labelled with ``model_name``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from engine.async_engine import AsyncEngine, RequestOutput
+
+# Histogram buckets in seconds (vLLM's, trimmed to what a CPU server sees).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
+
+
+class _EngineCollector:
+    """Reads gauges and engine-side counters from the engine's stats at scrape time."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        s, labels = self.engine.stats, [self.model_name]
+        for name, doc, value in (
+            ("vllm:num_requests_running", "Requests running on the worker.", s.num_running),
+            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage, 0..1 (1 = all blocks held).", s.kv_usage),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(labels, value)
+            yield g
+        for name, doc, value in (
+            ("vllm:prompt_tokens", "Prompt tokens received.", s.prompt_tokens_total),
+            ("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total),
+            ("vllm:num_preemptions", "Preemptions (recompute).", s.num_preemptions),
+            ("vllm:prefix_cache_queries", "Tokens looked up in the prefix cache.", s.prefix_queries),
+            ("vllm:prefix_cache_hits", "Tokens found in the prefix cache.", s.prefix_hits),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(labels, value)
+            yield c
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.registry.register(_EngineCollector(engine, model_name))
+        label = ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", label,
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between generated tokens.", label,
+                             buckets=ITL_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", label,
+                             buckets=E2E_BUCKETS, registry=self.registry)
+        self.queue = Histogram("vllm:request_queue_time_seconds", "Arrival to first scheduling.", label,
+                               buckets=E2E_BUCKETS, registry=self.registry)
+        self.success = Counter("vllm:request_success", "Finished requests.", ["model_name", "finished_reason"],
+                               registry=self.registry)
+
+    def observe_finished(self, out: RequestOutput) -> None:
+        """Record one finished choice's latencies from its engine timestamps."""
+        m = self.model_name
+        if out.first_token is not None:
+            self.ttft.labels(m).observe(out.first_token - out.arrival)
+        for a, b in zip(out.token_times, out.token_times[1:]):
+            self.itl.labels(m).observe(b - a)
+        if out.finished_at is not None:
+            self.e2e.labels(m).observe(out.finished_at - out.arrival)
+        if out.first_scheduled is not None:
+            self.queue.labels(m).observe(out.first_scheduled - out.arrival)
+        self.success.labels(m, out.finish_reason or "abort").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,442 @@
+"""``/v1/chat/completions`` and ``/v1/completions``: request -> engine -> OpenAI responses (SSE or JSON)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from engine.async_engine import AsyncEngine, RequestOutput, RequestStream
+from engine.request import TokenLogprob
+from engine.sampling_params import InvalidRequest, SamplingParams
+from server.errors import APIError, error_body, to_api_error
+from server.metrics import ServerMetrics
+from server.reasoning import ReasoningParser
+from server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+
+DONE = "[DONE]"
+
+
+@dataclass
+class ServingContext:
+    engine: AsyncEngine
+    metrics: ServerMetrics
+    served_model_names: list[str]
+    model_dir: str
+    reasoning: bool  # the model's template thinks in <think>...</think>
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def check_model(self, name: str | None) -> str:
+        if name is not None and name not in self.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist.", "model")
+        return self.model_name
+
+
+# ------------------------------------------------------------------------------------------------
+# request -> sampling params
+# ------------------------------------------------------------------------------------------------
+def refuse_unsupported(req: _SamplingFields) -> None:
+    if req.tools:
+        raise APIError(400, "tools / function calling is not supported yet by this server", "tools")
+    if req.tool_choice not in (None, "none"):
+        raise APIError(400, "tool_choice is not supported yet by this server", "tool_choice")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        raise APIError(400, "response_format (json_object / json_schema) is not supported yet by this server",
+                       "response_format")
+
+
+def sampling_params(ctx: ServingContext, req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """Model defaults (generation_config.json), then the request's fields."""
+    defaults = ctx.engine.generation_defaults
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        logit_bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from None
+
+    def pick(value, default, fallback):
+        return value if value is not None else (default if default is not None else fallback)
+
+    return SamplingParams(
+        n=req.n,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        temperature=pick(req.temperature, defaults.temperature, 1.0),
+        top_p=pick(req.top_p, defaults.top_p, 1.0),
+        top_k=pick(req.top_k, defaults.top_k, 0),
+        min_p=pick(req.min_p, defaults.min_p, 0.0),
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=pick(req.repetition_penalty, defaults.repetition_penalty, 1.0),
+        logit_bias=logit_bias,
+        stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the template expects them; content parts must be text."""
+    out = []
+    for i, m in enumerate(messages):
+        d = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            texts = []
+            for part in m.content:
+                if part.get("type") != "text":
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}",
+                                   "messages")
+                texts.append(str(part.get("text", "")))
+            d["content"] = "".join(texts)
+        out.append(d)
+    return out
+
+
+def render_chat_prompt(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool,
+                       kwargs: dict[str, Any] | None) -> list[int]:
+    template = ctx.engine.chat_template
+    if template is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    text = template.render(message_dicts(messages), add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+    return ctx.engine.tokenizer.encode(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers for both endpoints
+# ------------------------------------------------------------------------------------------------
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so the next message is a disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_unless_disconnected(request: Request, coro) -> Any:
+    """Await ``coro``; if the client disconnects first, cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(coro)
+    listener = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        return Response(status_code=499)
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come: (stream index, output)."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    sentinel = object()
+
+    async def pump(i: int, s: RequestStream) -> None:
+        try:
+            async for out in s:
+                await queue.put((i, out))
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, sentinel))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is sentinel:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def _token_str(ctx: ServingContext, token_id: int) -> str:
+    return ctx.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def chat_logprobs(ctx: ServingContext, lps: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        s = _token_str(ctx, tid)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, l) for t, l in (x.top or [])]}
+                        for x in lps]}
+
+
+def completion_logprobs(ctx: ServingContext, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    tokens = [_token_str(ctx, x.token_id) for x in lps]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [x.logprob for x in lps],
+        "top_logprobs": [{_token_str(ctx, t): l for t, l in (x.top or [])} for x in lps],
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class ChoiceState:
+    text: str = ""
+    reasoning: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    parser: ReasoningParser | None = None
+
+    def add(self, out: RequestOutput) -> tuple[str, str]:
+        """Record an output; returns its (reasoning, content) deltas."""
+        self.token_ids.extend(out.new_token_ids)
+        self.logprobs.extend(out.new_logprobs)
+        self.completion_tokens = out.completion_tokens
+        self.cached_tokens = out.cached_tokens
+        reasoning, content = "", out.new_text
+        if self.parser is not None:
+            reasoning, content = self.parser.feed(out.new_text)
+            if out.finished:
+                r2, c2 = self.parser.finish()
+                reasoning, content = reasoning + r2, content + c2
+        if out.finished:
+            self.finish_reason = out.finish_reason
+            self.stop_reason = out.stop_reason
+        self.text += content
+        self.reasoning += reasoning
+        return reasoning, content
+
+
+# ------------------------------------------------------------------------------------------------
+# chat
+# ------------------------------------------------------------------------------------------------
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
+    model = ctx.check_model(req.model)
+    refuse_unsupported(req)
+    prompt_ids = render_chat_prompt(ctx, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(ctx, req, req.max_completion_tokens or req.max_tokens, logprobs)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = ctx.engine.add_request(prompt_ids, params, request_id, priority=req.priority)
+    thinking = ctx.reasoning and (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+    choices = [ChoiceState(parser=ReasoningParser() if thinking else None) for _ in range(params.n)]
+    prompt_tokens = len(prompt_ids)
+
+    def base(**kw) -> dict[str, Any]:
+        return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, **kw}
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                for i in range(params.n):
+                    yield json.dumps(base(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}]))
+                async for out in stream:
+                    ch = choices[out.index]
+                    reasoning, content = ch.add(out)
+                    delta: dict[str, Any] = {}
+                    if reasoning:
+                        delta["reasoning_content"] = reasoning
+                        delta["reasoning"] = reasoning
+                    if content:
+                        delta["content"] = content
+                    if out.finished:
+                        ctx.metrics.observe_finished(out)
+                    if not delta and not out.finished and not out.new_logprobs:
+                        continue
+                    choice = {"index": out.index, "delta": delta,
+                              "logprobs": chat_logprobs(ctx, out.new_logprobs) if logprobs is not None else None,
+                              "finish_reason": out.finish_reason if out.finished else None}
+                    if out.finished:
+                        choice["stop_reason"] = out.stop_reason
+                    yield json.dumps(base(choices=[choice]))
+                if include_usage:
+                    yield json.dumps(base(choices=[], usage=usage_dict(
+                        prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens)))
+            except (asyncio.CancelledError, GeneratorExit):
+                ctx.engine.abort(request_id)
+                raise
+            except Exception as e:  # after the stream started, an error is one data event
+                err = to_api_error(e)
+                yield json.dumps(error_body(err.status, err.message, err.param))
+            yield DONE
+
+        return EventSourceResponse(events(), ping=15)
+
+    async def collect() -> JSONResponse:
+        async for out in stream:
+            choices[out.index].add(out)
+            if out.finished:
+                ctx.metrics.observe_finished(out)
+        result_choices = []
+        for i, ch in enumerate(choices):
+            message: dict[str, Any] = {"role": "assistant", "content": ch.text}
+            if ch.parser is not None and ch.parser.saw_reasoning:
+                message["reasoning_content"] = ch.reasoning
+                message["reasoning"] = ch.reasoning
+            result_choices.append({
+                "index": i, "message": message,
+                "logprobs": chat_logprobs(ctx, ch.logprobs) if logprobs is not None else None,
+                "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason,
+            })
+        return JSONResponse({
+            "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": result_choices,
+            "usage": usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens),
+        })
+
+    return await run_unless_disconnected(request, collect())
+
+
+# ------------------------------------------------------------------------------------------------
+# completions
+# ------------------------------------------------------------------------------------------------
+def completion_prompts(ctx: ServingContext, prompt) -> list[tuple[str, list[int]]]:
+    """(text, token ids) per prompt; a prompt may be text or token ids, one or a list."""
+    tok = ctx.engine.tokenizer
+    if isinstance(prompt, str):
+        return [(prompt, tok.encode(prompt))]
+    if not prompt:
+        raise InvalidRequest("prompt is empty", "prompt")
+    if all(isinstance(x, int) for x in prompt):
+        return [(tok.decode(prompt), list(prompt))]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append((p, tok.encode(p)))
+        elif isinstance(p, list) and all(isinstance(x, int) for x in p):
+            out.append((tok.decode(p), list(p)))
+        else:
+            raise InvalidRequest("prompt must be a string, a list of strings, or token id lists", "prompt")
+    return out
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
+    model = ctx.check_model(req.model)
+    refuse_unsupported(req)
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", "suffix")
+    prompts = completion_prompts(ctx, req.prompt)
+    params = sampling_params(ctx, req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    streams: list[RequestStream] = []
+    try:
+        for i, (_, ids) in enumerate(prompts):
+            streams.append(ctx.engine.add_request(ids, params, f"{request_id}-{i}", priority=req.priority))
+    except Exception:
+        for s in streams:
+            ctx.engine.abort(s.request_id)
+        raise
+    n = params.n
+    choices = [ChoiceState() for _ in range(len(prompts) * n)]
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+
+    def chunk(**kw) -> dict[str, Any]:
+        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model, **kw}
+
+    def cached() -> int:
+        return sum(choices[p * n].cached_tokens for p in range(len(prompts)))
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                if req.echo:
+                    for p, (text, _) in enumerate(prompts):
+                        for i in range(n):
+                            yield json.dumps(chunk(choices=[{"index": p * n + i, "text": text, "logprobs": None,
+                                                             "finish_reason": None}]))
+                async for p, out in merge_streams(streams):
+                    idx = p * n + out.index
+                    ch = choices[idx]
+                    offset = len(ch.text)
+                    _, text = ch.add(out)
+                    if out.finished:
+                        ctx.metrics.observe_finished(out)
+                    if not text and not out.finished and not out.new_logprobs:
+                        continue
+                    yield json.dumps(chunk(choices=[{
+                        "index": idx, "text": text,
+                        "logprobs": completion_logprobs(ctx, out.new_logprobs, offset) if req.logprobs is not None else None,
+                        "finish_reason": out.finish_reason if out.finished else None,
+                        **({"stop_reason": out.stop_reason} if out.finished else {}),
+                    }]))
+                if include_usage:
+                    yield json.dumps(chunk(choices=[], usage=usage_dict(
+                        prompt_tokens, sum(c.completion_tokens for c in choices), cached())))
+            except (asyncio.CancelledError, GeneratorExit):
+                for s in streams:
+                    ctx.engine.abort(s.request_id)
+                raise
+            except Exception as e:
+                err = to_api_error(e)
+                yield json.dumps(error_body(err.status, err.message, err.param))
+            yield DONE
+
+        return EventSourceResponse(events(), ping=15)
+
+    async def collect() -> JSONResponse:
+        async for p, out in merge_streams(streams):
+            choices[p * n + out.index].add(out)
+            if out.finished:
+                ctx.metrics.observe_finished(out)
+        result = []
+        for idx, ch in enumerate(choices):
+            prefix = prompts[idx // n][0] if req.echo else ""
+            result.append({
+                "index": idx, "text": prefix + ch.text,
+                "logprobs": completion_logprobs(ctx, ch.logprobs, len(prefix)) if req.logprobs is not None else None,
+                "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason,
+            })
+        return JSONResponse(chunk(choices=result, usage=usage_dict(
+            prompt_tokens, sum(c.completion_tokens for c in choices), cached())))
+
+    return await run_unless_disconnected(request, collect())
