@@ -31,9 +31,12 @@ class StopStringMatcher:
         if not self.stop:
             return delta, False
         text = self._held + delta
-        hits = [(text.find(s), s) for s in self.stop if s in text]
+        # The stop string that completes first wins (ties: the longer one), so the result does not
+        # depend on how the text was split into deltas.
+        hits = [(text.find(s) + len(s), -len(s), s) for s in self.stop if s in text]
         if hits:
-            pos, s = min(hits)
+            end, neg_len, s = min(hits)
+            pos = end + neg_len
             self.matched = s
             self._held = ""
             return text[: pos + (len(s) if self.include else 0)], True
