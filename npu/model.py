@@ -108,8 +108,12 @@ class Qwen3Model:
         return out.view(hkv, g, q_len, d).permute(2, 0, 1, 3).reshape(q_len, hkv * g * d)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
-        """Compute the batch, writing its K/V into ``cache``; returns fp32 logits ``[S, vocab]``."""
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache,
+                layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Compute the batch, writing its K/V into ``cache``; returns fp32 logits ``[S, vocab]``.
+
+        ``layer_outputs``, when given, receives the residual stream after each layer (for tests).
+        """
         cfg = self.cfg
         T = batch.token_ids.numel()
         x = self.embed[batch.token_ids].to(self.dtype)
@@ -137,5 +141,7 @@ class Qwen3Model:
             gu = layer.gate_up(h)
             inter = cfg.intermediate_size
             x = x + layer.down(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
+            if layer_outputs is not None:
+                layer_outputs.append(x)
         h = rms_norm(x[batch.logits_rows], self.final_norm, cfg.rms_norm_eps)
         return self.lm_head(h).float()

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from loaders.writer import RandomModelSpec
-from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
+from npu.messages import NewSequence, SamplingOptions, WorkerConfig
 from npu.runner import ModelRunner
+
+from helpers import BLOCK_SIZE, Driver
 
 transformers = pytest.importorskip("transformers")
 
 # fp32 weights, fp32 reference KV: differences are summation order only.
 LOGIT_ATOL = 2e-4
 GREEDY_STEPS = 32
-BLOCK_SIZE = 4  # small blocks so prompts and decodes cross many block boundaries
 
 CONFIGS = [
     RandomModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96,
@@ -29,31 +30,6 @@ CONFIGS = [
 def _runner(model_dir, quantization="none", kv="fp32") -> ModelRunner:
     return ModelRunner(WorkerConfig(model_dir=str(model_dir), quantization=quantization, kv_cache_dtype=kv,
                                     kv_cache_memory_bytes=8 << 20, block_size=BLOCK_SIZE, max_model_len=256))
-
-
-class Driver:
-    """Drives a ModelRunner directly (no process) with trivially sequential block allocation."""
-
-    def __init__(self, runner: ModelRunner):
-        self.runner, self.step_id, self.next_block = runner, 0, 0
-        self.blocks: dict[int, int] = {}
-        self.computed: dict[int, int] = {}
-
-    def _blocks_for(self, seq: int, end: int) -> list[int]:
-        need = -(-end // BLOCK_SIZE) - self.blocks.get(seq, 0)
-        ids = list(range(self.next_block, self.next_block + need))
-        self.next_block += need
-        self.blocks[seq] = self.blocks.get(seq, 0) + need
-        return ids
-
-    def run(self, new=(), chunks=()):
-        self.step_id += 1
-        real_chunks = []
-        for seq, n, sample in chunks:
-            end = self.computed.get(seq, 0) + n
-            real_chunks.append(ScheduledChunk(seq, n, self._blocks_for(seq, end), sample))
-            self.computed[seq] = end
-        return self.runner.execute(StepRequest(self.step_id, [], list(new), real_chunks))
 
 
 def _logits_of(runner: ModelRunner, prompt: list[int], chunk_sizes: list[int]) -> torch.Tensor:
