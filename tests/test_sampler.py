@@ -1,0 +1,92 @@
+"""Sampling in the worker: greedy, seeds, top-k/top-p/min-p, penalties, bias, min_tokens, padding, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from npu.messages import SamplingOptions
+from npu.sampler import Sampler, SequenceSamplingState
+
+VOCAB, REAL = 50, 40  # rows 40..49 are padding
+
+
+def _sample(opts: SamplingOptions, logits: torch.Tensor, prompt=(1, 2), outputs=(), n=1, sampler=None) -> list[int]:
+    sampler = sampler or Sampler(REAL, seed=0)
+    st = SequenceSamplingState(opts, list(prompt))
+    for t in outputs:
+        st.record(t)
+    toks = []
+    for _ in range(n):
+        toks.append(sampler.sample(logits.clone()[None], [0], [st])[0].token_id)
+    return toks
+
+
+def test_greedy_and_padding_never_sampled():
+    logits = torch.zeros(VOCAB)
+    logits[45] = 100.0  # a padding row with the highest logit
+    logits[7] = 1.0
+    assert _sample(SamplingOptions(temperature=0), logits) == [7]
+    toks = _sample(SamplingOptions(temperature=1.0), logits, n=300)
+    assert max(toks) < REAL
+
+
+def test_seed_reproducible_and_distinct():
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(0))
+    a = _sample(SamplingOptions(temperature=1.0, seed=42), logits, n=20)
+    b = _sample(SamplingOptions(temperature=1.0, seed=42), logits, n=20)
+    c = _sample(SamplingOptions(temperature=1.0, seed=43), logits, n=20)
+    assert a == b and a != c
+
+
+def test_top_k_top_p_min_p_restrict_support():
+    logits = torch.tensor([5.0, 4.0, 3.0, 2.0] + [-10.0] * (VOCAB - 4))
+    assert set(_sample(SamplingOptions(temperature=1.0, top_k=2, seed=1), logits, n=200)) == {0, 1}
+    # probs ~ [.64, .24, .09, .03]: top_p 0.8 keeps the first two (cumulative before 2nd = .64 < .8)
+    assert set(_sample(SamplingOptions(temperature=1.0, top_p=0.8, seed=2), logits, n=200)) == {0, 1}
+    # min_p 0.2: keep tokens with p >= 0.2 * p_max = 0.128 -> 0 and 1
+    assert set(_sample(SamplingOptions(temperature=1.0, min_p=0.2, seed=3), logits, n=200)) == {0, 1}
+
+
+def test_penalties_and_logit_bias():
+    logits = torch.zeros(VOCAB)
+    logits[3], logits[4] = 2.0, 1.9
+    assert _sample(SamplingOptions(temperature=0), logits) == [3]
+    # presence penalty on an already generated token 3
+    assert _sample(SamplingOptions(temperature=0, presence_penalty=0.5), logits, outputs=[3]) == [4]
+    # frequency penalty scales with the count
+    assert _sample(SamplingOptions(temperature=0, frequency_penalty=0.05), logits, outputs=[3, 3]) == [3]
+    assert _sample(SamplingOptions(temperature=0, frequency_penalty=0.05), logits, outputs=[3, 3, 3]) == [4]
+    # repetition penalty covers the prompt too: 2.0 / 1.1 < 1.9
+    assert _sample(SamplingOptions(temperature=0, repetition_penalty=1.1), logits, prompt=[3]) == [4]
+    assert _sample(SamplingOptions(temperature=0, logit_bias={9: 5.0}), logits) == [9]
+
+
+def test_min_tokens_suppresses_stop_ids():
+    logits = torch.zeros(VOCAB)
+    logits[2] = 10.0  # "eos"
+    opts = SamplingOptions(temperature=0, min_tokens=2, min_tokens_suppress_ids=[2])
+    assert _sample(opts, logits, outputs=[5]) != [2]
+    assert _sample(opts, logits, outputs=[5, 6]) == [2]
+
+
+def test_logprobs_of_chosen_and_top():
+    logits = torch.tensor([2.0, 1.0, 0.0] + [-30.0] * (VOCAB - 3))
+    st = SequenceSamplingState(SamplingOptions(temperature=0, logprobs=2), [1])
+    out = Sampler(REAL).sample(logits[None].clone(), [0], [st])[0]
+    ref = torch.log_softmax(torch.cat([logits[:REAL], torch.full((VOCAB - REAL,), float("-inf"))]), -1)
+    assert out.token_id == 0 and math.isclose(out.logprob, ref[0].item(), rel_tol=1e-5)
+    assert [t for t, _ in out.top_logprobs] == [0, 1]
+    assert math.isclose(out.top_logprobs[1][1], ref[1].item(), rel_tol=1e-5)
+
+
+def test_batch_rows_independent():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, VOCAB, generator=g)
+    opts = [SamplingOptions(temperature=0), SamplingOptions(temperature=0.7, seed=9), SamplingOptions(temperature=0)]
+    states = [SequenceSamplingState(o, [1]) for o in opts]
+    batch = Sampler(REAL).sample(logits.clone(), [0, 1, 2], states)
+    alone = [Sampler(REAL).sample(logits[i:i + 1].clone(), [i], [SequenceSamplingState(o, [1])])[0]
+             for i, o in enumerate(opts)]
+    assert [t.token_id for t in batch] == [t.token_id for t in alone]
