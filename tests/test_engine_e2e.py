@@ -1,0 +1,140 @@
+"""The async engine with the real worker process on a random small model."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.core import EngineConfig
+from engine.llm import LLM
+from engine.sampling_params import InvalidRequest, SamplingParams
+from engine.scheduler import SchedulerConfig
+from npu.messages import WorkerConfig
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def _config(model_dir, **sched) -> EngineConfig:
+    return EngineConfig(
+        worker=WorkerConfig(model_dir=str(model_dir), kv_cache_memory_bytes=32 << 20, max_model_len=1024),
+        scheduler=SchedulerConfig(**{"max_num_batched_tokens": 256, "long_prefill_token_threshold": 64, **sched}),
+    )
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(10, 150000) for _ in range(rng.choice([3, 17, 40, 90, 150, 300]))] for _ in range(n)]
+
+
+async def _collect(stream) -> list[int]:
+    ids = []
+    async for out in stream:
+        ids.extend(out.new_token_ids)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def engine_factory(serve_model):
+    def run(coro_fn, **sched):
+        async def main():
+            engine = AsyncEngine(_config(serve_model, **sched))
+            await engine.start()
+            try:
+                return await coro_fn(engine)
+            finally:
+                await engine.stop()
+        return asyncio.run(main())
+    return run
+
+
+def test_concurrent_requests_match_alone(engine_factory):
+    prompts = _prompts(16)
+    lens = [5 + i * 3 for i in range(16)]
+
+    async def alone(engine):
+        return [await _collect(engine.add_request(p, SamplingParams(max_tokens=n, **GREEDY)))
+                for p, n in zip(prompts, lens)]
+
+    async def together(engine):
+        streams = [engine.add_request(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in zip(prompts, lens)]
+        return await asyncio.gather(*(_collect(s) for s in streams))
+
+    ref = engine_factory(alone)
+    got = engine_factory(together)
+    assert [len(x) for x in ref] == lens
+    assert got == ref
+
+
+def test_abort_half_midway_restores_block_pool(engine_factory):
+    async def scenario(engine):
+        await asyncio.sleep(0.2)
+        free_before = engine.stats.num_free_blocks
+        assert free_before == engine.stats.num_blocks
+        streams = [engine.add_request(p, SamplingParams(max_tokens=200, **GREEDY)) for p in _prompts(16, 1)]
+        results = []
+
+        async def consume(i, s):
+            n = 0
+            async for out in s:
+                n += len(out.new_token_ids)
+                if i % 2 == 0 and n >= 5:
+                    break  # closing the stream aborts the request
+            return n
+
+        results = await asyncio.gather(*(consume(i, s) for i, s in enumerate(streams)))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if engine.stats.num_free_blocks == free_before and engine.stats.num_running == 0:
+                break
+        return free_before, engine.stats, results
+
+    free_before, stats, results = engine_factory(scenario)
+    assert all(n >= 5 for n in results[::2]) and all(n == 200 for n in results[1::2])
+    assert stats.num_free_blocks == free_before and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_shared_prefix_reports_cached_tokens_and_same_tokens(engine_factory):
+    system = [random.Random(7).randint(10, 150000) for _ in range(150)]
+
+    async def scenario(engine):
+        outs = []
+        for tail in ([11, 12, 13], [11, 12, 13]):
+            cached, ids = 0, []
+            async for out in engine.add_request(system + tail, SamplingParams(max_tokens=12, **GREEDY)):
+                ids += out.new_token_ids
+                cached = out.cached_tokens
+            outs.append((cached, ids))
+        return outs
+
+    (c1, ids1), (c2, ids2) = engine_factory(scenario)
+    assert c1 == 0 and c2 == 144  # 9 full blocks of 16
+    assert ids1 == ids2
+    # and the same tokens as with prefix caching off
+    (c3, ids3), _ = engine_factory(scenario, enable_prefix_caching=False)
+    assert c3 == 0 and ids3 == ids1
+
+
+def test_too_long_prompt_refused_before_scheduling(engine_factory):
+    async def scenario(engine):
+        with pytest.raises(InvalidRequest, match="maximum context length is 1024 tokens. However, your request has 1024 input tokens"):
+            engine.add_request([5] * 1024, SamplingParams())
+        with pytest.raises(InvalidRequest, match=r"you requested 1100 tokens \(100 in the messages, 1000 in the completion\)"):
+            engine.add_request([5] * 100, SamplingParams(max_tokens=1000))
+        # max_tokens absent: up to the model's length
+        ids = await _collect(engine.add_request([5] * 1000, SamplingParams(**GREEDY)))
+        return len(ids)
+
+    assert engine_factory(scenario) == 24
+
+
+def test_offline_llm_generate(serve_model):
+    with LLM(str(serve_model), kv_cache_memory_bytes=16 << 20, max_model_len=512) as llm:
+        res = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=7, n=2, temperature=0.9, seed=3))
+        assert [len(o.token_ids) for r in res for o in r.outputs] == [7, 7, 7, 7]
+        assert res[0].outputs[0].token_ids != res[0].outputs[1].token_ids
+        again = llm.generate(["Hello"], SamplingParams(max_tokens=7, n=2, temperature=0.9, seed=3))
+        assert [o.token_ids for o in again[0].outputs] == [o.token_ids for o in res[0].outputs]
+        assert again[0].cached_tokens == 0  # "Hello" is a single token: nothing to reuse
