@@ -1,0 +1,145 @@
+"""Micro-benchmark of the worker (no server): decode ms/step at batch 1 and 16, prefill tokens/s, and the
+achieved weight bandwidth next to this machine's measured memory bandwidth.
+
+    python benchmarks/worker_bench.py [--shape 0.6b] [--out bench-results/worker.json]
+
+A benchmark, not a test: it prints numbers and writes JSON; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loaders.writer import RandomModelSpec, write_random_qwen3
+from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
+from npu.runner import ModelRunner
+
+SHAPES = {
+    # Qwen3-0.6B and 1.7B linear shapes (FACTS.md section 2), random weights
+    "0.6b": RandomModelSpec(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                            intermediate_size=3072, max_position_embeddings=4096),
+    "1.7b": RandomModelSpec(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                            intermediate_size=6144, max_position_embeddings=4096),
+    "tiny": RandomModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                            intermediate_size=768, max_position_embeddings=4096),
+}
+BANDWIDTH_BUFFER_BYTES = 512 * 1024**2  # far larger than L3, so this measures DRAM
+BLOCK = 16
+
+
+def measure_bandwidth(repeats: int = 5) -> dict[str, float]:
+    """Streaming read (sum) and copy bandwidth of DRAM, best of ``repeats``, in GB/s."""
+    n = BANDWIDTH_BUFFER_BYTES // 4
+    a = torch.ones(n, dtype=torch.float32)
+    b = torch.empty_like(a)
+    read, copy = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        read.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        b.copy_(a)
+        copy.append(2 * BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t) / 1e9)  # read + write
+    return {"read_GBps": max(read), "copy_GBps": max(copy)}
+
+
+class Bench:
+    def __init__(self, runner: ModelRunner):
+        self.r, self.step_id, self.next_block = runner, 0, 0
+
+    def step(self, new=(), chunks=()):
+        self.step_id += 1
+        return self.r.execute(StepRequest(self.step_id, [], list(new), list(chunks)))
+
+    def blocks(self, n_tokens: int) -> list[int]:
+        n = -(-n_tokens // BLOCK)
+        ids = list(range(self.next_block, self.next_block + n))
+        self.next_block += n
+        return ids
+
+
+def decode_ms(runner: ModelRunner, batch: int, prompt_len: int, steps: int, seq_base: int) -> float:
+    b = Bench(runner)
+    b.next_block = 0
+    greedy = SamplingOptions(temperature=0)
+    seqs = list(range(seq_base, seq_base + batch))
+    max_len = prompt_len + steps + 4
+    tables = {s: b.blocks(max_len) for s in seqs}
+    b.step(new=[NewSequence(s, [100 + i for i in range(prompt_len)], prompt_len, 0, greedy) for s in seqs],
+           chunks=[ScheduledChunk(s, prompt_len, tables[s], True) for s in seqs])
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        b.step(chunks=[ScheduledChunk(s, 1, [], True) for s in seqs])
+        times.append(time.perf_counter() - t)
+    b.step()  # nothing
+    runner.seqs.clear()
+    return statistics.median(times) * 1000
+
+
+def prefill_tokens_per_s(runner: ModelRunner, n: int, seq: int) -> float:
+    b = Bench(runner)
+    greedy = SamplingOptions(temperature=0)
+    t = time.perf_counter()
+    b.step(new=[NewSequence(seq, [100 + i % 5000 for i in range(n)], n, 0, greedy)],
+           chunks=[ScheduledChunk(seq, n, b.blocks(n), True)])
+    dt = time.perf_counter() - t
+    runner.seqs.clear()
+    return n / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
+    ap.add_argument("--kv-cache-dtype", default="int8")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--prefill-tokens", type=int, default=2048)
+    ap.add_argument("--out", default="bench-results/worker.json")
+    args = ap.parse_args()
+
+    bw = measure_bandwidth()
+    with tempfile.TemporaryDirectory() as d:
+        write_random_qwen3(d, SHAPES[args.shape])
+        runner = ModelRunner(WorkerConfig(model_dir=d, kv_cache_dtype=args.kv_cache_dtype,
+                                          kv_cache_memory_bytes=2 * 1024**3, max_model_len=4096))
+        runner.warmup()
+        weight_bytes = runner.weight_bytes
+        decode_ms(runner, 1, 32, 4, 0)  # warm up the kernels at these shapes
+        results = {}
+        for batch in (1, 16):
+            ms = decode_ms(runner, batch, 128, args.steps, 1000 * batch)
+            results[f"decode_batch{batch}_ms_per_step"] = ms
+            results[f"decode_batch{batch}_tokens_per_s"] = batch * 1000 / ms
+            results[f"decode_batch{batch}_weight_GBps"] = weight_bytes / (ms / 1000) / 1e9
+        results["prefill_tokens_per_s"] = prefill_tokens_per_s(runner, args.prefill_tokens, 99999)
+    floor_ms = weight_bytes / (bw["read_GBps"] * 1e9) * 1000
+    report = {
+        "shape": args.shape, "kv_cache_dtype": args.kv_cache_dtype, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "weight_bytes_per_step": weight_bytes, **bw, "decode_floor_ms": floor_ms, **results,
+        "decode_batch1_ratio_to_floor": results["decode_batch1_ms_per_step"] / floor_ms,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"machine bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s "
+          f"({torch.get_num_threads()} threads, torch {torch.__version__})")
+    print(f"{args.shape}: {weight_bytes / 1e6:.0f} MB of linear weights (incl. lm_head) read per decode step; "
+          f"floor at read bandwidth {floor_ms:.1f} ms/step")
+    for batch in (1, 16):
+        print(f"decode batch {batch:2d}: {results[f'decode_batch{batch}_ms_per_step']:.1f} ms/step, "
+              f"{results[f'decode_batch{batch}_tokens_per_s']:.1f} tok/s, "
+              f"weights at {results[f'decode_batch{batch}_weight_GBps']:.1f} GB/s")
+    print(f"prefill {args.prefill_tokens} tokens: {results['prefill_tokens_per_s']:.0f} tok/s")
+    print(f"decode batch 1 / floor = {report['decode_batch1_ratio_to_floor']:.2f}x; JSON in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
