@@ -1,11 +1,13 @@
 """CPU kernels.
 
-INT8 path choice (measured on the 2-core Zen 4 dev machine, weights larger than L3, see
-``benchmarks/kernels.py``): ``torch._int_mm`` with the weight stored ``[N, K]`` and passed as ``.t()``
-dispatches to oneDNN's VNNI s8s8->s32 GEMM and is bit-exact in INT32; it needs
-``torch.backends.mkldnn`` enabled (else a ~46x slower fallback). The deprecated fbgemm
-``torch.ops.quantized`` path only takes uint8 per-tensor activations, and ``onednn.qlinear_pointwise``
-with int8 activations is a slow reference kernel, so neither is used.
+INT8 path choice, measured with ``benchmarks/kernels.py`` (2-core Zen 4, [3072 x 1024] weights cycled
+through 96 MiB so that they come from DRAM): ``torch._int_mm`` (oneDNN s8s8->s32 with AVX-512 VNNI,
+weight stored ``[N, K]`` and passed as ``.t()``, needs ``torch.backends.mkldnn`` enabled) is bit-exact
+in INT32, supports our symmetric per-token activation scales, and is the fastest GEMM at large M
+(837 GOP/s at M=2048). fbgemm's ``quantized.linear_dynamic`` is faster at M=1..16 (21 vs 18 GB/s at
+M=1) but quantizes activations per tensor, asymmetric uint8 (different math, and a deprecated API);
+oneDNN ``qlinear_pointwise`` likewise takes per-tensor uint8 activations. So ``_int_mm`` it is; the
+quantize and epilogue around it are the known cost to fuse next.
 """
 
 from __future__ import annotations
