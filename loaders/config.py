@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+# Qwen3 is Llama plus per-head RMSNorm of q and k (q_norm/k_norm); both run through one model class.
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
+ARCHITECTURES_WITH_QK_NORM = ("Qwen3ForCausalLM",)
 # rope_scaling types whose math we implement; anything else is refused by name.
 SUPPORTED_ROPE_SCALING = (None, "default")
 
@@ -38,6 +40,11 @@ class ModelConfig:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def qk_norm(self) -> bool:
+        """Whether attention normalizes q and k per head before RoPE (Qwen3 yes, Llama no)."""
+        return self.architecture in ARCHITECTURES_WITH_QK_NORM
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 
@@ -65,6 +72,11 @@ class ModelConfig:
             )
         if cfg.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported")
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise ConfigError(f"{source}: {flag}=true is not supported (no linear biases)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: unsupported hidden_act={cfg.get('hidden_act')!r}; only silu (SwiGLU)")
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])

@@ -48,13 +48,11 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def norm_shapes(cfg: ModelConfig) -> dict[str, tuple[int]]:
-    """Shapes of the per-layer norm weights, by name inside the layer."""
-    return {
-        "input_layernorm": (cfg.hidden_size,),
-        "post_attention_layernorm": (cfg.hidden_size,),
-        "self_attn.q_norm": (cfg.head_dim,),
-        "self_attn.k_norm": (cfg.head_dim,),
-    }
+    """Shapes of the per-layer norm weights, by name inside the layer (q/k norms only where the model has them)."""
+    shapes = {"input_layernorm": (cfg.hidden_size,), "post_attention_layernorm": (cfg.hidden_size,)}
+    if cfg.qk_norm:
+        shapes.update({"self_attn.q_norm": (cfg.head_dim,), "self_attn.k_norm": (cfg.head_dim,)})
+    return shapes
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The Qwen3 forward over a flattened ragged batch, on any backend.
+"""The Qwen3 / Llama forward over a flattened ragged batch, on any backend.
 
 One step is any mix of prefill chunks and decode tokens: tokens of all sequences are concatenated,
 each with its position and KV slot. Per layer, every token's K/V is written to the paged cache first,
@@ -61,12 +61,13 @@ class _Layer:
         norms = {k: v.to(dtype) for k, v in weights.norms.items()}
         self.input_norm = norms["input_layernorm"]
         self.post_norm = norms["post_attention_layernorm"]
-        self.q_norm = norms["self_attn.q_norm"]
-        self.k_norm = norms["self_attn.k_norm"]
+        # Optional part of the attention block: Qwen3 has per-head q/k RMSNorm, Llama does not.
+        self.q_norm = norms.get("self_attn.q_norm")
+        self.k_norm = norms.get("self_attn.k_norm")
 
 
-class Qwen3Model:
-    """Prepared weights plus the forward pass; owns nothing but weights (the cache is passed in)."""
+class DecoderModel:
+    """Prepared weights plus the forward pass (Qwen3 and Llama); owns nothing but weights (the cache is passed in)."""
 
     def __init__(self, weights: ModelWeights, backend: Backend, max_positions: int):
         cfg = weights.config
@@ -126,8 +127,9 @@ class Qwen3Model:
             q = qkv[:, :q_size].reshape(T, cfg.num_heads, cfg.head_dim)
             k = qkv[:, q_size : q_size + kv_size].reshape(T, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, q_size + kv_size :].reshape(T, cfg.num_kv_heads, cfg.head_dim)
-            q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+            if layer.q_norm is not None:
+                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             cache.write(li, batch.slot_mapping, k, v)

@@ -11,7 +11,7 @@ from loaders.weights import load_model_weights
 from npu.backends import get_backend
 from npu.kv_cache import PagedKVCache
 from npu.messages import Ready, SampledToken, StepRequest, StepResult, WorkerConfig
-from npu.model import ForwardBatch, Qwen3Model, SeqSpan
+from npu.model import ForwardBatch, DecoderModel, SeqSpan
 from npu.sampler import Sampler, SequenceSamplingState
 
 
@@ -35,7 +35,7 @@ class ModelRunner:
         cfg = weights.config
         self.model_config = cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.model = Qwen3Model(weights, self.backend, self.max_model_len)
+        self.model = DecoderModel(weights, self.backend, self.max_model_len)
         self.weight_bytes = weights.linear_bytes()
         self.quantization = weights.quantization.value
         num_blocks = PagedKVCache.blocks_for_budget(

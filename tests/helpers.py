@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import unicodedata
+
 from npu.messages import ScheduledChunk, StepRequest
 from npu.runner import ModelRunner
 
@@ -31,3 +34,31 @@ class Driver:
             real_chunks.append(ScheduledChunk(seq, n, self._blocks_for(seq, end), sample))
             self.computed[seq] = end
         return self.runner.execute(StepRequest(self.step_id, [], list(new), real_chunks))
+
+
+FRAGMENTS = [
+    "Hello", " world", "!", "日本語のテキスト", "中文字符", "한국어", "😀", "👨‍👩‍👧‍👦", "🏳️‍🌈", "👍🏽",
+    "e\u0301", "é", "Å", "A\u030a", "ﬁ", "ǅ", "\r\n", "\n", "\n\n\n", "   ", "\t", "\t\t x", "  \n  ",
+    "def f(x):\n    return x**2\n", "if (a && b) { c++; }", "12345", "3.14159", "1,000,000", "٣٤٥", "½",
+    "don't", "DON'T", "It's", "IT'S", "we're", "We'Ve", "I'm", "you'll", "He'd", "'s", "'S", "'ll",
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>", "<|fim_prefix|>",
+    "\ud800", "\udfff", "a\ud83dz", "ſ", "K", "\u00a0", "\u2003", "\u3000", "\u200b", "\x0b", "\x0c", "\x1c", "\x85",
+    "naïve café", "Straße", "İstanbul", "ΑΒΓ αβγ", "Привет мир", "مرحبا", "שלום", "नमस्ते", "ภาษาไทย",
+    "https://example.com/a?b=c&d=e", "user@example.com", "#!/bin/bash", "$HOME/.cache", "C:\\Windows",
+    "...", "---", "***", "___", "?!", "«quotes»", "“smart”", "—", "…", "\\n", "0x1F", "1e-5", "-42",
+]
+
+
+def corpus(n: int = 1200) -> list[str]:
+    rng = random.Random(20261126)
+    out = list(FRAGMENTS)
+    out += [unicodedata.normalize("NFD", f) for f in FRAGMENTS]
+    while len(out) < n:
+        k = rng.randint(1, 8)
+        out.append("".join(rng.choice(FRAGMENTS) + rng.choice(["", " ", "  ", "\n", ""]) for _ in range(k)))
+    # random code points from many planes
+    for _ in range(100):
+        out.append("".join(chr(rng.choice([rng.randint(0x20, 0x7e), rng.randint(0xa0, 0x2fff),
+                                           rng.randint(0x3000, 0x9fff), rng.randint(0x1f300, 0x1faff)]))
+                           for _ in range(rng.randint(1, 30))))
+    return out

@@ -6,3 +6,8 @@ from pathlib import Path
 def qwen3_tokenizer_dir() -> Path:
     """Directory holding the Qwen3 tokenizer.json, vocab.json, merges.txt, tokenizer_config.json."""
     return Path(__file__).parent / "qwen3-tokenizer"
+
+
+def eval_text_path() -> Path:
+    """Self-written English prose (about 2,000 tokens) used for perplexity measurements."""
+    return Path(__file__).parent / "eval" / "prose.txt"

