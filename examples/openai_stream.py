@@ -2,10 +2,10 @@ from openai import OpenAI
 
 client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
 stream = client.chat.completions.create(
-    model="qwen3-random-a8w8",
-    messages=[{"role": "user", "content": "Write a haiku about INT8."}],
-    max_tokens=12,
-    seed=0,
+    model="smollm2-135m-instruct",
+    messages=[{"role": "user", "content": "Give me three tips for a good night's sleep."}],
+    max_tokens=120,
+    temperature=0,
     stream=True,
 )
 for chunk in stream:

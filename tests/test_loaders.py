@@ -44,7 +44,9 @@ def test_config_fields_of_real_qwen3_config():
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("architectures", ["LlamaForCausalLM"], "architectures"),
+    ("architectures", ["MistralForCausalLM"], "architectures"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("attention_bias", True, "attention_bias"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling"),
 ])
 def test_unsupported_config_names_field(tmp_path, field, value, needle):
