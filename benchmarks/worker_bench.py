@@ -100,6 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
     ap.add_argument("--kv-cache-dtype", default="int8")
+    ap.add_argument("--quantize-lm-head", action="store_true", help="run the lm_head in A8W8 too")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--out", default="bench-results/worker.json")
@@ -109,6 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         write_random_qwen3(d, SHAPES[args.shape])
         runner = ModelRunner(WorkerConfig(model_dir=d, kv_cache_dtype=args.kv_cache_dtype,
+                                          quantize_lm_head=args.quantize_lm_head,
                                           kv_cache_memory_bytes=2 * 1024**3, max_model_len=4096))
         runner.warmup()
         weight_bytes = runner.weight_bytes
@@ -122,7 +124,7 @@ def main() -> None:
         results["prefill_tokens_per_s"] = prefill_tokens_per_s(runner, args.prefill_tokens, 99999)
     floor_ms = weight_bytes / (bw["read_GBps"] * 1e9) * 1000
     report = {
-        "shape": args.shape, "kv_cache_dtype": args.kv_cache_dtype, "torch": torch.__version__,
+        "shape": args.shape, "kv_cache_dtype": args.kv_cache_dtype, "quantize_lm_head": args.quantize_lm_head, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "weight_bytes_per_step": weight_bytes, **bw, "decode_floor_ms": floor_ms, **results,
         "decode_batch1_ratio_to_floor": results["decode_batch1_ms_per_step"] / floor_ms,

@@ -119,11 +119,14 @@ def load_model_weights(
     model_dir: str | Path,
     quantization: Quantization | str = Quantization.AUTO,
     progress: bool | None = None,
+    quantize_lm_head: bool = False,
 ) -> ModelWeights:
     """Load every tensor of a Qwen3 checkpoint, checking names, shapes and dtypes.
 
     ``quantization``: ``auto``/``a8w8`` run every decoder linear in A8W8 (quantizing float weights on
     load); ``none`` keeps float weights (INT8 checkpoints are dequantized: a reference path only).
+    ``quantize_lm_head`` (A8W8 only): also run a float lm_head in A8W8; it is the largest single matrix
+    read per decode step (a tied embedding stays float for the lookup).
     """
     model_dir = Path(model_dir)
     mode = Quantization(quantization)
@@ -155,6 +158,8 @@ def load_model_weights(
             f"{model_dir}: missing tensor 'lm_head.weight' (expected shape {[cfg.vocab_size, cfg.hidden_size]}; "
             "tie_word_embeddings is false)"
         )
+    if quantize_lm_head and mode is Quantization.A8W8 and isinstance(lm_head, FloatLinear):
+        lm_head = quantize_linear(lm_head.weight)
     return ModelWeights(cfg, embed, layers, final_norm, lm_head, mode)
 
 

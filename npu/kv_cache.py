@@ -1,9 +1,10 @@
 """Paged KV cache: one flat slot array per layer, addressed through block tables.
 
-The KV dtype is an object that the attention code asks (``write``/``read``), so INT8 and BF16 share
-one code path. INT8 stores one fp32 scale per (token, kv head), quantized symmetric per token per
-head (K after k_norm and RoPE); the scales are applied inside attention (to the scores and to the
-probabilities), so no dequantized copy of the cache is ever made.
+The KV dtype is an object that the attention code asks (``write``/``read``), so INT8, BF16 and FP32
+share one code path. INT8 stores one fp32 scale per (token, kv head), quantized symmetric per token per
+head (K after k_norm and RoPE). ``read`` gathers one sequence's slots through its block table and
+dequantizes them in the same pass (the int8 -> float conversion the attention matmuls need anyway);
+the cache itself is never copied or dequantized as a whole.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from enum import Enum
 
 import torch
 
-KV_INT8_QMAX = 127.0
+from loaders.quantization import quantize_symmetric
 
 
 class KVCacheDtype(str, Enum):
@@ -24,12 +25,10 @@ class KVCacheDtype(str, Enum):
 
 @dataclass
 class KVRead:
-    """K/V of a set of slots, as the attention computation consumes them."""
+    """K/V of a set of slots, dequantized, as the attention computation consumes them."""
 
-    k: torch.Tensor  # [T, Hkv, D] float
+    k: torch.Tensor  # [T, Hkv, D] in the activation dtype
     v: torch.Tensor
-    k_scale: torch.Tensor | None  # [T, Hkv] or None when values are already real
-    v_scale: torch.Tensor | None
 
 
 class Int8KV:
@@ -48,28 +47,23 @@ class Int8KV:
             "v_scale": torch.zeros(layers, slots, heads, dtype=torch.float32),
         }
 
-    @staticmethod
-    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        absmax = x.abs().amax(dim=-1)
-        inv = torch.where(absmax > 0, KV_INT8_QMAX / absmax, torch.zeros_like(absmax))
-        q = torch.round(x * inv[..., None]).clamp_(-KV_INT8_QMAX, KV_INT8_QMAX).to(torch.int8)
-        return q, absmax / KV_INT8_QMAX
-
     def write(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        qk, sk = self._quantize(k.float())
-        qv, sv = self._quantize(v.float())
+        # per (token, head): the same symmetric convention as activations, over head_dim
+        qk, sk = quantize_symmetric(k.float())
+        qv, sv = quantize_symmetric(v.float())
+        sk, sv = sk.squeeze(-1), sv.squeeze(-1)
         cache["k"][layer].index_copy_(0, slots, qk)
         cache["v"][layer].index_copy_(0, slots, qv)
         cache["k_scale"][layer].index_copy_(0, slots, sk)
         cache["v_scale"][layer].index_copy_(0, slots, sv)
 
     def read(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, dtype: torch.dtype) -> KVRead:
-        return KVRead(
-            k=cache["k"][layer].index_select(0, slots).to(dtype),
-            v=cache["v"][layer].index_select(0, slots).to(dtype),
-            k_scale=cache["k_scale"][layer].index_select(0, slots),
-            v_scale=cache["v_scale"][layer].index_select(0, slots),
-        )
+        def dequant(values: str, scales: str) -> torch.Tensor:
+            q = cache[values][layer].index_select(0, slots)
+            s = cache[scales][layer].index_select(0, slots)
+            return torch.mul(q, s[..., None]).to(dtype)  # int8 * fp32 -> fp32 in one pass
+
+        return KVRead(k=dequant("k", "k_scale"), v=dequant("v", "v_scale"))
 
 
 class FloatKV:
@@ -95,8 +89,6 @@ class FloatKV:
         return KVRead(
             k=cache["k"][layer].index_select(0, slots).to(dtype),
             v=cache["v"][layer].index_select(0, slots).to(dtype),
-            k_scale=None,
-            v_scale=None,
         )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from loaders.weights import ModelWeights
 from npu.backends.base import Backend
@@ -42,13 +44,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class _Layer:
-    def __init__(self, weights, backend: Backend, dtype: torch.dtype):
+    def __init__(self, weights, cfg, backend: Backend, dtype: torch.dtype):
         lin = weights.linears
         # FloatLinear and Int8Linear both concatenate along the output dimension exactly.
         concat = type(lin["self_attn.q_proj"]).concat
@@ -62,8 +59,13 @@ class _Layer:
         self.input_norm = norms["input_layernorm"]
         self.post_norm = norms["post_attention_layernorm"]
         # Optional part of the attention block: Qwen3 has per-head q/k RMSNorm, Llama does not.
-        self.q_norm = norms.get("self_attn.q_norm")
-        self.k_norm = norms.get("self_attn.k_norm")
+        # q and k heads are adjacent in the fused qkv output, so one norm call covers both with a
+        # [heads, head_dim] weight (q_norm repeated over q heads, then k_norm over kv heads).
+        self.qk_norm = None
+        if "self_attn.q_norm" in norms:
+            q_heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
+            self.qk_norm = torch.cat([norms["self_attn.q_norm"].expand(q_heads, -1),
+                                      norms["self_attn.k_norm"].expand(kv_heads, -1)])
 
 
 class DecoderModel:
@@ -74,7 +76,7 @@ class DecoderModel:
         self.cfg, self.backend = cfg, backend
         self.dtype = backend.activation_dtype
         self.embed = weights.embed_tokens
-        self.layers = [_Layer(lw, backend, self.dtype) for lw in weights.layers]
+        self.layers = [_Layer(lw, cfg, backend, self.dtype) for lw in weights.layers]
         self.final_norm = weights.final_norm.to(self.dtype)
         self.lm_head = backend.prepare_linear(weights.lm_head)
         self.scale = cfg.head_dim**-0.5
@@ -82,31 +84,26 @@ class DecoderModel:
         # RoPE table, computed exactly as transformers does (fp32 inv_freq, fp32 position products).
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin]: one roll instead of slice/neg/cat
+        self.cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(self.dtype)
+        self.sin_signed = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype)
 
     def _attention(self, q: torch.Tensor, kv, span: SeqSpan) -> torch.Tensor:
-        """Causal GQA attention of one sequence's query rows over its context (dequantized inside)."""
+        """Causal GQA attention of one sequence's query rows over its context (fused SDPA kernel)."""
         cfg = self.cfg
         q_len, ctx = span.q_len, span.context_slots.numel()
-        hkv, g, d = cfg.num_kv_heads, self.group, cfg.head_dim
-        # [q_len, Hkv, G, D] -> [Hkv, G*q_len, D]; query head h uses kv head h // G.
-        qh = q.view(q_len, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * q_len, d)
-        k = kv.k.permute(1, 2, 0)  # [Hkv, D, ctx]
-        scores = torch.matmul(qh, k)  # [Hkv, G*q_len, ctx]
-        if kv.k_scale is not None:
-            scores.mul_(kv.k_scale.t()[:, None, :])
-        scores.mul_(self.scale)
-        if q_len > 1:
-            # query i sits at absolute position ctx - q_len + i and sees keys 0..that position.
-            q_pos = torch.arange(ctx - q_len, ctx).repeat(g)
-            mask = torch.arange(ctx)[None, :] > q_pos[:, None]
-            scores.masked_fill_(mask[None], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(self.dtype)
-        if kv.v_scale is not None:
-            probs.mul_(kv.v_scale.t()[:, None, :])
-        out = torch.matmul(probs, kv.v.permute(1, 0, 2))  # [Hkv, G*q_len, D]
-        return out.view(hkv, g, q_len, d).permute(2, 0, 1, 3).reshape(q_len, hkv * g * d)
+        qh = q.transpose(0, 1)[None]  # [q_len, Hq, D] -> [1, Hq, q_len, D]
+        k = kv.k.transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+        v = kv.v.transpose(0, 1)[None]
+        mask, causal = None, False
+        if q_len == ctx:
+            causal = q_len > 1
+        elif q_len > 1:
+            # query i sits at absolute position ctx - q_len + i: causal aligned to the lower right
+            mask = causal_lower_right(q_len, ctx)
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                             enable_gqa=self.group > 1)
+        return out[0].transpose(0, 1).reshape(q_len, cfg.num_heads * cfg.head_dim)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedKVCache,
@@ -119,30 +116,30 @@ class DecoderModel:
         T = batch.token_ids.numel()
         x = self.embed[batch.token_ids].to(self.dtype)
         cos = self.cos[batch.positions][:, None, :]
-        sin = self.sin[batch.positions][:, None, :]
+        sin = self.sin_signed[batch.positions][:, None, :]
+        half = cfg.head_dim // 2
         q_size, kv_size = cfg.q_size, cfg.kv_size
+        qk_heads = cfg.num_heads + cfg.num_kv_heads
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             qkv = layer.qkv(h)
-            q = qkv[:, :q_size].reshape(T, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, q_size : q_size + kv_size].reshape(T, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, q_size + kv_size :].reshape(T, cfg.num_kv_heads, cfg.head_dim)
-            if layer.q_norm is not None:
-                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            qk = qkv[:, : q_size + kv_size].view(T, qk_heads, cfg.head_dim)
+            v = qkv[:, q_size + kv_size :].view(T, cfg.num_kv_heads, cfg.head_dim)
+            if layer.qk_norm is not None:
+                qk = rms_norm(qk, layer.qk_norm, cfg.rms_norm_eps)
+            qk = qk * cos + qk.roll(half, dims=-1) * sin  # RoPE on q and k heads at once
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             cache.write(li, batch.slot_mapping, k, v)
             attn = torch.empty(T, q_size, dtype=self.dtype)
             for span in batch.seqs:
                 kv = cache.read(li, span.context_slots, self.dtype)
                 rows = slice(span.q_start, span.q_start + span.q_len)
-                attn[rows] = self._attention(q[rows].reshape(span.q_len, q_size), kv, span)
+                attn[rows] = self._attention(q[rows], kv, span)
             x = x + layer.o(attn)
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             gu = layer.gate_up(h)
             inter = cfg.intermediate_size
-            x = x + layer.down(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
+            x = x + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
             if layer_outputs is not None:
                 layer_outputs.append(x)
         h = rms_norm(x[batch.logits_rows], self.final_norm, cfg.rms_norm_eps)

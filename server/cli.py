@@ -38,6 +38,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", choices=[q.value for q in Quantization], default="auto",
                    help="auto/a8w8: every decoder linear in INT8 (float checkpoints quantized on load); "
                         "none: float weights (reference path)")
+    g.add_argument("--quantize-lm-head", action="store_true",
+                   help="also run the (float) lm_head in A8W8: halves the largest matrix read per decode step, "
+                        "at some cost in logit precision")
     g.add_argument("--kv-cache-dtype", choices=[d.value for d in KVCacheDtype],
                    default="int8", help="KV cache storage: int8 with per-token-per-head scales, bf16, or fp32 (reference)")
     g.add_argument("--kv-cache-memory", type=parse_size, default=DEFAULT_KV_CACHE_BYTES,
@@ -72,6 +75,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     worker = WorkerConfig(
         model_dir=str(Path(model).resolve()),
         quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
         kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory_bytes=args.kv_cache_memory,
         block_size=args.block_size,

@@ -221,3 +221,19 @@ def test_worker_startup_failure_is_reported(tmp_path):
     with pytest.raises(WorkerError, match="config.json: file not found"):
         client.wait_ready(timeout=60)
     client.shutdown()
+
+
+def test_quantized_lm_head_option(model_factory):
+    model_dir = model_factory(SPEC, tokenizer=False)
+    plain = load_model_weights(model_dir, "a8w8")
+    quant = load_model_weights(model_dir, "a8w8", quantize_lm_head=True)
+    assert not isinstance(plain.lm_head, Int8Linear) and isinstance(quant.lm_head, Int8Linear)
+    assert quant.linear_bytes() < plain.linear_bytes()
+    assert quant.embed_tokens.dtype == torch.bfloat16  # the tied embedding itself stays float
+    prompt = list(range(3, 40))
+    a = _greedy_alone(model_dir, prompt, 4)
+    r = ModelRunner(WorkerConfig(model_dir=str(model_dir), quantize_lm_head=True, kv_cache_memory_bytes=16 << 20,
+                                 block_size=BLOCK_SIZE, max_model_len=512))
+    d = Driver(r)
+    d.run(new=[NewSequence(1, prompt, len(prompt), 0, GREEDY)])
+    assert d.run(chunks=[(1, len(prompt), True)]).tokens[0].token_id == a[0]

@@ -29,7 +29,8 @@ class Int8GemmLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         qx, sx = quantize_activations(x)
         acc = torch._int_mm(qx, self.qweight.t())
-        return acc.float().mul_(sx[:, None]).mul_(self.scale)
+        # int32 * fp32 promotes to fp32 in one pass; then the per-channel scale in place
+        return torch.mul(acc, sx[:, None]).mul_(self.scale)
 
 
 class FloatGemmLinear:
