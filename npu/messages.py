@@ -123,6 +123,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
     block_size: int = 16
     backend: str = "cpu"
+    int8_kernel: str = "auto"  # cpu: auto | vnni (AVX-512 VNNI kernel) | onednn (torch._int_mm)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     sampleable_vocab_size: int | None = None  # tokens past this id are padding; None: the whole vocab
     num_threads: int | None = None

@@ -29,12 +29,42 @@ class SeqSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token (decode) sequences of a step, attended in one batched call.
+
+    Contexts are padded to the longest; padded keys read slot 0 and are masked out.
+    """
+
+    rows: torch.Tensor  # [S] rows of the flattened batch
+    slots: torch.Tensor  # [S, L] context slots, padded
+    mask: torch.Tensor  # [S, 1, 1, L] True where a key is real
+
+    @staticmethod
+    def build(spans: list[SeqSpan]) -> "DecodeGroup":
+        longest = max(sp.context_slots.numel() for sp in spans)
+        slots = torch.zeros(len(spans), longest, dtype=torch.long)
+        lengths = torch.tensor([sp.context_slots.numel() for sp in spans])
+        for i, sp in enumerate(spans):
+            slots[i, : sp.context_slots.numel()] = sp.context_slots
+        mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
+        return DecodeGroup(torch.tensor([sp.q_start for sp in spans]), slots, mask)
+
+
+@dataclass
 class ForwardBatch:
     token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64, where each token's K/V is written
     seqs: list[SeqSpan]
     logits_rows: torch.Tensor  # [S] rows whose next-token logits are needed
+    decode: DecodeGroup | None = None  # set by :meth:`group_decodes`
+
+    def group_decodes(self, min_group: int) -> None:
+        """Attend decode tokens of at least ``min_group`` sequences together instead of one by one."""
+        decodes = [sp for sp in self.seqs if sp.q_len == 1]
+        if len(decodes) >= min_group:
+            self.decode = DecodeGroup.build(decodes)
+            self.seqs = [sp for sp in self.seqs if sp.q_len != 1]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -105,6 +135,18 @@ class DecoderModel:
                                              enable_gqa=self.group > 1)
         return out[0].transpose(0, 1).reshape(q_len, cfg.num_heads * cfg.head_dim)
 
+    def _decode_attention(self, q: torch.Tensor, layer: int, group: DecodeGroup, cache: PagedKVCache) -> torch.Tensor:
+        """One padded, masked SDPA call for all single-token sequences of the step."""
+        cfg = self.cfg
+        n, longest = group.slots.shape
+        kv = cache.read(layer, group.slots.reshape(-1), self.dtype)
+        k = kv.k.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [S, Hkv, L, D]
+        v = kv.v.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        qh = q[group.rows][:, :, None, :]  # [S, Hq, 1, D]
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=group.mask, scale=self.scale,
+                                             enable_gqa=self.group > 1)
+        return out.reshape(n, cfg.num_heads * cfg.head_dim)
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedKVCache,
                 layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -135,6 +177,8 @@ class DecoderModel:
                 kv = cache.read(li, span.context_slots, self.dtype)
                 rows = slice(span.q_start, span.q_start + span.q_len)
                 attn[rows] = self._attention(q[rows], kv, span)
+            if batch.decode is not None:
+                attn[batch.decode.rows] = self._decode_attention(q, li, batch.decode, cache)
             x = x + layer.o(attn)
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             gu = layer.gate_up(h)

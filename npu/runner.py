@@ -15,6 +15,10 @@ from npu.model import ForwardBatch, DecoderModel, SeqSpan
 from npu.sampler import Sampler, SequenceSamplingState
 
 
+# From this many single-token sequences in a step on, their attention runs as one padded, masked call.
+DECODE_GROUP_MIN = 2
+
+
 class InvalidStep(ValueError):
     """The step refers to something the worker does not have; nothing was changed."""
 
@@ -30,7 +34,7 @@ class WorkerSequence:
 class ModelRunner:
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.backend = get_backend(config.backend, config.num_threads)
+        self.backend = get_backend(config.backend, config.num_threads, config.int8_kernel)
         weights = load_model_weights(config.model_dir, config.quantization, quantize_lm_head=config.quantize_lm_head)
         cfg = weights.config
         self.model_config = cfg
@@ -156,6 +160,7 @@ class ModelRunner:
             seqs=spans,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long),
         )
+        batch.group_decodes(DECODE_GROUP_MIN)
         logits = self.model.forward(batch, self.cache)
         tokens: list[SampledToken] = []
         if logits_rows:

@@ -50,6 +50,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="maximum prompt + output tokens (default: the model's max_position_embeddings)")
     g.add_argument("--tokenizer-impl", choices=[t.value for t in TokenizerImpl], default="auto",
                    help="hf: the tokenizers library; python: the dependency-free fallback; auto: hf if importable")
+    g.add_argument("--int8-kernel", choices=["auto", "vnni", "onednn"], default="auto",
+                   help="cpu INT8 GEMM: vnni (built-in AVX-512 VNNI kernel, compiled with gcc on first use), "
+                        "onednn (torch._int_mm); auto = vnni where the CPU and a compiler allow")
     g.add_argument("--num-threads", type=int, default=None, help="compute threads in the worker (default: all cores)")
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
     s = p.add_argument_group("scheduler")
@@ -81,6 +84,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         num_threads=args.num_threads,
+        int8_kernel=args.int8_kernel,
         seed=args.seed,
     )
     sched = SchedulerConfig(

@@ -237,3 +237,33 @@ def test_quantized_lm_head_option(model_factory):
     d = Driver(r)
     d.run(new=[NewSequence(1, prompt, len(prompt), 0, GREEDY)])
     assert d.run(chunks=[(1, len(prompt), True)]).tokens[0].token_id == a[0]
+
+
+def test_vnni_kernel_bit_identical_to_int_mm():
+    from npu.backends.cpu.vnni import VnniLinear, load_vnni_library
+
+    lib, why = load_vnni_library()
+    if lib is None:
+        pytest.skip(f"VNNI kernel unavailable here: {why}")
+    g = torch.Generator().manual_seed(3)
+    for n, k in ((96, 160), (100, 70), (17, 5), (3072, 1024)):
+        lin = quantize_linear(torch.randn(n, k, generator=g))
+        fast, ref = VnniLinear(lin, lib), Int8GemmLinear(lin)
+        for m in (1, 2, 7, 8, 9, 16, 33):
+            x = torch.randn(m, k, generator=g) * 5
+            if m > 2:
+                x[1] = 0.0  # an all-zero token
+            assert torch.equal(fast(x), ref(x)), (n, k, m)
+
+
+def test_int8_kernels_give_identical_logits(model_factory):
+    model_dir = model_factory(SPEC, tokenizer=False)
+    prompt = list(range(5, 30))
+    T = len(prompt)
+    logits = []
+    for kernel in ("onednn", "auto"):
+        r = _runner(model_dir, kv="int8", int8_kernel=kernel)
+        batch = ForwardBatch(torch.tensor(prompt), torch.arange(T), torch.arange(T), [SeqSpan(0, T, torch.arange(T))],
+                             torch.arange(T))
+        logits.append(r.model.forward(batch, r.cache))
+    assert torch.equal(logits[0], logits[1])
