@@ -35,6 +35,11 @@ class _EngineCollector:
             ("vllm:num_preemptions", "Preemptions (recompute).", s.num_preemptions),
             ("vllm:prefix_cache_queries", "Tokens looked up in the prefix cache.", s.prefix_queries),
             ("vllm:prefix_cache_hits", "Tokens found in the prefix cache.", s.prefix_hits),
+            # ours: engine step wall time vs. worker compute time -> scheduler + IPC overhead
+            ("a8w8:engine_steps", "Engine steps run.", s.steps),
+            ("a8w8:engine_step_seconds", "Wall time of engine steps (schedule, IPC, compute, postprocess).",
+             s.step_seconds_total),
+            ("a8w8:worker_compute_seconds", "Time the worker spent computing those steps.", s.compute_seconds_total),
         ):
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric(labels, value)

@@ -1,0 +1,249 @@
+"""Serving benchmark: start servers (ours, and vLLM when its venv is given), drive each with the same
+open-loop client, report TTFT / TPOT / ITL / E2E (mean, p50, p90, p99), output tokens/s and requests/s,
+side by side and as ratios; write JSON and (with matplotlib) a PNG.
+
+    python benchmarks/serve_bench.py --model DIR [--vllm-venv PATH] [--concurrency 1 16]
+        [--input-len 256 --output-len 128 --num-prompts 32] [--rate R]
+
+Prompts are random token ids (fixed seed, same for every server), sent to /v1/completions with
+``ignore_eos`` so every request generates exactly ``--output-len`` tokens; a fresh ``--seed`` per run
+keeps prefix caches from flattering TTFT. Everything runs on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from servers import free_port, wait_healthy  # noqa: E402
+
+STARTUP_TIMEOUT = 900.0
+
+
+@dataclass
+class RequestRecord:
+    start: float
+    first: float | None = None
+    chunks: list[float] = field(default_factory=list)
+    end: float | None = None
+    output_tokens: int = 0
+    error: str | None = None
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    v = sorted(values)
+
+    def pct(p: float) -> float:
+        return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+    return {"mean": statistics.fmean(v), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
+
+
+async def one_request(http: httpx.AsyncClient, base: str, model: str, prompt: list[int], out_len: int) -> RequestRecord:
+    rec = RequestRecord(start=time.perf_counter())
+    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "ignore_eos": True, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        async with http.stream("POST", f"{base}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return rec
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                now = time.perf_counter()
+                if ev.get("choices") and ev["choices"][0].get("text"):
+                    rec.first = rec.first or now
+                    rec.chunks.append(now)
+                if ev.get("usage"):
+                    rec.output_tokens = ev["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        rec.error = repr(e)
+    rec.end = time.perf_counter()
+    return rec
+
+
+async def run_load(base: str, model: str, prompts: list[list[int]], out_len: int, concurrency: int,
+                   rate: float | None, seed: int) -> tuple[list[RequestRecord], float]:
+    """Fixed concurrency (rate None) or Poisson arrivals at ``rate`` req/s capped at ``concurrency``."""
+    rng = random.Random(seed)
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=concurrency + 8)) as http:
+        async def guarded(p):
+            async with sem:
+                return await one_request(http, base, model, p, out_len)
+
+        t0 = time.perf_counter()
+        tasks = []
+        for p in prompts:
+            tasks.append(asyncio.create_task(guarded(p)))
+            if rate:
+                await asyncio.sleep(rng.expovariate(rate))
+        records = await asyncio.gather(*tasks)
+        return records, time.perf_counter() - t0
+
+
+def summarize(records: list[RequestRecord], wall: float) -> dict:
+    ok = [r for r in records if r.error is None and r.first is not None]
+    ttft = [r.first - r.start for r in ok]
+    e2e = [r.end - r.start for r in ok]
+    tpot = [(r.end - r.first) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = [b - a for r in ok for a, b in zip(r.chunks, r.chunks[1:])]
+    out_tokens = sum(r.output_tokens for r in ok)
+    return {
+        "requests": len(records), "failed": len(records) - len(ok),
+        "errors": sorted({r.error for r in records if r.error})[:3],
+        "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "itl_s": percentiles(itl), "e2e_s": percentiles(e2e),
+        "output_tokens_per_s": out_tokens / wall, "requests_per_s": len(ok) / wall, "wall_s": wall,
+    }
+
+
+def engine_overhead(base: str) -> dict[str, float]:
+    """From our /metrics: share of engine-step time not spent computing in the worker (scheduler + IPC)."""
+    vals: dict[str, float] = {}
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        for name in ("a8w8:engine_step_seconds_total", "a8w8:worker_compute_seconds_total", "a8w8:engine_steps_total"):
+            if line.startswith(name + "{"):
+                vals[name] = float(line.rsplit(" ", 1)[1])
+    return vals
+
+
+def start_server(kind: str, model: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    log = open(Path(args.out).with_suffix(f".{kind}.log"), "w")
+    if kind == "ours":
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
+               "--served-model-name", "bench", "--max-model-len", str(args.max_model_len), *args.ours_args.split()]
+        env = os.environ
+    else:
+        venv = Path(args.vllm_venv)
+        cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "bench", "--max-model-len",
+               str(args.max_model_len), "--seed", str(args.seed), *args.vllm_args.split()]
+        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def plot(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG (pip install matplotlib)")
+        return
+    servers = list(report["servers"])
+    levels = sorted({lvl for s in servers for lvl in report["servers"][s]}, key=int)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (metric, label) in zip(axes, [("tpot_s", "TPOT mean (ms)"), ("ttft_s", "TTFT mean (ms)"),
+                                          ("output_tokens_per_s", "output tokens/s")]):
+        width = 0.8 / len(servers)
+        for i, s in enumerate(servers):
+            ys = []
+            for lvl in levels:
+                r = report["servers"][s].get(lvl, {})
+                v = r.get(metric)
+                ys.append((v["mean"] * 1000 if isinstance(v, dict) and v else v) or 0)
+            ax.bar([j + i * width for j in range(len(levels))], ys, width, label=s)
+        ax.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(levels))], [f"c={lvl}" for lvl in levels])
+        ax.set_title(label)
+        ax.legend()
+    fig.suptitle(f"{report['model_name']}: in {report['input_len']}, out {report['output_len']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory both servers load (e.g. compressed-tensors W8A8)")
+    ap.add_argument("--vllm-venv", default=None, help="virtual environment with vllm-cpu installed")
+    ap.add_argument("--ours-args", default="", help="extra flags for a8w8-serve serve")
+    ap.add_argument("--vllm-args", default="", help="extra flags for vLLM's server")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (req/s) instead of closed-loop")
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--num-prompts", type=int, default=None, help="per level (default: 2 x concurrency, at least 4)")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    ap.add_argument("--out", default="bench-results/serve.json")
+    args = ap.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    # ids from the ordinary BPE range of a byte-level vocabulary (avoid special tokens at the top)
+    id_range = (1000, min(vocab, 150000) - 1)
+    kinds = ["ours"] + (["vllm"] if args.vllm_venv else [])
+    report = {"model": args.model, "model_name": Path(args.model).name, "input_len": args.input_len,
+              "output_len": args.output_len, "seed": args.seed, "rate": args.rate, "servers": {},
+              "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
+    for kind in kinds:
+        port = free_port()
+        proc = start_server(kind, args.model, port, args)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(base, STARTUP_TIMEOUT, proc)
+            # warm-up request (first-use costs do not belong in the numbers)
+            asyncio.run(run_load(base, "bench", [[rng.randint(*id_range) for _ in range(16)]], 4, 1, None, 0))
+            report["servers"][kind] = {}
+            for c in args.concurrency:
+                n = args.num_prompts or max(4, 2 * c)
+                prompts = [[rng.randint(*id_range) for _ in range(args.input_len)] for _ in range(n)]
+                before = engine_overhead(base) if kind == "ours" else {}
+                records, wall = asyncio.run(run_load(base, "bench", prompts, args.output_len, c, args.rate, args.seed))
+                summary = summarize(records, wall)
+                if kind == "ours":
+                    after = engine_overhead(base)
+                    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                    steps = d.get("a8w8:engine_steps_total", 0)
+                    if steps:
+                        step = d["a8w8:engine_step_seconds_total"] / steps
+                        compute = d["a8w8:worker_compute_seconds_total"] / steps
+                        summary["engine_step_ms"] = step * 1000
+                        summary["worker_compute_ms"] = compute * 1000
+                        summary["scheduler_ipc_overhead_share"] = (step - compute) / step
+                report["servers"][kind][str(c)] = summary
+                t, e = summary["tpot_s"], summary["ttft_s"]
+                print(f"{kind:5s} c={c:3d}: TPOT {t.get('mean', 0) * 1000:7.1f} ms  TTFT {e.get('mean', 0) * 1000:8.1f} ms  "
+                      f"{summary['output_tokens_per_s']:7.1f} out tok/s  {summary['requests_per_s']:.2f} req/s"
+                      + (f"  failed {summary['failed']}" if summary["failed"] else ""))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if "vllm" in report["servers"]:
+        ratios = {}
+        for c in map(str, args.concurrency):
+            o, v = report["servers"]["ours"].get(c), report["servers"]["vllm"].get(c)
+            if o and v and o["tpot_s"] and v["tpot_s"]:
+                ratios[c] = {"tpot_ours_over_vllm": o["tpot_s"]["mean"] / v["tpot_s"]["mean"],
+                             "throughput_ours_over_vllm": o["output_tokens_per_s"] / v["output_tokens_per_s"]}
+                print(f"c={c}: TPOT ours/vLLM = {ratios[c]['tpot_ours_over_vllm']:.2f}, "
+                      f"output tok/s ours/vLLM = {ratios[c]['throughput_ours_over_vllm']:.2f}")
+        report["ratios"] = ratios
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"JSON: {args.out}")
+    plot(report, Path(args.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
