@@ -37,17 +37,18 @@ class DecodeGroup:
 
     rows: torch.Tensor  # [S] rows of the flattened batch
     slots: torch.Tensor  # [S, L] context slots, padded
+    lengths: torch.Tensor  # [S] int32 context lengths
     mask: torch.Tensor  # [S, 1, 1, L] True where a key is real
 
     @staticmethod
     def build(spans: list[SeqSpan]) -> "DecodeGroup":
         longest = max(sp.context_slots.numel() for sp in spans)
         slots = torch.zeros(len(spans), longest, dtype=torch.long)
-        lengths = torch.tensor([sp.context_slots.numel() for sp in spans])
+        lengths = torch.tensor([sp.context_slots.numel() for sp in spans], dtype=torch.int32)
         for i, sp in enumerate(spans):
             slots[i, : sp.context_slots.numel()] = sp.context_slots
         mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
-        return DecodeGroup(torch.tensor([sp.q_start for sp in spans]), slots, mask)
+        return DecodeGroup(torch.tensor([sp.q_start for sp in spans]), slots, lengths, mask)
 
 
 @dataclass
@@ -139,10 +140,14 @@ class DecoderModel:
         """One padded, masked SDPA call for all single-token sequences of the step."""
         cfg = self.cfg
         n, longest = group.slots.shape
+        qd = q[group.rows]  # [S, Hq, D]
+        fused = self.backend.decode_attention(qd, cache, layer, group.slots, group.lengths, self.scale)
+        if fused is not None:
+            return fused.reshape(n, cfg.num_heads * cfg.head_dim)
         kv = cache.read(layer, group.slots.reshape(-1), self.dtype)
         k = kv.k.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [S, Hkv, L, D]
         v = kv.v.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        qh = q[group.rows][:, :, None, :]  # [S, Hq, 1, D]
+        qh = qd[:, :, None, :]  # [S, Hq, 1, D]
         out = F.scaled_dot_product_attention(qh, k, v, attn_mask=group.mask, scale=self.scale,
                                              enable_gqa=self.group > 1)
         return out.reshape(n, cfg.num_heads * cfg.head_dim)

@@ -15,8 +15,9 @@ from npu.model import ForwardBatch, DecoderModel, SeqSpan
 from npu.sampler import Sampler, SequenceSamplingState
 
 
-# From this many single-token sequences in a step on, their attention runs as one padded, masked call.
-DECODE_GROUP_MIN = 2
+# From this many single-token sequences in a step on, their attention runs as one batched call
+# (the backend's fused paged kernel where it has one, else a padded, masked SDPA).
+DECODE_GROUP_MIN = 1
 
 
 class InvalidStep(ValueError):

@@ -267,3 +267,32 @@ def test_int8_kernels_give_identical_logits(model_factory):
                              torch.arange(T))
         logits.append(r.model.forward(batch, r.cache))
     assert torch.equal(logits[0], logits[1])
+
+
+def test_fused_paged_decode_attention_matches_sdpa():
+    from npu.backends.cpu import CpuBackend
+    from npu.kv_cache import PagedKVCache
+    from npu.model import DecodeGroup
+
+    backend = CpuBackend()
+    g = torch.Generator().manual_seed(4)
+    for hq, hkv, d in ((16, 8, 128), (6, 1, 64), (4, 4, 32)):
+        cache = PagedKVCache("int8", 2, hkv, d, num_blocks=40, block_size=16)
+        slots_all = torch.randperm(40 * 16, generator=g)
+        cache.write(1, slots_all, torch.randn(640, hkv, d, generator=g), torch.randn(640, hkv, d, generator=g))
+        lengths = [1, 17, 130, 64]
+        spans, start = [], 0
+        for i, n in enumerate(lengths):
+            spans.append(SeqSpan(i, 1, slots_all[start:start + n]))
+            start += n
+        group = DecodeGroup.build(spans)
+        q = torch.randn(len(lengths), hq, d, generator=g)
+        fused = backend.decode_attention(q, cache, 1, group.slots, group.lengths, d**-0.5)
+        if fused is None:
+            pytest.skip("fused kernel unavailable here")
+        for i, sp in enumerate(spans):
+            kv = cache.read(1, sp.context_slots, torch.float32)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[i][None, :, None, :], kv.k.transpose(0, 1)[None], kv.v.transpose(0, 1)[None], scale=d**-0.5,
+                enable_gqa=hq != hkv)[0, :, 0, :]
+            assert torch.allclose(fused[i], ref, atol=1e-5, rtol=1e-4), (hq, hkv, d, i)

@@ -28,3 +28,10 @@ class Backend(Protocol):
     def prepare_linear(self, weight: LinearWeight) -> LinearOp:
         """Move/prepack one linear weight (INT8 or float) and return the op that applies it."""
         ...
+
+    def decode_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
+                         scale: float) -> torch.Tensor | None:
+        """Optional fused kernel: attention of one query token per sequence (``q`` ``[S, Hq, D]``) over the
+        padded slot lists ``slots`` ``[S, L]`` (``lengths`` ``[S]`` int32) of layer ``layer``. Return None
+        to let the model use its generic path."""
+        ...

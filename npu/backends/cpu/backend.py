@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from loaders.quantization import FloatLinear, Int8Linear, LinearWeight, quantize_activations
 from npu.backends.cpu.vnni import VnniLinear, load_vnni_library
+from npu.kv_cache import Int8KV, PagedKVCache
 
 log = logging.getLogger("a8w8.kernels")
 
@@ -86,3 +87,20 @@ class CpuBackend:
         if isinstance(weight, Int8Linear):
             return VnniLinear(weight, self._vnni) if self._vnni is not None else Int8GemmLinear(weight)
         return FloatGemmLinear(weight, self.activation_dtype)
+
+    def decode_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor,
+                         lengths: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """Single-token attention of ``q`` ``[S, Hq, D]`` straight from an INT8 paged cache (our C kernel);
+        None where it does not apply (other KV dtypes, no kernel), and the model uses SDPA instead."""
+        if self._vnni is None or not isinstance(cache.format, Int8KV):
+            return None
+        t = cache.tensors
+        s, hq, d = q.shape
+        hkv = t["k"].shape[2]
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        status = self._vnni.paged_attention_decode_int8(
+            q.data_ptr(), s, hq, hkv, d, t["k"][layer].data_ptr(), t["k_scale"][layer].data_ptr(),
+            t["v"][layer].data_ptr(), t["v_scale"][layer].data_ptr(), slots.data_ptr(), lengths.data_ptr(),
+            slots.shape[1], scale, out.data_ptr())
+        return out if status == 0 else None

@@ -1,4 +1,5 @@
-"""The AVX-512 VNNI small-M A8W8 kernel (``a8w8_vnni.c``): build with gcc on first use, load with ctypes.
+"""The CPU backend's own AVX-512 kernels, built with gcc on first use and loaded with ctypes:
+the A8W8 GEMM (``a8w8_vnni.c``) and decode attention over the paged INT8 KV cache (``paged_attention.c``).
 
 The library is compiled once per source version into the a8w8-serve cache directory (a second or two:
 it includes no PyTorch headers). Where the CPU lacks AVX-512 VNNI, or no C compiler is installed,
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -21,9 +21,7 @@ import torch
 from loaders.cache import cache_dir
 from loaders.quantization import Int8Linear
 
-log = logging.getLogger("a8w8.kernels")
-
-SOURCE = Path(__file__).with_name("a8w8_vnni.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("a8w8_vnni.c", "paged_attention.c")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC"]
 
@@ -46,7 +44,7 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     if missing:
         return None, f"CPU lacks {', '.join(missing)}"
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    source = SOURCE.read_bytes()
+    source = b"".join(src.read_bytes() for src in SOURCES)
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
     lib_path = cache_dir() / "kernels" / f"a8w8_vnni-{digest}.so"
     if not lib_path.is_file():
@@ -54,9 +52,10 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
             return None, "no C compiler (gcc) found"
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib_path.with_suffix(f".tmp{os.getpid()}")
-        result = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        result = subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"],
+                                capture_output=True, text=True)
         if result.returncode != 0:
-            return None, f"compiling {SOURCE.name} failed: {result.stderr.strip()[:500]}"
+            return None, f"compiling the CPU kernels failed: {result.stderr.strip()[:500]}"
         os.replace(tmp, lib_path)
     lib = ctypes.CDLL(str(lib_path))
     p, i = ctypes.c_void_p, ctypes.c_int
@@ -64,6 +63,8 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     lib.a8w8_packed_n.argtypes, lib.a8w8_packed_n.restype = [i], i
     lib.a8w8_pack.argtypes, lib.a8w8_pack.restype = [p, i, i, p, p], None
     lib.a8w8_gemm.argtypes, lib.a8w8_gemm.restype = [p, i, i, p, p, p, i, p, p, p], None
+    lib.paged_attention_decode_int8.argtypes = [p, i, i, i, i, p, p, p, p, p, p, i, ctypes.c_float, p]
+    lib.paged_attention_decode_int8.restype = i
     return lib, ""
 
 
