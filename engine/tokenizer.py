@@ -190,6 +190,7 @@ class PythonBPETokenizer:
 
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
+        self._check_pre_tokenizer(model_dir)
         vocab_path, merges_path = model_dir / "vocab.json", model_dir / "merges.txt"
         if not vocab_path.is_file() or not merges_path.is_file():
             raise FileNotFoundError(f"{model_dir}: the python tokenizer needs vocab.json and merges.txt")
@@ -213,6 +214,19 @@ class PythonBPETokenizer:
         self._added_re = re.compile("|".join(re.escape(t) for t in alternatives)) if alternatives else None
         self._pretok = qwen_pretokenize_regex()
         self._cache: dict[str, list[int]] = {}
+
+    @staticmethod
+    def _check_pre_tokenizer(model_dir: Path) -> None:
+        """Refuse models whose tokenizer.json splits text differently: the fallback implements Qwen's regex only."""
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            return  # vocab.json + merges.txt only: assumed to be a Qwen2/Qwen3 tokenizer (documented)
+        pre = json.loads(path.read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+        parts = pre.get("pretokenizers", [pre])
+        patterns = [(p.get("pattern") or {}).get("Regex") for p in parts if p.get("type") == "Split"]
+        if QWEN_PRETOKENIZE_PATTERN not in patterns:
+            raise ValueError(f"{path}: the python tokenizer implements the Qwen2/Qwen3 pre-tokenizer only; this "
+                             "model's differs. Use --tokenizer-impl hf (the tokenizers library).")
 
     def _bpe(self, word: str) -> list[int]:
         cached = self._cache.get(word)

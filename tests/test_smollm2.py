@@ -83,6 +83,13 @@ def test_tokenizer_matches_transformers(smol_float):
     assert ours.encode("<|im_start|>user") == theirs("<|im_start|>user", add_special_tokens=False).input_ids
 
 
+def test_python_tokenizer_refuses_a_non_qwen_pre_tokenizer(smol_float):
+    from engine.tokenizer import PythonBPETokenizer
+
+    with pytest.raises(ValueError, match="Qwen2/Qwen3 pre-tokenizer only"):
+        PythonBPETokenizer(smol_float)
+
+
 def test_float_path_matches_transformers_logits(smol_float):
     hf = transformers.LlamaForCausalLM.from_pretrained(str(smol_float), torch_dtype=torch.float32).eval()
     from engine.tokenizer import load_tokenizer
