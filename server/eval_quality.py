@@ -1,8 +1,8 @@
 """``a8w8-serve eval-quality``: what A8W8 and the INT8 KV cache cost in quality on a real model.
 
 Perplexity on a fixed committed text (``loaders/assets/eval/prose.txt``, self-written prose) and greedy
-agreement over 64 tokens for 20 fixed prompts, for three configurations: the float path, A8W8 with a
-BF16 KV cache, and A8W8 with an INT8 KV cache. The model runs in-process (the worker's ModelRunner),
+agreement over 64 tokens for 20 fixed prompts, for the float path, A8W8 with a BF16 KV cache, A8W8 with
+an INT8 KV cache, and the latter with ``--quantize-lm-head``. The model runs in-process (the worker's ModelRunner),
 because perplexity needs logits at every position, which the serving protocol does not carry.
 """
 
@@ -34,7 +34,13 @@ PROMPTS = [
     "Write one sentence about autumn.", "What is a synonym for 'happy'?", "Who wrote Romeo and Juliet?",
     "List two benefits of walking.",
 ]
-CONFIGS = {"float": ("none", "fp32"), "a8w8_bf16kv": ("a8w8", "bf16"), "a8w8_int8kv": ("a8w8", "int8")}
+# name -> (quantization, KV dtype, quantize_lm_head)
+CONFIGS = {
+    "float": ("none", "fp32", False),
+    "a8w8_bf16kv": ("a8w8", "bf16", False),
+    "a8w8_int8kv": ("a8w8", "int8", False),
+    "a8w8_int8kv_int8head": ("a8w8", "int8", True),
+}
 BLOCK = 16
 
 
@@ -54,9 +60,10 @@ class QualityResult:
         return "\n".join(lines)
 
 
-def _runner(model_dir: str, quantization: str, kv: str, max_len: int) -> ModelRunner:
+def _runner(model_dir: str, quantization: str, kv: str, max_len: int, quantize_lm_head: bool = False) -> ModelRunner:
     return ModelRunner(WorkerConfig(model_dir=model_dir, quantization=quantization, kv_cache_dtype=kv,
-                                    kv_cache_memory_bytes=512 << 20, block_size=BLOCK, max_model_len=max_len))
+                                    quantize_lm_head=quantize_lm_head, kv_cache_memory_bytes=512 << 20,
+                                    block_size=BLOCK, max_model_len=max_len))
 
 
 def perplexity(runner: ModelRunner, ids: list[int]) -> float:
@@ -143,10 +150,10 @@ def evaluate(model_dir: str | Path, max_tokens: int | None = None, num_prompts: 
     max_len = max(len(ids), max(len(p) for p in prompts) + steps) + BLOCK
     ppl: dict[str, float] = {}
     outs: dict[str, list[list[int]]] = {}
-    for name, (quant, kv) in CONFIGS.items():
-        runner = _runner(model_dir, quant, kv, max_len)
+    for name, (quant, kv, int8_head) in CONFIGS.items():
+        runner = _runner(model_dir, quant, kv, max_len, int8_head)
         ppl[name] = perplexity(runner, ids)
-        outs[name] = greedy(_runner(model_dir, quant, kv, max_len), prompts, steps)
+        outs[name] = greedy(_runner(model_dir, quant, kv, max_len, int8_head), prompts, steps)
         del runner
     agreement = {}
     for name, seqs in outs.items():

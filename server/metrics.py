@@ -76,5 +76,9 @@ class ServerMetrics:
             self.queue.labels(m).observe(out.first_scheduled - out.arrival)
         self.success.labels(m, out.finish_reason or "abort").inc()
 
+    def observe_aborted(self) -> None:
+        """A request its client abandoned (disconnect or cancel)."""
+        self.success.labels(self.model_name, "abort").inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

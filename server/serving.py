@@ -128,7 +128,7 @@ async def wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def run_unless_disconnected(request: Request, coro) -> Any:
+async def run_unless_disconnected(request: Request, coro, metrics: ServerMetrics) -> Any:
     """Await ``coro``; if the client disconnects first, cancel it (which aborts its requests)."""
     task = asyncio.ensure_future(coro)
     listener = asyncio.ensure_future(wait_for_disconnect(request))
@@ -141,6 +141,7 @@ async def run_unless_disconnected(request: Request, coro) -> Any:
             await task
         except (asyncio.CancelledError, Exception):
             pass
+        metrics.observe_aborted()
         return Response(status_code=499)
     finally:
         listener.cancel()
@@ -302,6 +303,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                         prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens)))
             except (asyncio.CancelledError, GeneratorExit):
                 ctx.engine.abort(request_id)
+                ctx.metrics.observe_aborted()
                 raise
             except Exception as e:  # after the stream started, an error is one data event
                 err = to_api_error(e)
@@ -332,7 +334,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             "usage": usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens),
         })
 
-    return await run_unless_disconnected(request, collect())
+    return await run_unless_disconnected(request, collect(), ctx.metrics)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,6 +417,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, request
             except (asyncio.CancelledError, GeneratorExit):
                 for s in streams:
                     ctx.engine.abort(s.request_id)
+                ctx.metrics.observe_aborted()
                 raise
             except Exception as e:
                 err = to_api_error(e)
@@ -439,4 +442,4 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, request
         return JSONResponse(chunk(choices=result, usage=usage_dict(
             prompt_tokens, sum(c.completion_tokens for c in choices), cached())))
 
-    return await run_unless_disconnected(request, collect())
+    return await run_unless_disconnected(request, collect(), ctx.metrics)

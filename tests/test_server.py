@@ -265,6 +265,7 @@ def _wait_idle(base: str, timeout: float = 20.0) -> None:
 def test_disconnecting_streams_free_their_blocks(server):
     _wait_idle(server.base)
     usage0 = metric(server.base, "vllm:kv_cache_usage_perc")
+    aborted0 = metric(server.base, "vllm:request_success_total", 'finished_reason="abort"', default=0.0)
 
     async def leaver(http: httpx.AsyncClient, i: int):
         body = {"model": MODEL, "prompt": f"Leaver {i}", "max_tokens": 1500, "stream": True, "ignore_eos": True}
@@ -283,6 +284,7 @@ def test_disconnecting_streams_free_their_blocks(server):
     asyncio.run(main())
     _wait_idle(server.base)
     assert metric(server.base, "vllm:kv_cache_usage_perc") == usage0
+    assert metric(server.base, "vllm:request_success_total", 'finished_reason="abort"') == aborted0 + 20
 
 
 def test_non_streaming_client_cancel_aborts(server):
@@ -294,6 +296,7 @@ def test_non_streaming_client_cancel_aborts(server):
     _wait_idle(server.base, timeout=10)
     generated = metric(server.base, "vllm:generation_tokens_total") - gen0
     assert 0 < generated < 1900  # it started, and stopped when the client left
+    assert metric(server.base, "vllm:request_success_total", 'finished_reason="abort"') >= 1
 
 
 # ------------------------------------------------------------------------------------------------

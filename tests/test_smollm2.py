@@ -132,7 +132,7 @@ def test_eval_quality_command_runs(smol_float, tmp_path):
     from server.eval_quality import evaluate
 
     res = evaluate(smol_float, max_tokens=256, num_prompts=2, steps=8)
-    assert set(res.perplexity) == {"float", "a8w8_bf16kv", "a8w8_int8kv"}
+    assert set(res.perplexity) == {"float", "a8w8_bf16kv", "a8w8_int8kv", "a8w8_int8kv_int8head"}
     assert 1 < res.perplexity["float"] < 200  # a real model on English prose
     assert res.greedy_agreement["float"] == 1.0
     # quantization costs something, but not everything
