@@ -134,9 +134,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from loaders.writer import quantize_checkpoint
+    if args.smooth_quant is not None:
+        from server.smooth_quant import smooth_and_quantize
 
-    quantize_checkpoint(args.src, args.dst, args.max_shard_size)
+        smooth_and_quantize(args.src, args.dst, args.smooth_quant, args.max_shard_size)
+    else:
+        from loaders.writer import quantize_checkpoint
+
+        quantize_checkpoint(args.src, args.dst, args.max_shard_size)
     print(f"wrote compressed-tensors W8A8 checkpoint to {args.dst}")
 
 
@@ -202,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("src")
     q.add_argument("dst")
     q.add_argument("--max-shard-size", type=parse_size, default="5GiB")
+    q.add_argument("--smooth-quant", type=float, nargs="?", const=0.7, default=None, metavar="ALPHA",
+                   help="fold SmoothQuant activation smoothing (calibrated on a built-in text) into the weights "
+                        "before quantizing; ALPHA is the migration strength (default 0.7)")
     q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("default-model", help="create (if needed) and print the built-in default model's path")

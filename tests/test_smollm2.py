@@ -132,8 +132,28 @@ def test_eval_quality_command_runs(smol_float, tmp_path):
     from server.eval_quality import evaluate
 
     res = evaluate(smol_float, max_tokens=256, num_prompts=2, steps=8)
-    assert set(res.perplexity) == {"float", "a8w8_bf16kv", "a8w8_int8kv", "a8w8_int8kv_int8head"}
+    assert set(res.perplexity) == {"float", "a8w8_bf16kv", "a8w8_int8kv", "smoothquant_a8w8_bf16kv",
+                                   "smoothquant_a8w8_int8kv", "smoothquant_a8w8_int8kv_int8head"}
     assert 1 < res.perplexity["float"] < 200  # a real model on English prose
     assert res.greedy_agreement["float"] == 1.0
     # quantization costs something, but not everything
     assert res.perplexity["float"] * 0.95 < res.perplexity["a8w8_int8kv"] < res.perplexity["float"] * 1.3
+
+
+def test_smoothquant_keeps_the_float_function_and_helps_a8w8(smol_float, tmp_path):
+    from engine.tokenizer import load_tokenizer
+    from loaders.assets import eval_text_path
+    from server.eval_quality import _runner, perplexity
+    from server.smooth_quant import smooth_checkpoint
+
+    smoothed = smooth_checkpoint(smol_float, tmp_path / "smoothed")
+    ids = load_tokenizer(smol_float).encode(eval_text_path().read_text())[:512]
+    n = len(ids) + 16
+    plain_float = perplexity(_runner(str(smol_float), "none", "fp32", n), ids)
+    smooth_float = perplexity(_runner(str(smoothed), "none", "fp32", n), ids)
+    plain_a8w8 = perplexity(_runner(str(smol_float), "a8w8", "int8", n), ids)
+    smooth_a8w8 = perplexity(_runner(str(smoothed), "a8w8", "int8", n), ids)
+    print(f"ppl over 512 tokens: float {plain_float:.3f} / smoothed {smooth_float:.3f}; "
+          f"A8W8+INT8 KV {plain_a8w8:.3f} / smoothed {smooth_a8w8:.3f}")
+    assert abs(smooth_float / plain_float - 1) < 1e-3  # the same function in float
+    assert smooth_a8w8 < plain_a8w8  # less quantization loss

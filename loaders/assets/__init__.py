@@ -11,3 +11,9 @@ def qwen3_tokenizer_dir() -> Path:
 def eval_text_path() -> Path:
     """Self-written English prose (about 2,000 tokens) used for perplexity measurements."""
     return Path(__file__).parent / "eval" / "prose.txt"
+
+
+def calibration_text_path() -> Path:
+    """Self-written mixed text (prose, a letter, code, Q&A) used to calibrate activation smoothing.
+    Disjoint from :func:`eval_text_path`, so calibration never sees the evaluation text."""
+    return Path(__file__).parent / "eval" / "calibration.txt"
