@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from npu.messages import SamplingOptions
 
@@ -69,9 +69,6 @@ class SamplingParams:
         for token_id, bias in self.logit_bias.items():
             if not -100.0 <= bias <= 100.0:
                 raise bad("logit_bias", f"values must be between -100 and 100, got {bias} for token {token_id}")
-
-    def with_defaults(self, **defaults: float | int) -> "SamplingParams":
-        return replace(self, **defaults)
 
     def worker_options(self, eos_token_ids: tuple[int, ...], seed: int | None) -> SamplingOptions:
         """What the worker needs to sample; ``seed`` is this sequence's (n > 1 gives each its own)."""

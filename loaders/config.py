@@ -142,15 +142,6 @@ class GenerationDefaults:
     repetition_penalty: float | None = None
     eos_token_ids: tuple[int, ...] = ()
 
-    def sampling_overrides(self) -> dict[str, float | int]:
-        """The fields that are set, as keyword arguments for sampling parameters."""
-        out: dict[str, float | int] = {}
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        return out
-
 
 def load_generation_defaults(model_dir: str | Path) -> GenerationDefaults:
     """Read ``generation_config.json`` if present; an absent file means no defaults."""
