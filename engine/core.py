@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,21 +71,13 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self.last_step_tokens = 0
-        self.last_step_seconds = 0.0
         self.last_step_compute_seconds = 0.0
 
     def wait_ready(self) -> None:
         """Block until the worker has loaded the model, then size the block manager from its report."""
         self.ready = self.worker.wait_ready()
         max_len = min(self.ready.max_model_len, self.config.scheduler.max_model_len or self.ready.max_model_len)
-        sched_cfg = SchedulerConfig(
-            max_num_seqs=self.config.scheduler.max_num_seqs,
-            max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
-            long_prefill_token_threshold=self.config.scheduler.long_prefill_token_threshold,
-            max_model_len=max_len,
-            enable_prefix_caching=self.config.scheduler.enable_prefix_caching,
-        )
+        sched_cfg = dataclasses.replace(self.config.scheduler, max_model_len=max_len)
         bm = BlockManager(self.ready.num_blocks, self.ready.block_size, sched_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, bm)
 
@@ -141,7 +133,6 @@ class EngineCore:
     def step(self) -> list[SequenceUpdate]:
         """One schedule -> run -> postprocess cycle."""
         assert self.scheduler is not None
-        t0 = time.perf_counter()
         step = self.scheduler.schedule()
         req = step.request
         if not req.chunks and not req.finished_seq_ids and not req.new_seqs:
@@ -149,9 +140,7 @@ class EngineCore:
         result = self.worker.step(req)
         updates = self.scheduler.update(step, result.tokens)
         self.generation_tokens_total += len(result.tokens)
-        self.last_step_tokens = step.num_tokens
         self.last_step_compute_seconds = result.compute_seconds
-        self.last_step_seconds = time.perf_counter() - t0
         return updates
 
     def shutdown(self) -> None:

@@ -16,6 +16,7 @@ from engine.tokenizer import TokenizerImpl
 from loaders.weights import Quantization
 from npu.kv_cache import KVCacheDtype
 from npu.messages import DEFAULT_KV_CACHE_BYTES, WorkerConfig
+from server.app import DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "A8W8_SERVE_API_KEY"
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name(s) clients use; the first one is reported (default: the model directory name)")
     h.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     h.add_argument("--cors-allow-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
-    h.add_argument("--max-request-body-bytes", type=parse_size, default="32MiB", help="larger bodies get HTTP 413")
+    h.add_argument("--max-request-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger bodies get HTTP 413")
     h.add_argument("--reasoning-parser", choices=["auto", "qwen3", "none"], default="auto",
                    help="split <think>...</think> into reasoning_content (auto: when the chat template uses <think>)")
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -159,8 +159,9 @@ def evaluate(model_dir: str | Path, max_tokens: int | None = None, num_prompts: 
         smoothed = str(smooth_checkpoint(model_dir, Path(tmp) / "smoothed"))
         for name, (quant, kv, int8_head, smooth) in CONFIGS.items():
             model = smoothed if smooth else model_dir
-            ppl[name] = perplexity(_runner(model, quant, kv, max_len, int8_head), ids)
-            outs[name] = greedy(_runner(model, quant, kv, max_len, int8_head), prompts, steps)
+            runner = _runner(model, quant, kv, max_len, int8_head)
+            ppl[name] = perplexity(runner, ids)
+            outs[name] = greedy(runner, prompts, steps)  # overwrites the cache perplexity used; it is done
     agreement = {}
     for name, seqs in outs.items():
         same = sum(a == b for x, y in zip(seqs, outs["float"]) for a, b in zip(x, y))
