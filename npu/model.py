@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from loaders.weights import ModelWeights
-from npu.backends.base import Backend
+from npu.backends.base import Backend, RMSNorm
 from npu.kv_cache import PagedKVCache
 
 
@@ -38,17 +38,22 @@ class DecodeGroup:
     rows: torch.Tensor  # [S] rows of the flattened batch
     slots: torch.Tensor  # [S, L] context slots, padded
     lengths: torch.Tensor  # [S] int32 context lengths
-    mask: torch.Tensor  # [S, 1, 1, L] True where a key is real
+    covers_all_rows: bool  # rows are exactly 0..S-1 of an S-row step (a pure decode step)
 
     @staticmethod
-    def build(spans: list[SeqSpan]) -> "DecodeGroup":
+    def build(spans: list[SeqSpan], total_rows: int) -> "DecodeGroup":
         longest = max(sp.context_slots.numel() for sp in spans)
         slots = torch.zeros(len(spans), longest, dtype=torch.long)
         lengths = torch.tensor([sp.context_slots.numel() for sp in spans], dtype=torch.int32)
         for i, sp in enumerate(spans):
             slots[i, : sp.context_slots.numel()] = sp.context_slots
-        mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
-        return DecodeGroup(torch.tensor([sp.q_start for sp in spans]), slots, lengths, mask)
+        starts = [sp.q_start for sp in spans]
+        covers = total_rows == len(spans) and starts == list(range(len(spans)))
+        return DecodeGroup(torch.tensor(starts), slots, lengths, covers)
+
+    def mask(self) -> torch.Tensor:
+        """[S, 1, 1, L] True where a key is real (for the generic SDPA path)."""
+        return (torch.arange(self.slots.shape[1])[None, :] < self.lengths[:, None])[:, None, None, :]
 
 
 @dataclass
@@ -64,15 +69,8 @@ class ForwardBatch:
         """Attend decode tokens of at least ``min_group`` sequences together instead of one by one."""
         decodes = [sp for sp in self.seqs if sp.q_len == 1]
         if len(decodes) >= min_group:
-            self.decode = DecodeGroup.build(decodes)
+            self.decode = DecodeGroup.build(decodes, self.token_ids.numel())
             self.seqs = [sp for sp in self.seqs if sp.q_len != 1]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Qwen3RMSNorm: normalize in fp32, cast back, scale."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
 
 
 class _Layer:
@@ -86,17 +84,17 @@ class _Layer:
         self.o = backend.prepare_linear(lin["self_attn.o_proj"])
         self.gate_up = backend.prepare_linear(concat([lin["mlp.gate_proj"], lin["mlp.up_proj"]]))
         self.down = backend.prepare_linear(lin["mlp.down_proj"])
-        norms = {k: v.to(dtype) for k, v in weights.norms.items()}
-        self.input_norm = norms["input_layernorm"]
-        self.post_norm = norms["post_attention_layernorm"]
+        norms = {k: v.to(dtype).contiguous() for k, v in weights.norms.items()}
+        self.input_norm = RMSNorm(norms["input_layernorm"], cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(norms["post_attention_layernorm"], cfg.rms_norm_eps)
         # Optional part of the attention block: Qwen3 has per-head q/k RMSNorm, Llama does not.
         # q and k heads are adjacent in the fused qkv output, so one norm call covers both with a
         # [heads, head_dim] weight (q_norm repeated over q heads, then k_norm over kv heads).
         self.qk_norm = None
         if "self_attn.q_norm" in norms:
             q_heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
-            self.qk_norm = torch.cat([norms["self_attn.q_norm"].expand(q_heads, -1),
-                                      norms["self_attn.k_norm"].expand(kv_heads, -1)])
+            self.qk_norm = RMSNorm(torch.cat([norms["self_attn.q_norm"].expand(q_heads, -1),
+                                              norms["self_attn.k_norm"].expand(kv_heads, -1)]), cfg.rms_norm_eps)
 
 
 class DecoderModel:
@@ -108,14 +106,14 @@ class DecoderModel:
         self.dtype = backend.activation_dtype
         self.embed = weights.embed_tokens
         self.layers = [_Layer(lw, cfg, backend, self.dtype) for lw in weights.layers]
-        self.final_norm = weights.final_norm.to(self.dtype)
+        self.final_norm = RMSNorm(weights.final_norm.to(self.dtype).contiguous(), cfg.rms_norm_eps)
         self.lm_head = backend.prepare_linear(weights.lm_head)
         self.scale = cfg.head_dim**-0.5
         self.group = cfg.num_heads // cfg.num_kv_heads
         # RoPE table, computed exactly as transformers does (fp32 inv_freq, fp32 position products).
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-        # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin]: one roll instead of slice/neg/cat
+        # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin] (see TorchOps.qk_norm_rope)
         self.cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(self.dtype)
         self.sin_signed = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype)
 
@@ -140,7 +138,7 @@ class DecoderModel:
         """One padded, masked SDPA call for all single-token sequences of the step."""
         cfg = self.cfg
         n, longest = group.slots.shape
-        qd = q[group.rows]  # [S, Hq, D]
+        qd = q  # [S, Hq, D]: this group's query rows
         fused = self.backend.decode_attention(qd, cache, layer, group.slots, group.lengths, self.scale)
         if fused is not None:
             return fused.reshape(n, cfg.num_heads * cfg.head_dim)
@@ -148,7 +146,7 @@ class DecoderModel:
         k = kv.k.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [S, Hkv, L, D]
         v = kv.v.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         qh = qd[:, :, None, :]  # [S, Hq, 1, D]
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=group.mask, scale=self.scale,
+        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=group.mask(), scale=self.scale,
                                              enable_gqa=self.group > 1)
         return out.reshape(n, cfg.num_heads * cfg.head_dim)
 
@@ -161,35 +159,42 @@ class DecoderModel:
         """
         cfg = self.cfg
         T = batch.token_ids.numel()
+        ops = self.backend
         x = self.embed[batch.token_ids].to(self.dtype)
-        cos = self.cos[batch.positions][:, None, :]
-        sin = self.sin_signed[batch.positions][:, None, :]
-        half = cfg.head_dim // 2
         q_size, kv_size = cfg.q_size, cfg.kv_size
         qk_heads = cfg.num_heads + cfg.num_kv_heads
+        # One buffer for each layer's q/k/v and gate/up outputs, which die within the layer: allocated
+        # once per step, as fresh multi-MB allocations page-fault on every use.
+        qkv_buf = torch.empty(T, self.layers[0].qkv.out_features, dtype=self.dtype)
+        gate_up_buf = torch.empty(T, self.layers[0].gate_up.out_features, dtype=self.dtype)
         for li, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
-            qkv = layer.qkv(h)
+            qkv = layer.qkv(x, norm=layer.input_norm, out=qkv_buf)
             qk = qkv[:, : q_size + kv_size].view(T, qk_heads, cfg.head_dim)
             v = qkv[:, q_size + kv_size :].view(T, cfg.num_kv_heads, cfg.head_dim)
-            if layer.qk_norm is not None:
-                qk = rms_norm(qk, layer.qk_norm, cfg.rms_norm_eps)
-            qk = qk * cos + qk.roll(half, dims=-1) * sin  # RoPE on q and k heads at once
+            # per-head q/k norm (Qwen3; absent in Llama) and RoPE on q and k heads at once
+            qk = ops.qk_norm_rope(qk, layer.qk_norm, self.cos, self.sin_signed, batch.positions)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-            cache.write(li, batch.slot_mapping, k, v)
-            attn = torch.empty(T, q_size, dtype=self.dtype)
-            for span in batch.seqs:
-                kv = cache.read(li, span.context_slots, self.dtype)
-                rows = slice(span.q_start, span.q_start + span.q_len)
-                attn[rows] = self._attention(q[rows], kv, span)
-            if batch.decode is not None:
-                attn[batch.decode.rows] = self._decode_attention(q, li, batch.decode, cache)
-            x = x + layer.o(attn)
-            h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            gu = layer.gate_up(h)
-            inter = cfg.intermediate_size
-            x = x + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+            ops.write_kv(cache, li, batch.slot_mapping, k, v)
+            attn = self._attend(q, li, batch, cache)
+            x = layer.o(attn, residual=x)
+            gu = layer.gate_up(x, norm=layer.post_norm, out=gate_up_buf)
+            x = layer.down(gu, gated=True, residual=x)
             if layer_outputs is not None:
                 layer_outputs.append(x)
-        h = rms_norm(x[batch.logits_rows], self.final_norm, cfg.rms_norm_eps)
-        return self.lm_head(h).float()
+        return self.lm_head(x[batch.logits_rows], norm=self.final_norm).float()
+
+    def _attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Attention output ``[T, Hq * D]`` of every query row of the step."""
+        cfg = self.cfg
+        T = q.shape[0]
+        group = batch.decode
+        if group is not None and not batch.seqs and group.covers_all_rows:
+            return self._decode_attention(q, layer, group, cache)  # a pure decode step: no gather/scatter
+        attn = torch.empty(T, cfg.q_size, dtype=self.dtype)
+        for span in batch.seqs:
+            kv = cache.read(layer, span.context_slots, self.dtype)
+            rows = slice(span.q_start, span.q_start + span.q_len)
+            attn[rows] = self._attention(q[rows], kv, span)
+        if group is not None:
+            attn[group.rows] = self._decode_attention(q[group.rows], layer, group, cache)
+        return attn

@@ -56,7 +56,7 @@ class ModelRunner:
             )
         self.cache = PagedKVCache(config.kv_cache_dtype, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                   num_blocks, config.block_size)
-        self.sampler = Sampler(config.sampleable_vocab_size or cfg.vocab_size, config.seed)
+        self.sampler = Sampler(config.sampleable_vocab_size or cfg.vocab_size, config.seed, self.backend.argmax_rows)
         self.seqs: dict[int, WorkerSequence] = {}
 
     def ready_message(self) -> Ready:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,10 +31,20 @@ class SequenceSamplingState:
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
 
 
+def _is_plain_greedy(o: SamplingOptions, st: SequenceSamplingState) -> bool:
+    """Greedy with nothing that changes the logits first and no logprobs: one batched argmax serves it."""
+    return (o.temperature < GREEDY_TEMPERATURE and o.repetition_penalty == 1.0 and not o.presence_penalty
+            and not o.frequency_penalty and not o.logit_bias and o.logprobs is None
+            and not (len(st.output_token_ids) < o.min_tokens and o.min_tokens_suppress_ids))
+
+
 class Sampler:
-    def __init__(self, sampleable_vocab_size: int, seed: int = 0):
+    def __init__(self, sampleable_vocab_size: int, seed: int = 0,
+                 argmax_rows: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``argmax_rows`` (the backend's) returns each row's first maximum; default ``torch.argmax``."""
         self.sampleable_vocab_size = sampleable_vocab_size
         self._unseeded = torch.Generator().manual_seed(seed)
+        self._argmax_rows = argmax_rows or (lambda logits: logits.argmax(-1))
 
     def _apply_penalties(self, row: torch.Tensor, st: SequenceSamplingState) -> None:
         o = st.options
@@ -84,11 +95,19 @@ class Sampler:
         logits[:, self.sampleable_vocab_size :] = float("-inf")  # padding rows are never sampled
         want_logprobs = any(st.options.logprobs is not None for st in states)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        plain = [i for i, st in enumerate(states) if _is_plain_greedy(st.options, st)]
+        greedy: dict[int, int] = {}
+        if plain:
+            rows = logits if len(plain) == len(states) else logits[plain].contiguous()
+            greedy = dict(zip(plain, self._argmax_rows(rows).tolist()))
         out: list[SampledToken] = []
         for i, (seq_id, st) in enumerate(zip(seq_ids, states)):
-            row = logits[i].clone()
-            self._apply_penalties(row, st)
-            token = self._draw(row, st)
+            if i in greedy:
+                token = greedy[i]
+            else:
+                row = logits[i].clone()
+                self._apply_penalties(row, st)
+                token = self._draw(row, st)
             lp, top = None, None
             if logprobs is not None and st.options.logprobs is not None:
                 lp = float(logprobs[i, token])

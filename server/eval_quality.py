@@ -22,6 +22,7 @@ from loaders.assets import eval_text_path
 from loaders.quantization import Int8Linear, quantize_activations
 from loaders.weights import load_model_weights
 from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
+from npu.backends.base import UnfusedLinear
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 from server.smooth_quant import smooth_checkpoint
@@ -100,25 +101,25 @@ def greedy(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[li
     return out
 
 
-class _WeightOnlyInt8:
+class _WeightOnlyInt8(UnfusedLinear):
     """Diagnosis only: INT8-rounded weights with float activations (isolates weight quantization error)."""
 
     def __init__(self, lin: Int8Linear):
         self.weight = lin.dequantized()
         self.out_features = self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.t()
 
 
-class _ActivationOnlyInt8:
+class _ActivationOnlyInt8(UnfusedLinear):
     """Diagnosis only: per-token INT8-rounded activations with the float weights."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.float()
         self.out_features = self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
         q, s = quantize_activations(x)
         return (q.float() * s[:, None]) @ self.weight.t()
 

@@ -22,6 +22,7 @@ from loaders.checkpoint import CheckpointReader
 from loaders.config import load_model_config, read_json
 from loaders.writer import DEFAULT_MAX_SHARD_BYTES, copy_side_files, quantize_checkpoint, save_tensors
 from npu.messages import WorkerConfig
+from npu.backends.base import UnfusedLinear
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 
@@ -33,16 +34,18 @@ CALIBRATION_CHUNK = 512  # tokens per calibration forward
 
 
 class _Recorder:
-    """Wraps a linear op and keeps the running per-input-channel max of |x|."""
+    """Hooks a float linear op's GEMM (its input after any norm / gate prologue) and keeps the running
+    per-input-channel max of |x|."""
 
-    def __init__(self, op):
-        self.op, self.out_features = op, op.out_features
+    def __init__(self, op: UnfusedLinear):
+        self.gemm = op.gemm
         self.absmax: torch.Tensor | None = None
+        op.gemm = self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.abs().amax(0).float()
         self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
-        return self.op(x)
+        return self.gemm(x)
 
 
 def activation_ranges(model_dir: Path) -> list[dict[str, torch.Tensor]]:
@@ -52,10 +55,7 @@ def activation_ranges(model_dir: Path) -> list[dict[str, torch.Tensor]]:
                                       kv_cache_memory_bytes=256 << 20, max_model_len=max(CALIBRATION_CHUNK, 64) + 16))
     recorders = []
     for layer in runner.model.layers:
-        rec = {name: _Recorder(getattr(layer, name)) for name in ("qkv", "gate_up", "down")}
-        for name, r in rec.items():
-            setattr(layer, name, r)
-        recorders.append(rec)
+        recorders.append({name: _Recorder(getattr(layer, name)) for name in ("qkv", "gate_up", "down")})
     for start in range(0, len(ids), CALIBRATION_CHUNK):
         chunk = ids[start:start + CALIBRATION_CHUNK]
         n = len(chunk)

@@ -1,24 +1,81 @@
-"""The kernel interface every backend implements."""
+"""The kernel interface every backend implements, and its plain-PyTorch reference implementation.
+
+A layer asks its backend for a handful of operations: linears with an optional RMSNorm or SiLU-gate
+prologue and a residual-add epilogue, q/k norm + RoPE, writing K/V into the paged cache and single-token
+attention. :class:`TorchOps` implements each of them with eager PyTorch ops; a backend subclasses it and
+replaces what it has faster kernels for, so every model runs on every backend and a fused kernel can be
+tested against the eager op it replaces.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from loaders.quantization import LinearWeight
 
 
+@dataclass(frozen=True)
+class RMSNorm:
+    """An RMSNorm applied in front of a linear: ``weight * (x / sqrt(mean(x^2) + eps))``."""
+
+    weight: torch.Tensor
+    eps: float
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen3RMSNorm: normalize in fp32, cast back, scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: ``silu(x[:, :I]) * x[:, I:]`` for ``x`` = [gate | up]."""
+    inter = x.shape[-1] // 2
+    return F.silu(x[..., :inter]) * x[..., inter:]
+
+
 class LinearOp(Protocol):
-    """A prepared linear layer: ``[M, K]`` activations (backend dtype) -> ``[M, N]`` activations."""
+    """A prepared linear layer: ``[M, K]`` activations (backend dtype) -> ``[M, N]`` activations.
+
+    ``norm`` applies an RMSNorm to the input first, ``gated`` takes an ``[M, 2K]`` input and applies
+    :func:`silu_and_mul` first, ``residual`` (``[M, N]``) is added to the output. ``out``, when given, is
+    an ``[M, N]`` fp32 buffer the result is written to (the caller reuses it: large fresh allocations
+    page-fault on every use).
+    """
 
     out_features: int
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class UnfusedLinear:
+    """A :class:`LinearOp` from a plain GEMM: prologue and epilogue run as separate PyTorch ops."""
+
+    out_features: int
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        if norm is not None:
+            x = rms_norm(x, norm.weight, norm.eps)
+        if gated:
+            x = silu_and_mul(x)
+        y = self.gemm(x)
+        if residual is not None:
+            y = residual + y
+        return y if out is None else out.copy_(y)
 
 
 class Backend(Protocol):
-    """What the model forward asks of a device: where tensors live and how linears run."""
+    """What the model forward asks of a device."""
 
     name: str
     device: torch.device
@@ -29,9 +86,44 @@ class Backend(Protocol):
         """Move/prepack one linear weight (INT8 or float) and return the op that applies it."""
         ...
 
+    def qk_norm_rope(self, qk: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin_signed: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm (optional) then RoPE of ``qk`` ``[T, H, D]``; may work in place."""
+        ...
+
+    def write_kv(self, cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``/``v`` ``[T, Hkv, D]`` at ``slots`` of layer ``layer`` of the paged cache."""
+        ...
+
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """Index of the first maximum of each row of ``logits`` ``[S, V]`` (greedy sampling)."""
+        ...
+
     def decode_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
                          scale: float) -> torch.Tensor | None:
         """Optional fused kernel: attention of one query token per sequence (``q`` ``[S, Hq, D]``) over the
         padded slot lists ``slots`` ``[S, L]`` (``lengths`` ``[S]`` int32) of layer ``layer``. Return None
         to let the model use its generic path."""
         ...
+
+
+class TorchOps:
+    """Eager-PyTorch implementations of the :class:`Backend` operations (the reference)."""
+
+    def qk_norm_rope(self, qk: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin_signed: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+        if norm is not None:
+            qk = rms_norm(qk, norm.weight, norm.eps)
+        c, s = cos[positions][:, None, :], sin_signed[positions][:, None, :]
+        # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin]: one roll instead of slice/neg/cat
+        return qk * c + qk.roll(qk.shape[-1] // 2, dims=-1) * s
+
+    def write_kv(self, cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        cache.write(layer, slots, k, v)
+
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
+    def decode_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
+                         scale: float) -> torch.Tensor | None:
+        return None

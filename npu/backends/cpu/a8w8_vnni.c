@@ -1,24 +1,37 @@
-// A8W8 GEMM for small M (decode) with AVX-512 VNNI, built by npu/backends/cpu/vnni.py with gcc.
+// A8W8 GEMM with AVX-512 VNNI and its fused prologue / epilogue, built by npu/backends/cpu/vnni.py with gcc.
 //
-// out[m, n] = (sum_k q_x[m, k] * q_w[n, k]) * s_x[m] * s_w[n], INT32 accumulation, fp32 out.
-// Activations are quantized here, per token, exactly as loaders.quantization.quantize_activations:
-//   s = absmax / 127; q = clamp(round_half_even(x / max(s, 1e-30)), -127, 127).
-// vpdpbusd multiplies unsigned by signed bytes, so q_x is stored as q_x + 128 and the product is
+// out[m, n] = residual[m, n] + (sum_k q_a[m, k] * q_w[n, k]) * s_a[m] * s_w[n], INT32 accumulation, fp32 out.
+// a = prologue(x) is what the layer feeds the linear:
+//   PROLOGUE_NONE     a = x
+//   PROLOGUE_RMSNORM  a = w * (x * 1/sqrt(mean(x^2) + eps))          (transformers' RMSNorm in fp32)
+//   PROLOGUE_SILU_MUL a = silu(x[:, :K]) * x[:, K:]                    (x has 2K columns: gate | up)
+// and is quantized here, per token, exactly as loaders.quantization.quantize_activations:
+//   s = absmax / 127; q = clamp(round_half_even(a / max(s, 1e-30)), -127, 127).
+// vpdpbusd multiplies unsigned by signed bytes, so q_a is stored as q_a + 128 and the product is
 // corrected with 128 * sum_k q_w[n, k] (precomputed per output channel): exact in INT32.
 // Weights are packed as [N/16][K/4][16][4]: one 64-byte load gives 4 consecutive k of 16 channels,
 // so a broadcast of 4 activation bytes and one vpdpbusd advance 16 accumulators, with no horizontal sums.
+// The micro-kernel keeps an MR x NR tile of such accumulators in registers (MR rows x NR column blocks),
+// so each weight load feeds MR multiply-adds and each activation broadcast feeds NR.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "row_prologue.h"
 
 #define NB 16          // output channels per block (one zmm of int32)
 #define KG 4           // k values per vpdpbusd lane
-#define MAX_MC 8       // activation rows sharing one weight load
+#define NR 4           // column blocks per register tile
+#define MR 4           // activation rows per register tile: 16 accumulators (6 x 4 = 24 spilled with gcc, measured)
 #define MIN_DIVISOR 1e-30f
+#define QMAX 127.0f
+// Rows are quantized in parallel from this many on; below it the thread start costs more than it saves.
+#define PARALLEL_QUANTIZE_MIN_ROWS 4
 
 int a8w8_packed_k(int K) { return (K + KG - 1) / KG * KG; }
-int a8w8_packed_n(int N) { return (N + NB - 1) / NB * NB; }
+int a8w8_packed_n(int N) { return (N + NB * NR - 1) / (NB * NR) * (NB * NR); }
 
 // w: [N, K] int8 row-major -> wp: [Np/16][Kp/4][16][4], wsum: [Np]
 void a8w8_pack(const int8_t *w, int N, int K, int8_t *wp, int32_t *wsum) {
@@ -38,107 +51,103 @@ void a8w8_pack(const int8_t *w, int N, int K, int8_t *wp, int32_t *wsum) {
     }
 }
 
-// x: [M, K] fp32 -> xq: [M, Kp] uint8 (q + 128), sx: [M]
-static void quantize_rows(const float *x, int M, int K, int Kp, uint8_t *xq, float *sx) {
-    for (int m = 0; m < M; m++) {
-        const float *row = x + (size_t)m * K;
-        __m512 vmax = _mm512_setzero_ps();
-        int k = 0;
-        for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
-        float absmax = _mm512_reduce_max_ps(vmax);
-        for (; k < K; k++) absmax = fmaxf(absmax, fabsf(row[k]));
-        float s = absmax / 127.0f;
-        sx[m] = s;
-        float div = s > MIN_DIVISOR ? s : MIN_DIVISOR;
-        __m512 vdiv = _mm512_set1_ps(div), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-        uint8_t *out = xq + (size_t)m * Kp;
-        for (k = 0; k + 16 <= K; k += 16) {
-            __m512 q = _mm512_div_ps(_mm512_loadu_ps(row + k), vdiv);
-            q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
-            __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
-            _mm_storeu_si128((__m128i *)(out + k), _mm512_cvtepi32_epi8(qi));
-        }
-        for (; k < K; k++) {
-            float q = nearbyintf(row[k] / div);
-            q = fminf(fmaxf(q, -127.0f), 127.0f);
-            out[k] = (uint8_t)((int)q + 128);
-        }
-        for (; k < Kp; k++) out[k] = 128;  // q = 0 (the packed weight is 0 there anyway)
+// a[0:K] fp32 -> out[0:Kp] uint8 (q + 128); returns the scale.
+static float quantize_row(const float *a, int K, int Kp, uint8_t *out) {
+    __m512 vmax = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(a + k)));
+    float absmax = _mm512_reduce_max_ps(vmax);
+    for (; k < K; k++) absmax = fmaxf(absmax, fabsf(a[k]));
+    const float s = absmax / QMAX, div = s > MIN_DIVISOR ? s : MIN_DIVISOR;
+    const __m512 vdiv = _mm512_set1_ps(div), lo = _mm512_set1_ps(-QMAX), hi = _mm512_set1_ps(QMAX);
+    for (k = 0; k + 16 <= K; k += 16) {
+        __m512 q = _mm512_div_ps(_mm512_loadu_ps(a + k), vdiv);
+        q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
+        _mm_storeu_si128((__m128i *)(out + k), _mm512_cvtepi32_epi8(qi));
+    }
+    for (; k < K; k++) {
+        float q = nearbyintf(a[k] / div);
+        q = fminf(fmaxf(q, -QMAX), QMAX);
+        out[k] = (uint8_t)((int)q + 128);
+    }
+    for (; k < Kp; k++) out[k] = 128;  // q = 0 (the packed weight is 0 there anyway)
+    return s;
+}
+
+static void quantize_rows(const float *x, int M, int K, int Kp, int prologue, const float *norm_w, float eps,
+                          uint8_t *xq, float *sx) {
+#pragma omp parallel if (M >= PARALLEL_QUANTIZE_MIN_ROWS)
+    {
+        float *buf = prologue == PROLOGUE_NONE ? NULL : (float *)aligned_alloc(64, ((size_t)K * 4 + 63) / 64 * 64);
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++)
+            sx[m] = quantize_row(prologue_row(x, m, K, prologue, norm_w, eps, buf), K, Kp, xq + (size_t)m * Kp);
+        free(buf);
     }
 }
 
-static inline __attribute__((always_inline)) void block_mc(
-    const uint8_t *xq, int Kp, const int8_t *wblock, int m0, int MC, __m512i *acc) {
-    for (int r = 0; r < MC; r++) acc[r] = _mm512_setzero_si512();
+// One MR_ x NR_ register tile: rows m0.. of xq against NR_ consecutive packed column blocks starting at w0.
+// MR_ and NR_ are compile-time constants at every call site, so the accumulators stay in registers.
+static inline __attribute__((always_inline)) void tile(const uint8_t *xq, int Kp, const int8_t *w0, int MR_, int NR_,
+                                                       __m512i acc[MR][NR]) {
+    const size_t bstride = (size_t)Kp * NB;
+    for (int r = 0; r < MR_; r++)
+        for (int j = 0; j < NR_; j++) acc[r][j] = _mm512_setzero_si512();
     const int ngroups = Kp / KG;
     for (int g = 0; g < ngroups; g++) {
-        __m512i wv = _mm512_loadu_si512((const void *)(wblock + (size_t)g * NB * KG));
-        for (int r = 0; r < MC; r++) {
+        __m512i wv[NR];
+        for (int j = 0; j < NR_; j++) wv[j] = _mm512_loadu_si512((const void *)(w0 + j * bstride + (size_t)g * NB * KG));
+        for (int r = 0; r < MR_; r++) {
             int32_t xb;
-            memcpy(&xb, xq + (size_t)(m0 + r) * Kp + (size_t)g * KG, 4);
-            acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(xb), wv);
+            memcpy(&xb, xq + (size_t)r * Kp + (size_t)g * KG, 4);
+            const __m512i b = _mm512_set1_epi32(xb);
+            for (int j = 0; j < NR_; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], b, wv[j]);
         }
     }
 }
 
-static inline __attribute__((always_inline)) void block_m1(const uint8_t *xq, int Kp, const int8_t *wblock,
-                                                           __m512i *acc) {
-    // four independent accumulators hide vpdpbusd latency when only one row shares the weights
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    const int ngroups = Kp / KG;
-    int g = 0;
-    for (; g + 4 <= ngroups; g += 4) {
-        const int8_t *wb = wblock + (size_t)g * NB * KG;
-        int32_t x0, x1, x2, x3;
-        memcpy(&x0, xq + (size_t)g * KG, 4);
-        memcpy(&x1, xq + (size_t)(g + 1) * KG, 4);
-        memcpy(&x2, xq + (size_t)(g + 2) * KG, 4);
-        memcpy(&x3, xq + (size_t)(g + 3) * KG, 4);
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(x0), _mm512_loadu_si512((const void *)wb));
-        a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(x1), _mm512_loadu_si512((const void *)(wb + 64)));
-        a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(x2), _mm512_loadu_si512((const void *)(wb + 128)));
-        a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(x3), _mm512_loadu_si512((const void *)(wb + 192)));
-    }
-    for (; g < ngroups; g++) {
-        int32_t xb;
-        memcpy(&xb, xq + (size_t)g * KG, 4);
-        a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(xb), _mm512_loadu_si512((const void *)(wblock + (size_t)g * NB * KG)));
-    }
-    acc[0] = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
-}
-
-// x [M, K] fp32; wp/wsum/sw packed by a8w8_pack (sw padded to Np); out [M, N] fp32.
+// x [M, K] fp32 ([M, 2K] for PROLOGUE_SILU_MUL); wp/wsum/sw packed by a8w8_pack (sw padded to Np);
+// residual [M, N] fp32 or NULL; out [M, N] fp32 (may alias residual).
 // xq [M, Kp] uint8 and sx [M] fp32 are caller-provided scratch.
-void a8w8_gemm(const float *x, int M, int K, const int8_t *wp, const int32_t *wsum, const float *sw, int N,
-               float *out, uint8_t *xq, float *sx) {
-    const int Kp = a8w8_packed_k(K), nblocks = a8w8_packed_n(N) / NB;
-    quantize_rows(x, M, K, Kp, xq, sx);
+void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const int8_t *wp,
+               const int32_t *wsum, const float *sw, int N, const float *residual, float *out, uint8_t *xq,
+               float *sx) {
+    const int Kp = a8w8_packed_k(K), ntiles = a8w8_packed_n(N) / (NB * NR);
+    quantize_rows(x, M, K, Kp, prologue, norm_w, eps, xq, sx);
 #pragma omp parallel for schedule(static)
-    for (int b = 0; b < nblocks; b++) {
-        const int8_t *wblock = wp + (size_t)b * Kp * NB;
-        const int n0 = b * NB;
-        const int ncols = N - n0 < NB ? N - n0 : NB;
-        const __mmask16 mask = (__mmask16)((1u << ncols) - 1u);
-        const __m512i comp = _mm512_mullo_epi32(_mm512_loadu_si512((const void *)(wsum + n0)), _mm512_set1_epi32(128));
-        const __m512 vsw = _mm512_loadu_ps(sw + n0);
-        for (int m0 = 0; m0 < M; m0 += MAX_MC) {
-            int MC = M - m0 < MAX_MC ? M - m0 : MAX_MC;
-            __m512i acc[MAX_MC];
-            switch (MC) {  // constant MC lets the compiler keep the accumulators in registers
-                case 1: block_m1(xq + (size_t)m0 * Kp, Kp, wblock, acc); break;
-                case 2: block_mc(xq, Kp, wblock, m0, 2, acc); break;
-                case 3: block_mc(xq, Kp, wblock, m0, 3, acc); break;
-                case 4: block_mc(xq, Kp, wblock, m0, 4, acc); break;
-                case 5: block_mc(xq, Kp, wblock, m0, 5, acc); break;
-                case 6: block_mc(xq, Kp, wblock, m0, 6, acc); break;
-                case 7: block_mc(xq, Kp, wblock, m0, 7, acc); break;
-                default: block_mc(xq, Kp, wblock, m0, 8, acc); break;
+    for (int t = 0; t < ntiles; t++) {
+        const int8_t *w0 = wp + (size_t)t * NR * Kp * NB;
+        const int n0 = t * NR * NB;
+        __m512i comp[NR];
+        __m512 vsw[NR];
+        for (int j = 0; j < NR; j++) {
+            comp[j] = _mm512_mullo_epi32(_mm512_loadu_si512((const void *)(wsum + n0 + j * NB)), _mm512_set1_epi32(128));
+            vsw[j] = _mm512_loadu_ps(sw + n0 + j * NB);
+        }
+        for (int m0 = 0; m0 < M; m0 += MR) {
+            const int mr = M - m0 < MR ? M - m0 : MR;
+            const uint8_t *xt = xq + (size_t)m0 * Kp;
+            __m512i acc[MR][NR];
+            switch (mr) {  // a constant row count lets the compiler keep the tile in registers
+                case 1: tile(xt, Kp, w0, 1, NR, acc); break;
+                case 2: tile(xt, Kp, w0, 2, NR, acc); break;
+                case 3: tile(xt, Kp, w0, 3, NR, acc); break;
+                default: tile(xt, Kp, w0, MR, NR, acc); break;
             }
-            for (int r = 0; r < MC; r++) {
-                __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], comp));
-                v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(sx[m0 + r])), vsw);
-                _mm512_mask_storeu_ps(out + (size_t)(m0 + r) * N + n0, mask, v);
+            for (int r = 0; r < mr; r++) {
+                const __m512 vsx = _mm512_set1_ps(sx[m0 + r]);
+                for (int j = 0; j < NR; j++) {
+                    const int n = n0 + j * NB;
+                    if (n >= N) break;
+                    const __mmask16 mask = N - n >= NB ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
+                    __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], comp[j]));
+                    v = _mm512_mul_ps(_mm512_mul_ps(v, vsx), vsw[j]);
+                    const size_t at = (size_t)(m0 + r) * N + n;
+                    if (residual) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, residual + at), v);
+                    _mm512_mask_storeu_ps(out + at, mask, v);
+                }
             }
         }
     }

@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from loaders.quantization import FloatLinear, Int8Linear, LinearWeight, quantize_activations
-from npu.backends.cpu.vnni import VnniLinear, load_vnni_library
+from npu.backends.base import RMSNorm, TorchOps, UnfusedLinear
+from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace, load_vnni_library
 from npu.kv_cache import Int8KV, PagedKVCache
 
 log = logging.getLogger("a8w8.kernels")
 
 
-class Int8GemmLinear:
+class Int8GemmLinear(UnfusedLinear):
     """A8W8 linear: per-token activation quantization, INT8 x INT8 -> INT32, fp32 epilogue."""
 
     def __init__(self, weight: Int8Linear):
@@ -38,14 +39,14 @@ class Int8GemmLinear:
         self.scale = weight.scale.float().contiguous()  # [N]
         self.out_features = self.qweight.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
         qx, sx = quantize_activations(x)
         acc = torch._int_mm(qx, self.qweight.t())
         # int32 * fp32 promotes to fp32 in one pass; then the per-channel scale in place
         return torch.mul(acc, sx[:, None]).mul_(self.scale)
 
 
-class FloatGemmLinear:
+class FloatGemmLinear(UnfusedLinear):
     """Float linear in the weight's own dtype (the reference path and float lm_head)."""
 
     def __init__(self, weight: FloatLinear, activation_dtype: torch.dtype):
@@ -53,14 +54,19 @@ class FloatGemmLinear:
         self.out_features = self.weight.shape[0]
         self.activation_dtype = activation_dtype
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight).to(self.activation_dtype)
 
 
 INT8_KERNELS = ("auto", "vnni", "onednn")
 
 
-class CpuBackend:
+def _layer_ptr(cache_tensor: torch.Tensor, layer: int) -> int:
+    """Address of ``cache_tensor[layer]`` (a contiguous per-layer cache array) without building the view."""
+    return cache_tensor.data_ptr() + layer * cache_tensor.stride(0) * cache_tensor.element_size()
+
+
+class CpuBackend(TorchOps):
     device = torch.device("cpu")
     # fp32 residual stream: cheap on CPU at these widths, and keeps norms/attention exact enough.
     activation_dtype = torch.float32
@@ -81,12 +87,51 @@ class CpuBackend:
             if lib is None:
                 log.info("VNNI kernel not used (%s): INT8 GEMMs run through torch._int_mm", why)
             self._vnni = lib
+        self._workspace = Workspace()
         self.name = "cpu-vnni" if self._vnni is not None else "cpu-onednn"
 
     def prepare_linear(self, weight: LinearWeight):
         if isinstance(weight, Int8Linear):
-            return VnniLinear(weight, self._vnni) if self._vnni is not None else Int8GemmLinear(weight)
+            return VnniLinear(weight, self._vnni, self._workspace) if self._vnni is not None else Int8GemmLinear(weight)
+        if weight.weight.dtype == torch.bfloat16 and self._vnni is not None and self._vnni.has_bf16:
+            return Bf16Linear(weight.weight, self._vnni, self._workspace)
         return FloatGemmLinear(weight, self.activation_dtype)
+
+    def qk_norm_rope(self, qk: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin_signed: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+        """In place with our C kernel where ``qk`` is fp32 with contiguous heads; else the eager ops."""
+        t, h, d = qk.shape
+        if (self._vnni is None or qk.dtype != torch.float32 or qk.stride(2) != 1 or qk.stride(1) != d
+                or not cos.is_contiguous() or not sin_signed.is_contiguous() or positions.dtype != torch.long
+                or not positions.is_contiguous()):
+            return super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
+        status = self._vnni.qk_norm_rope(
+            qk.data_ptr(), t, qk.stride(0), h, d, None if norm is None else norm.weight.data_ptr(),
+            0.0 if norm is None else norm.eps, cos.data_ptr(), sin_signed.data_ptr(), positions.data_ptr())
+        return qk if status == 0 else super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
+
+    def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """INT8 caches through our C kernel (quantize + scatter in one pass); other dtypes as the cache does."""
+        t, h, d = k.shape
+        usable = (self._vnni is not None and isinstance(cache.format, Int8KV) and k.dtype == torch.float32
+                  and v.dtype == torch.float32 and k.stride()[1:] == (d, 1) and v.stride()[1:] == (d, 1)
+                  and slots.dtype == torch.long and slots.is_contiguous())
+        if usable:
+            c = cache.tensors
+            status = self._vnni.kv_write_int8(
+                k.data_ptr(), v.data_ptr(), t, k.stride(0), v.stride(0), h, d, slots.data_ptr(),
+                _layer_ptr(c["k"], layer), _layer_ptr(c["k_scale"], layer), _layer_ptr(c["v"], layer),
+                _layer_ptr(c["v_scale"], layer))
+            if status == 0:
+                return
+        cache.write(layer, slots, k, v)
+
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._vnni is None or logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous():
+            return super().argmax_rows(logits)
+        out = torch.empty(logits.shape[0], dtype=torch.long)
+        self._vnni.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
+        return out
 
     def decode_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor,
                          lengths: torch.Tensor, scale: float) -> torch.Tensor | None:
@@ -100,7 +145,7 @@ class CpuBackend:
         q = q.contiguous()
         out = torch.empty_like(q)
         status = self._vnni.paged_attention_decode_int8(
-            q.data_ptr(), s, hq, hkv, d, t["k"][layer].data_ptr(), t["k_scale"][layer].data_ptr(),
-            t["v"][layer].data_ptr(), t["v_scale"][layer].data_ptr(), slots.data_ptr(), lengths.data_ptr(),
+            q.data_ptr(), s, hq, hkv, d, _layer_ptr(t["k"], layer), _layer_ptr(t["k_scale"], layer),
+            _layer_ptr(t["v"], layer), _layer_ptr(t["v_scale"], layer), slots.data_ptr(), lengths.data_ptr(),
             slots.shape[1], scale, out.data_ptr())
         return out if status == 0 else None

@@ -1,5 +1,6 @@
 """The CPU backend's own AVX-512 kernels, built with gcc on first use and loaded with ctypes:
-the A8W8 GEMM (``a8w8_vnni.c``) and decode attention over the paged INT8 KV cache (``paged_attention.c``).
+the A8W8 GEMM with its fused prologue/epilogue (``a8w8_vnni.c``), q/k norm + RoPE and the INT8 KV write
+(``attention_prep.c``), and decode attention over the paged INT8 KV cache (``paged_attention.c``).
 
 The library is compiled once per source version into the a8w8-serve cache directory (a second or two:
 it includes no PyTorch headers). Where the CPU lacks AVX-512 VNNI, or no C compiler is installed,
@@ -20,10 +21,19 @@ import torch
 
 from loaders.cache import cache_dir
 from loaders.quantization import Int8Linear
+from npu.backends.base import RMSNorm
 
-SOURCES = [Path(__file__).with_name(name) for name in ("a8w8_vnni.c", "paged_attention.c")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("simd_math.h", "row_prologue.h")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off: no implicit fused multiply-adds, so elementwise math rounds like the eager PyTorch ops
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-ffp-contract=off",
+          "-fopenmp", "-shared", "-fPIC"]
+# bf16_gemm is only called where the CPU also has this (the rest of the library does not use it)
+BF16_CPU_FLAG = "avx512_bf16"
+# a8w8_gemm prologue codes (a8w8_vnni.c)
+PROLOGUE_NONE, PROLOGUE_RMSNORM, PROLOGUE_SILU_MUL = 0, 1, 2
 
 
 def _cpu_flags() -> set[str]:
@@ -44,7 +54,7 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     if missing:
         return None, f"CPU lacks {', '.join(missing)}"
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    source = b"".join(src.read_bytes() for src in SOURCES)
+    source = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
     digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
     lib_path = cache_dir() / "kernels" / f"a8w8_vnni-{digest}.so"
     if not lib_path.is_file():
@@ -62,20 +72,94 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     lib.a8w8_packed_k.argtypes, lib.a8w8_packed_k.restype = [i], i
     lib.a8w8_packed_n.argtypes, lib.a8w8_packed_n.restype = [i], i
     lib.a8w8_pack.argtypes, lib.a8w8_pack.restype = [p, i, i, p, p], None
-    lib.a8w8_gemm.argtypes, lib.a8w8_gemm.restype = [p, i, i, p, p, p, i, p, p, p], None
+    f = ctypes.c_float
+    lib.a8w8_gemm.argtypes, lib.a8w8_gemm.restype = [p, i, i, i, p, f, p, p, p, i, p, p, p, p], None
+    lib.qk_norm_rope.argtypes, lib.qk_norm_rope.restype = [p, i, i, i, i, p, f, p, p, p], i
+    lib.bf16_packed_k.argtypes, lib.bf16_packed_k.restype = [i], i
+    lib.bf16_packed_n.argtypes, lib.bf16_packed_n.restype = [i], i
+    lib.bf16_pack.argtypes, lib.bf16_pack.restype = [p, i, i, p], None
+    lib.bf16_gemm.argtypes, lib.bf16_gemm.restype = [p, i, i, i, p, f, p, i, p, p, p], None
+    lib.has_bf16 = BF16_CPU_FLAG in _cpu_flags()
+    lib.argmax_rows.argtypes, lib.argmax_rows.restype = [p, i, i, p], None
+    lib.kv_write_int8.argtypes, lib.kv_write_int8.restype = [p, p, i, i, i, i, i, p, p, p, p, p], i
     lib.paged_attention_decode_int8.argtypes = [p, i, i, i, i, p, p, p, p, p, p, i, ctypes.c_float, p]
     lib.paged_attention_decode_int8.restype = i
     return lib, ""
 
 
-class VnniLinear:
-    """A8W8 linear through the VNNI kernel: activation quantization, GEMM and epilogue in one call.
+class Workspace:
+    """Scratch bytes reused across kernel calls (the worker runs one step at a time), grown on demand:
+    fresh large allocations page-fault on every call otherwise."""
 
-    Gives the same numbers as ``Int8GemmLinear`` (same quantization, exact INT32 sums, same epilogue order).
+    def __init__(self):
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buf
+
+
+def _prologue_args(norm: RMSNorm | None, gated: bool) -> tuple[int, int | None, float]:
+    if norm is not None:
+        return PROLOGUE_RMSNORM, norm.weight.data_ptr(), norm.eps
+    return (PROLOGUE_SILU_MUL if gated else PROLOGUE_NONE), None, 0.0
+
+
+def _check_out(out: torch.Tensor | None, m: int, n: int) -> torch.Tensor:
+    if out is None:
+        return torch.empty(m, n, dtype=torch.float32)
+    if out.shape != (m, n) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 [{m}, {n}] tensor")
+    return out
+
+
+def _input(x: torch.Tensor, in_features: int, gated: bool) -> torch.Tensor:
+    x = x.float().contiguous()
+    expected = in_features * (2 if gated else 1)
+    if x.shape[1] != expected:
+        raise ValueError(f"linear expects {expected} input features, got {x.shape[1]}")
+    return x
+
+
+class Bf16Linear:
+    """BF16-weight linear through ``bf16_gemm.c`` (for the BF16 lm_head): prologue, BF16 GEMM with fp32
+    accumulation, output rounded to BF16 as ``F.linear`` in BF16 leaves it, optional residual."""
+
+    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, workspace: Workspace):
+        self.lib, self.workspace = lib, workspace
+        n, k = weight.shape
+        self.out_features, self.in_features = n, k
+        self.kp, np_ = lib.bf16_packed_k(k), lib.bf16_packed_n(n)
+        w = weight.to(torch.bfloat16).contiguous()
+        self.packed = torch.empty(np_ * self.kp, dtype=torch.bfloat16)
+        lib.bf16_pack(w.data_ptr(), n, k, self.packed.data_ptr())
+
+    def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        x = _input(x, self.in_features, gated)
+        m = x.shape[0]
+        prologue, norm_ptr, eps = _prologue_args(norm, gated)
+        if residual is not None:
+            residual = residual.float().contiguous()
+        out = _check_out(out, m, self.out_features)
+        scratch = self.workspace.get(m * self.kp * 2)
+        self.lib.bf16_gemm(x.data_ptr(), m, self.in_features, prologue, norm_ptr, eps, self.packed.data_ptr(),
+                           self.out_features, None if residual is None else residual.data_ptr(), out.data_ptr(),
+                           scratch.data_ptr())
+        return out
+
+
+class VnniLinear:
+    """A8W8 linear through the VNNI kernel: prologue (RMSNorm or SiLU gate), activation quantization, GEMM
+    and epilogue (scales, residual) in one call.
+
+    Without a prologue it gives the same numbers as ``Int8GemmLinear`` (same quantization, exact INT32
+    sums, same epilogue order).
     """
 
-    def __init__(self, weight: Int8Linear, lib: ctypes.CDLL):
-        self.lib = lib
+    def __init__(self, weight: Int8Linear, lib: ctypes.CDLL, workspace: Workspace):
+        self.lib, self.workspace = lib, workspace
         n, k = weight.qweight.shape
         self.out_features, self.in_features = n, k
         self.kp, np_ = lib.a8w8_packed_k(k), lib.a8w8_packed_n(n)
@@ -86,12 +170,18 @@ class VnniLinear:
         self.scale = torch.zeros(np_, dtype=torch.float32)
         self.scale[:n] = weight.scale.float()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().contiguous()
+    def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        x = _input(x, self.in_features, gated)
         m = x.shape[0]
-        out = torch.empty(m, self.out_features, dtype=torch.float32)
-        xq = torch.empty(m, self.kp, dtype=torch.uint8)
-        sx = torch.empty(m, dtype=torch.float32)
-        self.lib.a8w8_gemm(x.data_ptr(), m, self.in_features, self.packed.data_ptr(), self.wsum.data_ptr(),
-                           self.scale.data_ptr(), self.out_features, out.data_ptr(), xq.data_ptr(), sx.data_ptr())
+        prologue, norm_ptr, eps = _prologue_args(norm, gated)
+        res_ptr = None
+        if residual is not None:
+            residual = residual.float().contiguous()
+            res_ptr = residual.data_ptr()
+        out = _check_out(out, m, self.out_features)
+        scratch = self.workspace.get(m * (self.kp + 4))
+        self.lib.a8w8_gemm(x.data_ptr(), m, self.in_features, prologue, norm_ptr, eps, self.packed.data_ptr(),
+                           self.wsum.data_ptr(), self.scale.data_ptr(), self.out_features, res_ptr, out.data_ptr(),
+                           scratch.data_ptr() + 4 * m, scratch.data_ptr())
         return out

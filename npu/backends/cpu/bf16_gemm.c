@@ -1,0 +1,100 @@
+// BF16-weight GEMM for few rows (the BF16 lm_head of a decode step), AVX-512 BF16, built by vnni.py.
+//
+// out[m, n] = bf16_round(sum_k bf16(a[m, k]) * w[n, k]) with a = prologue(x) (row_prologue.h) and fp32
+// accumulation: what F.linear(a.to(bfloat16), W) computes, logits rounded to BF16 as transformers and vLLM
+// leave them. Weights are packed as [N/16][K/2][16][2]: one 64-byte load gives 2 consecutive k of 16
+// channels, so a broadcast of one activation pair and one vdpbf16ps advance 16 accumulators.
+// PyTorch's BF16 F.linear streams this weight at about 17 GB/s here; the kernel reads it at the memory
+// bandwidth (benchmarks/kernels.py).
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "row_prologue.h"
+
+#define NB 16          // output channels per block (one zmm of fp32)
+#define KG 2           // k values per vdpbf16ps lane
+#define NR 4           // column blocks per register tile
+#define MR 4           // rows per register tile
+
+int bf16_packed_k(int K) { return (K + KG - 1) / KG * KG; }
+int bf16_packed_n(int N) { return (N + NB * NR - 1) / (NB * NR) * (NB * NR); }
+
+// w: [N, K] bf16 (as uint16) row-major -> wp: [Np/16][Kp/2][16][2]
+void bf16_pack(const uint16_t *w, int N, int K, uint16_t *wp) {
+    const int Kp = bf16_packed_k(K), Np = bf16_packed_n(N);
+    memset(wp, 0, (size_t)Np * Kp * sizeof(uint16_t));
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++)
+            wp[(((size_t)(n / NB) * (Kp / KG) + k / KG) * NB + n % NB) * KG + k % KG] = w[(size_t)n * K + k];
+}
+
+static inline uint16_t bf16_round_scalar(float f) {  // round to nearest even, as torch's .to(bfloat16)
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline __attribute__((always_inline)) void tile(const uint16_t *xb, int Kp, const uint16_t *w0, int MR_,
+                                                       __m512 acc[MR][NR]) {
+    const size_t bstride = (size_t)Kp * NB;
+    for (int r = 0; r < MR_; r++)
+        for (int j = 0; j < NR; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int g = 0; g < Kp / KG; g++) {
+        __m512bh wv[NR];
+        for (int j = 0; j < NR; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(w0 + j * bstride + (size_t)g * NB * KG));
+        for (int r = 0; r < MR_; r++) {
+            int32_t pair;
+            memcpy(&pair, xb + (size_t)r * Kp + (size_t)g * KG, 4);
+            const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
+            for (int j = 0; j < NR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], b, wv[j]);
+        }
+    }
+}
+
+// x [M, K] fp32 (prologue as in row_prologue.h); out [M, N] fp32 holding BF16-rounded values, plus
+// residual [M, N] when not NULL (added after the rounding, as residual + linear(x).float() does);
+// xb [M, Kp] uint16 is caller-provided scratch.
+void bf16_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const uint16_t *wp, int N,
+               const float *residual, float *out, uint16_t *xb) {
+    const int Kp = bf16_packed_k(K), ntiles = bf16_packed_n(N) / (NB * NR);
+    float *buf = prologue == PROLOGUE_NONE ? NULL : (float *)aligned_alloc(64, ((size_t)K * 4 + 63) / 64 * 64);
+    for (int m = 0; m < M; m++) {
+        const float *a = prologue_row(x, m, K, prologue, norm_w, eps, buf);
+        uint16_t *row = xb + (size_t)m * Kp;
+        for (int k = 0; k < K; k++) row[k] = bf16_round_scalar(a[k]);
+        for (int k = K; k < Kp; k++) row[k] = 0;
+    }
+    free(buf);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < ntiles; t++) {
+        const uint16_t *w0 = wp + (size_t)t * NR * Kp * NB;
+        const int n0 = t * NR * NB;
+        for (int m0 = 0; m0 < M; m0 += MR) {
+            const int mr = M - m0 < MR ? M - m0 : MR;
+            const uint16_t *xt = xb + (size_t)m0 * Kp;
+            __m512 acc[MR][NR];
+            switch (mr) {
+                case 1: tile(xt, Kp, w0, 1, acc); break;
+                case 2: tile(xt, Kp, w0, 2, acc); break;
+                case 3: tile(xt, Kp, w0, 3, acc); break;
+                default: tile(xt, Kp, w0, MR, acc); break;
+            }
+            for (int r = 0; r < mr; r++)
+                for (int j = 0; j < NR; j++) {
+                    const int n = n0 + j * NB;
+                    if (n >= N) break;
+                    const __mmask16 mask = N - n >= NB ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
+                    // round to BF16 and widen back: bf16 -> fp32 is a 16-bit shift
+                    const __m256i h = (__m256i)_mm512_cvtneps_pbh(acc[r][j]);
+                    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                    const size_t at = (size_t)(m0 + r) * N + n;
+                    if (residual) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, residual + at), v);
+                    _mm512_mask_storeu_ps(out + at, mask, v);
+                }
+        }
+    }
+}
