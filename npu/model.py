@@ -192,9 +192,11 @@ class DecoderModel:
             return self._decode_attention(q, layer, group, cache)  # a pure decode step: no gather/scatter
         attn = torch.empty(T, cfg.q_size, dtype=self.dtype)
         for span in batch.seqs:
-            kv = cache.read(layer, span.context_slots, self.dtype)
             rows = slice(span.q_start, span.q_start + span.q_len)
-            attn[rows] = self._attention(q[rows], kv, span)
+            fused = self.backend.prefill_attention(q[rows], cache, layer, span.context_slots, self.scale)
+            if fused is None:
+                fused = self._attention(q[rows], cache.read(layer, span.context_slots, self.dtype), span)
+            attn[rows] = fused
         if group is not None:
             attn[group.rows] = self._decode_attention(q[group.rows], layer, group, cache)
         return attn

@@ -371,6 +371,34 @@ def test_int8_kernels_agree_on_logits(model_factory):
     assert (a - b).abs().max() < 1e-2 * a.abs().max()
 
 
+def test_fused_paged_prefill_attention_matches_sdpa():
+    """Whole prompts and later chunks (queries at the end of a longer context), causal, with GQA."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from npu.backends.cpu import CpuBackend
+    from npu.kv_cache import PagedKVCache
+
+    backend = CpuBackend()
+    g = torch.Generator().manual_seed(9)
+    for hq, hkv, d in ((16, 8, 128), (9, 3, 64), (4, 4, 32), (20, 2, 64)):
+        cache = PagedKVCache("int8", 2, hkv, d, num_blocks=40, block_size=16)
+        slots_all = torch.randperm(40 * 16, generator=g)
+        cache.write(1, slots_all, torch.randn(640, hkv, d, generator=g), torch.randn(640, hkv, d, generator=g))
+        for q_len, ctx in ((2, 2), (37, 37), (16, 100), (3, 200), (130, 300)):
+            slots = slots_all[:ctx].contiguous()
+            wide = torch.randn(q_len, hq * d + 7, generator=g)  # q as a strided view, as the model passes it
+            q = wide[:, :hq * d].view(q_len, hq, d)
+            fused = backend.prefill_attention(q, cache, 1, slots, d**-0.5)
+            if fused is None:
+                pytest.skip("fused kernel unavailable here")
+            kv = cache.read(1, slots, torch.float32)
+            mask = causal_lower_right(q_len, ctx) if q_len != ctx else None
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], kv.k.transpose(0, 1)[None], kv.v.transpose(0, 1)[None], attn_mask=mask,
+                is_causal=q_len == ctx, scale=d**-0.5, enable_gqa=hq != hkv)[0].transpose(0, 1).reshape(q_len, -1)
+            assert torch.allclose(fused, ref, atol=1e-4, rtol=1e-4), (hq, hkv, d, q_len, ctx)
+
+
 def test_fused_paged_decode_attention_matches_sdpa():
     from npu.backends.cpu import CpuBackend
     from npu.kv_cache import PagedKVCache
@@ -378,7 +406,7 @@ def test_fused_paged_decode_attention_matches_sdpa():
 
     backend = CpuBackend()
     g = torch.Generator().manual_seed(4)
-    for hq, hkv, d in ((16, 8, 128), (6, 1, 64), (4, 4, 32)):
+    for hq, hkv, d in ((16, 8, 128), (6, 1, 64), (4, 4, 32), (9, 3, 64), (20, 2, 64)):
         cache = PagedKVCache("int8", 2, hkv, d, num_blocks=40, block_size=16)
         slots_all = torch.randperm(40 * 16, generator=g)
         cache.write(1, slots_all, torch.randn(640, hkv, d, generator=g), torch.randn(640, hkv, d, generator=g))
@@ -397,4 +425,5 @@ def test_fused_paged_decode_attention_matches_sdpa():
             ref = torch.nn.functional.scaled_dot_product_attention(
                 q[i][None, :, None, :], kv.k.transpose(0, 1)[None], kv.v.transpose(0, 1)[None], scale=d**-0.5,
                 enable_gqa=hq != hkv)[0, :, 0, :]
-            assert torch.allclose(fused[i], ref, atol=1e-5, rtol=1e-4), (hq, hkv, d, i)
+            # the kernel rounds q to INT16 (relative 1.5e-5) for its integer q . k: measured max error 3.5e-5
+            assert torch.allclose(fused[i], ref, atol=1e-4, rtol=1e-4), (hq, hkv, d, i)

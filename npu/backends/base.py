@@ -95,6 +95,13 @@ class Backend(Protocol):
         """Store ``k``/``v`` ``[T, Hkv, D]`` at ``slots`` of layer ``layer`` of the paged cache."""
         ...
 
+    def prefill_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, scale: float
+                          ) -> torch.Tensor | None:
+        """Optional fused kernel: causal attention of one sequence's chunk of queries ``q`` ``[n, Hq, D]`` (the
+        last ``n`` of its ``len(slots)`` positions) over its context ``slots`` of layer ``layer``; returns
+        ``[n, Hq * D]``, or None to let the model use its generic path."""
+        ...
+
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """Index of the first maximum of each row of ``logits`` ``[S, V]`` (greedy sampling)."""
         ...
@@ -123,6 +130,10 @@ class TorchOps:
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
+
+    def prefill_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, scale: float
+                          ) -> torch.Tensor | None:
+        return None
 
     def decode_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
                          scale: float) -> torch.Tensor | None:

@@ -90,13 +90,17 @@ static void quantize_rows(const float *x, int M, int K, int Kp, int prologue, co
 
 // One MR_ x NR_ register tile: rows m0.. of xq against NR_ consecutive packed column blocks starting at w0.
 // MR_ and NR_ are compile-time constants at every call site, so the accumulators stay in registers.
+// With several row passes over one column tile (M > MR), pass p also prefetches every P-th k-group of the
+// next tile (next != NULL), so that its DRAM reads overlap the passes that compute from cache.
 static inline __attribute__((always_inline)) void tile(const uint8_t *xq, int Kp, const int8_t *w0, int MR_, int NR_,
-                                                       __m512i acc[MR][NR]) {
+                                                       __m512i acc[MR][NR], const int8_t *next, int pass, int npasses) {
     const size_t bstride = (size_t)Kp * NB;
     for (int r = 0; r < MR_; r++)
         for (int j = 0; j < NR_; j++) acc[r][j] = _mm512_setzero_si512();
     const int ngroups = Kp / KG;
     for (int g = 0; g < ngroups; g++) {
+        if (next && g % npasses == pass)
+            for (int j = 0; j < NR_; j++) _mm_prefetch((const char *)(next + j * bstride + (size_t)g * NB * KG), _MM_HINT_T1);
         __m512i wv[NR];
         for (int j = 0; j < NR_; j++) wv[j] = _mm512_loadu_si512((const void *)(w0 + j * bstride + (size_t)g * NB * KG));
         for (int r = 0; r < MR_; r++) {
@@ -126,15 +130,17 @@ void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
             comp[j] = _mm512_mullo_epi32(_mm512_loadu_si512((const void *)(wsum + n0 + j * NB)), _mm512_set1_epi32(128));
             vsw[j] = _mm512_loadu_ps(sw + n0 + j * NB);
         }
+        const int npasses = (M + MR - 1) / MR;
+        const int8_t *next = npasses > 1 && t + 1 < ntiles ? w0 + (size_t)NR * Kp * NB : NULL;
         for (int m0 = 0; m0 < M; m0 += MR) {
-            const int mr = M - m0 < MR ? M - m0 : MR;
+            const int mr = M - m0 < MR ? M - m0 : MR, pass = m0 / MR;
             const uint8_t *xt = xq + (size_t)m0 * Kp;
             __m512i acc[MR][NR];
             switch (mr) {  // a constant row count lets the compiler keep the tile in registers
-                case 1: tile(xt, Kp, w0, 1, NR, acc); break;
-                case 2: tile(xt, Kp, w0, 2, NR, acc); break;
-                case 3: tile(xt, Kp, w0, 3, NR, acc); break;
-                default: tile(xt, Kp, w0, MR, NR, acc); break;
+                case 1: tile(xt, Kp, w0, 1, NR, acc, next, pass, npasses); break;
+                case 2: tile(xt, Kp, w0, 2, NR, acc, next, pass, npasses); break;
+                case 3: tile(xt, Kp, w0, 3, NR, acc, next, pass, npasses); break;
+                default: tile(xt, Kp, w0, MR, NR, acc, next, pass, npasses); break;
             }
             for (int r = 0; r < mr; r++) {
                 const __m512 vsx = _mm512_set1_ps(sx[m0 + r]);

@@ -133,6 +133,21 @@ class CpuBackend(TorchOps):
         self._vnni.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
         return out
 
+    def prefill_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
+                          ) -> torch.Tensor | None:
+        """Causal attention of a prompt chunk straight from an INT8 paged cache (our C kernel)."""
+        n, hq, d = q.shape
+        if (self._vnni is None or not isinstance(cache.format, Int8KV) or q.dtype != torch.float32
+                or q.stride()[1:] != (d, 1) or not slots.is_contiguous() or slots.dtype != torch.long):
+            return None
+        t = cache.tensors
+        out = torch.empty(n, hq * d, dtype=torch.float32)
+        status = self._vnni.paged_attention_prefill_int8(
+            q.data_ptr(), q.stride(0) if n > 1 else hq * d, n, slots.numel() - n, hq, t["k"].shape[2], d,
+            _layer_ptr(t["k"], layer), _layer_ptr(t["k_scale"], layer), _layer_ptr(t["v"], layer),
+            _layer_ptr(t["v_scale"], layer), slots.data_ptr(), scale, out.data_ptr())
+        return out if status == 0 else None
+
     def decode_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor,
                          lengths: torch.Tensor, scale: float) -> torch.Tensor | None:
         """Single-token attention of ``q`` ``[S, Hq, D]`` straight from an INT8 paged cache (our C kernel);

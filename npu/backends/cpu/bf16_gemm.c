@@ -38,12 +38,15 @@ static inline uint16_t bf16_round_scalar(float f) {  // round to nearest even, a
     return (uint16_t)(u >> 16);
 }
 
+// As in a8w8_vnni.c: with several row passes, pass p prefetches every P-th k-group of the next tile.
 static inline __attribute__((always_inline)) void tile(const uint16_t *xb, int Kp, const uint16_t *w0, int MR_,
-                                                       __m512 acc[MR][NR]) {
+                                                       __m512 acc[MR][NR], const uint16_t *next, int pass, int npasses) {
     const size_t bstride = (size_t)Kp * NB;
     for (int r = 0; r < MR_; r++)
         for (int j = 0; j < NR; j++) acc[r][j] = _mm512_setzero_ps();
     for (int g = 0; g < Kp / KG; g++) {
+        if (next && g % npasses == pass)
+            for (int j = 0; j < NR; j++) _mm_prefetch((const char *)(next + j * bstride + (size_t)g * NB * KG), _MM_HINT_T1);
         __m512bh wv[NR];
         for (int j = 0; j < NR; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(w0 + j * bstride + (size_t)g * NB * KG));
         for (int r = 0; r < MR_; r++) {
@@ -73,15 +76,17 @@ void bf16_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
     for (int t = 0; t < ntiles; t++) {
         const uint16_t *w0 = wp + (size_t)t * NR * Kp * NB;
         const int n0 = t * NR * NB;
+        const int npasses = (M + MR - 1) / MR;
+        const uint16_t *next = npasses > 1 && t + 1 < ntiles ? w0 + (size_t)NR * Kp * NB : NULL;
         for (int m0 = 0; m0 < M; m0 += MR) {
-            const int mr = M - m0 < MR ? M - m0 : MR;
+            const int mr = M - m0 < MR ? M - m0 : MR, pass = m0 / MR;
             const uint16_t *xt = xb + (size_t)m0 * Kp;
             __m512 acc[MR][NR];
             switch (mr) {
-                case 1: tile(xt, Kp, w0, 1, acc); break;
-                case 2: tile(xt, Kp, w0, 2, acc); break;
-                case 3: tile(xt, Kp, w0, 3, acc); break;
-                default: tile(xt, Kp, w0, MR, acc); break;
+                case 1: tile(xt, Kp, w0, 1, acc, next, pass, npasses); break;
+                case 2: tile(xt, Kp, w0, 2, acc, next, pass, npasses); break;
+                case 3: tile(xt, Kp, w0, 3, acc, next, pass, npasses); break;
+                default: tile(xt, Kp, w0, MR, acc, next, pass, npasses); break;
             }
             for (int r = 0; r < mr; r++)
                 for (int j = 0; j < NR; j++) {

@@ -84,6 +84,8 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     lib.kv_write_int8.argtypes, lib.kv_write_int8.restype = [p, p, i, i, i, i, i, p, p, p, p, p], i
     lib.paged_attention_decode_int8.argtypes = [p, i, i, i, i, p, p, p, p, p, p, i, ctypes.c_float, p]
     lib.paged_attention_decode_int8.restype = i
+    lib.paged_attention_prefill_int8.argtypes = [p, i, i, i, i, i, i, p, p, p, p, p, ctypes.c_float, p]
+    lib.paged_attention_prefill_int8.restype = i
     return lib, ""
 
 
