@@ -3,7 +3,8 @@
     python benchmarks/kernels.py [--n 3072 --k 1024] [--out bench-results/kernels.json]
 
 Weights are cycled through a set larger than L3 so that small-M numbers are not hot-cache numbers.
-Paths: bf16 F.linear; our VNNI kernel (quantize + GEMM + epilogue in one C call); the eager A8W8 op
+Paths: bf16 F.linear; our BF16 kernel (the BF16 lm_head's); our VNNI kernel (quantize + GEMM + epilogue in
+one C call); the eager A8W8 op
 (per-token quantize + torch._int_mm + fp32 epilogue); _int_mm alone; fbgemm dynamic quantized linear (per-tensor uint8 activations: different math, speed only);
 oneDNN qlinear_pointwise with a prepacked weight (per-tensor uint8 activations: speed only).
 """
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from loaders.quantization import quantize_activations, quantize_linear
 from npu.backends.cpu.backend import Int8GemmLinear
-from npu.backends.cpu.vnni import VnniLinear, load_vnni_library
+from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace, load_vnni_library
 
 WORKING_SET_BYTES = 96 * 1024**2  # > 32 MiB L3
 
@@ -48,7 +49,9 @@ def main() -> None:
     bf16 = [w.to(torch.bfloat16) for w in floats]
     ours = [Int8GemmLinear(quantize_linear(w)) for w in floats]
     lib, why = load_vnni_library()
-    vnni = [VnniLinear(quantize_linear(w), lib) for w in floats] if lib is not None else []
+    workspace = Workspace()
+    vnni = [VnniLinear(quantize_linear(w), lib, workspace) for w in floats] if lib is not None else []
+    bf16_ours = [Bf16Linear(w, lib, workspace) for w in bf16] if lib is not None and lib.has_bf16 else []
     torch.backends.quantized.engine = "fbgemm"
     packed = []
     onednn = []
@@ -64,6 +67,7 @@ def main() -> None:
         xu8 = (qx.to(torch.int16) + 128).to(torch.uint8)
         paths = {
             "bf16 F.linear": (lambda w: F.linear(xb, w), bf16, 2),
+            "bf16 kernel (ours)": (lambda op: op(x), bf16_ours, 2),
             "a8w8 VNNI kernel (fused quantize + epilogue)": (lambda op: op(x), vnni, 1),
             "a8w8 (quantize + _int_mm + epilogue)": (lambda op: op(x), ours, 1),
             "_int_mm only": (lambda op: torch._int_mm(qx, op.qweight.t()), ours, 1),
@@ -74,7 +78,7 @@ def main() -> None:
         }
         for name, (fn, ws, bytes_per_weight) in paths.items():
             if not ws:
-                rows.append({"m": m, "path": name, "error": why})
+                rows.append({"m": m, "path": name, "error": why or "CPU lacks avx512_bf16"})
                 continue
             try:
                 dt = timed(fn, ws)

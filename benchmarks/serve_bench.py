@@ -124,6 +124,15 @@ def engine_overhead(base: str) -> dict[str, float]:
     return vals
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (Linux /proc), 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(kind: str, extra: str, model: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
     log = open(Path(args.out).with_suffix(f".{kind.split()[0]}.log"), "w")
     if kind.startswith("ours"):
@@ -210,6 +219,7 @@ def main() -> None:
                 prompts = [[rng.randint(*id_range) for _ in range(args.input_len)] for _ in range(n)]
                 ours = kind.startswith("ours")
                 before = engine_overhead(base) if ours else {}
+                api_cpu_before = process_cpu_seconds(proc.pid)
                 records, wall = asyncio.run(run_load(base, "bench", prompts, args.output_len, c, args.rate, args.seed))
                 summary = summarize(records, wall)
                 if ours:
@@ -222,11 +232,19 @@ def main() -> None:
                         summary["engine_step_ms"] = step * 1000
                         summary["worker_compute_ms"] = compute * 1000
                         summary["scheduler_ipc_overhead_share"] = (step - compute) / step
+                        # Everything the API process did (HTTP, SSE, detokenizing, scheduling, IPC) in CPU
+                        # seconds per second of engine steps: the overhead if none of it overlapped compute.
+                        api_cpu = process_cpu_seconds(proc.pid) - api_cpu_before
+                        summary["api_process_cpu_s"] = api_cpu
+                        summary["api_cpu_per_step_time_share"] = api_cpu / d["a8w8:engine_step_seconds_total"]
                 report["servers"][kind][str(c)] = summary
                 t, e = summary["tpot_s"], summary["ttft_s"]
                 print(f"{kind:30s} c={c:3d}: TPOT {t.get('mean', 0) * 1000:7.1f} ms  TTFT {e.get('mean', 0) * 1000:8.1f} ms  "
                       f"{summary['output_tokens_per_s']:7.1f} out tok/s  {summary['requests_per_s']:.2f} req/s"
-                      + (f"  failed {summary['failed']}" if summary["failed"] else ""))
+                      + (f"  failed {summary['failed']}" if summary["failed"] else "")
+                      + (f"  [engine: scheduler+IPC {100 * summary['scheduler_ipc_overhead_share']:.1f} % of step; "
+                         f"API process CPU {100 * summary['api_cpu_per_step_time_share']:.1f} % of step time]"
+                         if "api_cpu_per_step_time_share" in summary else ""))
         finally:
             proc.terminate()
             try:

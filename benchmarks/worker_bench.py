@@ -1,5 +1,7 @@
 """Micro-benchmark of the worker (no server): decode ms/step at batch 1 and 16, prefill tokens/s, and the
-achieved weight bandwidth next to this machine's measured memory bandwidth.
+achieved weight bandwidth next to this machine's measured memory bandwidth; for the prefill, the speed of
+its decoder linears (timed inside the real prefill, fused prologue/epilogue included) next to the INT8
+GEMM roof measured here (``torch._int_mm`` at M = the prefill length, on the same shapes).
 
     python benchmarks/worker_bench.py [--shape 0.6b] [--out bench-results/worker.json]
 
@@ -49,6 +51,57 @@ def measure_bandwidth(repeats: int = 9) -> dict[str, float]:
         b.copy_(a)
         copy.append(2 * BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t) / 1e9)  # read + write
     return {"read_GBps": statistics.median(read), "copy_GBps": statistics.median(copy)}
+
+
+ROOF_REPEATS = 3
+
+
+def int8_gemm_roof(runner: ModelRunner, m: int) -> float:
+    """GOP/s of ``torch._int_mm`` (oneDNN VNNI) at M=m on the model's decoder linear shapes, best of repeats."""
+    layer = runner.model.layers[0]
+    shapes = [(op.out_features, op.in_features) for op in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    g = torch.Generator().manual_seed(0)
+    mats = [(torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g),
+             torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)) for n, k in shapes]
+    best = float("inf")
+    for _ in range(ROOF_REPEATS):
+        t = time.perf_counter()
+        for x, w in mats:
+            torch._int_mm(x, w.t())
+        best = min(best, time.perf_counter() - t)
+    return sum(2 * m * n * k for n, k in shapes) / best / 1e9
+
+
+class TimedLinear:
+    """Wraps a layer's linear op and adds its wall time to a shared clock (benchmark instrumentation)."""
+
+    def __init__(self, op, clock: list[float]):
+        self.op, self.clock, self.out_features = op, clock, op.out_features
+        self.in_features = op.in_features
+
+    def __call__(self, x, **kwargs):
+        t = time.perf_counter()
+        y = self.op(x, **kwargs)
+        self.clock[0] += time.perf_counter() - t
+        return y
+
+
+def prefill_linear_gops(runner: ModelRunner, n: int, seq: int) -> tuple[float, float]:
+    """(tokens/s, GOP/s of the decoder linears) of one n-token prefill, with the linears timed."""
+    clock = [0.0]
+    names = ("qkv", "o", "gate_up", "down")
+    originals = [{name: getattr(layer, name) for name in names} for layer in runner.model.layers]
+    for layer in runner.model.layers:
+        for name in names:
+            setattr(layer, name, TimedLinear(getattr(layer, name), clock))
+    try:
+        tok_s = prefill_tokens_per_s(runner, n, seq)
+    finally:
+        for layer, ops in zip(runner.model.layers, originals):
+            for name, op in ops.items():
+                setattr(layer, name, op)
+    ops_total = sum(2 * n * op.out_features * op.in_features for layer in originals for op in layer.values())
+    return tok_s, ops_total / clock[0] / 1e9
 
 
 class Bench:
@@ -122,6 +175,9 @@ def main() -> None:
             results[f"decode_batch{batch}_tokens_per_s"] = batch * 1000 / ms
             results[f"decode_batch{batch}_weight_GBps"] = weight_bytes / (ms / 1000) / 1e9
         results["prefill_tokens_per_s"] = prefill_tokens_per_s(runner, args.prefill_tokens, 99999)
+        _, results["prefill_linear_GOPs"] = prefill_linear_gops(runner, args.prefill_tokens, 99998)
+        results["int8_gemm_roof_GOPs"] = int8_gemm_roof(runner, args.prefill_tokens)
+        results["prefill_linear_share_of_roof"] = results["prefill_linear_GOPs"] / results["int8_gemm_roof_GOPs"]
     floor_ms = weight_bytes / (bw["read_GBps"] * 1e9) * 1000
     report = {
         "shape": args.shape, "kv_cache_dtype": args.kv_cache_dtype, "quantize_lm_head": args.quantize_lm_head, "torch": torch.__version__,
@@ -139,7 +195,9 @@ def main() -> None:
         print(f"decode batch {batch:2d}: {results[f'decode_batch{batch}_ms_per_step']:.1f} ms/step, "
               f"{results[f'decode_batch{batch}_tokens_per_s']:.1f} tok/s, "
               f"weights at {results[f'decode_batch{batch}_weight_GBps']:.1f} GB/s")
-    print(f"prefill {args.prefill_tokens} tokens: {results['prefill_tokens_per_s']:.0f} tok/s")
+    print(f"prefill {args.prefill_tokens} tokens: {results['prefill_tokens_per_s']:.0f} tok/s; its decoder linears "
+          f"at {results['prefill_linear_GOPs']:.0f} GOP/s = {100 * results['prefill_linear_share_of_roof']:.0f} % of the "
+          f"INT8 GEMM roof ({results['int8_gemm_roof_GOPs']:.0f} GOP/s, torch._int_mm at M={args.prefill_tokens})")
     print(f"decode batch 1 / floor = {report['decode_batch1_ratio_to_floor']:.2f}x; JSON in {args.out}")
 
 

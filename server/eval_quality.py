@@ -106,7 +106,7 @@ class _WeightOnlyInt8(UnfusedLinear):
 
     def __init__(self, lin: Int8Linear):
         self.weight = lin.dequantized()
-        self.out_features = self.weight.shape[0]
+        self.out_features, self.in_features = self.weight.shape
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.t()
@@ -117,7 +117,7 @@ class _ActivationOnlyInt8(UnfusedLinear):
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.float()
-        self.out_features = self.weight.shape[0]
+        self.out_features, self.in_features = self.weight.shape
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         q, s = quantize_activations(x)

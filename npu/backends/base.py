@@ -49,6 +49,7 @@ class LinearOp(Protocol):
     """
 
     out_features: int
+    in_features: int  # K (the input is [M, 2K] when gated)
 
     def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor: ...
@@ -58,6 +59,7 @@ class UnfusedLinear:
     """A :class:`LinearOp` from a plain GEMM: prologue and epilogue run as separate PyTorch ops."""
 
     out_features: int
+    in_features: int
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -37,7 +37,7 @@ class Int8GemmLinear(UnfusedLinear):
     def __init__(self, weight: Int8Linear):
         self.qweight = weight.qweight.contiguous()  # [N, K]
         self.scale = weight.scale.float().contiguous()  # [N]
-        self.out_features = self.qweight.shape[0]
+        self.out_features, self.in_features = self.qweight.shape
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         qx, sx = quantize_activations(x)
@@ -51,7 +51,7 @@ class FloatGemmLinear(UnfusedLinear):
 
     def __init__(self, weight: FloatLinear, activation_dtype: torch.dtype):
         self.weight = weight.weight.contiguous()
-        self.out_features = self.weight.shape[0]
+        self.out_features, self.in_features = self.weight.shape
         self.activation_dtype = activation_dtype
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:

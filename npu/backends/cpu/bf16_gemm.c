@@ -44,6 +44,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *xb, int K
     const size_t bstride = (size_t)Kp * NB;
     for (int r = 0; r < MR_; r++)
         for (int j = 0; j < NR; j++) acc[r][j] = _mm512_setzero_ps();
+#pragma GCC unroll 4  // as in a8w8_vnni.c
     for (int g = 0; g < Kp / KG; g++) {
         if (next && g % npasses == pass)
             for (int j = 0; j < NR; j++) _mm_prefetch((const char *)(next + j * bstride + (size_t)g * NB * KG), _MM_HINT_T1);
