@@ -129,21 +129,22 @@ static inline __attribute__((always_inline)) void pv_group(const float *p, int L
     }
 }
 
-static void pv_head(const float *p, int L, const int8_t *vc, const int64_t *sl, int Hkv, int h, int D, int G,
-                    float *out) {
+// out[g][0:D] = sum_{j < L} p[g * pstride + j] * v[sl[j], h] for G query vectors, PV_GROUP at a time.
+static void pv_head(const float *p, int pstride, int L, const int8_t *vc, const int64_t *sl, int Hkv, int h, int D,
+                    int G, float *out) {
     for (int g0 = 0; g0 < G; g0 += PV_GROUP) {
         const int ng = G - g0 < PV_GROUP ? G - g0 : PV_GROUP;
-        const float *pg = p + (size_t)g0 * L;
+        const float *pg = p + (size_t)g0 * pstride;
         float *og = out + (size_t)g0 * D;
         switch (ng) {
-            case 1: pv_group(pg, L, vc, sl, Hkv, h, D, 1, og, L); break;
-            case 2: pv_group(pg, L, vc, sl, Hkv, h, D, 2, og, L); break;
-            case 3: pv_group(pg, L, vc, sl, Hkv, h, D, 3, og, L); break;
-            case 4: pv_group(pg, L, vc, sl, Hkv, h, D, 4, og, L); break;
-            case 5: pv_group(pg, L, vc, sl, Hkv, h, D, 5, og, L); break;
-            case 6: pv_group(pg, L, vc, sl, Hkv, h, D, 6, og, L); break;
-            case 7: pv_group(pg, L, vc, sl, Hkv, h, D, 7, og, L); break;
-            default: pv_group(pg, L, vc, sl, Hkv, h, D, PV_GROUP, og, L); break;
+            case 1: pv_group(pg, L, vc, sl, Hkv, h, D, 1, og, pstride); break;
+            case 2: pv_group(pg, L, vc, sl, Hkv, h, D, 2, og, pstride); break;
+            case 3: pv_group(pg, L, vc, sl, Hkv, h, D, 3, og, pstride); break;
+            case 4: pv_group(pg, L, vc, sl, Hkv, h, D, 4, og, pstride); break;
+            case 5: pv_group(pg, L, vc, sl, Hkv, h, D, 5, og, pstride); break;
+            case 6: pv_group(pg, L, vc, sl, Hkv, h, D, 6, og, pstride); break;
+            case 7: pv_group(pg, L, vc, sl, Hkv, h, D, 7, og, pstride); break;
+            default: pv_group(pg, L, vc, sl, Hkv, h, D, PV_GROUP, og, pstride); break;
         }
     }
 }
@@ -175,7 +176,7 @@ int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, c
                     scores_one_head(q16, sq * scale, kc, ks, sl, L, Hkv, h, D, scores + (size_t)g * L);
                     softmax_fold_scales(scores + (size_t)g * L, L, vs, sl, Hkv, h);
                 }
-                pv_head(scores, L, vc, sl, Hkv, h, D, G, out + ((size_t)s * Hq + (size_t)h * G) * D);
+                pv_head(scores, L, L, vc, sl, Hkv, h, D, G, out + ((size_t)s * Hq + (size_t)h * G) * D);
             }
         }
         free(scores);
@@ -224,6 +225,7 @@ int paged_attention_prefill_int8(const float *q, int q_stride, int nq, int start
         float *scores = (float *)malloc(sizeof(float) * (size_t)PF_QV_MAX * stride);
         int16_t *q16 = (int16_t *)malloc(sizeof(int16_t) * (size_t)PF_QV_MAX * D);
         int16_t *kb = (int16_t *)malloc(sizeof(int16_t) * (size_t)KEY_BLOCK * D);
+        float *tmp = (float *)malloc(sizeof(float) * (size_t)PF_QV_MAX * D);
         float qk_scale[PF_QV_MAX], kscale[KEY_BLOCK];
 #pragma omp for schedule(dynamic)
         for (int w = 0; w < Hkv * ntiles; w++) {
@@ -260,30 +262,17 @@ int paged_attention_prefill_int8(const float *q, int q_stride, int nq, int start
                     for (int j = L; j < nkeys; j++) sg[j] = 0.0f;
                 }
             }
-            // p . v for all nqv vectors at once, PV_GROUP at a time, 16 head dimensions per pass
-            for (int v0 = 0; v0 < nqv; v0 += PV_GROUP) {
-                const int ng = nqv - v0 < PV_GROUP ? nqv - v0 : PV_GROUP;
-                float tmp[PV_GROUP * MAX_D];
-                const float *pg = scores + (size_t)v0 * stride;
-                switch (ng) {
-                    case 1: pv_group(pg, nkeys, vc, slots, Hkv, h, D, 1, tmp, stride); break;
-                    case 2: pv_group(pg, nkeys, vc, slots, Hkv, h, D, 2, tmp, stride); break;
-                    case 3: pv_group(pg, nkeys, vc, slots, Hkv, h, D, 3, tmp, stride); break;
-                    case 4: pv_group(pg, nkeys, vc, slots, Hkv, h, D, 4, tmp, stride); break;
-                    case 5: pv_group(pg, nkeys, vc, slots, Hkv, h, D, 5, tmp, stride); break;
-                    case 6: pv_group(pg, nkeys, vc, slots, Hkv, h, D, 6, tmp, stride); break;
-                    case 7: pv_group(pg, nkeys, vc, slots, Hkv, h, D, 7, tmp, stride); break;
-                    default: pv_group(pg, nkeys, vc, slots, Hkv, h, D, PV_GROUP, tmp, stride); break;
-                }
-                for (int i = 0; i < ng; i++) {
-                    const int v = v0 + i, r = v / G, g = v % G;
-                    memcpy(out + ((size_t)(r0 + r) * Hq + (size_t)h * G + g) * D, tmp + (size_t)i * D, sizeof(float) * D);
-                }
+            // p . v for all nqv vectors of the tile (vector v = r * G + g)
+            pv_head(scores, stride, nkeys, vc, slots, Hkv, h, D, nqv, tmp);
+            for (int v = 0; v < nqv; v++) {
+                const int r = v / G, g = v % G;
+                memcpy(out + ((size_t)(r0 + r) * Hq + (size_t)h * G + g) * D, tmp + (size_t)v * D, sizeof(float) * D);
             }
         }
         free(scores);
         free(q16);
         free(kb);
+        free(tmp);
     }
     return 0;
 }
