@@ -137,15 +137,14 @@ class DecoderModel:
     def _decode_attention(self, q: torch.Tensor, layer: int, group: DecodeGroup, cache: PagedKVCache) -> torch.Tensor:
         """One padded, masked SDPA call for all single-token sequences of the step."""
         cfg = self.cfg
-        n, longest = group.slots.shape
-        qd = q  # [S, Hq, D]: this group's query rows
-        fused = self.backend.decode_attention(qd, cache, layer, group.slots, group.lengths, self.scale)
+        n, longest = group.slots.shape  # q: [S, Hq, D], this group's query rows
+        fused = self.backend.decode_attention(q, cache, layer, group.slots, group.lengths, self.scale)
         if fused is not None:
             return fused.reshape(n, cfg.num_heads * cfg.head_dim)
         kv = cache.read(layer, group.slots.reshape(-1), self.dtype)
         k = kv.k.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [S, Hkv, L, D]
         v = kv.v.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        qh = qd[:, :, None, :]  # [S, Hq, 1, D]
+        qh = q[:, :, None, :]  # [S, Hq, 1, D]
         out = F.scaled_dot_product_attention(qh, k, v, attn_mask=group.mask(), scale=self.scale,
                                              enable_gqa=self.group > 1)
         return out.reshape(n, cfg.num_heads * cfg.head_dim)
