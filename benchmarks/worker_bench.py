@@ -72,39 +72,8 @@ def int8_gemm_roof(runner: ModelRunner, m: int) -> float:
     return sum(2 * m * n * k for n, k in shapes) / best / 1e9
 
 
-class TimedLinear:
-    """Wraps a layer's linear op and adds its wall time to a shared clock (benchmark instrumentation)."""
-
-    def __init__(self, op, clock: list[float]):
-        self.op, self.clock, self.out_features = op, clock, op.out_features
-        self.in_features = op.in_features
-
-    def __call__(self, x, **kwargs):
-        t = time.perf_counter()
-        y = self.op(x, **kwargs)
-        self.clock[0] += time.perf_counter() - t
-        return y
-
-
-def prefill_linear_gops(runner: ModelRunner, n: int, seq: int) -> tuple[float, float]:
-    """(tokens/s, GOP/s of the decoder linears) of one n-token prefill, with the linears timed."""
-    clock = [0.0]
-    names = ("qkv", "o", "gate_up", "down")
-    originals = [{name: getattr(layer, name) for name in names} for layer in runner.model.layers]
-    for layer in runner.model.layers:
-        for name in names:
-            setattr(layer, name, TimedLinear(getattr(layer, name), clock))
-    try:
-        tok_s = prefill_tokens_per_s(runner, n, seq)
-    finally:
-        for layer, ops in zip(runner.model.layers, originals):
-            for name, op in ops.items():
-                setattr(layer, name, op)
-    ops_total = sum(2 * n * op.out_features * op.in_features for layer in originals for op in layer.values())
-    return tok_s, ops_total / clock[0] / 1e9
-
-
 BREAKDOWN_PARTS = ("decoder linears", "lm_head", "attention", "qk norm + rope", "kv write", "argmax")
+LAYER_LINEARS = ("qkv", "o", "gate_up", "down")
 
 
 class _Clock:
@@ -135,10 +104,10 @@ def decode_breakdown(runner: ModelRunner, batch: int, context: int, steps: int, 
     measurement and removed after."""
     clock = _Clock()
     model, backend, sampler = runner.model, runner.backend, runner.sampler
-    names = ("qkv", "o", "gate_up", "down")
-    saved = ([{n: getattr(layer, n) for n in names} for layer in model.layers], model.lm_head, sampler._argmax_rows)
+    saved = ([{n: getattr(layer, n) for n in LAYER_LINEARS} for layer in model.layers], model.lm_head,
+             sampler._argmax_rows)
     for layer in model.layers:
-        for name in names:
+        for name in LAYER_LINEARS:
             setattr(layer, name, clock.wrap(getattr(layer, name), "decoder linears"))
     model.lm_head = clock.wrap(model.lm_head, "lm_head")
     sampler._argmax_rows = clock.wrap(sampler._argmax_rows, "argmax")
@@ -168,6 +137,24 @@ def decode_breakdown(runner: ModelRunner, batch: int, context: int, steps: int, 
         for attr in ("decode_attention", "qk_norm_rope", "write_kv"):
             delattr(backend, attr)
     return {"total": total / steps * 1000, **{part: sec / steps * 1000 for part, sec in clock.seconds.items()}}
+
+
+def prefill_linear_gops(runner: ModelRunner, n: int, seq: int) -> float:
+    """GOP/s of the decoder linears inside one n-token prefill (timed wrappers, removed after)."""
+    clock = _Clock()
+    originals = [{name: getattr(layer, name) for name in LAYER_LINEARS} for layer in runner.model.layers]
+    for layer in runner.model.layers:
+        for name in LAYER_LINEARS:
+            setattr(layer, name, clock.wrap(getattr(layer, name), "decoder linears"))
+    clock.on = True
+    try:
+        prefill_tokens_per_s(runner, n, seq)
+    finally:
+        for layer, ops in zip(runner.model.layers, originals):
+            for name, op in ops.items():
+                setattr(layer, name, op)
+    ops_total = sum(2 * n * op.out_features * op.in_features for layer in originals for op in layer.values())
+    return ops_total / clock.seconds["decoder linears"] / 1e9
 
 
 class Bench:
@@ -243,7 +230,7 @@ def main() -> None:
             results[f"decode_batch{batch}_tokens_per_s"] = batch * 1000 / ms
             results[f"decode_batch{batch}_weight_GBps"] = weight_bytes / (ms / 1000) / 1e9
         results["prefill_tokens_per_s"] = prefill_tokens_per_s(runner, args.prefill_tokens, 99999)
-        _, results["prefill_linear_GOPs"] = prefill_linear_gops(runner, args.prefill_tokens, 99998)
+        results["prefill_linear_GOPs"] = prefill_linear_gops(runner, args.prefill_tokens, 99998)
         results["int8_gemm_roof_GOPs"] = int8_gemm_roof(runner, args.prefill_tokens)
         results["decode_breakdown_ms"] = {
             str(batch): decode_breakdown(runner, batch, args.breakdown_context, args.steps, 2000 + 100 * batch)

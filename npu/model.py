@@ -187,7 +187,7 @@ class DecoderModel:
         cfg = self.cfg
         T = q.shape[0]
         group = batch.decode
-        if group is not None and not batch.seqs and group.covers_all_rows:
+        if group is not None and group.covers_all_rows:
             return self._decode_attention(q, layer, group, cache)  # a pure decode step: no gather/scatter
         attn = torch.empty(T, cfg.q_size, dtype=self.dtype)
         for span in batch.seqs:

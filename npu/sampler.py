@@ -32,9 +32,10 @@ class SequenceSamplingState:
 
 
 def _is_plain_greedy(o: SamplingOptions, st: SequenceSamplingState) -> bool:
-    """Greedy with nothing that changes the logits first and no logprobs: one batched argmax serves it."""
+    """Greedy with nothing that changes the logits first (see ``_apply_penalties``): one batched argmax
+    serves it. Logprobs do not matter: they are of the raw distribution either way."""
     return (o.temperature < GREEDY_TEMPERATURE and o.repetition_penalty == 1.0 and not o.presence_penalty
-            and not o.frequency_penalty and not o.logit_bias and o.logprobs is None
+            and not o.frequency_penalty and not o.logit_bias
             and not (len(st.output_token_ids) < o.min_tokens and o.min_tokens_suppress_ids))
 
 
