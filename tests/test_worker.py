@@ -410,7 +410,7 @@ def test_fused_paged_decode_attention_matches_sdpa():
         cache = PagedKVCache("int8", 2, hkv, d, num_blocks=40, block_size=16)
         slots_all = torch.randperm(40 * 16, generator=g)
         cache.write(1, slots_all, torch.randn(640, hkv, d, generator=g), torch.randn(640, hkv, d, generator=g))
-        lengths = [1, 17, 130, 64]
+        lengths = [1, 17, 130, 64, 401]  # 401: odd, and past one INT32 p . v accumulation run (256 keys)
         spans, start = [], 0
         for i, n in enumerate(lengths):
             spans.append(SeqSpan(i, 1, slots_all[start:start + n]))
@@ -425,5 +425,7 @@ def test_fused_paged_decode_attention_matches_sdpa():
             ref = torch.nn.functional.scaled_dot_product_attention(
                 q[i][None, :, None, :], kv.k.transpose(0, 1)[None], kv.v.transpose(0, 1)[None], scale=d**-0.5,
                 enable_gqa=hq != hkv)[0, :, 0, :]
-            # the kernel rounds q to INT16 (relative 1.5e-5) for its integer q . k: measured max error 3.5e-5
-            assert torch.allclose(fused[i], ref, atol=1e-4, rtol=1e-4), (hq, hkv, d, i)
+            # the kernel rounds q and the softmax weights (times the V scales) to INT16 for its integer q . k
+            # and p . v: half a step (largest weight / 32767) per key times |v_int8| <= 127; measured max
+            # error 8.3e-5 on these inputs (the fp32 p . v it replaced: 4.3e-5)
+            assert torch.allclose(fused[i], ref, atol=2e-4, rtol=1e-4), (hq, hkv, d, i)

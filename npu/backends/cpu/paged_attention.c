@@ -1,4 +1,5 @@
-// Decode attention straight from the paged INT8 KV cache (one query token per sequence), AVX-512 VNNI.
+// Attention straight from the paged INT8 KV cache, AVX-512 VNNI: decode (one query token per sequence)
+// and causal prefill / chunked prefill (further down).
 //
 // For sequence s and KV head h, with its G = Hq / Hkv query heads:
 //   score[g, j] = (q[s, h*G+g] . k_int8[slot_j, h]) * k_scale[slot_j, h] * scale
@@ -7,8 +8,17 @@
 // q . k runs in integers: q is rounded to INT16 per (sequence, head) (s_q = absmax / 32767, a relative
 // error of 1.5e-5, far below the INT8 keys' own) and multiplied with the sign-extended INT8 keys by
 // vpdpwssd, 32 products per instruction, summed exactly in INT32 (|sum| <= 32767 * 127 * 256 < 2^31).
-// Dot products of 16 keys are reduced together by one transpose-add tree. p . v runs in fp32 with the
-// output of all query heads of a KV head kept in registers, 16 head dimensions at a time.
+// Dot products of 16 (key, query vector) pairs are reduced together by one transpose-add tree.
+//
+// Decode: a work item is one sequence and a group of its KV heads (at most 16 query vectors). It reads
+// the sequence's slots once, in order, each slot's K and V rows of the group whole (the KV layout is
+// [slot, head, D], so that is one contiguous run per slot: measured 1.6x faster than walking the cache
+// head by head at batch 16, context 300, where each head's 128-byte rows sit 1 KB apart). The scores
+// are kept as vectors whose lanes are (key, query vector) pairs; the V rows are copied to a per-head
+// contiguous staging buffer on the way. Softmax weights, times the V scales, are then rounded to INT16
+// per query vector (relative error 1.5e-5 of the largest) and p . v runs as vpdpwssd over pairs of
+// keys, exact in INT32 over PV_FLUSH keys at a time, from the staged rows.
+// Prefill keeps fp32 p . v (pv_head): its query tile shares each value it converts.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -18,7 +28,7 @@
 
 #include "simd_math.h"
 
-#define VEC 16
+#define VEC 16        // fp32 / int32 lanes per zmm
 #define MAX_D 256     // keeps the INT32 q . k sum exact (see above)
 #define MAX_G 16
 #define Q_MAX 32767.0f
@@ -30,6 +40,7 @@
 // Slots ahead to prefetch: the slot list is an indirection the hardware prefetcher cannot follow.
 #define PREFETCH_SLOTS 8
 #define CACHE_LINE 64
+#define PV_FLUSH 256  // keys per INT32 p . v accumulation in decode: 256 * 32767 * 127 < 2^31
 
 static inline void prefetch_run(const int8_t *p, int bytes) {
     for (int b = 0; b < bytes; b += CACHE_LINE) _mm_prefetch((const char *)(p + b), _MM_HINT_T0);
@@ -60,37 +71,6 @@ static float quantize_q16(const float *q, int D, int16_t *q16) {
         _mm256_storeu_si256((__m256i *)(q16 + d), _mm512_cvtsepi32_epi16(v));
     }
     return s;
-}
-
-// sg[j] = q16 . k[sl[j], h] * kscale, for j < L (one query head).
-static void scores_one_head(const int16_t *q16, float qk_scale, const int8_t *kc, const float *ks, const int64_t *sl,
-                            int L, int Hkv, int h, int D, float *sg) {
-    const int NW = D / 32;  // 32 int16 per zmm
-    __m512i qv[MAX_D / 32];
-    for (int c = 0; c < NW; c++) qv[c] = _mm512_loadu_si512((const void *)(q16 + c * 32));
-    int j0 = 0;
-    for (; j0 + KEY_BLOCK <= L; j0 += KEY_BLOCK) {
-        __m512i acc[KEY_BLOCK];
-        for (int jj = 0; jj < KEY_BLOCK; jj++) {
-            if (j0 + jj + PREFETCH_SLOTS < L) prefetch_run(kc + ((size_t)sl[j0 + jj + PREFETCH_SLOTS] * Hkv + h) * D, D);
-            const int8_t *kr = kc + ((size_t)sl[j0 + jj] * Hkv + h) * D;
-            __m512i a = _mm512_setzero_si512();
-            for (int c = 0; c < NW; c++)
-                a = _mm512_dpwssd_epi32(a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(kr + c * 32))), qv[c]);
-            acc[jj] = a;
-        }
-        const __m512 sc = _mm512_cvtepi32_ps(hsum16_epi32(acc));
-        float kscale[KEY_BLOCK];
-        for (int jj = 0; jj < KEY_BLOCK; jj++) kscale[jj] = ks[(size_t)sl[j0 + jj] * Hkv + h];
-        _mm512_storeu_ps(sg + j0, _mm512_mul_ps(_mm512_mul_ps(sc, _mm512_set1_ps(qk_scale)), _mm512_loadu_ps(kscale)));
-    }
-    for (int j = j0; j < L; j++) {
-        const int8_t *kr = kc + ((size_t)sl[j] * Hkv + h) * D;
-        __m512i a = _mm512_setzero_si512();
-        for (int c = 0; c < NW; c++)
-            a = _mm512_dpwssd_epi32(a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(kr + c * 32))), qv[c]);
-        sg[j] = (float)_mm512_reduce_add_epi32(a) * qk_scale * ks[(size_t)sl[j] * Hkv + h];
-    }
 }
 
 // Softmax of sg[0:L] in place, then each weight times its value's scale.
@@ -149,37 +129,201 @@ static void pv_head(const float *p, int pstride, int L, const int8_t *vc, const 
     }
 }
 
+// Per-(slot, head) fp32 scales as lanes: lane k * NQV + i gets base[sl[j0 + k] * Hkv + h0 + i / G] for
+// keys j0 + k < L (masked loads: nothing past a row's HC heads is touched), 0 elsewhere.
+static inline __m512 scale_lanes(const float *base, const int64_t *sl, int j0, int L, int Hkv, int h0, int HC,
+                                 int NQV, int KPB, __m512i head_of_lane) {
+    __m512 r = _mm512_setzero_ps();
+    for (int k = 0; k < KPB && j0 + k < L; k++) {
+        const __m512 row = _mm512_maskz_loadu_ps((__mmask16)((1u << HC) - 1u), base + (size_t)sl[j0 + k] * Hkv + h0);
+        r = _mm512_mask_permutexvar_ps(r, (__mmask16)(((1u << NQV) - 1u) << (k * NQV)), head_of_lane, row);
+    }
+    return r;
+}
+
+// head_of_lane[l] = (l % NQV) / G
+static inline __m512i head_lanes(int NQV, int G) {
+    int32_t t[VEC];
+    for (int l = 0; l < VEC; l++) t[l] = (l % NQV) / G;
+    return _mm512_loadu_si512((const void *)t);
+}
+
+// lane k * NQV + i of vector b holds key b * KPB + k and query vector i (KPB = VEC / NQV keys per vector)
+static inline __attribute__((always_inline)) void pass_keys(const int16_t *q16, __m512 qsl, int NQV, int G, int D,
+        const int8_t *kc, const float *ks, const int8_t *vc, const int64_t *sl, int L, int Hkv, int h0,
+        float *sv, int8_t *vstage, int vplane) {
+    const int KPB = VEC / NQV, HC = NQV / G, NW = D / 32;
+    const __m512i head_of_lane = head_lanes(NQV, G);
+    for (int j0 = 0, b = 0; j0 < L; j0 += KPB, b++) {
+        __m512i acc[VEC];
+        for (int l = KPB * NQV; l < VEC; l++) acc[l] = _mm512_setzero_si512();
+        for (int k = 0; k < KPB; k++) {
+            const int j = j0 + k < L ? j0 + k : L - 1;
+            const size_t row = (size_t)sl[j] * Hkv + h0;
+            for (int hi = 0; hi < HC; hi++) {
+                const int8_t *kr = kc + (row + hi) * D;
+                __m512i kv[MAX_D / 32];
+                for (int c = 0; c < NW; c++) kv[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(kr + c * 32)));
+                for (int g = 0; g < G; g++) {
+                    const int16_t *qi = q16 + (size_t)(hi * G + g) * D;
+                    __m512i a = _mm512_dpwssd_epi32(_mm512_setzero_si512(), kv[0], _mm512_loadu_si512((const void *)qi));
+                    for (int c = 1; c < NW; c++) a = _mm512_dpwssd_epi32(a, kv[c], _mm512_loadu_si512((const void *)(qi + c * 32)));
+                    acc[k * NQV + hi * G + g] = a;
+                }
+                if (j0 + k < L) memcpy(vstage + ((size_t)hi * vplane + j0 + k) * D, vc + (row + hi) * D, D);
+            }
+        }
+        const int nvalid = (L - j0 < KPB ? L - j0 : KPB) * NQV;
+        const __m512 s = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hsum16_epi32(acc)), qsl),
+                                       scale_lanes(ks, sl, j0, L, Hkv, h0, HC, NQV, KPB, head_of_lane));
+        _mm512_storeu_ps(sv + (size_t)b * VEC, _mm512_mask_blend_ps((__mmask16)((1u << nvalid) - 1u), _mm512_set1_ps(-INFINITY), s));
+    }
+}
+
+// lanes -> per query vector (lanes k * NQV + i, k < KPB) -> back to lanes, by max or by sum
+static inline __m512 regroup(__m512 v, int NQV, int use_max) {
+    float t[VEC], r[VEC];
+    _mm512_storeu_ps(t, v);
+    const int KPB = VEC / NQV;
+    for (int i = 0; i < NQV; i++) {
+        float a = t[i];
+        for (int k = 1; k < KPB; k++) a = use_max ? (t[k * NQV + i] > a ? t[k * NQV + i] : a) : a + t[k * NQV + i];
+        r[i] = a;
+    }
+    for (int l = NQV; l < VEC; l++) r[l] = l < KPB * NQV ? r[l % NQV] : 0.0f;
+    return _mm512_loadu_ps(r);
+}
+
+// softmax over keys per query vector, times V scales, quantized to INT16 per query vector:
+// p16[j * NQV + i]; psc[i] its scale. Two zero keys of padding follow key L - 1.
+static void probs_int16(float *sv, int NQV, int G, int L, const float *vs, const int64_t *sl, int Hkv, int h0,
+                        int16_t *p16, float *psc) {
+    const int KPB = VEC / NQV, nb = (L + KPB - 1) / KPB;
+    const __m512i head_of_lane = head_lanes(NQV, G);
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int b = 0; b < nb; b++) m = _mm512_max_ps(m, _mm512_loadu_ps(sv + (size_t)b * VEC));
+    m = regroup(m, NQV, 1);
+    __m512 sum = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int nvalid = (L - b * KPB < KPB ? L - b * KPB : KPB) * NQV;
+        const __m512 e = _mm512_maskz_mov_ps((__mmask16)((1u << nvalid) - 1u), exp512(_mm512_sub_ps(_mm512_loadu_ps(sv + (size_t)b * VEC), m)));
+        sum = _mm512_add_ps(sum, e);
+        _mm512_storeu_ps(sv + (size_t)b * VEC, e);
+    }
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), regroup(sum, NQV, 0));
+    __m512 pmax = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const __m512 vsc = scale_lanes(vs, sl, b * KPB, L, Hkv, h0, NQV / G, NQV, KPB, head_of_lane);
+        const __m512 p = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(sv + (size_t)b * VEC), inv), vsc);
+        pmax = _mm512_max_ps(pmax, p);
+        _mm512_storeu_ps(sv + (size_t)b * VEC, p);
+    }
+    pmax = regroup(pmax, NQV, 1);
+    float pm[VEC];
+    _mm512_storeu_ps(pm, pmax);
+    for (int i = 0; i < NQV; i++) psc[i] = pm[i] / Q_MAX;
+    const __m512 qscale = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(pmax, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(Q_MAX), pmax);
+    int16_t tmp[VEC];
+    for (int b = 0; b < nb; b++) {
+        _mm256_storeu_si256((__m256i *)tmp, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(sv + (size_t)b * VEC), qscale))));
+        const int nk = L - b * KPB < KPB ? L - b * KPB : KPB;
+        memcpy(p16 + (size_t)b * KPB * NQV, tmp, sizeof(int16_t) * nk * NQV);
+    }
+    memset(p16 + (size_t)L * NQV, 0, sizeof(int16_t) * 2 * NQV);
+}
+
+// out[g][0:D] = psc[g] * sum_j p16[j * NQV + g] v[j] for NG (1 or 2) query vectors; v rows contiguous.
+static inline __attribute__((always_inline)) void pv16_rows(const int16_t *p16, int NQV, const float *psc, int L,
+        const int8_t *v, int D, int NG, float *out) {
+    const int NC = D / 32;
+    __m512 fo[2][MAX_D / 16];
+    for (int g = 0; g < NG; g++) for (int c = 0; c < 2 * NC; c++) fo[g][c] = _mm512_setzero_ps();
+    for (int f0 = 0; f0 < L; f0 += PV_FLUSH) {
+        const int f1 = L - f0 < PV_FLUSH ? L : f0 + PV_FLUSH;
+        __m512i acc[2][MAX_D / 16];
+        for (int g = 0; g < NG; g++) for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_setzero_si512();
+        for (int j = f0; j < f1; j += 2) {
+            const int8_t *v0 = v + (size_t)j * D, *v1 = v0 + D;  // row L (odd L) is padding: its weight is 0
+            __m512i pp[2];
+            for (int g = 0; g < NG; g++)
+                pp[g] = _mm512_set1_epi32((int32_t)(((uint32_t)(uint16_t)p16[(size_t)(j + 1) * NQV + g] << 16) | (uint16_t)p16[(size_t)j * NQV + g]));
+            for (int c = 0; c < NC; c++) {
+                const __m256i a = _mm256_loadu_si256((const __m256i *)(v0 + c * 32));
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(v1 + c * 32));
+                const __m512i lo = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(a, b));  // dims 0-7, 16-23 of the 32
+                const __m512i hi = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(a, b));  // dims 8-15, 24-31
+                for (int g = 0; g < NG; g++) {
+                    acc[g][2 * c] = _mm512_dpwssd_epi32(acc[g][2 * c], lo, pp[g]);
+                    acc[g][2 * c + 1] = _mm512_dpwssd_epi32(acc[g][2 * c + 1], hi, pp[g]);
+                }
+            }
+        }
+        for (int g = 0; g < NG; g++) for (int c = 0; c < 2 * NC; c++)
+            fo[g][c] = _mm512_add_ps(fo[g][c], _mm512_cvtepi32_ps(acc[g][c]));
+    }
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int g = 0; g < NG; g++) {
+        const __m512 s = _mm512_set1_ps(psc[g]);
+        for (int c = 0; c < NC; c++) {
+            _mm512_storeu_ps(out + (size_t)g * D + c * 32, _mm512_mul_ps(_mm512_permutex2var_ps(fo[g][2 * c], first, fo[g][2 * c + 1]), s));
+            _mm512_storeu_ps(out + (size_t)g * D + c * 32 + 16, _mm512_mul_ps(_mm512_permutex2var_ps(fo[g][2 * c], second, fo[g][2 * c + 1]), s));
+        }
+    }
+}
+
+#define PASS_KEYS_CASE(nqv, g) \
+    if (NQV == nqv && G == g && D == 128) { pass_keys(q16, qsl, nqv, g, 128, kc, ks, vc, sl, L, Hkv, h0, sv, vstage, vplane); return; }
+static void pass_keys_dispatch(const int16_t *q16, __m512 qsl, int NQV, int G, int D, const int8_t *kc, const float *ks,
+        const int8_t *vc, const int64_t *sl, int L, int Hkv, int h0, float *sv, int8_t *vstage, int vplane) {
+    PASS_KEYS_CASE(2, 2) PASS_KEYS_CASE(4, 2) PASS_KEYS_CASE(8, 2) PASS_KEYS_CASE(16, 2)
+    PASS_KEYS_CASE(4, 4) PASS_KEYS_CASE(8, 4) PASS_KEYS_CASE(16, 4)
+    PASS_KEYS_CASE(1, 1) PASS_KEYS_CASE(2, 1) PASS_KEYS_CASE(4, 1) PASS_KEYS_CASE(8, 1) PASS_KEYS_CASE(16, 1)
+    pass_keys(q16, qsl, NQV, G, D, kc, ks, vc, sl, L, Hkv, h0, sv, vstage, vplane);
+}
+
+// q [S, Hq, D]; slots [S, Lmax] (sequence s uses its first lens[s]); out [S, Hq, D].
 // Returns 0 on success, -1 when the shapes are outside what this kernel handles (caller falls back).
 int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, const int8_t *kc, const float *ks,
                                 const int8_t *vc, const float *vs, const int64_t *slots, const int32_t *lens, int Lmax,
                                 float scale, float *out) {
-    if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > MAX_G) return -1;
+    if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > VEC) return -1;
     const int G = Hq / Hkv;
-    // Fewer sequences than threads: split each sequence's heads into chunks (a divisor of Hkv).
-    int chunks = 1;
-    while (chunks < Hkv && S * chunks < ITEMS_PER_THREAD * omp_get_max_threads()) {
-        chunks++;
-        while (Hkv % chunks) chunks++;
-    }
-    const int HC = Hkv / chunks, Lalloc = Lmax > 0 ? Lmax : 1;
+    // heads per work item: a divisor of Hkv with at most VEC query vectors; fewer where there are
+    // fewer sequences than threads
+    int HC = Hkv;
+    while (HC > 1 && (HC * G > VEC || Hkv % HC || S * (Hkv / HC) < ITEMS_PER_THREAD * omp_get_max_threads())) HC--;
+    while (Hkv % HC || HC * G > VEC) HC--;
+    const int chunks = Hkv / HC, NQV = HC * G, KPB = VEC / NQV, Lcap = (Lmax > 0 ? Lmax : 1) + 2;
 #pragma omp parallel
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)G * (Lalloc + KEY_BLOCK));
-        int16_t q16[MAX_D];
+        float *sv = (float *)malloc(sizeof(float) * VEC * ((size_t)Lcap / KPB + 2));
+        int16_t *p16 = (int16_t *)malloc(sizeof(int16_t) * (size_t)NQV * (Lcap + KPB));
+        int8_t *vstage = (int8_t *)malloc((size_t)HC * Lcap * D);
+        int16_t q16[VEC * MAX_D];
 #pragma omp for schedule(dynamic)
         for (int w = 0; w < S * chunks; w++) {
             const int s = w / chunks, h0 = (w % chunks) * HC, L = lens[s];
             const int64_t *sl = slots + (size_t)s * Lmax;
-            for (int h = h0; h < h0 + HC; h++) {
-                for (int g = 0; g < G; g++) {
-                    const float sq = quantize_q16(q + ((size_t)s * Hq + (size_t)h * G + g) * D, D, q16);
-                    scores_one_head(q16, sq * scale, kc, ks, sl, L, Hkv, h, D, scores + (size_t)g * L);
-                    softmax_fold_scales(scores + (size_t)g * L, L, vs, sl, Hkv, h);
+            float *o = out + ((size_t)s * Hq + (size_t)h0 * G) * D;
+            if (L <= 0) { memset(o, 0, sizeof(float) * NQV * D); continue; }
+            float qs[VEC], psc[VEC];
+            for (int i = 0; i < NQV; i++) qs[i] = quantize_q16(q + ((size_t)s * Hq + (size_t)h0 * G + i) * D, D, q16 + (size_t)i * D) * scale;
+            float ql[VEC];
+            for (int l = 0; l < VEC; l++) ql[l] = l < KPB * NQV ? qs[l % NQV] : 0.0f;
+            pass_keys_dispatch(q16, _mm512_loadu_ps(ql), NQV, G, D, kc, ks, vc, sl, L, Hkv, h0, sv, vstage, Lcap);
+            probs_int16(sv, NQV, G, L, vs, sl, Hkv, h0, p16, psc);
+            for (int hi = 0; hi < HC; hi++) {
+                const int8_t *vh = vstage + (size_t)hi * Lcap * D;
+                for (int g = 0; g < G; g += 2) {
+                    const int i = hi * G + g;
+                    if (G - g >= 2 && D == 128) pv16_rows(p16 + i, NQV, psc + i, L, vh, 128, 2, o + (size_t)i * D);
+                    else if (G - g >= 2) pv16_rows(p16 + i, NQV, psc + i, L, vh, D, 2, o + (size_t)i * D);
+                    else pv16_rows(p16 + i, NQV, psc + i, L, vh, D, 1, o + (size_t)i * D);
                 }
-                pv_head(scores, L, L, vc, sl, Hkv, h, D, G, out + ((size_t)s * Hq + (size_t)h * G) * D);
             }
         }
-        free(scores);
+        free(sv); free(p16); free(vstage);
     }
     return 0;
 }
