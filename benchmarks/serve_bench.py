@@ -3,7 +3,11 @@ open-loop client, report TTFT / TPOT / ITL / E2E (mean, p50, p90, p99), output t
 side by side and as ratios; write JSON and (with matplotlib) a PNG.
 
     python benchmarks/serve_bench.py --model DIR [--vllm-venv PATH] [--concurrency 1 16]
-        [--input-len 256 --output-len 128 --num-prompts 32] [--rate R]
+        [--input-len 256 --output-len 128 --num-prompts 32] [--rate R] [--rounds 3]
+
+The servers run interleaved: every round measures every level on every server back to back, so the
+ratio of one round compares runs minutes apart (this class of VM drifts by tens of percent over an
+hour); the report gives the median over rounds, and each round's ratio.
 
 Prompts are random token ids (fixed seed, same for every server), sent to /v1/completions with
 ``ignore_eos`` so every request generates exactly ``--output-len`` tokens; a fresh ``--seed`` per run
@@ -179,6 +183,68 @@ def plot(report: dict, path: Path) -> None:
     print(f"plot: {path}")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its descendants (Linux /proc; children via /proc/PID/task/*/children)."""
+    total, stack, seen = 0.0, [pid], set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += process_cpu_seconds(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return total
+
+
+def measure_level(kind: str, proc: subprocess.Popen, base: str, prompts: list[list[int]], c: int,
+                  args: argparse.Namespace) -> dict:
+    """One load level against one server: the client-side summary, plus our engine's own accounting."""
+    ours = kind.startswith("ours")
+    before = engine_overhead(base) if ours else {}
+    api_cpu_before = process_cpu_seconds(proc.pid)
+    records, wall = asyncio.run(run_load(base, "bench", prompts, args.output_len, c, args.rate, args.seed))
+    summary = summarize(records, wall)
+    if ours:
+        after = engine_overhead(base)
+        d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        steps = d.get("a8w8:engine_steps_total", 0)
+        if steps:
+            step = d["a8w8:engine_step_seconds_total"] / steps
+            compute = d["a8w8:worker_compute_seconds_total"] / steps
+            summary["engine_step_ms"] = step * 1000
+            summary["worker_compute_ms"] = compute * 1000
+            summary["scheduler_ipc_overhead_share"] = (step - compute) / step
+            # Everything the API process did (HTTP, SSE, detokenizing, scheduling, IPC) in CPU seconds per
+            # second of engine steps: the overhead if none of it overlapped compute.
+            api_cpu = process_cpu_seconds(proc.pid) - api_cpu_before
+            summary["api_process_cpu_s"] = api_cpu
+            summary["api_cpu_per_step_time_share"] = api_cpu / d["a8w8:engine_step_seconds_total"]
+    return summary
+
+
+# per-level figures whose median over rounds the report and the plot use
+HEADLINE = ("tpot_s", "ttft_s", "itl_s", "e2e_s")
+HEADLINE_SCALARS = ("output_tokens_per_s", "requests_per_s", "scheduler_ipc_overhead_share", "api_cpu_per_step_time_share")
+
+
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """Median over rounds of each headline figure (the mean of each latency, throughputs, overhead shares)."""
+    out: dict = {"rounds": rounds}
+    for key in HEADLINE:
+        vals = [r[key]["mean"] for r in rounds if r.get(key)]
+        out[key] = {"mean": statistics.median(vals)} if vals else {}
+    for key in HEADLINE_SCALARS:
+        vals = [r[key] for r in rounds if key in r]
+        if vals:
+            out[key] = statistics.median(vals)
+    out["failed"] = sum(r["failed"] for r in rounds)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory both servers load (e.g. compressed-tensors W8A8)")
@@ -191,6 +257,9 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--num-prompts", type=int, default=None, help="per level (default: 2 x concurrency, at least 4)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds: each round runs every level on every server back to back (rotating "
+                         "the server order), so a ratio compares runs minutes apart; medians over rounds are reported")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--out", default="bench-results/serve.json")
@@ -203,65 +272,77 @@ def main() -> None:
     ours_configs = args.ours_args or [""]
     kinds = [(f"ours {extra}".strip(), extra) for extra in ours_configs] + ([("vllm", "")] if args.vllm_venv else [])
     report = {"model": args.model, "model_name": Path(args.model).name, "input_len": args.input_len,
-              "output_len": args.output_len, "seed": args.seed, "rate": args.rate, "servers": {},
-              "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
-    for kind, extra in kinds:
-        port = free_port()
-        proc = start_server(kind, extra, args.model, port, args)
-        base = f"http://127.0.0.1:{port}"
-        try:
+              "output_len": args.output_len, "seed": args.seed, "rate": args.rate, "rounds": args.rounds,
+              "servers": {}, "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
+    # All servers stay up for the whole run (idle ones wait on sockets; their CPU use while another server
+    # is measured is recorded as idle_servers_cpu_s) so that rounds can interleave them.
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    rounds: dict[str, dict[str, list[dict]]] = {kind: {str(c): [] for c in args.concurrency} for kind, _ in kinds}
+    try:
+        for kind, extra in kinds:
+            port = free_port()
+            procs[kind] = (start_server(kind, extra, args.model, port, args), f"http://127.0.0.1:{port}")
+        for kind, (proc, base) in procs.items():
             wait_healthy(base, STARTUP_TIMEOUT, proc)
             # warm-up request (first-use costs do not belong in the numbers)
             asyncio.run(run_load(base, "bench", [[rng.randint(*id_range) for _ in range(16)]], 4, 1, None, 0))
-            report["servers"][kind] = {}
+        for rnd in range(args.rounds):
+            order = [kind for kind, _ in kinds]
+            order = order[rnd % len(order):] + order[:rnd % len(order)]
             for c in args.concurrency:
                 n = args.num_prompts or max(4, 2 * c)
+                # fresh prompts per round and level (no prefix-cache hits), the same for every server
                 prompts = [[rng.randint(*id_range) for _ in range(args.input_len)] for _ in range(n)]
-                ours = kind.startswith("ours")
-                before = engine_overhead(base) if ours else {}
-                api_cpu_before = process_cpu_seconds(proc.pid)
-                records, wall = asyncio.run(run_load(base, "bench", prompts, args.output_len, c, args.rate, args.seed))
-                summary = summarize(records, wall)
-                if ours:
-                    after = engine_overhead(base)
-                    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-                    steps = d.get("a8w8:engine_steps_total", 0)
-                    if steps:
-                        step = d["a8w8:engine_step_seconds_total"] / steps
-                        compute = d["a8w8:worker_compute_seconds_total"] / steps
-                        summary["engine_step_ms"] = step * 1000
-                        summary["worker_compute_ms"] = compute * 1000
-                        summary["scheduler_ipc_overhead_share"] = (step - compute) / step
-                        # Everything the API process did (HTTP, SSE, detokenizing, scheduling, IPC) in CPU
-                        # seconds per second of engine steps: the overhead if none of it overlapped compute.
-                        api_cpu = process_cpu_seconds(proc.pid) - api_cpu_before
-                        summary["api_process_cpu_s"] = api_cpu
-                        summary["api_cpu_per_step_time_share"] = api_cpu / d["a8w8:engine_step_seconds_total"]
-                report["servers"][kind][str(c)] = summary
-                t, e = summary["tpot_s"], summary["ttft_s"]
-                print(f"{kind:30s} c={c:3d}: TPOT {t.get('mean', 0) * 1000:7.1f} ms  TTFT {e.get('mean', 0) * 1000:8.1f} ms  "
-                      f"{summary['output_tokens_per_s']:7.1f} out tok/s  {summary['requests_per_s']:.2f} req/s"
-                      + (f"  failed {summary['failed']}" if summary["failed"] else "")
-                      + (f"  [engine: scheduler+IPC {100 * summary['scheduler_ipc_overhead_share']:.1f} % of step; "
-                         f"API process CPU {100 * summary['api_cpu_per_step_time_share']:.1f} % of step time]"
-                         if "api_cpu_per_step_time_share" in summary else ""))
-        finally:
+                for kind in order:
+                    proc, base = procs[kind]
+                    others_before = sum(tree_cpu_seconds(p.pid) for k, (p, _) in procs.items() if k != kind)
+                    summary = measure_level(kind, proc, base, prompts, c, args)
+                    summary["idle_servers_cpu_s"] = (
+                        sum(tree_cpu_seconds(p.pid) for k, (p, _) in procs.items() if k != kind) - others_before)
+                    rounds[kind][str(c)].append(summary)
+                    t, e = summary["tpot_s"], summary["ttft_s"]
+                    print(f"round {rnd + 1} {kind:28s} c={c:3d}: TPOT {t.get('mean', 0) * 1000:7.1f} ms  "
+                          f"TTFT {e.get('mean', 0) * 1000:8.1f} ms  {summary['output_tokens_per_s']:7.1f} out tok/s  "
+                          f"{summary['requests_per_s']:.2f} req/s  (idle servers used {summary['idle_servers_cpu_s']:.1f} CPU s)"
+                          + (f"  failed {summary['failed']}" if summary["failed"] else "")
+                          + (f"  [engine: scheduler+IPC {100 * summary['scheduler_ipc_overhead_share']:.1f} % of step; "
+                             f"API process CPU {100 * summary['api_cpu_per_step_time_share']:.1f} % of step time]"
+                             if "api_cpu_per_step_time_share" in summary else ""), flush=True)
+    finally:
+        for proc, _ in procs.values():
             proc.terminate()
+        for proc, _ in procs.values():
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    print(f"medians over {args.rounds} rounds:")
+    for kind, _ in kinds:
+        report["servers"][kind] = {}
+        for c in map(str, args.concurrency):
+            m = report["servers"][kind][c] = median_of_rounds(rounds[kind][c])
+            overhead = (f"  [engine: scheduler+IPC {100 * m['scheduler_ipc_overhead_share']:.1f} % of step; "
+                        f"API process CPU {100 * m['api_cpu_per_step_time_share']:.1f} % of step time]"
+                        if "api_cpu_per_step_time_share" in m else "")
+            print(f"{kind:30s} c={int(c):3d}: TPOT {m['tpot_s'].get('mean', 0) * 1000:7.1f} ms  "
+                  f"TTFT {m['ttft_s'].get('mean', 0) * 1000:8.1f} ms  {m['output_tokens_per_s']:7.1f} out tok/s"
+                  + (f"  failed {m['failed']}" if m["failed"] else "") + overhead)
     if "vllm" in report["servers"]:
         ratios: dict[str, dict] = {}
         for kind, _ in kinds[:-1]:
             for c in map(str, args.concurrency):
-                o, v = report["servers"][kind].get(c), report["servers"]["vllm"].get(c)
-                if o and v and o["tpot_s"] and v["tpot_s"]:
-                    r = {"tpot_ours_over_vllm": o["tpot_s"]["mean"] / v["tpot_s"]["mean"],
-                         "throughput_ours_over_vllm": o["output_tokens_per_s"] / v["output_tokens_per_s"]}
-                    ratios.setdefault(kind, {})[c] = r
-                    print(f"{kind} vs vllm, c={c}: TPOT ratio {r['tpot_ours_over_vllm']:.2f}, "
-                          f"output tok/s ratio {r['throughput_ours_over_vllm']:.2f}")
+                per_round = [
+                    {"tpot_ours_over_vllm": o["tpot_s"]["mean"] / v["tpot_s"]["mean"],
+                     "throughput_ours_over_vllm": o["output_tokens_per_s"] / v["output_tokens_per_s"]}
+                    for o, v in zip(rounds[kind][c], rounds["vllm"][c]) if o["tpot_s"] and v["tpot_s"]]
+                if not per_round:
+                    continue
+                tp = [r["tpot_ours_over_vllm"] for r in per_round]
+                th = [r["throughput_ours_over_vllm"] for r in per_round]
+                ratios.setdefault(kind, {})[c] = {"per_round": per_round, "tpot_ours_over_vllm": statistics.median(tp),
+                                                  "throughput_ours_over_vllm": statistics.median(th)}
+                print(f"{kind} vs vllm, c={c}: TPOT ratio {statistics.median(tp):.2f} (rounds {', '.join(f'{x:.2f}' for x in tp)}), "
+                      f"output tok/s ratio {statistics.median(th):.2f} (rounds {', '.join(f'{x:.2f}' for x in th)})")
         report["ratios"] = ratios
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"JSON: {args.out}")
