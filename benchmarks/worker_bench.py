@@ -1,5 +1,6 @@
 """Micro-benchmark of the worker (no server): decode ms/step at batch 1 and 16, prefill tokens/s, and the
-achieved weight bandwidth next to this machine's measured memory bandwidth; for the prefill, the speed of
+achieved weight bandwidth next to this machine's measured memory bandwidth (the batch-1 floor ratio from
+pairs of a bandwidth reading and decode steps right after it, median of the pairs); for the prefill, the speed of
 its decoder linears (timed inside the real prefill, fused prologue/epilogue included) next to the INT8
 GEMM roof measured here (``torch._int_mm`` at M = the prefill length, on the same shapes).
 
@@ -37,20 +38,39 @@ BANDWIDTH_BUFFER_BYTES = 512 * 1024**2  # far larger than L3, so this measures D
 BLOCK = 16
 
 
-def measure_bandwidth(repeats: int = 9) -> dict[str, float]:
+def measure_bandwidth(repeats: int = 9, copy: bool = True) -> dict[str, float]:
     """Streaming read (sum) and copy bandwidth of DRAM, median of ``repeats``, in GB/s."""
     n = BANDWIDTH_BUFFER_BYTES // 4
     a = torch.ones(n, dtype=torch.float32)
-    b = torch.empty_like(a)
-    read, copy = [], []
+    b = torch.empty_like(a) if copy else None
+    reads, copies = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         a.sum()
-        read.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t) / 1e9)
-        t = time.perf_counter()
-        b.copy_(a)
-        copy.append(2 * BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t) / 1e9)  # read + write
-    return {"read_GBps": statistics.median(read), "copy_GBps": statistics.median(copy)}
+        reads.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t) / 1e9)
+        if b is not None:
+            t = time.perf_counter()
+            b.copy_(a)
+            copies.append(2 * BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t) / 1e9)  # read + write
+    return {"read_GBps": statistics.median(reads), **({"copy_GBps": statistics.median(copies)} if copies else {})}
+
+
+# Pairs of (bandwidth reading, batch-1 decode steps) for the floor ratio: this VM's bandwidth drifts by
+# 2x over minutes, so each decode measurement is set against a reading taken right before it.
+FLOOR_PAIRS = 7
+FLOOR_PAIR_STEPS = 8
+FLOOR_PAIR_BW_REPEATS = 3
+
+
+def floor_ratio_pairs(runner: ModelRunner, weight_bytes: int, seq_base: int) -> list[dict[str, float]]:
+    """Per pair: the read bandwidth, the batch-1 decode ms/step right after it, and their ratio to the floor."""
+    pairs = []
+    for i in range(FLOOR_PAIRS):
+        bw = measure_bandwidth(FLOOR_PAIR_BW_REPEATS, copy=False)["read_GBps"]
+        ms = decode_ms(runner, 1, 128, FLOOR_PAIR_STEPS, seq_base + i)
+        floor_ms = weight_bytes / (bw * 1e9) * 1000
+        pairs.append({"read_GBps": bw, "decode_ms": ms, "floor_ms": floor_ms, "ratio": ms / floor_ms})
+    return pairs
 
 
 ROOF_REPEATS = 3
@@ -236,22 +256,17 @@ def main() -> None:
             str(batch): decode_breakdown(runner, batch, args.breakdown_context, args.steps, 2000 + 100 * batch)
             for batch in (1, 16)}
         results["prefill_linear_share_of_roof"] = results["prefill_linear_GOPs"] / results["int8_gemm_roof_GOPs"]
-    # This VM's memory bandwidth drifts over minutes: measure again after the runs and take the better
-    # figure, so the floor is the stricter one.
-    bw_after = measure_bandwidth()
-    bw = {"read_GBps": max(bw["read_GBps"], bw_after["read_GBps"]), "copy_GBps": max(bw["copy_GBps"], bw_after["copy_GBps"]),
-          "read_GBps_before_after": [bw["read_GBps"], bw_after["read_GBps"]]}
+        results["floor_pairs"] = floor_ratio_pairs(runner, weight_bytes, 5000)
     floor_ms = weight_bytes / (bw["read_GBps"] * 1e9) * 1000
     report = {
         "shape": args.shape, "kv_cache_dtype": args.kv_cache_dtype, "quantize_lm_head": args.quantize_lm_head, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "weight_bytes_per_step": weight_bytes, **bw, "decode_floor_ms": floor_ms, **results,
-        "decode_batch1_ratio_to_floor": results["decode_batch1_ms_per_step"] / floor_ms,
+        "decode_batch1_ratio_to_floor": statistics.median(p["ratio"] for p in results["floor_pairs"]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"machine bandwidth: read {bw['read_GBps']:.1f} GB/s (best of before/after: "
-          f"{bw['read_GBps_before_after'][0]:.1f}, {bw['read_GBps_before_after'][1]:.1f}), copy {bw['copy_GBps']:.1f} GB/s "
+    print(f"machine bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s at the start "
           f"({torch.get_num_threads()} threads, torch {torch.__version__})")
     print(f"{args.shape}: {weight_bytes / 1e6:.0f} MB of linear weights (incl. lm_head) read per decode step; "
           f"floor at read bandwidth {floor_ms:.1f} ms/step")
@@ -266,7 +281,11 @@ def main() -> None:
         rest = parts["total"] - sum(parts[p] for p in BREAKDOWN_PARTS)
         print(f"decode batch {batch:>2s} at context {args.breakdown_context}, ms/step: {parts['total']:.1f} = "
               + ", ".join(f"{p} {parts[p]:.1f}" for p in BREAKDOWN_PARTS) + f", other {rest:.1f}")
-    print(f"decode batch 1 / floor = {report['decode_batch1_ratio_to_floor']:.2f}x; JSON in {args.out}")
+    pairs = results["floor_pairs"]
+    print(f"decode batch 1 / floor, {len(pairs)} pairs of (read bandwidth, then {FLOOR_PAIR_STEPS} decode steps): "
+          + ", ".join(f"{p['decode_ms']:.1f} ms / {p['floor_ms']:.1f} ms at {p['read_GBps']:.1f} GB/s = {p['ratio']:.2f}x"
+                      for p in pairs))
+    print(f"decode batch 1 / floor = {report['decode_batch1_ratio_to_floor']:.2f}x (median of the pairs); JSON in {args.out}")
 
 
 if __name__ == "__main__":

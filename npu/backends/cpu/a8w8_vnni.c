@@ -90,8 +90,9 @@ static void quantize_rows(const float *x, int M, int K, int Kp, int prologue, co
 
 // One MR_ x NR_ register tile: rows m0.. of xq against NR_ consecutive packed column blocks starting at w0.
 // MR_ and NR_ are compile-time constants at every call site, so the accumulators stay in registers.
-// With several row passes over one column tile (M > MR), pass p also prefetches every P-th k-group of the
-// next tile (next != NULL), so that its DRAM reads overlap the passes that compute from cache.
+// Pass p of the P row passes over one column tile also prefetches every P-th k-group of the next tile
+// (next != NULL), so that its DRAM reads overlap the passes that compute from cache; with one pass (M <= MR)
+// that is the whole next tile, one tile ahead of the hardware prefetcher (measured 4 % faster at M = 1, 2).
 static inline __attribute__((always_inline)) void tile(const uint8_t *xq, int Kp, const int8_t *w0, int MR_, int NR_,
                                                        __m512i acc[MR][NR], const int8_t *next, int pass, int npasses) {
     const size_t bstride = (size_t)Kp * NB;
@@ -132,7 +133,7 @@ void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
             vsw[j] = _mm512_loadu_ps(sw + n0 + j * NB);
         }
         const int npasses = (M + MR - 1) / MR;
-        const int8_t *next = npasses > 1 && t + 1 < ntiles ? w0 + (size_t)NR * Kp * NB : NULL;
+        const int8_t *next = t + 1 < ntiles ? w0 + (size_t)NR * Kp * NB : NULL;
         for (int m0 = 0; m0 < M; m0 += MR) {
             const int mr = M - m0 < MR ? M - m0 : MR, pass = m0 / MR;
             const uint8_t *xt = xq + (size_t)m0 * Kp;
