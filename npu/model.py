@@ -56,6 +56,21 @@ class DecodeGroup:
         return (torch.arange(self.slots.shape[1])[None, :] < self.lengths[:, None])[:, None, None, :]
 
 
+def sdpa_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, group: DecodeGroup, scale: float,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Decode attention of ``q`` ``[S, Hq, D]`` over each sequence's cached context: the context gathered
+    and dequantized, one padded, masked SDPA call (backends without a decode kernel). Returns ``[S, Hq*D]``."""
+    n, hq, d = q.shape
+    longest = group.slots.shape[1]
+    kv = cache.read(layer, group.slots.reshape(-1), dtype)
+    hkv = kv.k.shape[1]
+    k = kv.k.view(n, longest, hkv, d).transpose(1, 2)  # [S, Hkv, L, D]
+    v = kv.v.view(n, longest, hkv, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=group.mask(), scale=scale,
+                                         enable_gqa=hq != hkv)
+    return out.reshape(n, hq * d)
+
+
 @dataclass
 class ForwardBatch:
     token_ids: torch.Tensor  # [T] int64
@@ -135,19 +150,12 @@ class DecoderModel:
         return out[0].transpose(0, 1).reshape(q_len, cfg.num_heads * cfg.head_dim)
 
     def _decode_attention(self, q: torch.Tensor, layer: int, group: DecodeGroup, cache: PagedKVCache) -> torch.Tensor:
-        """One padded, masked SDPA call for all single-token sequences of the step."""
+        """All single-token sequences of the step: the backend's kernel, else one padded SDPA call."""
         cfg = self.cfg
-        n, longest = group.slots.shape  # q: [S, Hq, D], this group's query rows
         fused = self.backend.decode_attention(q, cache, layer, group.slots, group.lengths, self.scale)
         if fused is not None:
-            return fused.reshape(n, cfg.num_heads * cfg.head_dim)
-        kv = cache.read(layer, group.slots.reshape(-1), self.dtype)
-        k = kv.k.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [S, Hkv, L, D]
-        v = kv.v.view(n, longest, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        qh = q[:, :, None, :]  # [S, Hq, 1, D]
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=group.mask(), scale=self.scale,
-                                             enable_gqa=self.group > 1)
-        return out.reshape(n, cfg.num_heads * cfg.head_dim)
+            return fused.reshape(q.shape[0], cfg.num_heads * cfg.head_dim)
+        return sdpa_decode_attention(q, cache, layer, group, self.scale, self.dtype)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: PagedKVCache,

@@ -407,10 +407,11 @@ def test_fused_paged_decode_attention_matches_sdpa():
     backend = CpuBackend()
     g = torch.Generator().manual_seed(4)
     for hq, hkv, d in ((16, 8, 128), (6, 1, 64), (4, 4, 32), (9, 3, 64), (20, 2, 64)):
-        cache = PagedKVCache("int8", 2, hkv, d, num_blocks=40, block_size=16)
-        slots_all = torch.randperm(40 * 16, generator=g)
-        cache.write(1, slots_all, torch.randn(640, hkv, d, generator=g), torch.randn(640, hkv, d, generator=g))
-        lengths = [1, 17, 130, 64, 401]  # 401: odd, and past one INT32 p . v accumulation run (256 keys)
+        cache = PagedKVCache("int8", 2, hkv, d, num_blocks=80, block_size=16)
+        slots_all = torch.randperm(80 * 16, generator=g)
+        cache.write(1, slots_all, torch.randn(1280, hkv, d, generator=g), torch.randn(1280, hkv, d, generator=g))
+        # 401 and 600: contexts split in 2 and 3 parts (SPLIT_KEYS 256), odd lengths
+        lengths = [1, 17, 130, 64, 401, 600]
         spans, start = [], 0
         for i, n in enumerate(lengths):
             spans.append(SeqSpan(i, 1, slots_all[start:start + n]))

@@ -10,15 +10,18 @@
 // vpdpwssd, 32 products per instruction, summed exactly in INT32 (|sum| <= 32767 * 127 * 256 < 2^31).
 // Dot products of 16 (key, query vector) pairs are reduced together by one transpose-add tree.
 //
-// Decode: a work item is one sequence and a group of its KV heads (at most 16 query vectors). It reads
-// the sequence's slots once, in order, each slot's K and V rows of the group whole (the KV layout is
+// Decode: a work item is one sequence (or one part of its context, see SPLIT_KEYS) and a group of its KV
+// heads (at most 16 query vectors). It reads the slots once, in order, each slot's K and V rows of the
+// group whole (the KV layout is
 // [slot, head, D], so that is one contiguous run per slot; walking the cache head by head instead, each
 // head's 128-byte rows 1 KB apart, took 23 ms of a batch-16 decode step at context 300 where this takes
 // 13-17 ms: benchmarks/worker_bench.py's breakdown). The scores
 // are kept as vectors whose lanes are (key, query vector) pairs; the V rows are copied to a per-head
 // contiguous staging buffer on the way. Softmax weights, times the V scales, are then rounded to INT16
 // per query vector (relative error 1.5e-5 of the largest) and p . v runs as vpdpwssd over pairs of
-// keys, exact in INT32 over PV_FLUSH keys at a time, from the staged rows.
+// keys, exact in INT32 over PV_FLUSH keys at a time, from the staged rows. The parts of a split context
+// are combined by their softmax max and sum (flash-decoding); how a context is split depends on its own
+// length only, so a sequence's result does not depend on what else is in the batch.
 // Prefill keeps fp32 p . v (pv_head): its query tile shares each value it converts.
 #include <immintrin.h>
 #include <math.h>
@@ -36,12 +39,17 @@
 #define KEY_BLOCK 16  // keys whose dot products are reduced together
 // p . v keeps up to this many query heads' accumulators in registers; more are done in groups.
 #define PV_GROUP 8
-// Work items per thread to aim for when splitting heads (a little slack for uneven context lengths).
-#define ITEMS_PER_THREAD 2
 // Slots ahead to prefetch: the slot list is an indirection the hardware prefetcher cannot follow.
 #define PREFETCH_SLOTS 8
 #define CACHE_LINE 64
 #define PV_FLUSH 256  // keys per INT32 p . v accumulation in decode: 256 * 32767 * 127 < 2^31
+// Decode splits a sequence's context into parts of at most this many keys, one work item each (with a
+// whole group of heads): keeps both threads busy at small batches while every item reads whole slot
+// rows. In an A/B of the two variants (decode attention alone, context 300, INT8 K/V from DRAM; the
+// script was not kept, benchmarks/attention_bench.py times this one) it was 21 % faster at batch 1 and 2
+// than giving each item fewer heads instead, and equal at batch 4 to 16; 128 was no faster at batch 1.
+#define SPLIT_KEYS 256
+#define SPLIT_MAX 4096  // parts per sequence the combine step handles (SPLIT_MAX * SPLIT_KEYS keys)
 
 static inline void prefetch_run(const int8_t *p, int bytes) {
     for (int b = 0; b < bytes; b += CACHE_LINE) _mm_prefetch((const char *)(p + b), _MM_HINT_T0);
@@ -195,10 +203,11 @@ static inline __m512 regroup(__m512 v, int NQV, int use_max) {
     return _mm512_loadu_ps(r);
 }
 
-// softmax over keys per query vector, times V scales, quantized to INT16 per query vector:
-// p16[j * NQV + i]; psc[i] its scale. Two zero keys of padding follow key L - 1.
+// Unnormalized softmax over keys per query vector (e = exp(score - max)), times the V scales, quantized to
+// INT16 per query vector: p16[j * NQV + i] with scale psc[i]; rmax[i] and rsum[i] are the max score and
+// sum of e (the caller normalizes). Two zero keys of padding follow key L - 1.
 static void probs_int16(float *sv, int NQV, int G, int L, const float *vs, const int64_t *sl, int Hkv, int h0,
-                        int16_t *p16, float *psc) {
+                        int16_t *p16, float *psc, float *rmax, float *rsum) {
     const int KPB = VEC / NQV, nb = (L + KPB - 1) / KPB;
     const __m512i head_of_lane = head_lanes(NQV, G);
     __m512 m = _mm512_set1_ps(-INFINITY);
@@ -211,11 +220,15 @@ static void probs_int16(float *sv, int NQV, int G, int L, const float *vs, const
         sum = _mm512_add_ps(sum, e);
         _mm512_storeu_ps(sv + (size_t)b * VEC, e);
     }
-    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), regroup(sum, NQV, 0));
+    float t[VEC];
+    _mm512_storeu_ps(t, m);
+    memcpy(rmax, t, sizeof(float) * NQV);
+    _mm512_storeu_ps(t, regroup(sum, NQV, 0));
+    memcpy(rsum, t, sizeof(float) * NQV);
     __m512 pmax = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const __m512 vsc = scale_lanes(vs, sl, b * KPB, L, Hkv, h0, NQV / G, NQV, KPB, head_of_lane);
-        const __m512 p = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(sv + (size_t)b * VEC), inv), vsc);
+        const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(sv + (size_t)b * VEC), vsc);
         pmax = _mm512_max_ps(pmax, p);
         _mm512_storeu_ps(sv + (size_t)b * VEC, p);
     }
@@ -283,19 +296,36 @@ static void pass_keys_dispatch(const int16_t *q16, __m512 qsl, int NQV, int G, i
     pass_keys(q16, qsl, NQV, G, D, kc, ks, vc, sl, L, Hkv, h0, sv, vstage, vplane);
 }
 
+// p . v of one work item's query vectors: out[i][0:D] = oscale[i] * sum_j p16[j * NQV + i] v_(i's head)[j]
+static void pv_item(const int16_t *p16, int NQV, int G, int HC, const float *oscale, int L, const int8_t *vstage,
+                    int vplane, int D, float *out) {
+    for (int hi = 0; hi < HC; hi++) {
+        const int8_t *vh = vstage + (size_t)hi * vplane * D;
+        for (int g = 0; g < G; g += 2) {
+            const int i = hi * G + g;
+            if (G - g >= 2 && D == 128) pv16_rows(p16 + i, NQV, oscale + i, L, vh, 128, 2, out + (size_t)i * D);
+            else if (G - g >= 2) pv16_rows(p16 + i, NQV, oscale + i, L, vh, D, 2, out + (size_t)i * D);
+            else pv16_rows(p16 + i, NQV, oscale + i, L, vh, D, 1, out + (size_t)i * D);
+        }
+    }
+}
+
 // q [S, Hq, D]; slots [S, Lmax] (sequence s uses its first lens[s]); out [S, Hq, D].
 // Returns 0 on success, -1 when the shapes are outside what this kernel handles (caller falls back).
 int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, const int8_t *kc, const float *ks,
                                 const int8_t *vc, const float *vs, const int64_t *slots, const int32_t *lens, int Lmax,
                                 float scale, float *out) {
-    if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > VEC) return -1;
+    if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > VEC || Lmax > SPLIT_MAX * SPLIT_KEYS) return -1;
     const int G = Hq / Hkv;
-    // heads per work item: a divisor of Hkv with at most VEC query vectors; fewer where there are
-    // fewer sequences than threads
+    // heads per work item: the largest divisor of Hkv with at most VEC query vectors (whole slot rows)
     int HC = Hkv;
-    while (HC > 1 && (HC * G > VEC || Hkv % HC || S * (Hkv / HC) < ITEMS_PER_THREAD * omp_get_max_threads())) HC--;
     while (Hkv % HC || HC * G > VEC) HC--;
     const int chunks = Hkv / HC, NQV = HC * G, KPB = VEC / NQV, Lcap = (Lmax > 0 ? Lmax : 1) + 2;
+    // a sequence's context is split in ceil(L / SPLIT_KEYS) equal parts (a function of its own length, so a
+    // sequence's result does not depend on the batch); parts are combined by their softmax max and sum
+    const int max_splits = Lmax > SPLIT_KEYS ? (Lmax + SPLIT_KEYS - 1) / SPLIT_KEYS : 1;
+    const int nitems = S * chunks * max_splits;
+    float *part = max_splits > 1 ? (float *)malloc(sizeof(float) * (size_t)nitems * NQV * (D + 2)) : NULL;
 #pragma omp parallel
     {
         float *sv = (float *)malloc(sizeof(float) * VEC * ((size_t)Lcap / KPB + 2));
@@ -303,29 +333,63 @@ int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, c
         int8_t *vstage = (int8_t *)malloc((size_t)HC * Lcap * D);
         int16_t q16[VEC * MAX_D];
 #pragma omp for schedule(dynamic)
-        for (int w = 0; w < S * chunks; w++) {
-            const int s = w / chunks, h0 = (w % chunks) * HC, L = lens[s];
-            const int64_t *sl = slots + (size_t)s * Lmax;
+        for (int w = 0; w < nitems; w++) {
+            const int s = w / (chunks * max_splits), h0 = (w / max_splits % chunks) * HC, sp = w % max_splits;
+            const int L = lens[s], nsplit = L > SPLIT_KEYS ? (L + SPLIT_KEYS - 1) / SPLIT_KEYS : 1;
             float *o = out + ((size_t)s * Hq + (size_t)h0 * G) * D;
-            if (L <= 0) { memset(o, 0, sizeof(float) * NQV * D); continue; }
-            float qs[VEC], psc[VEC];
+            if (L <= 0) {
+                if (sp == 0) memset(o, 0, sizeof(float) * NQV * D);
+                continue;
+            }
+            if (sp >= nsplit) continue;
+            const int ja = (int)((long)L * sp / nsplit), n = (int)((long)L * (sp + 1) / nsplit) - ja;
+            const int64_t *sl = slots + (size_t)s * Lmax + ja;
+            float qs[VEC], ql[VEC], psc[VEC], rmax[VEC], rsum[VEC];
             for (int i = 0; i < NQV; i++) qs[i] = quantize_q16(q + ((size_t)s * Hq + (size_t)h0 * G + i) * D, D, q16 + (size_t)i * D) * scale;
-            float ql[VEC];
             for (int l = 0; l < VEC; l++) ql[l] = l < KPB * NQV ? qs[l % NQV] : 0.0f;
-            pass_keys_dispatch(q16, _mm512_loadu_ps(ql), NQV, G, D, kc, ks, vc, sl, L, Hkv, h0, sv, vstage, Lcap);
-            probs_int16(sv, NQV, G, L, vs, sl, Hkv, h0, p16, psc);
-            for (int hi = 0; hi < HC; hi++) {
-                const int8_t *vh = vstage + (size_t)hi * Lcap * D;
-                for (int g = 0; g < G; g += 2) {
-                    const int i = hi * G + g;
-                    if (G - g >= 2 && D == 128) pv16_rows(p16 + i, NQV, psc + i, L, vh, 128, 2, o + (size_t)i * D);
-                    else if (G - g >= 2) pv16_rows(p16 + i, NQV, psc + i, L, vh, D, 2, o + (size_t)i * D);
-                    else pv16_rows(p16 + i, NQV, psc + i, L, vh, D, 1, o + (size_t)i * D);
+            pass_keys_dispatch(q16, _mm512_loadu_ps(ql), NQV, G, D, kc, ks, vc, sl, n, Hkv, h0, sv, vstage, Lcap);
+            probs_int16(sv, NQV, G, n, vs, sl, Hkv, h0, p16, psc, rmax, rsum);
+            if (nsplit == 1) {  // normalize here
+                for (int i = 0; i < NQV; i++) psc[i] /= rsum[i];
+                pv_item(p16, NQV, G, HC, psc, n, vstage, Lcap, D, o);
+            } else {  // this part's unnormalized output, its max and sum
+                float *pw = part + (size_t)w * NQV * (D + 2);
+                pv_item(p16, NQV, G, HC, psc, n, vstage, Lcap, D, pw);
+                memcpy(pw + (size_t)NQV * D, rmax, sizeof(float) * NQV);
+                memcpy(pw + (size_t)NQV * D + NQV, rsum, sizeof(float) * NQV);
+            }
+        }
+        // combine the parts of split sequences: out = sum_p e^(max_p - max) out_p / sum_p e^(max_p - max) sum_p
+#pragma omp for schedule(static)
+        for (int sc = 0; sc < S * chunks; sc++) {
+            const int s = sc / chunks, h0 = sc % chunks * HC, L = lens[s];
+            const int nsplit = L > SPLIT_KEYS ? (L + SPLIT_KEYS - 1) / SPLIT_KEYS : 1;
+            if (nsplit == 1) continue;
+            const float *p0 = part + (size_t)sc * max_splits * NQV * (D + 2);
+            float *o = out + ((size_t)s * Hq + (size_t)h0 * G) * D;
+            for (int i = 0; i < NQV; i++) {
+                float mx = -INFINITY, den = 0.0f, wgt[SPLIT_MAX];
+                for (int p = 0; p < nsplit; p++) {
+                    const float m = p0[(size_t)p * NQV * (D + 2) + (size_t)NQV * D + i];
+                    mx = m > mx ? m : mx;
+                }
+                for (int p = 0; p < nsplit; p++) {
+                    const float *pp = p0 + (size_t)p * NQV * (D + 2) + (size_t)NQV * D;
+                    wgt[p] = expf(pp[i] - mx);
+                    den += wgt[p] * pp[NQV + i];
+                }
+                for (int p = 0; p < nsplit; p++) wgt[p] /= den;
+                for (int d = 0; d < D; d += VEC) {
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int p = 0; p < nsplit; p++)
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(wgt[p]), _mm512_loadu_ps(p0 + (size_t)p * NQV * (D + 2) + (size_t)i * D + d), acc);
+                    _mm512_storeu_ps(o + (size_t)i * D + d, acc);
                 }
             }
         }
         free(sv); free(p16); free(vstage);
     }
+    free(part);
     return 0;
 }
 
