@@ -177,7 +177,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(levels))], [f"c={lvl}" for lvl in levels])
         ax.set_title(label)
         ax.legend()
-    fig.suptitle(f"{report['model_name']}: in {report['input_len']}, out {report['output_len']}")
+    fig.suptitle(f"{report['model_name']}: in {report['input_len']}, out {report['output_len']}, "
+                 f"medians of {report.get('rounds', 1)} interleaved rounds")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"plot: {path}")
