@@ -12,11 +12,10 @@
 //
 // Decode: a work item is one sequence (or one part of its context, see SPLIT_KEYS) and a group of its KV
 // heads (at most 16 query vectors). It reads the slots once, in order, each slot's K and V rows of the
-// group whole (the KV layout is
-// [slot, head, D], so that is one contiguous run per slot; walking the cache head by head instead, each
-// head's 128-byte rows 1 KB apart, took 23 ms of a batch-16 decode step at context 300 where this takes
-// 13-17 ms: benchmarks/worker_bench.py's breakdown). The scores
-// are kept as vectors whose lanes are (key, query vector) pairs; the V rows are copied to a per-head
+// group whole: the KV layout is [slot, head, D], so that is one contiguous run per slot (walking the
+// cache head by head instead, each head's 128-byte rows 1 KB apart, took 23 ms of a batch-16 decode step
+// at context 300 in benchmarks/worker_bench.py's breakdown; this takes 13-19 ms there). The scores are
+// kept as vectors whose lanes are (key, query vector) pairs; the V rows are copied to a per-head
 // contiguous staging buffer on the way. Softmax weights, times the V scales, are then rounded to INT16
 // per query vector (relative error 1.5e-5 of the largest) and p . v runs as vpdpwssd over pairs of
 // keys, exact in INT32 over PV_FLUSH keys at a time, from the staged rows. The parts of a split context
