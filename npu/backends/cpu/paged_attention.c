@@ -48,7 +48,6 @@
 // script was not kept, benchmarks/attention_bench.py times this one) it was 21 % faster at batch 1 and 2
 // than giving each item fewer heads instead, and equal at batch 4 to 16; 128 was no faster at batch 1.
 #define SPLIT_KEYS 256
-#define SPLIT_MAX 4096  // parts per sequence the combine step handles (SPLIT_MAX * SPLIT_KEYS keys)
 
 static inline void prefetch_run(const int8_t *p, int bytes) {
     for (int b = 0; b < bytes; b += CACHE_LINE) _mm_prefetch((const char *)(p + b), _MM_HINT_T0);
@@ -309,22 +308,27 @@ static void pv_item(const int16_t *p16, int NQV, int G, int HC, const float *osc
     }
 }
 
+// Parts a context of L keys is split into: equal parts of at most SPLIT_KEYS keys (a function of L only).
+static inline int context_parts(int L) { return L > SPLIT_KEYS ? (L + SPLIT_KEYS - 1) / SPLIT_KEYS : 1; }
+
 // q [S, Hq, D]; slots [S, Lmax] (sequence s uses its first lens[s]); out [S, Hq, D].
 // Returns 0 on success, -1 when the shapes are outside what this kernel handles (caller falls back).
 int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, const int8_t *kc, const float *ks,
                                 const int8_t *vc, const float *vs, const int64_t *slots, const int32_t *lens, int Lmax,
                                 float scale, float *out) {
-    if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > VEC || Lmax > SPLIT_MAX * SPLIT_KEYS) return -1;
+    if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > VEC) return -1;
     const int G = Hq / Hkv;
     // heads per work item: the largest divisor of Hkv with at most VEC query vectors (whole slot rows)
     int HC = Hkv;
     while (Hkv % HC || HC * G > VEC) HC--;
-    const int chunks = Hkv / HC, NQV = HC * G, KPB = VEC / NQV, Lcap = (Lmax > 0 ? Lmax : 1) + 2;
-    // a sequence's context is split in ceil(L / SPLIT_KEYS) equal parts (a function of its own length, so a
-    // sequence's result does not depend on the batch); parts are combined by their softmax max and sum
-    const int max_splits = Lmax > SPLIT_KEYS ? (Lmax + SPLIT_KEYS - 1) / SPLIT_KEYS : 1;
+    // a sequence's context is split in context_parts(L) parts (so its result does not depend on the batch),
+    // combined by their softmax max and sum; no part is longer than min(Lmax, SPLIT_KEYS) keys
+    const int max_splits = context_parts(Lmax), longest_part = Lmax < SPLIT_KEYS ? Lmax : SPLIT_KEYS;
+    const int chunks = Hkv / HC, NQV = HC * G, KPB = VEC / NQV, Lcap = (longest_part > 0 ? longest_part : 1) + 2;
     const int nitems = S * chunks * max_splits;
-    float *part = max_splits > 1 ? (float *)malloc(sizeof(float) * (size_t)nitems * NQV * (D + 2)) : NULL;
+    // one part's result: [NQV][D] unnormalized output, then its NQV score maxima, then its NQV sums
+    const size_t part_size = (size_t)NQV * (D + 2);
+    float *part = max_splits > 1 ? (float *)malloc(sizeof(float) * nitems * part_size) : NULL;
 #pragma omp parallel
     {
         float *sv = (float *)malloc(sizeof(float) * VEC * ((size_t)Lcap / KPB + 2));
@@ -334,7 +338,7 @@ int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, c
 #pragma omp for schedule(dynamic)
         for (int w = 0; w < nitems; w++) {
             const int s = w / (chunks * max_splits), h0 = (w / max_splits % chunks) * HC, sp = w % max_splits;
-            const int L = lens[s], nsplit = L > SPLIT_KEYS ? (L + SPLIT_KEYS - 1) / SPLIT_KEYS : 1;
+            const int L = lens[s], nsplit = context_parts(L);
             float *o = out + ((size_t)s * Hq + (size_t)h0 * G) * D;
             if (L <= 0) {
                 if (sp == 0) memset(o, 0, sizeof(float) * NQV * D);
@@ -352,7 +356,7 @@ int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, c
                 for (int i = 0; i < NQV; i++) psc[i] /= rsum[i];
                 pv_item(p16, NQV, G, HC, psc, n, vstage, Lcap, D, o);
             } else {  // this part's unnormalized output, its max and sum
-                float *pw = part + (size_t)w * NQV * (D + 2);
+                float *pw = part + (size_t)w * part_size;
                 pv_item(p16, NQV, G, HC, psc, n, vstage, Lcap, D, pw);
                 memcpy(pw + (size_t)NQV * D, rmax, sizeof(float) * NQV);
                 memcpy(pw + (size_t)NQV * D + NQV, rsum, sizeof(float) * NQV);
@@ -361,27 +365,26 @@ int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, c
         // combine the parts of split sequences: out = sum_p e^(max_p - max) out_p / sum_p e^(max_p - max) sum_p
 #pragma omp for schedule(static)
         for (int sc = 0; sc < S * chunks; sc++) {
-            const int s = sc / chunks, h0 = sc % chunks * HC, L = lens[s];
-            const int nsplit = L > SPLIT_KEYS ? (L + SPLIT_KEYS - 1) / SPLIT_KEYS : 1;
+            const int s = sc / chunks, h0 = sc % chunks * HC, nsplit = context_parts(lens[s]);
             if (nsplit == 1) continue;
-            const float *p0 = part + (size_t)sc * max_splits * NQV * (D + 2);
+            const float *p0 = part + (size_t)sc * max_splits * part_size;
             float *o = out + ((size_t)s * Hq + (size_t)h0 * G) * D;
             for (int i = 0; i < NQV; i++) {
-                float mx = -INFINITY, den = 0.0f, wgt[SPLIT_MAX];
+                float mx = -INFINITY, den = 0.0f;
                 for (int p = 0; p < nsplit; p++) {
-                    const float m = p0[(size_t)p * NQV * (D + 2) + (size_t)NQV * D + i];
+                    const float m = p0[p * part_size + (size_t)NQV * D + i];
                     mx = m > mx ? m : mx;
                 }
                 for (int p = 0; p < nsplit; p++) {
-                    const float *pp = p0 + (size_t)p * NQV * (D + 2) + (size_t)NQV * D;
-                    wgt[p] = expf(pp[i] - mx);
-                    den += wgt[p] * pp[NQV + i];
+                    const float *stats = p0 + p * part_size + (size_t)NQV * D;
+                    den += expf(stats[i] - mx) * stats[NQV + i];
                 }
-                for (int p = 0; p < nsplit; p++) wgt[p] /= den;
                 for (int d = 0; d < D; d += VEC) {
                     __m512 acc = _mm512_setzero_ps();
-                    for (int p = 0; p < nsplit; p++)
-                        acc = _mm512_fmadd_ps(_mm512_set1_ps(wgt[p]), _mm512_loadu_ps(p0 + (size_t)p * NQV * (D + 2) + (size_t)i * D + d), acc);
+                    for (int p = 0; p < nsplit; p++) {
+                        const float w = expf(p0[p * part_size + (size_t)NQV * D + i] - mx) / den;
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(p0 + p * part_size + (size_t)i * D + d), acc);
+                    }
                     _mm512_storeu_ps(o + (size_t)i * D + d, acc);
                 }
             }
