@@ -249,7 +249,7 @@ def test_vnni_kernel_bit_identical_to_int_mm():
     for n, k in ((96, 160), (100, 70), (17, 5), (3072, 1024)):
         lin = quantize_linear(torch.randn(n, k, generator=g))
         fast, ref = VnniLinear(lin, lib, Workspace()), Int8GemmLinear(lin)
-        for m in (1, 2, 7, 8, 9, 16, 33):
+        for m in (1, 2, 4, 5, 7, 8, 9, 12, 16, 33):
             x = torch.randn(m, k, generator=g) * 5
             if m > 2:
                 x[1] = 0.0  # an all-zero token
@@ -300,7 +300,7 @@ def test_bf16_kernel_matches_f_linear():
         w = torch.randn(n, k, generator=g).to(torch.bfloat16)
         op = Bf16Linear(w, lib, Workspace())
         norm = RMSNorm(torch.rand(k, generator=g) + 0.5, 1e-6)
-        for m in (1, 3, 16):
+        for m in (1, 3, 4, 6, 16, 21):
             x, res = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
             ref = torch.nn.functional.linear(x.to(torch.bfloat16), w).float()
             got = op(x)
@@ -350,6 +350,8 @@ def test_argmax_kernel_matches_torch():
         logits[0, v // 3] = logits[0, v - 1] = 50.0  # a tie: the first index wins, as in torch
         if s > 1:
             logits[1] = float("-inf")
+        if s > 2:
+            logits[2, v - 1] = 99.0  # the maximum in the last, partial vector
         assert torch.equal(backend.argmax_rows(logits), logits.argmax(-1)), (s, v)
 
 

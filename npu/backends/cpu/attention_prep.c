@@ -91,9 +91,16 @@ void argmax_rows(const float *logits, int S, int V, int64_t *out) {
         for (; v + VEC <= V; v += VEC) best = _mm512_max_ps(best, _mm512_loadu_ps(row + v));
         float m = _mm512_reduce_max_ps(best);
         for (; v < V; v++) m = row[v] > m ? row[v] : m;
+        // first index holding the max (or a NaN, as torch.argmax reports NaN), 16 lanes at a time
+        const __m512 vm = _mm512_set1_ps(m);
         int64_t idx = -1;
-        for (v = 0; v < V; v++) {
-            if (row[v] == m || row[v] != row[v]) { idx = v; break; }
+        for (v = 0; v + VEC <= V && idx < 0; v += VEC) {
+            const __m512 x = _mm512_loadu_ps(row + v);
+            const __mmask16 hit = _mm512_cmp_ps_mask(x, vm, _CMP_EQ_OQ) | _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+            if (hit) idx = v + __builtin_ctz(hit);
+        }
+        for (; v < V && idx < 0; v++) {
+            if (row[v] == m || row[v] != row[v]) idx = v;
         }
         out[s] = idx < 0 ? 0 : idx;
     }

@@ -16,10 +16,15 @@
 #define NB 16          // output channels per block (one zmm of fp32)
 #define KG 2           // k values per vdpbf16ps lane
 #define NR 4           // column blocks per register tile
-#define MR 4           // rows per register tile
+#define MR 4           // rows per register tile when M <= MR (one pass)
+#define MR_WIDE 8      // more rows: passes of an 8 x 2 tile, as in a8w8_vnni.c
+#define NR_WIDE 2
+#define PANEL_ROWS MR_WIDE  // activations in panels [M / P][Kp / 2][P][2], P = M <= MR ? M : 8 (as in a8w8_vnni.c)
 
 int bf16_packed_k(int K) { return (K + KG - 1) / KG * KG; }
 int bf16_packed_n(int N) { return (N + NB * NR - 1) / (NB * NR) * (NB * NR); }
+// Bytes of the BF16 activation panels for M rows (the xb scratch of bf16_gemm).
+long bf16_panel_bytes(int M, int K) { return (long)(M + PANEL_ROWS - 1) / PANEL_ROWS * PANEL_ROWS * bf16_packed_k(K) * 2; }
 
 // w: [N, K] bf16 (as uint16) row-major -> wp: [Np/16][Kp/2][16][2]
 void bf16_pack(const uint16_t *w, int N, int K, uint16_t *wp) {
@@ -38,70 +43,100 @@ static inline uint16_t bf16_round_scalar(float f) {  // round to nearest even, a
     return (uint16_t)(u >> 16);
 }
 
-// As in a8w8_vnni.c, with several row passes pass p prefetches every P-th k-group of the next tile (with
-// one pass it does not: measured no faster for this kernel, unlike the INT8 one).
-static inline __attribute__((always_inline)) void tile(const uint16_t *xb, int Kp, const uint16_t *w0, int MR_,
-                                                       __m512 acc[MR][NR], const uint16_t *next, int pass, int npasses) {
+// As in a8w8_vnni.c: an MR_ x NR_ tile from panel xp of PR_ rows; with several row passes, pass p prefetches every P-th
+// k-group of the next tile (with one pass it does not: measured no faster for this kernel, unlike the INT8 one).
+static inline __attribute__((always_inline)) void tile(const uint16_t *xp, int PR_, int Kp, const uint16_t *w0, int MR_, int NR_,
+                                                       __m512 acc[MR_WIDE][NR], const uint16_t *next, int pass,
+                                                       int npasses) {
     const size_t bstride = (size_t)Kp * NB;
     for (int r = 0; r < MR_; r++)
-        for (int j = 0; j < NR; j++) acc[r][j] = _mm512_setzero_ps();
+        for (int j = 0; j < NR_; j++) acc[r][j] = _mm512_setzero_ps();
+    const int ngroups = Kp / KG;
+    int prefetch_at = next ? pass : ngroups;
 #pragma GCC unroll 4  // as in a8w8_vnni.c
-    for (int g = 0; g < Kp / KG; g++) {
-        if (next && g % npasses == pass)
-            for (int j = 0; j < NR; j++) _mm_prefetch((const char *)(next + j * bstride + (size_t)g * NB * KG), _MM_HINT_T1);
+    for (int g = 0; g < ngroups; g++) {
+        if (g == prefetch_at) {
+            for (int j = 0; j < NR_; j++) _mm_prefetch((const char *)(next + j * bstride + (size_t)g * NB * KG), _MM_HINT_T1);
+            prefetch_at += npasses;
+        }
         __m512bh wv[NR];
-        for (int j = 0; j < NR; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(w0 + j * bstride + (size_t)g * NB * KG));
+        for (int j = 0; j < NR_; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(w0 + j * bstride + (size_t)g * NB * KG));
+        const uint16_t *xg = xp + (size_t)g * PR_ * KG;
         for (int r = 0; r < MR_; r++) {
             int32_t pair;
-            memcpy(&pair, xb + (size_t)r * Kp + (size_t)g * KG, 4);
+            memcpy(&pair, xg + r * KG, 4);
             const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
-            for (int j = 0; j < NR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], b, wv[j]);
+            for (int j = 0; j < NR_; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], b, wv[j]);
         }
     }
 }
 
+// Rounds a tile to BF16 and stores it (plus residual): rows m0..m0+mr, NR_ column blocks from column n0.
+static inline __attribute__((always_inline)) void store_tile(__m512 acc[MR_WIDE][NR], int mr, int NR_, int m0, int n0,
+                                                             int N, const float *residual, float *out) {
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < NR_; j++) {
+            const int n = n0 + j * NB;
+            if (n >= N) break;
+            const __mmask16 mask = N - n >= NB ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
+            // round to BF16 and widen back: bf16 -> fp32 is a 16-bit shift
+            const __m256i h = (__m256i)_mm512_cvtneps_pbh(acc[r][j]);
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            const size_t at = (size_t)(m0 + r) * N + n;
+            if (residual) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, residual + at), v);
+            _mm512_mask_storeu_ps(out + at, mask, v);
+        }
+}
+
 // x [M, K] fp32 (prologue as in row_prologue.h); out [M, N] fp32 holding BF16-rounded values, plus
 // residual [M, N] when not NULL (added after the rounding, as residual + linear(x).float() does);
-// xb [M, Kp] uint16 is caller-provided scratch.
+// xb (bf16_panel_bytes(M, K) bytes) is caller-provided scratch.
 void bf16_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const uint16_t *wp, int N,
                const float *residual, float *out, uint16_t *xb) {
     const int Kp = bf16_packed_k(K), ntiles = bf16_packed_n(N) / (NB * NR);
+    const int P = M <= MR ? M : PANEL_ROWS;
     float *buf = prologue == PROLOGUE_NONE ? NULL : (float *)aligned_alloc(64, ((size_t)K * 4 + 63) / 64 * 64);
     for (int m = 0; m < M; m++) {
         const float *a = prologue_row(x, m, K, prologue, norm_w, eps, buf);
-        uint16_t *row = xb + (size_t)m * Kp;
-        for (int k = 0; k < K; k++) row[k] = bf16_round_scalar(a[k]);
-        for (int k = K; k < Kp; k++) row[k] = 0;
+        uint16_t *row = xb + (size_t)(m / P) * P * Kp + (size_t)(m % P) * KG;
+        for (int k = 0; k < Kp; k++) row[(size_t)(k / KG) * P * KG + k % KG] = k < K ? bf16_round_scalar(a[k]) : 0;
     }
     free(buf);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < ntiles; t++) {
         const uint16_t *w0 = wp + (size_t)t * NR * Kp * NB;
         const int n0 = t * NR * NB;
-        const int npasses = (M + MR - 1) / MR;
-        const uint16_t *next = npasses > 1 && t + 1 < ntiles ? w0 + (size_t)NR * Kp * NB : NULL;
-        for (int m0 = 0; m0 < M; m0 += MR) {
-            const int mr = M - m0 < MR ? M - m0 : MR, pass = m0 / MR;
-            const uint16_t *xt = xb + (size_t)m0 * Kp;
-            __m512 acc[MR][NR];
-            switch (mr) {
-                case 1: tile(xt, Kp, w0, 1, acc, next, pass, npasses); break;
-                case 2: tile(xt, Kp, w0, 2, acc, next, pass, npasses); break;
-                case 3: tile(xt, Kp, w0, 3, acc, next, pass, npasses); break;
-                default: tile(xt, Kp, w0, MR, acc, next, pass, npasses); break;
+        __m512 acc[MR_WIDE][NR];
+        if (M <= MR) {
+            switch (M) {  // a constant row count lets the compiler keep the tile in registers
+                case 1: tile(xb, 1, Kp, w0, 1, NR, acc, NULL, 0, 1); break;
+                case 2: tile(xb, 2, Kp, w0, 2, NR, acc, NULL, 0, 1); break;
+                case 3: tile(xb, 3, Kp, w0, 3, NR, acc, NULL, 0, 1); break;
+                default: tile(xb, MR, Kp, w0, MR, NR, acc, NULL, 0, 1); break;
             }
-            for (int r = 0; r < mr; r++)
-                for (int j = 0; j < NR; j++) {
-                    const int n = n0 + j * NB;
-                    if (n >= N) break;
-                    const __mmask16 mask = N - n >= NB ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
-                    // round to BF16 and widen back: bf16 -> fp32 is a 16-bit shift
-                    const __m256i h = (__m256i)_mm512_cvtneps_pbh(acc[r][j]);
-                    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                    const size_t at = (size_t)(m0 + r) * N + n;
-                    if (residual) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, residual + at), v);
-                    _mm512_mask_storeu_ps(out + at, mask, v);
+            store_tile(acc, M, NR, 0, n0, N, residual, out);
+            continue;
+        }
+        const int npasses = (M + MR_WIDE - 1) / MR_WIDE;
+        const uint16_t *next = t + 1 < ntiles ? w0 + (size_t)NR * Kp * NB : NULL;
+        for (int s = 0; s < NR / NR_WIDE; s++) {
+            const uint16_t *ws = w0 + (size_t)s * NR_WIDE * Kp * NB;
+            const uint16_t *nx = s + 1 < NR / NR_WIDE ? ws + (size_t)NR_WIDE * Kp * NB : next;
+            for (int m0 = 0; m0 < M; m0 += MR_WIDE) {
+                const int mr = M - m0 < MR_WIDE ? M - m0 : MR_WIDE, pass = m0 / MR_WIDE;
+                const uint16_t *xt = xb + (size_t)m0 * Kp;  // m0 starts a panel
+                switch (mr) {
+                    case 1: tile(xt, PANEL_ROWS, Kp, ws, 1, NR_WIDE, acc, nx, pass, npasses); break;
+                    case 2: tile(xt, PANEL_ROWS, Kp, ws, 2, NR_WIDE, acc, nx, pass, npasses); break;
+                    case 3: tile(xt, PANEL_ROWS, Kp, ws, 3, NR_WIDE, acc, nx, pass, npasses); break;
+                    case 4: tile(xt, PANEL_ROWS, Kp, ws, 4, NR_WIDE, acc, nx, pass, npasses); break;
+                    case 5: tile(xt, PANEL_ROWS, Kp, ws, 5, NR_WIDE, acc, nx, pass, npasses); break;
+                    case 6: tile(xt, PANEL_ROWS, Kp, ws, 6, NR_WIDE, acc, nx, pass, npasses); break;
+                    case 7: tile(xt, PANEL_ROWS, Kp, ws, 7, NR_WIDE, acc, nx, pass, npasses); break;
+                    default: tile(xt, PANEL_ROWS, Kp, ws, MR_WIDE, NR_WIDE, acc, nx, pass, npasses); break;
                 }
+                store_tile(acc, mr, NR_WIDE, m0, n0 + s * NR_WIDE * NB, N, residual, out);
+            }
         }
     }
 }

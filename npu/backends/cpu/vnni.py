@@ -32,6 +32,7 @@ CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx
           "-fopenmp", "-shared", "-fPIC"]
 # bf16_gemm is only called where the CPU also has this (the rest of the library does not use it)
 BF16_CPU_FLAG = "avx512_bf16"
+SCRATCH_ALIGN = 64  # cache line: activation panels start on one
 # a8w8_gemm prologue codes (a8w8_vnni.c)
 PROLOGUE_NONE, PROLOGUE_RMSNORM, PROLOGUE_SILU_MUL = 0, 1, 2
 
@@ -71,12 +72,14 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.a8w8_packed_k.argtypes, lib.a8w8_packed_k.restype = [i], i
     lib.a8w8_packed_n.argtypes, lib.a8w8_packed_n.restype = [i], i
+    lib.a8w8_panel_bytes.argtypes, lib.a8w8_panel_bytes.restype = [i, i], ctypes.c_long
     lib.a8w8_pack.argtypes, lib.a8w8_pack.restype = [p, i, i, p, p], None
     f = ctypes.c_float
     lib.a8w8_gemm.argtypes, lib.a8w8_gemm.restype = [p, i, i, i, p, f, p, p, p, i, p, p, p, p], None
     lib.qk_norm_rope.argtypes, lib.qk_norm_rope.restype = [p, i, i, i, i, p, f, p, p, p], i
     lib.bf16_packed_k.argtypes, lib.bf16_packed_k.restype = [i], i
     lib.bf16_packed_n.argtypes, lib.bf16_packed_n.restype = [i], i
+    lib.bf16_panel_bytes.argtypes, lib.bf16_panel_bytes.restype = [i, i], ctypes.c_long
     lib.bf16_pack.argtypes, lib.bf16_pack.restype = [p, i, i, p], None
     lib.bf16_gemm.argtypes, lib.bf16_gemm.restype = [p, i, i, i, p, f, p, i, p, p, p], None
     lib.has_bf16 = BF16_CPU_FLAG in _cpu_flags()
@@ -145,7 +148,7 @@ class Bf16Linear:
         if residual is not None:
             residual = residual.float().contiguous()
         out = _check_out(out, m, self.out_features)
-        scratch = self.workspace.get(m * self.kp * 2)
+        scratch = self.workspace.get(self.lib.bf16_panel_bytes(m, self.in_features))
         self.lib.bf16_gemm(x.data_ptr(), m, self.in_features, prologue, norm_ptr, eps, self.packed.data_ptr(),
                            self.out_features, None if residual is None else residual.data_ptr(), out.data_ptr(),
                            scratch.data_ptr())
@@ -182,8 +185,10 @@ class VnniLinear:
             residual = residual.float().contiguous()
             res_ptr = residual.data_ptr()
         out = _check_out(out, m, self.out_features)
-        scratch = self.workspace.get(m * (self.kp + 4))
+        # activation scales first, then the quantized panels from a 64-byte boundary
+        panels_at = (4 * m + SCRATCH_ALIGN - 1) // SCRATCH_ALIGN * SCRATCH_ALIGN
+        scratch = self.workspace.get(panels_at + self.lib.a8w8_panel_bytes(m, self.in_features))
         self.lib.a8w8_gemm(x.data_ptr(), m, self.in_features, prologue, norm_ptr, eps, self.packed.data_ptr(),
                            self.wsum.data_ptr(), self.scale.data_ptr(), self.out_features, res_ptr, out.data_ptr(),
-                           scratch.data_ptr() + 4 * m, scratch.data_ptr())
+                           scratch.data_ptr() + panels_at, scratch.data_ptr())
         return out
