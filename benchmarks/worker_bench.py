@@ -119,11 +119,14 @@ class _Clock:
 
 
 def decode_breakdown(runner: ModelRunner, batch: int, context: int, steps: int, seq_base: int) -> dict[str, float]:
-    """ms per decode step (mean of ``steps``) in each kind of kernel call and in total; the remainder is
-    Python, step bookkeeping, and sampling other than the argmax. Timed wrappers are installed for the
-    measurement and removed after."""
+    """ms per decode step (mean of ``steps``) in each kind of kernel call and in total, through the model's
+    Python layer loop (where each kernel call can be timed); the remainder is Python, step bookkeeping, and
+    sampling other than the argmax. Steps alternate with steps through the backend's one-call layer stack
+    (where it has one), whose mean is ``stacked_total``. Timed wrappers are installed for the measurement and
+    removed after."""
     clock = _Clock()
     model, backend, sampler = runner.model, runner.backend, runner.sampler
+    stack = model.decode_stack
     saved = ([{n: getattr(layer, n) for n in LAYER_LINEARS} for layer in model.layers], model.lm_head,
              sampler._argmax_rows)
     for layer in model.layers:
@@ -138,25 +141,33 @@ def decode_breakdown(runner: ModelRunner, batch: int, context: int, steps: int, 
         b = Bench(runner)
         greedy = SamplingOptions(temperature=0)
         seqs = list(range(seq_base, seq_base + batch))
-        tables = {sq: b.blocks(context + steps + 4) for sq in seqs}
+        tables = {sq: b.blocks(context + 2 * steps + 4) for sq in seqs}
         b.step(new=[NewSequence(sq, [100 + i for i in range(context)], context, 0, greedy) for sq in seqs],
                chunks=[ScheduledChunk(sq, context, tables[sq], True) for sq in seqs])
-        clock.on = True
-        t = time.perf_counter()
-        for _ in range(steps):
+        total = stacked = 0.0
+        for i in range(2 * steps if stack is not None else steps):
+            looped = i % 2 == 0 or stack is None
+            model.decode_stack = None if looped else stack
+            clock.on = looped
+            t = time.perf_counter()
             b.step(chunks=[ScheduledChunk(sq, 1, [], True) for sq in seqs])
-        total = time.perf_counter() - t
+            if looped:
+                total += time.perf_counter() - t
+            else:
+                stacked += time.perf_counter() - t
         clock.on = False
         b.step()
         runner.seqs.clear()
     finally:
+        model.decode_stack = stack
         for layer, ops in zip(model.layers, saved[0]):
             for name, op in ops.items():
                 setattr(layer, name, op)
         model.lm_head, sampler._argmax_rows = saved[1], saved[2]
         for attr in ("decode_attention", "qk_norm_rope", "write_kv"):
             delattr(backend, attr)
-    return {"total": total / steps * 1000, **{part: sec / steps * 1000 for part, sec in clock.seconds.items()}}
+    return {"total": total / steps * 1000, **{part: sec / steps * 1000 for part, sec in clock.seconds.items()},
+            **({"stacked_total": stacked / steps * 1000} if stack is not None else {})}
 
 
 def prefill_linear_gops(runner: ModelRunner, n: int, seq: int) -> float:
@@ -280,7 +291,9 @@ def main() -> None:
     for batch, parts in results["decode_breakdown_ms"].items():
         rest = parts["total"] - sum(parts[p] for p in BREAKDOWN_PARTS)
         print(f"decode batch {batch:>2s} at context {args.breakdown_context}, ms/step: {parts['total']:.1f} = "
-              + ", ".join(f"{p} {parts[p]:.1f}" for p in BREAKDOWN_PARTS) + f", other {rest:.1f}")
+              + ", ".join(f"{p} {parts[p]:.1f}" for p in BREAKDOWN_PARTS) + f", other {rest:.1f} (Python layer loop)"
+              + (f"; alternate steps through the C layer stack: {parts['stacked_total']:.1f}" if "stacked_total" in parts
+                 else ""))
     pairs = results["floor_pairs"]
     print(f"decode batch 1 / floor, {len(pairs)} pairs of (read bandwidth, then {FLOOR_PAIR_STEPS} decode steps): "
           + ", ".join(f"{p['decode_ms']:.1f} ms / {p['floor_ms']:.1f} ms at {p['read_GBps']:.1f} GB/s = {p['ratio']:.2f}x"

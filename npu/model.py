@@ -131,6 +131,9 @@ class DecoderModel:
         # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin] (see TorchOps.qk_norm_rope)
         self.cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(self.dtype)
         self.sin_signed = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype)
+        # the backend's one-call version of the layer loop for pure decode steps, where it has one
+        self.decode_stack = backend.prepare_decoder_stack(self.layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                          self.cos, self.sin_signed, self.scale)
 
     def _attention(self, q: torch.Tensor, kv, span: SeqSpan) -> torch.Tensor:
         """Causal GQA attention of one sequence's query rows over its context (fused SDPA kernel)."""
@@ -168,6 +171,10 @@ class DecoderModel:
         T = batch.token_ids.numel()
         ops = self.backend
         x = self.embed[batch.token_ids].to(self.dtype)
+        group = batch.decode
+        if (self.decode_stack is not None and layer_outputs is None and group is not None and group.covers_all_rows
+                and self.decode_stack.decode(x, batch.positions, batch.slot_mapping, group.slots, group.lengths, cache)):
+            return self.lm_head(x[batch.logits_rows], norm=self.final_norm).float()
         q_size, kv_size = cfg.q_size, cfg.kv_size
         qk_heads = cfg.num_heads + cfg.num_kv_heads
         # One buffer for each layer's q/k/v and gate/up outputs, which die within the layer: allocated

@@ -10,7 +10,7 @@ tested against the eager op it replaces.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,14 @@ class Backend(Protocol):
         ``[n, Hq * D]``, or None to let the model use its generic path."""
         ...
 
+    def prepare_decoder_stack(self, layers: Sequence[Any], num_heads: int, num_kv_heads: int, head_dim: int,
+                              cos: torch.Tensor, sin_signed: torch.Tensor, scale: float) -> Any | None:
+        """Optional: an object whose ``decode(x, positions, slot_mapping, context_slots, lengths, cache) -> bool``
+        runs all decoder layers of a pure decode step at once, with the same results as the model's layer loop
+        over ``layers`` (each with ``qkv``, ``o``, ``gate_up``, ``down``, ``input_norm``, ``post_norm``,
+        ``qk_norm``); None to keep the loop."""
+        ...
+
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """Index of the first maximum of each row of ``logits`` ``[S, V]`` (greedy sampling)."""
         ...
@@ -132,6 +140,10 @@ class TorchOps:
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
+
+    def prepare_decoder_stack(self, layers: Sequence[Any], num_heads: int, num_kv_heads: int, head_dim: int,
+                              cos: torch.Tensor, sin_signed: torch.Tensor, scale: float) -> Any | None:
+        return None
 
     def prefill_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, scale: float
                           ) -> torch.Tensor | None:

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_kernels.h"
 #include "row_prologue.h"
 
 #define NB 16          // output channels per block (one zmm of int32)

@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_kernels.h"
+
 #define VEC 16
 #define MAX_D 512
 #define MIN_DIVISOR 1e-30f

@@ -19,12 +19,14 @@ VNNI and gcc is present (``int8_kernel="auto"``).
 from __future__ import annotations
 
 import logging
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from loaders.quantization import FloatLinear, Int8Linear, LinearWeight, quantize_activations
 from npu.backends.base import RMSNorm, TorchOps, UnfusedLinear
+from npu.backends.cpu.decoder_stack import DecoderStack
 from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace, load_vnni_library
 from npu.kv_cache import Int8KV, PagedKVCache
 
@@ -97,6 +99,15 @@ class CpuBackend(TorchOps):
             return Bf16Linear(weight.weight, self._vnni, self._workspace)
         return FloatGemmLinear(weight, self.activation_dtype)
 
+    def prepare_decoder_stack(self, layers: Sequence[Any], num_heads: int, num_kv_heads: int, head_dim: int,
+                              cos: torch.Tensor, sin_signed: torch.Tensor, scale: float) -> DecoderStack | None:
+        """All layers of a decode step in one C call, where every kernel of the loop is ours."""
+        if self._vnni is None or not DecoderStack.applies_to(layers, cos, sin_signed):
+            return None
+        stack = DecoderStack(self._vnni, self._workspace, layers, num_heads, num_kv_heads, head_dim, cos, sin_signed,
+                             scale)
+        return stack if stack.supported else None
+
     def qk_norm_rope(self, qk: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin_signed: torch.Tensor,
                      positions: torch.Tensor) -> torch.Tensor:
         """In place with our C kernel where ``qk`` is fp32 with contiguous heads; else the eager ops."""
@@ -152,15 +163,15 @@ class CpuBackend(TorchOps):
                          lengths: torch.Tensor, scale: float) -> torch.Tensor | None:
         """Single-token attention of ``q`` ``[S, Hq, D]`` straight from an INT8 paged cache (our C kernel);
         None where it does not apply (other KV dtypes, no kernel), and the model uses SDPA instead."""
-        if self._vnni is None or not isinstance(cache.format, Int8KV):
+        s, hq, d = q.shape
+        if (self._vnni is None or not isinstance(cache.format, Int8KV) or q.dtype != torch.float32
+                or q.stride()[1:] != (d, 1)):
             return None
         t = cache.tensors
-        s, hq, d = q.shape
         hkv = t["k"].shape[2]
-        q = q.contiguous()
-        out = torch.empty_like(q)
+        out = torch.empty(s, hq, d, dtype=torch.float32)
         status = self._vnni.paged_attention_decode_int8(
-            q.data_ptr(), s, hq, hkv, d, _layer_ptr(t["k"], layer), _layer_ptr(t["k_scale"], layer),
+            q.data_ptr(), q.stride(0), s, hq, hkv, d, _layer_ptr(t["k"], layer), _layer_ptr(t["k_scale"], layer),
             _layer_ptr(t["v"], layer), _layer_ptr(t["v_scale"], layer), slots.data_ptr(), lengths.data_ptr(),
             slots.shape[1], scale, out.data_ptr())
         return out if status == 0 else None

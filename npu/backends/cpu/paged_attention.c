@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_kernels.h"
 #include "simd_math.h"
 
 #define VEC 16        // fp32 / int32 lanes per zmm
@@ -311,9 +312,10 @@ static void pv_item(const int16_t *p16, int NQV, int G, int HC, const float *osc
 // Parts a context of L keys is split into: equal parts of at most SPLIT_KEYS keys (a function of L only).
 static inline int context_parts(int L) { return L > SPLIT_KEYS ? (L + SPLIT_KEYS - 1) / SPLIT_KEYS : 1; }
 
-// q [S, Hq, D]; slots [S, Lmax] (sequence s uses its first lens[s]); out [S, Hq, D].
-// Returns 0 on success, -1 when the shapes are outside what this kernel handles (caller falls back).
-int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, const int8_t *kc, const float *ks,
+// q [S, q_stride] (heads 0..Hq-1 of width D from column 0); slots [S, Lmax] (sequence s uses its first
+// lens[s]); out [S, Hq, D]. Returns 0 on success, -1 when the shapes are outside what this kernel handles
+// (caller falls back).
+int paged_attention_decode_int8(const float *q, int q_stride, int S, int Hq, int Hkv, int D, const int8_t *kc, const float *ks,
                                 const int8_t *vc, const float *vs, const int64_t *slots, const int32_t *lens, int Lmax,
                                 float scale, float *out) {
     if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > VEC) return -1;
@@ -348,7 +350,7 @@ int paged_attention_decode_int8(const float *q, int S, int Hq, int Hkv, int D, c
             const int ja = (int)((long)L * sp / nsplit), n = (int)((long)L * (sp + 1) / nsplit) - ja;
             const int64_t *sl = slots + (size_t)s * Lmax + ja;
             float qs[VEC], ql[VEC], psc[VEC], rmax[VEC], rsum[VEC];
-            for (int i = 0; i < NQV; i++) qs[i] = quantize_q16(q + ((size_t)s * Hq + (size_t)h0 * G + i) * D, D, q16 + (size_t)i * D) * scale;
+            for (int i = 0; i < NQV; i++) qs[i] = quantize_q16(q + (size_t)s * q_stride + ((size_t)h0 * G + i) * D, D, q16 + (size_t)i * D) * scale;
             for (int l = 0; l < VEC; l++) ql[l] = l < KPB * NQV ? qs[l % NQV] : 0.0f;
             pass_keys_dispatch(q16, _mm512_loadu_ps(ql), NQV, G, D, kc, ks, vc, sl, n, Hkv, h0, sv, vstage, Lcap);
             probs_int16(sv, NQV, G, n, vs, sl, Hkv, h0, p16, psc, rmax, rsum);

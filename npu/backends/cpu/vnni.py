@@ -24,8 +24,8 @@ from loaders.quantization import Int8Linear
 from npu.backends.base import RMSNorm
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("simd_math.h", "row_prologue.h")]
+           for name in ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("simd_math.h", "row_prologue.h", "cpu_kernels.h")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 # -ffp-contract=off: no implicit fused multiply-adds, so elementwise math rounds like the eager PyTorch ops
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-ffp-contract=off",
@@ -85,7 +85,7 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     lib.has_bf16 = BF16_CPU_FLAG in _cpu_flags()
     lib.argmax_rows.argtypes, lib.argmax_rows.restype = [p, i, i, p], None
     lib.kv_write_int8.argtypes, lib.kv_write_int8.restype = [p, p, i, i, i, i, i, p, p, p, p, p], i
-    lib.paged_attention_decode_int8.argtypes = [p, i, i, i, i, p, p, p, p, p, p, i, ctypes.c_float, p]
+    lib.paged_attention_decode_int8.argtypes = [p, i, i, i, i, i, p, p, p, p, p, p, i, ctypes.c_float, p]
     lib.paged_attention_decode_int8.restype = i
     lib.paged_attention_prefill_int8.argtypes = [p, i, i, i, i, i, i, p, p, p, p, p, ctypes.c_float, p]
     lib.paged_attention_prefill_int8.restype = i
