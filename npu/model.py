@@ -167,14 +167,22 @@ class DecoderModel:
 
         ``layer_outputs``, when given, receives the residual stream after each layer (for tests).
         """
+        x = self.embed[batch.token_ids].to(self.dtype)
+        group = batch.decode
+        stacked = (self.decode_stack is not None and layer_outputs is None and group is not None
+                   and group.covers_all_rows
+                   and self.decode_stack.decode(x, batch.positions, batch.slot_mapping, group.slots, group.lengths,
+                                                cache))
+        if not stacked:
+            x = self._layer_loop(x, batch, cache, layer_outputs)
+        return self.lm_head(x[batch.logits_rows], norm=self.final_norm).float()
+
+    def _layer_loop(self, x: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
+                    layer_outputs: list[torch.Tensor] | None) -> torch.Tensor:
+        """Every decoder layer on the residual stream ``x`` ``[T, hidden]``, kernel call by kernel call."""
         cfg = self.cfg
         T = batch.token_ids.numel()
         ops = self.backend
-        x = self.embed[batch.token_ids].to(self.dtype)
-        group = batch.decode
-        if (self.decode_stack is not None and layer_outputs is None and group is not None and group.covers_all_rows
-                and self.decode_stack.decode(x, batch.positions, batch.slot_mapping, group.slots, group.lengths, cache)):
-            return self.lm_head(x[batch.logits_rows], norm=self.final_norm).float()
         q_size, kv_size = cfg.q_size, cfg.kv_size
         qk_heads = cfg.num_heads + cfg.num_kv_heads
         # One buffer for each layer's q/k/v and gate/up outputs, which die within the layer: allocated
@@ -195,7 +203,7 @@ class DecoderModel:
             x = layer.down(gu, gated=True, residual=x)
             if layer_outputs is not None:
                 layer_outputs.append(x)
-        return self.lm_head(x[batch.logits_rows], norm=self.final_norm).float()
+        return x
 
     def _attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Attention output ``[T, Hq * D]`` of every query row of the step."""

@@ -61,7 +61,7 @@ class DecoderStack:
                  num_kv_heads: int, head_dim: int, cos: torch.Tensor, sin_signed: torch.Tensor, scale: float):
         _declare(lib)
         self.lib, self.workspace = lib, workspace
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.num_heads, self.head_dim = num_heads, head_dim
         self._keep = [cos, sin_signed]  # the C side holds raw pointers into these (the layers keep the rest)
         rows = []
         for layer in layers:
