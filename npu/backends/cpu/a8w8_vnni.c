@@ -22,6 +22,7 @@
 
 #include "cpu_kernels.h"
 #include "row_prologue.h"
+#include "tile_dispatch.h"
 
 #define NB 16          // output channels per block (one zmm of int32)
 #define KG 4           // k values per vpdpbusd lane
@@ -36,6 +37,8 @@
 #define QMAX 127.0f
 // Rows are quantized in parallel from this many on; below it the thread start costs more than it saves.
 #define PARALLEL_QUANTIZE_MIN_ROWS 4
+
+_Static_assert(MR == 4 && MR_WIDE == 8, "the row dispatch (tile_dispatch.h) covers MR and MR_WIDE rows");
 
 int a8w8_packed_k(int K) { return (K + KG - 1) / KG * KG; }
 int a8w8_packed_n(int N) { return (N + NB * NR - 1) / (NB * NR) * (NB * NR); }
@@ -184,12 +187,9 @@ void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
         const int8_t *next = t + 1 < ntiles ? w0 + (size_t)NR * Kp * NB : NULL;
         __m512i acc[MR_WIDE][NR];
         if (M <= MR) {  // one pass: every weight byte read once, feeding M multiply-adds
-            switch (M) {  // a constant row count lets the compiler keep the tile in registers
-                case 1: tile(xq, 1, Kp, w0, 1, NR, acc, next, 0, 1); break;
-                case 2: tile(xq, 2, Kp, w0, 2, NR, acc, next, 0, 1); break;
-                case 3: tile(xq, 3, Kp, w0, 3, NR, acc, next, 0, 1); break;
-                default: tile(xq, MR, Kp, w0, MR, NR, acc, next, 0, 1); break;
-            }
+#define ONE_PASS_TILE(R) tile(xq, R, Kp, w0, R, NR, acc, next, 0, 1)
+            DISPATCH_ROWS_4(M, ONE_PASS_TILE)
+#undef ONE_PASS_TILE
             store_tile(acc, M, NR, 0, n0, wsum, sw, sx, N, residual, out);
             continue;
         }
@@ -201,16 +201,9 @@ void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
             for (int m0 = 0; m0 < M; m0 += MR_WIDE) {
                 const int mr = M - m0 < MR_WIDE ? M - m0 : MR_WIDE, pass = m0 / MR_WIDE;
                 const uint8_t *xt = panel_row(xq, m0, M, Kp);  // m0 starts a panel (MR_WIDE == PANEL_ROWS)
-                switch (mr) {
-                    case 1: tile(xt, PANEL_ROWS, Kp, ws, 1, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 2: tile(xt, PANEL_ROWS, Kp, ws, 2, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 3: tile(xt, PANEL_ROWS, Kp, ws, 3, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 4: tile(xt, PANEL_ROWS, Kp, ws, 4, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 5: tile(xt, PANEL_ROWS, Kp, ws, 5, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 6: tile(xt, PANEL_ROWS, Kp, ws, 6, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 7: tile(xt, PANEL_ROWS, Kp, ws, 7, NR_WIDE, acc, nx, pass, npasses); break;
-                    default: tile(xt, PANEL_ROWS, Kp, ws, MR_WIDE, NR_WIDE, acc, nx, pass, npasses); break;
-                }
+#define WIDE_TILE(R) tile(xt, PANEL_ROWS, Kp, ws, R, NR_WIDE, acc, nx, pass, npasses)
+                DISPATCH_ROWS_8(mr, WIDE_TILE)
+#undef WIDE_TILE
                 store_tile(acc, mr, NR_WIDE, m0, n0 + s * NR_WIDE * NB, wsum, sw, sx, N, residual, out);
             }
         }

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "row_prologue.h"
+#include "tile_dispatch.h"
 
 #define NB 16          // output channels per block (one zmm of fp32)
 #define KG 2           // k values per vdpbf16ps lane
@@ -20,6 +21,8 @@
 #define MR_WIDE 8      // more rows: passes of an 8 x 2 tile, as in a8w8_vnni.c
 #define NR_WIDE 2
 #define PANEL_ROWS MR_WIDE  // activations in panels [M / P][Kp / 2][P][2], P = M <= MR ? M : 8 (as in a8w8_vnni.c)
+
+_Static_assert(MR == 4 && MR_WIDE == 8, "the row dispatch (tile_dispatch.h) covers MR and MR_WIDE rows");
 
 int bf16_packed_k(int K) { return (K + KG - 1) / KG * KG; }
 int bf16_packed_n(int N) { return (N + NB * NR - 1) / (NB * NR) * (NB * NR); }
@@ -108,12 +111,9 @@ void bf16_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
         const int n0 = t * NR * NB;
         __m512 acc[MR_WIDE][NR];
         if (M <= MR) {
-            switch (M) {  // a constant row count lets the compiler keep the tile in registers
-                case 1: tile(xb, 1, Kp, w0, 1, NR, acc, NULL, 0, 1); break;
-                case 2: tile(xb, 2, Kp, w0, 2, NR, acc, NULL, 0, 1); break;
-                case 3: tile(xb, 3, Kp, w0, 3, NR, acc, NULL, 0, 1); break;
-                default: tile(xb, MR, Kp, w0, MR, NR, acc, NULL, 0, 1); break;
-            }
+#define ONE_PASS_TILE(R) tile(xb, R, Kp, w0, R, NR, acc, NULL, 0, 1)
+            DISPATCH_ROWS_4(M, ONE_PASS_TILE)
+#undef ONE_PASS_TILE
             store_tile(acc, M, NR, 0, n0, N, residual, out);
             continue;
         }
@@ -125,16 +125,9 @@ void bf16_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
             for (int m0 = 0; m0 < M; m0 += MR_WIDE) {
                 const int mr = M - m0 < MR_WIDE ? M - m0 : MR_WIDE, pass = m0 / MR_WIDE;
                 const uint16_t *xt = xb + (size_t)m0 * Kp;  // m0 starts a panel
-                switch (mr) {
-                    case 1: tile(xt, PANEL_ROWS, Kp, ws, 1, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 2: tile(xt, PANEL_ROWS, Kp, ws, 2, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 3: tile(xt, PANEL_ROWS, Kp, ws, 3, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 4: tile(xt, PANEL_ROWS, Kp, ws, 4, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 5: tile(xt, PANEL_ROWS, Kp, ws, 5, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 6: tile(xt, PANEL_ROWS, Kp, ws, 6, NR_WIDE, acc, nx, pass, npasses); break;
-                    case 7: tile(xt, PANEL_ROWS, Kp, ws, 7, NR_WIDE, acc, nx, pass, npasses); break;
-                    default: tile(xt, PANEL_ROWS, Kp, ws, MR_WIDE, NR_WIDE, acc, nx, pass, npasses); break;
-                }
+#define WIDE_TILE(R) tile(xt, PANEL_ROWS, Kp, ws, R, NR_WIDE, acc, nx, pass, npasses)
+                DISPATCH_ROWS_8(mr, WIDE_TILE)
+#undef WIDE_TILE
                 store_tile(acc, mr, NR_WIDE, m0, n0 + s * NR_WIDE * NB, N, residual, out);
             }
         }

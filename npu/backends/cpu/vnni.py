@@ -25,7 +25,7 @@ from npu.backends.base import RMSNorm
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("simd_math.h", "row_prologue.h", "cpu_kernels.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("simd_math.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 # -ffp-contract=off: no implicit fused multiply-adds, so elementwise math rounds like the eager PyTorch ops
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-ffp-contract=off",
