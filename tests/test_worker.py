@@ -246,14 +246,20 @@ def test_vnni_kernel_bit_identical_to_int_mm():
     if lib is None:
         pytest.skip(f"VNNI kernel unavailable here: {why}")
     g = torch.Generator().manual_seed(3)
+    # M = 300 spans row blocks with a partial last pass; M = 1400 x N = 3072 writes its output with
+    # non-temporal stores (over a8w8_vnni.c's STREAM_MIN_BYTES)
+    large_m = (300, 1400)
     for n, k in ((96, 160), (100, 70), (17, 5), (3072, 1024)):
         lin = quantize_linear(torch.randn(n, k, generator=g))
         fast, ref = VnniLinear(lin, lib, Workspace()), Int8GemmLinear(lin)
-        for m in (1, 2, 4, 5, 7, 8, 9, 12, 16, 33):
+        for m in (1, 2, 4, 5, 7, 8, 9, 12, 16, 33) + (large_m if n == 3072 else ()):
             x = torch.randn(m, k, generator=g) * 5
             if m > 2:
                 x[1] = 0.0  # an all-zero token
-            assert torch.equal(fast(x), ref(x)), (n, k, m)
+            expected = ref(x)
+            assert torch.equal(fast(x), expected), (n, k, m)
+            residual = torch.randn(m, n, generator=g)
+            assert torch.equal(fast(x, residual=residual), expected + residual), (n, k, m)
 
 
 def test_vnni_fused_prologue_and_epilogue_match_eager_ops():
