@@ -81,8 +81,8 @@ static float quantize_q16(const float *q, int D, int16_t *q16) {
     return s;
 }
 
-// Softmax of sg[0:L] in place, then each weight times its value's scale.
-static void softmax_fold_scales(float *sg, int L, const float *vs, const int64_t *sl, int Hkv, int h) {
+// Softmax of sg[0:L] in place, each weight times its value's scale vscale[j]; sg[L:n] set to 0.
+static void softmax_fold_scales(float *sg, int L, int n, const float *vscale) {
     __m512 vm = _mm512_set1_ps(-INFINITY);
     int j = 0;
     for (; j + VEC <= L; j += VEC) vm = _mm512_max_ps(vm, _mm512_loadu_ps(sg + j));
@@ -96,8 +96,14 @@ static void softmax_fold_scales(float *sg, int L, const float *vs, const int64_t
         vsum = _mm512_add_ps(vsum, e);
         _mm512_mask_storeu_ps(sg + j, mask, e);
     }
-    const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-    for (j = 0; j < L; j++) sg[j] *= inv * vs[(size_t)sl[j] * Hkv + h];
+    const __m512 vinv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (j = 0; j < n; j += VEC) {  // lanes at j >= L are e = 0 (stored above) or cleared here
+        const __mmask16 in_n = n - j >= VEC ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+        const __mmask16 in_l = L - j >= VEC ? (__mmask16)0xFFFF : L > j ? (__mmask16)((1u << (L - j)) - 1u) : 0;
+        const __m512 w = _mm512_maskz_mul_ps(in_l, _mm512_maskz_loadu_ps(in_l, sg + j),
+                                             _mm512_mul_ps(vinv, _mm512_maskz_loadu_ps(in_l, vscale + j)));
+        _mm512_mask_storeu_ps(sg + j, in_n, w);
+    }
 }
 
 // out[g][c*16 : c*16+16] = sum_j p[g * pstride + j] * v[sl[j], h][c*16 : ...] for NG query heads; NG is a
@@ -403,7 +409,7 @@ int paged_attention_decode_int8(const float *q, int q_stride, int S, int Hq, int
 // 0..start + i. A work item is (KV head, tile of PF_ROWS query positions): its PF_ROWS x G query vectors
 // share every key and value they read, which is converted once per item (GQA reuse); q . k is the
 // integer product of the decode kernel, 16 keys reduced at a time; p . v as in pv_group.
-#define PF_ROWS 4
+#define PF_ROWS 8
 #define PF_QV_MAX (PF_ROWS * MAX_G)
 
 // scores[qv][j0 + jj] for 16 keys and nqv query vectors (q16: [nqv][D], qk_scale: [nqv]).
@@ -439,6 +445,7 @@ int paged_attention_prefill_int8(const float *q, int q_stride, int nq, int start
         int16_t *q16 = (int16_t *)malloc(sizeof(int16_t) * (size_t)PF_QV_MAX * D);
         int16_t *kb = (int16_t *)malloc(sizeof(int16_t) * (size_t)KEY_BLOCK * D);
         float *tmp = (float *)malloc(sizeof(float) * (size_t)PF_QV_MAX * D);
+        float *vscale = (float *)malloc(sizeof(float) * (size_t)stride);  // V scales of the item's keys, gathered once
         float qk_scale[PF_QV_MAX], kscale[KEY_BLOCK];
 #pragma omp for schedule(dynamic)
         for (int w = 0; w < Hkv * ntiles; w++) {
@@ -460,6 +467,7 @@ int paged_attention_prefill_int8(const float *q, int q_stride, int nq, int start
                             _mm512_storeu_si512((void *)(kb + (size_t)jj * D + c * 32),
                                                 _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(kr + c * 32))));
                         kscale[jj] = ks[row];
+                        vscale[j0 + jj] = vs[row];
                     } else {  // past the last key: zeros, masked below
                         memset(kb + (size_t)jj * D, 0, sizeof(int16_t) * D);
                         kscale[jj] = 0.0f;
@@ -469,11 +477,7 @@ int paged_attention_prefill_int8(const float *q, int q_stride, int nq, int start
             }
             for (int r = 0; r < nr; r++) {
                 const int L = start + r0 + r + 1;  // causal: keys 0..position
-                for (int g = 0; g < G; g++) {
-                    float *sg = scores + (size_t)(r * G + g) * stride;
-                    softmax_fold_scales(sg, L, vs, slots, Hkv, h);
-                    for (int j = L; j < nkeys; j++) sg[j] = 0.0f;
-                }
+                for (int g = 0; g < G; g++) softmax_fold_scales(scores + (size_t)(r * G + g) * stride, L, nkeys, vscale);
             }
             // p . v for all nqv vectors of the tile (vector v = r * G + g)
             pv_head(scores, stride, nkeys, vc, slots, Hkv, h, D, nqv, tmp);
@@ -486,6 +490,7 @@ int paged_attention_prefill_int8(const float *q, int q_stride, int nq, int start
         free(q16);
         free(kb);
         free(tmp);
+        free(vscale);
     }
     return 0;
 }
