@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from loaders.quantization import quantize_activations, quantize_linear
 from npu.backends.cpu.backend import Int8GemmLinear
 from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace, load_vnni_library
+from npu.host_memory import HugePageArena
 
 WORKING_SET_BYTES = 96 * 1024**2  # > 32 MiB L3
 
@@ -49,9 +50,9 @@ def main() -> None:
     bf16 = [w.to(torch.bfloat16) for w in floats]
     ours = [Int8GemmLinear(quantize_linear(w)) for w in floats]
     lib, why = load_vnni_library()
-    workspace = Workspace()
-    vnni = [VnniLinear(quantize_linear(w), lib, workspace) for w in floats] if lib is not None else []
-    bf16_ours = [Bf16Linear(w, lib, workspace) for w in bf16] if lib is not None and lib.has_bf16 else []
+    workspace, arena = Workspace(), HugePageArena()  # packed weights on huge pages, as the cpu backend keeps them
+    vnni = [VnniLinear(quantize_linear(w), lib, workspace, arena) for w in floats] if lib is not None else []
+    bf16_ours = [Bf16Linear(w, lib, workspace, arena) for w in bf16] if lib is not None and lib.has_bf16 else []
     torch.backends.quantized.engine = "fbgemm"
     packed = []
     onednn = []

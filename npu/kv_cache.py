@@ -15,6 +15,7 @@ from enum import Enum
 import torch
 
 from loaders.quantization import quantize_symmetric
+from npu.host_memory import zeros_huge_pages
 
 
 class KVCacheDtype(str, Enum):
@@ -41,10 +42,10 @@ class Int8KV:
     @staticmethod
     def allocate(layers: int, slots: int, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
         return {
-            "k": torch.zeros(layers, slots, heads, head_dim, dtype=torch.int8),
-            "v": torch.zeros(layers, slots, heads, head_dim, dtype=torch.int8),
-            "k_scale": torch.zeros(layers, slots, heads, dtype=torch.float32),
-            "v_scale": torch.zeros(layers, slots, heads, dtype=torch.float32),
+            "k": zeros_huge_pages((layers, slots, heads, head_dim), torch.int8),
+            "v": zeros_huge_pages((layers, slots, heads, head_dim), torch.int8),
+            "k_scale": zeros_huge_pages((layers, slots, heads), torch.float32),
+            "v_scale": zeros_huge_pages((layers, slots, heads), torch.float32),
         }
 
     def write(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -78,8 +79,8 @@ class FloatKV:
 
     def allocate(self, layers: int, slots: int, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
         return {
-            "k": torch.zeros(layers, slots, heads, head_dim, dtype=self.dtype),
-            "v": torch.zeros(layers, slots, heads, head_dim, dtype=self.dtype),
+            "k": zeros_huge_pages((layers, slots, heads, head_dim), self.dtype),
+            "v": zeros_huge_pages((layers, slots, heads, head_dim), self.dtype),
         }
 
     def write(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ from loaders.quantization import FloatLinear, Int8Linear, LinearWeight, quantize
 from npu.backends.base import RMSNorm, TorchOps, UnfusedLinear
 from npu.backends.cpu.decoder_stack import DecoderStack
 from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace, load_vnni_library
+from npu.host_memory import HugePageArena
 from npu.kv_cache import Int8KV, PagedKVCache
 
 log = logging.getLogger("a8w8.kernels")
@@ -90,13 +91,14 @@ class CpuBackend(TorchOps):
                 log.info("VNNI kernel not used (%s): INT8 GEMMs run through torch._int_mm", why)
             self._vnni = lib
         self._workspace = Workspace()
+        self._weight_arena = HugePageArena()  # packed weights on huge pages (npu/host_memory.py)
         self.name = "cpu-vnni" if self._vnni is not None else "cpu-onednn"
 
     def prepare_linear(self, weight: LinearWeight):
         if isinstance(weight, Int8Linear):
-            return VnniLinear(weight, self._vnni, self._workspace) if self._vnni is not None else Int8GemmLinear(weight)
+            return VnniLinear(weight, self._vnni, self._workspace, self._weight_arena) if self._vnni is not None else Int8GemmLinear(weight)
         if weight.weight.dtype == torch.bfloat16 and self._vnni is not None and self._vnni.has_bf16:
-            return Bf16Linear(weight.weight, self._vnni, self._workspace)
+            return Bf16Linear(weight.weight, self._vnni, self._workspace, self._weight_arena)
         return FloatGemmLinear(weight, self.activation_dtype)
 
     def prepare_decoder_stack(self, layers: Sequence[Any], num_heads: int, num_kv_heads: int, head_dim: int,

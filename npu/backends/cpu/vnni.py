@@ -22,6 +22,7 @@ import torch
 from loaders.cache import cache_dir
 from loaders.quantization import Int8Linear
 from npu.backends.base import RMSNorm
+from npu.host_memory import HugePageArena
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c")]
@@ -105,6 +106,11 @@ class Workspace:
         return self._buf
 
 
+def _empty(arena: HugePageArena | None, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed weights: from the huge-page arena where one is given (see npu/host_memory.py)."""
+    return torch.empty(numel, dtype=dtype) if arena is None else arena.empty(numel, dtype)
+
+
 def _prologue_args(norm: RMSNorm | None, gated: bool) -> tuple[int, int | None, float]:
     if norm is not None:
         return PROLOGUE_RMSNORM, norm.weight.data_ptr(), norm.eps
@@ -131,13 +137,14 @@ class Bf16Linear:
     """BF16-weight linear through ``bf16_gemm.c`` (for the BF16 lm_head): prologue, BF16 GEMM with fp32
     accumulation, output rounded to BF16 as ``F.linear`` in BF16 leaves it, optional residual."""
 
-    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, workspace: Workspace):
+    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, workspace: Workspace,
+                 arena: HugePageArena | None = None):
         self.lib, self.workspace = lib, workspace
         n, k = weight.shape
         self.out_features, self.in_features = n, k
         self.kp, np_ = lib.bf16_packed_k(k), lib.bf16_packed_n(n)
         w = weight.to(torch.bfloat16).contiguous()
-        self.packed = torch.empty(np_ * self.kp, dtype=torch.bfloat16)
+        self.packed = _empty(arena, np_ * self.kp, torch.bfloat16)
         lib.bf16_pack(w.data_ptr(), n, k, self.packed.data_ptr())
 
     def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
@@ -163,13 +170,14 @@ class VnniLinear:
     sums, same epilogue order).
     """
 
-    def __init__(self, weight: Int8Linear, lib: ctypes.CDLL, workspace: Workspace):
+    def __init__(self, weight: Int8Linear, lib: ctypes.CDLL, workspace: Workspace,
+                 arena: HugePageArena | None = None):
         self.lib, self.workspace = lib, workspace
         n, k = weight.qweight.shape
         self.out_features, self.in_features = n, k
         self.kp, np_ = lib.a8w8_packed_k(k), lib.a8w8_packed_n(n)
         q = weight.qweight.contiguous()
-        self.packed = torch.empty(np_ * self.kp, dtype=torch.int8)
+        self.packed = _empty(arena, np_ * self.kp, torch.int8)
         self.wsum = torch.empty(np_, dtype=torch.int32)
         lib.a8w8_pack(q.data_ptr(), n, k, self.packed.data_ptr(), self.wsum.data_ptr())
         self.scale = torch.zeros(np_, dtype=torch.float32)
