@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import traceback
 from multiprocessing.connection import Connection
@@ -29,6 +30,9 @@ def worker_main(conn: Connection, config: m.WorkerConfig) -> None:
     except Exception as e:  # any startup failure is reported to the parent, then the process exits
         conn.send_bytes(m.encode(m.StartupFailed(message=f"{type(e).__name__}: {e}")))
         return
+    # The model's hundreds of thousands of objects live as long as the process: out of the cyclic collector's
+    # full passes (one took 159 ms over a loaded Qwen3-0.6B-shaped model here, in the middle of a step).
+    gc.freeze()
     conn.send_bytes(m.encode(runner.ready_message()))
     from npu.runner import InvalidStep
 

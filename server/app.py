@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import time
@@ -43,9 +44,15 @@ def package_version() -> str:
         return "0.0.0+local"
 
 
-def _log_start_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
+def _after_engine_start(task: asyncio.Task) -> None:
+    if task.cancelled():
+        return
+    if task.exception() is not None:
         log.error("engine failed to start: %s", task.exception())
+        return
+    # What startup built (app, tokenizer, template) lives as long as the process: keep it out of the cyclic
+    # collector's full passes, which otherwise walk all of it in the middle of serving (as vLLM does).
+    gc.freeze()
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -64,7 +71,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                              model_dir=settings.engine.worker.model_dir, reasoning=reasoning)
         holder["ctx"] = ctx
         start = asyncio.create_task(engine.start())  # /health answers 503 until the model is loaded
-        start.add_done_callback(_log_start_failure)
+        start.add_done_callback(_after_engine_start)
         try:
             yield
         finally:
