@@ -2,10 +2,10 @@
 weights and the KV cache.
 
 With 4 KiB pages every 4 KiB of a weight stream or of a KV block is another TLB entry, and the decode
-kernels touch hundreds of MB per step; with 2 MiB pages the page walks mostly go away. Measured here
-(2-core Zen 4 VM, THP in ``madvise`` mode, interleaved A/B of the same kernels on the same data):
-GEMV over [3072 x 1024] INT8 weights 3-11 % faster, decode attention over a 28-layer INT8 cache
-6-12 % faster.
+kernels touch hundreds of MB per step; with 2 MiB pages the page walks mostly go away.
+``benchmarks/host_memory_bench.py`` (2-core Zen 4 VM, THP in ``madvise`` mode, the same kernels on the
+same data, alternating) measured a few percent: GEMV over [3072 x 1024] INT8 weights up to 8 % faster,
+decode attention over a 28-layer INT8 cache up to 10 %.
 
 Linux hands out huge pages for an anonymous mapping advised with ``MADV_HUGEPAGE`` when
 ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise``; with ``never`` (or
