@@ -14,13 +14,14 @@ elsewhere) the advice is ignored and these are ordinary pages: nothing else chan
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
 
 HUGE_PAGE_BYTES = 2 << 20  # x86-64 / arm64 transparent huge page
-# Small tensors (most packed linears are 1-6 MiB) share mappings of this size, so that each costs no
-# more than its own bytes plus alignment.
+# Small tensors (most packed linears are 1-6 MiB) share mappings of this size instead of each rounding up
+# to whole huge pages; only the tail of a chunk that the next tensor does not fit in goes unused.
 ARENA_CHUNK_BYTES = 64 << 20
 TENSOR_ALIGN = 64  # the kernels' vector loads want 64-byte aligned rows
 
@@ -42,10 +43,7 @@ def empty_huge_pages(nbytes: int) -> torch.Tensor:
 def zeros_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeros of ``shape`` on huge pages, every page touched now (the memory is committed at load time,
     not in the middle of a step)."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    return empty_huge_pages(numel * dtype.itemsize).view(dtype).view(shape).zero_()
+    return empty_huge_pages(math.prod(shape) * dtype.itemsize).view(dtype).view(shape).zero_()
 
 
 class HugePageArena:
