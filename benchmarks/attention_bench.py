@@ -27,9 +27,9 @@ LAYERS, HQ, HKV, D, BLOCK = 28, 16, 8, 128, 16
 ROUNDS = 7
 
 
-def measure(batch: int, context: int, backend: CpuBackend) -> dict:
-    """Both paths on the same random cache (``batch`` sequences of ``context`` tokens), median ms and GB/s."""
-    g = torch.Generator().manual_seed(0)
+def random_cache(batch: int, context: int, g: torch.Generator) -> tuple[PagedKVCache, DecodeGroup]:
+    """A random INT8 cache of ``LAYERS`` layers holding ``batch`` sequences of ``context`` tokens each, whose
+    blocks are scattered over the pool as after a while of serving, and the decode group reading it."""
     blocks_per_seq = -(-context // BLOCK)
     cache = PagedKVCache("int8", LAYERS, HKV, D, batch * blocks_per_seq, BLOCK)
     t = cache.tensors
@@ -37,11 +37,17 @@ def measure(batch: int, context: int, backend: CpuBackend) -> dict:
     t["v"].random_(-127, 128, generator=g)
     t["k_scale"].uniform_(1e-3, 1e-2, generator=g)
     t["v_scale"].uniform_(1e-3, 1e-2, generator=g)
-    # each sequence's blocks scattered over the pool, as after a while of serving
     perm = torch.randperm(batch * blocks_per_seq, generator=g).view(batch, blocks_per_seq)
     slots = (perm[:, :, None] * BLOCK + torch.arange(BLOCK)).reshape(batch, -1)[:, :context].contiguous()
     group = DecodeGroup(rows=torch.arange(batch), slots=slots, lengths=torch.full((batch,), context, dtype=torch.int32),
                         covers_all_rows=True)
+    return cache, group
+
+
+def measure(batch: int, context: int, backend: CpuBackend) -> dict:
+    """Both paths on the same random cache (``batch`` sequences of ``context`` tokens), median ms and GB/s."""
+    g = torch.Generator().manual_seed(0)
+    cache, group = random_cache(batch, context, g)
     q = torch.randn(batch, HQ, D, generator=g)
 
     paths = {"ours": lambda layer: backend.decode_attention(q, cache, layer, group.slots, group.lengths, D**-0.5),

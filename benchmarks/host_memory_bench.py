@@ -11,6 +11,7 @@ A benchmark, not a test: it prints numbers and writes JSON; nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from attention_bench import D, HQ, LAYERS, random_cache
 from loaders.quantization import quantize_linear
+from npu.backends.cpu import CpuBackend
 from npu.backends.cpu.vnni import VnniLinear, Workspace, load_vnni_library
-from npu.host_memory import HugePageArena, zeros_huge_pages
+from npu.host_memory import HugePageArena
 
 N, K, MATRICES = 3072, 1024, 48
-LAYERS, HQ, HKV, D, BLOCK = 28, 16, 8, 128, 16  # Qwen3-0.6B attention shape
 ROUNDS = 8
 
 
@@ -57,40 +59,21 @@ def gemv(lib, m: int) -> dict[str, float]:
     return {name: sec / MATRICES for name, sec in _alternate({n: run(o) for n, o in ops.items()}).items()}
 
 
-def attention(lib, batch: int, context: int) -> dict[str, float]:
+def attention(backend: CpuBackend, batch: int, context: int) -> dict[str, float]:
+    """ms per step (all layers) of decode attention over the same random cache, in the KV cache's own
+    huge-page tensors and in ordinary copies of them."""
     g = torch.Generator().manual_seed(1)
-    blocks = -(-context // BLOCK) * batch
-    slots_total = blocks * BLOCK
-    caches = {}
-    for name, alloc in (("ordinary pages", lambda shape, dt: torch.zeros(shape, dtype=dt)),
-                        ("huge pages", zeros_huge_pages)):
-        k, v = alloc((LAYERS, slots_total, HKV, D), torch.int8), alloc((LAYERS, slots_total, HKV, D), torch.int8)
-        ks, vs = alloc((LAYERS, slots_total, HKV), torch.float32), alloc((LAYERS, slots_total, HKV), torch.float32)
-        caches[name] = (k, v, ks, vs)
-    src = caches["ordinary pages"]
-    src[0].random_(-127, 128, generator=g)
-    src[1].random_(-127, 128, generator=g)
-    src[2].uniform_(1e-3, 1e-2, generator=g)
-    src[3].uniform_(1e-3, 1e-2, generator=g)
-    for dst, s in zip(caches["huge pages"], src):
-        dst.copy_(s)
-    per_seq = blocks // batch
-    order = torch.randperm(blocks, generator=g)  # blocks scattered over the pool, as after a while of serving
-    slots = torch.stack([(order[s * per_seq:(s + 1) * per_seq, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)[:context]
-                         for s in range(batch)]).contiguous()
-    lens = torch.full((batch,), context, dtype=torch.int32)
-    q = torch.randn(batch, HQ * D, generator=g)
-    outs = {name: torch.empty(batch, HQ, D) for name in caches}
+    cache, group = random_cache(batch, context, g)
+    ordinary = copy.copy(cache)
+    ordinary.tensors = {name: t.clone() for name, t in cache.tensors.items()}  # torch's allocator: 4 KiB pages
+    q = torch.randn(batch, HQ, D, generator=g)
+    caches = {"ordinary pages": ordinary, "huge pages": cache}
+    outs = {}
 
     def run(name):
-        k, v, ks, vs = caches[name]
-
         def go():
             for layer in range(LAYERS):
-                lib.paged_attention_decode_int8(q.data_ptr(), HQ * D, batch, HQ, HKV, D, k[layer].data_ptr(),
-                                                ks[layer].data_ptr(), v[layer].data_ptr(), vs[layer].data_ptr(),
-                                                slots.data_ptr(), lens.data_ptr(), context, D**-0.5,
-                                                outs[name].data_ptr())
+                outs[name] = backend.decode_attention(q, caches[name], layer, group.slots, group.lengths, D**-0.5)
         return go
     result = _alternate({name: run(name) for name in caches})
     assert torch.equal(outs["ordinary pages"], outs["huge pages"])
@@ -104,6 +87,7 @@ def main() -> None:
     lib, why = load_vnni_library()
     if lib is None:
         raise SystemExit(f"the VNNI kernels are not available here: {why}")
+    backend = CpuBackend()
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "gemv": {}, "attention": {}}
     print(f"ordinary vs huge pages, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of {ROUNDS} "
           f"alternating rounds")
@@ -114,7 +98,7 @@ def main() -> None:
         print(f"A8W8 GEMV M={m:2d}, [{N} x {K}] x {MATRICES}: ordinary {a * 1e6:6.1f} us ({N * K / a / 1e9:5.1f} GB/s), "
               f"huge {b * 1e6:6.1f} us ({N * K / b / 1e9:5.1f} GB/s) -> huge / ordinary time {b / a:.3f}", flush=True)
     for batch, context in ((1, 300), (16, 300), (4, 2000)):
-        r = attention(lib, batch, context)
+        r = attention(backend, batch, context)
         report["attention"][f"{batch}x{context}"] = r
         a, b = r["ordinary pages"], r["huge pages"]
         print(f"decode attention batch {batch:2d} context {context:4d}, {LAYERS} layers: ordinary {a * 1e3:6.2f} ms, "

@@ -1,11 +1,11 @@
 """Host buffers on transparent huge pages, for the large long-lived arrays the kernels stream: packed
 weights and the KV cache.
 
-With 4 KiB pages every 4 KiB of a weight stream or of a KV block is another TLB entry, and the decode
-kernels touch hundreds of MB per step; with 2 MiB pages the page walks mostly go away.
-``benchmarks/host_memory_bench.py`` (2-core Zen 4 VM, THP in ``madvise`` mode, the same kernels on the
-same data, alternating) measured a few percent: GEMV over [3072 x 1024] INT8 weights up to 8 % faster,
-decode attention over a 28-layer INT8 cache up to 10 %.
+With 4 KiB pages every 4 KiB of a KV block or a weight stream is another TLB entry, and a decode step
+touches hundreds of MB; with 2 MiB pages the page walks mostly go away. ``benchmarks/host_memory_bench.py``
+(2-core Zen 4 VM, THP in ``madvise`` mode, the same kernels on the same data, alternating): decode
+attention over a 28-layer INT8 cache, whose blocks are scattered, 4-14 % faster; the GEMV over packed
+weights, one sequential stream, unchanged within noise.
 
 Linux hands out huge pages for an anonymous mapping advised with ``MADV_HUGEPAGE`` when
 ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise``; with ``never`` (or

@@ -31,7 +31,7 @@ def worker_main(conn: Connection, config: m.WorkerConfig) -> None:
         conn.send_bytes(m.encode(m.StartupFailed(message=f"{type(e).__name__}: {e}")))
         return
     # The model's hundreds of thousands of objects live as long as the process: out of the cyclic collector's
-    # full passes (one took 159 ms over a loaded Qwen3-0.6B-shaped model here, in the middle of a step).
+    # full passes, which would otherwise walk them all in the middle of a step.
     gc.freeze()
     conn.send_bytes(m.encode(runner.ready_message()))
     from npu.runner import InvalidStep

@@ -35,11 +35,12 @@
 #define PANEL_ROWS MR_WIDE
 // Rows per block above MR: a thread computes its column tiles for one block of rows before the next, so its
 // output stores stay within a few pages (each output row of a large M is its own 4 KiB page; sweeping all
-// M rows per column tile missed the TLB on nearly every store). 32..256 measured alike (+4 % at M = 2048).
+// M rows per column tile missed the TLB on nearly every store). 32..256 rows timed alike in a C harness
+// (not kept; the M = 2048 row of benchmarks/kernels.py shows the combined effect with STREAM_MIN_BYTES).
 #define ROW_BLOCK 128
 // Outputs of at least this many bytes are written with non-temporal stores: larger than half the 32 MiB
 // L3, they would not stay cached for the next kernel anyway, and streaming skips the read-for-ownership
-// (M = 2048, N = 6144: +15 %, measured).
+// (the larger part of the M = 2048 gain in that harness).
 #define STREAM_MIN_BYTES (16L << 20)
 #define MIN_DIVISOR 1e-30f
 #define QMAX 127.0f
