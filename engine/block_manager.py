@@ -102,6 +102,21 @@ class BlockManager:
                 block.hash = h
                 self._cached[h] = block.block_id
 
+    def forget_unwritten(self, seq_id: int, num_written_tokens: int) -> None:
+        """Take the blocks of ``seq_id`` past its first ``num_written_tokens`` out of the prefix cache: they
+        were registered when scheduled, but their KV was never written (the step failed)."""
+        hashes = self._hashes.get(seq_id)
+        if not hashes:
+            return
+        table = self.tables[seq_id]
+        first = num_written_tokens // self.block_size
+        for i in range(first, len(hashes)):
+            block = self.blocks[table[i]]
+            if block.hash == hashes[i] and self._cached.get(block.hash) == block.block_id:
+                del self._cached[block.hash]
+                block.hash = None
+        del hashes[first:]
+
     # ---- allocation ------------------------------------------------------------------------
     def allocate(self, seq_id: int, num_tokens: int) -> list[int] | None:
         """Grow the table of ``seq_id`` to hold ``num_tokens``; the new block ids, or None if too few are free."""

@@ -16,10 +16,13 @@ from engine.request import FinishReason, Sequence
 from engine.sampling_params import InvalidRequest, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
 from engine.stop import StopStringMatcher
-from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer
+from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token
 from loaders.config import GenerationDefaults, load_generation_defaults, load_model_config
 from npu.client import WorkerClient
-from npu.messages import WorkerConfig
+from npu.messages import Ready, WorkerConfig
+
+# Priorities order requests in the scheduler; like vLLM's, they are 64-bit signed integers.
+PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,22 @@ class EngineConfig:
     tokenizer_impl: str = TokenizerImpl.AUTO.value
     # Waiting requests beyond this are refused (HTTP 429) instead of queued without limit.
     max_queued_requests: int = 1024
+    # A worker that dies is restarted, at most this many times within the window; past that the engine
+    # gives up (and the server exits non-zero, so that an orchestrator restarts the whole process).
+    max_worker_restarts: int = 5
+    worker_restart_window_seconds: float = 600.0
+
+
+def text_too_long_error(max_model_len: int, num_bytes: int, bytes_per_token: int) -> str | None:
+    """For a prompt text refused before tokenization: it has at least ``num_bytes / bytes_per_token``
+    tokens. vLLM's sentence, with the lower bound said as one."""
+    at_least = -(-num_bytes // bytes_per_token)
+    if at_least < max_model_len:
+        return None
+    return (
+        f"This model's maximum context length is {max_model_len} tokens. However, your request has at least "
+        f"{at_least} input tokens ({num_bytes} bytes of text). Please reduce the length of the input messages."
+    )
 
 
 def context_length_error(max_model_len: int, prompt_len: int, max_tokens: int | None) -> str | None:
@@ -48,7 +67,12 @@ def context_length_error(max_model_len: int, prompt_len: int, max_tokens: int | 
 
 
 class EngineCore:
-    """Owns the worker client, the block manager and the scheduler. Driven by one thread."""
+    """Owns the worker client, the block manager and the scheduler. Driven by one thread.
+
+    :meth:`start` spawns a worker and builds the scheduler from what it reports; after the worker dies,
+    :meth:`take_unstarted` empties the scheduler and ``start(carried)`` does the same again, carrying over
+    the sequences that never reached the worker.
+    """
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -57,6 +81,8 @@ class EngineCore:
         self.tokenizer: Tokenizer = load_tokenizer(model_dir, config.tokenizer_impl)
         self.chat_template = ChatTemplate.from_model_dir(model_dir)
         self.generation_defaults: GenerationDefaults = load_generation_defaults(model_dir)
+        # Lets a prompt that cannot fit be refused by its size, before the tokenizer spends time on it.
+        self.text_bytes_per_token = max_text_bytes_per_token(self.tokenizer)
         self.eos_token_ids: tuple[int, ...] = tuple(
             dict.fromkeys(self.generation_defaults.eos_token_ids + self.model_config.eos_token_ids)
         )
@@ -65,39 +91,88 @@ class EngineCore:
             # Ids past the tokenizer's vocabulary are padding rows of the embedding: never sampled.
             vocab = min(self.tokenizer.vocab_size, self.model_config.vocab_size)
             worker_cfg = msgspec.structs.replace(worker_cfg, sampleable_vocab_size=vocab)
-        self.worker = WorkerClient(worker_cfg)
-        self.ready = None
+        self.worker_config = worker_cfg
+        self.worker: WorkerClient | None = None
+        self.worker_info: Ready | None = None
         self.scheduler: Scheduler | None = None
+        self.max_model_len = 0  # known once the first worker has started
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_step_compute_seconds = 0.0
 
-    def wait_ready(self) -> None:
-        """Block until the worker has loaded the model, then size the block manager from its report."""
-        self.ready = self.worker.wait_ready()
-        max_len = min(self.ready.max_model_len, self.config.scheduler.max_model_len or self.ready.max_model_len)
+    def start(self, carried: list[Sequence] = ()) -> None:
+        """Spawn a worker, block until it has loaded the model, then build a fresh block manager and
+        scheduler from its report and queue ``carried`` (sequences that never reached a worker)."""
+        self.worker = WorkerClient(self.worker_config)
+        info = self.worker.wait_ready()
+        max_len = min(info.max_model_len, self.config.scheduler.max_model_len or info.max_model_len)
         sched_cfg = dataclasses.replace(self.config.scheduler, max_model_len=max_len)
-        bm = BlockManager(self.ready.num_blocks, self.ready.block_size, sched_cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(sched_cfg, bm)
+        bm = BlockManager(info.num_blocks, info.block_size, sched_cfg.enable_prefix_caching)
+        scheduler = Scheduler(sched_cfg, bm)
+        for seq in carried:
+            scheduler.add(seq)
+        self.worker_info, self.max_model_len, self.scheduler = info, max_len, scheduler
 
-    @property
-    def max_model_len(self) -> int:
-        assert self.scheduler is not None
-        return self.scheduler.config.max_model_len
+    def take_unstarted(self) -> tuple[list[Sequence], list[Sequence]]:
+        """After the worker is lost: (sequences that never reached it, which can run on the next one; every
+        other unfinished sequence, whose computed state is gone). The scheduler is emptied."""
+        sched = self.scheduler
+        if sched is None:
+            return [], []
+        keep, lost = [], []
+        for seq in sched.waiting + sched.running:
+            (lost if seq.admitted_once else keep).append(seq)
+        for seq in keep:
+            sched.waiting.remove(seq)
+            del sched.seqs[seq.seq_id]
+        for seq in lost:
+            sched.finish(seq, FinishReason.ABORT)
+        return keep, lost
+
+    def stop_worker(self) -> None:
+        """Stop (or reap) the current worker process."""
+        if self.worker is not None:
+            self.worker.shutdown()
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Tokenize a prompt; a text too long for the context by its byte count alone is refused first
+        (InvalidRequest). Takes CPU time in proportion to the text: call it off the event loop."""
+        if self.max_model_len:
+            err = text_too_long_error(self.max_model_len, len(text.encode("utf-8", "surrogatepass")),
+                                      self.text_bytes_per_token)
+            if err:
+                raise InvalidRequest(err, "messages")
+        return self.tokenizer.encode(text)
+
+    def check_prompt_ids(self, ids: list[int]) -> None:
+        """Token-id prompts: length and vocabulary checked before anything decodes them (InvalidRequest)."""
+        if not ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        if self.max_model_len:
+            err = context_length_error(self.max_model_len, len(ids), None)
+            if err:
+                raise InvalidRequest(err, "prompt")
+        self._check_vocab(ids)
+
+    def _check_vocab(self, ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is out of range [0, {vocab})", "prompt")
 
     def make_sequences(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        priority: int = 0) -> list[Sequence]:
         """Validate a request and build its ``n`` sequences (raises InvalidRequest)."""
-        params.validate()
+        params.validate(self.model_config.vocab_size, self.max_model_len)
+        if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise InvalidRequest(f"priority must be a 64-bit signed integer, got {priority}", "priority")
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is out of range [0, {self.model_config.vocab_size})", "prompt")
         err = context_length_error(self.max_model_len, len(prompt_token_ids), params.max_tokens)
         if err:
             raise InvalidRequest(err, "messages")
+        self._check_vocab(prompt_token_ids)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         seqs = []
         for i in range(params.n):
@@ -116,6 +191,10 @@ class EngineCore:
                     eos_token_ids=self.eos_token_ids,
                 )
             )
+        try:  # what goes to the worker must cross the pipe; checked here, not when a step carrying it is sent
+            msgspec.msgpack.encode(seqs[-1].worker_options)  # the last has the largest seed (seed + i)
+        except (OverflowError, TypeError) as e:
+            raise InvalidRequest(f"a sampling parameter cannot be represented: {e}", None) from None
         return seqs
 
     def add(self, seqs: list[Sequence]) -> None:
@@ -127,22 +206,21 @@ class EngineCore:
     def abort(self, seqs: list[Sequence]) -> None:
         assert self.scheduler is not None
         for seq in seqs:
-            if not seq.finished:
+            if not seq.finished and seq.seq_id in self.scheduler.seqs:
                 self.scheduler.finish(seq, FinishReason.ABORT)
 
     def step(self) -> list[SequenceUpdate]:
         """One schedule -> run -> postprocess cycle."""
-        assert self.scheduler is not None
+        assert self.scheduler is not None and self.worker is not None
         step = self.scheduler.schedule()
         req = step.request
         if not req.chunks and not req.finished_seq_ids and not req.new_seqs:
             return []
         result = self.worker.step(req)
-        updates = self.scheduler.update(step, result.tokens)
+        updates = self.scheduler.update(step, result)
         self.generation_tokens_total += len(result.tokens)
         self.last_step_compute_seconds = result.compute_seconds
         return updates
 
     def shutdown(self) -> None:
-        self.worker.shutdown()
-
+        self.stop_worker()

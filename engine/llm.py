@@ -34,7 +34,7 @@ class LLM:
         worker = worker or WorkerConfig(model_dir=str(model), **worker_kwargs)
         self.core = EngineCore(EngineConfig(worker=worker, scheduler=scheduler or SchedulerConfig(),
                                             tokenizer_impl=tokenizer_impl))
-        self.core.wait_ready()
+        self.core.start()
         self.tokenizer = self.core.tokenizer
         self._next = 0
 
@@ -55,6 +55,8 @@ class LLM:
         pending = len(by_seq)
         while pending:
             for u in self.core.step():
+                if u.error is not None:
+                    raise RuntimeError(f"the worker could not run a sequence: {u.error}")
                 res, seq = by_seq[u.seq.seq_id]
                 out = res.outputs[seq.index]
                 out.text += u.new_text

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 from engine.stop import StopStringMatcher
+from npu.messages import SamplingOptions
 
 
 class Status(Enum):
@@ -65,6 +67,15 @@ class Sequence:
     num_preemptions: int = 0
     times: Timestamps = field(default_factory=Timestamps)
     admitted_once: bool = False
+
+    @cached_property
+    def worker_options(self) -> SamplingOptions:
+        """What the worker needs to sample this sequence (built once; sent at each admission)."""
+        return self.params.worker_options(self.eos_token_ids, self.seed)
+
+    @cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        return frozenset(self.params.stop_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:

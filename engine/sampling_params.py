@@ -9,6 +9,15 @@ from npu.messages import SamplingOptions
 # Upper bound of top_logprobs, as OpenAI's API allows.
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
+# Seeds are 64-bit signed integers, as in vLLM (they cross the worker pipe as msgpack integers).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# top_k above the vocabulary size keeps every token; anything past 32 bits is refused, not wrapped.
+MAX_TOP_K = 2**31 - 1
+# Stop strings are matched against every generated token's text in the engine thread, which serves all
+# requests: their number and length are bounded so one request's stop list cannot slow every step.
+# (OpenAI accepts 4 stop strings; vLLM any number.)
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
 
 
 class InvalidRequest(ValueError):
@@ -40,7 +49,9 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
 
-    def validate(self) -> None:
+    def validate(self, vocab_size: int, max_model_len: int) -> None:
+        """Range-check every field; token ids against ``vocab_size``. Raises InvalidRequest naming the field."""
+
         def bad(param: str, why: str) -> InvalidRequest:
             return InvalidRequest(f"{param} {why}", param)
 
@@ -48,14 +59,16 @@ class SamplingParams:
             raise bad("n", f"must be between 1 and {MAX_N}, got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            raise bad("min_tokens", f"must be between 0 and max_tokens, got {self.min_tokens}")
+        if self.min_tokens < 0 or self.min_tokens > (self.max_tokens if self.max_tokens is not None else max_model_len):
+            raise bad("min_tokens", f"must be between 0 and max_tokens (or max_model_len), got {self.min_tokens}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise bad("seed", f"must be a 64-bit signed integer, got {self.seed}")
         if not 0.0 <= self.temperature <= 2.0:
             raise bad("temperature", f"must be between 0 and 2, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise bad("top_k", f"must be -1 (off), 0 (off) or positive, got {self.top_k}")
+        if not -1 <= self.top_k <= MAX_TOP_K:
+            raise bad("top_k", f"must be -1 (off), 0 (off) or a positive count up to {MAX_TOP_K}, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", f"must be between 0 and 1, got {self.min_p}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -67,8 +80,18 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
         for token_id, bias in self.logit_bias.items():
+            if not 0 <= token_id < vocab_size:
+                raise bad("logit_bias", f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
             if not -100.0 <= bias <= 100.0:
                 raise bad("logit_bias", f"values must be between -100 and 100, got {bias} for token {token_id}")
+        for token_id in self.stop_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise bad("stop_token_ids", f"token id {token_id} is outside the vocabulary [0, {vocab_size})")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"accepts at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        for text in self.stop:
+            if len(text) > MAX_STOP_STRING_CHARS:
+                raise bad("stop", f"strings must be at most {MAX_STOP_STRING_CHARS} characters, got {len(text)}")
 
     def worker_options(self, eos_token_ids: tuple[int, ...], seed: int | None) -> SamplingOptions:
         """What the worker needs to sample; ``seed`` is this sequence's (n > 1 gives each its own)."""

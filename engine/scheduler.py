@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.request import FinishReason, Sequence, Status, TokenLogprob
-from npu.messages import NewSequence, SampledToken, ScheduledChunk, StepRequest
+from npu.messages import NewSequence, ScheduledChunk, StepRequest, StepResult
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class SequenceUpdate:
     new_text: str
     new_logprobs: list[TokenLogprob]
     finished: bool
+    error: str | None = None  # the worker could not run this sequence (it is finished, its request failed)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Scheduler:
                         token_ids=seq.all_token_ids,
                         num_prompt_tokens=len(seq.prompt_token_ids),
                         num_cached_tokens=seq.num_computed_tokens,
-                        sampling=seq.params.worker_options(seq.eos_token_ids, seq.seed),
+                        sampling=seq.worker_options,
                     )
                 )
             end = seq.num_computed_tokens + n
@@ -186,11 +187,13 @@ class Scheduler:
         return ScheduledStep(request, scheduled)
 
     # ---- results ----------------------------------------------------------------------------
-    def update(self, step: ScheduledStep, tokens: list[SampledToken]) -> list[SequenceUpdate]:
-        """Append sampled tokens, detokenize, apply stop conditions; finished sequences are released."""
+    def update(self, step: ScheduledStep, result: StepResult) -> list[SequenceUpdate]:
+        """Append sampled tokens, detokenize, apply stop conditions; finished sequences are released.
+        Sequences the worker could not run are finished with their error."""
         now = time.monotonic()
-        updates: list[SequenceUpdate] = []
-        for t in tokens:
+        updates: list[SequenceUpdate] = [self._fail(step, f.seq_id, f.message) for f in result.failed]
+        updates = [u for u in updates if u is not None]
+        for t in result.tokens:
             seq = self.seqs.get(t.seq_id)
             if seq is None or seq.finished:
                 continue  # aborted while the step ran
@@ -206,6 +209,17 @@ class Scheduler:
             updates.append(self._apply_stops(seq, t.token_id, new_lp))
         return updates
 
+    def _fail(self, step: ScheduledStep, seq_id: int, message: str) -> SequenceUpdate | None:
+        self._worker_known.discard(seq_id)  # the worker has already forgotten it: no release to send
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.finished:
+            return None  # aborted while the step ran
+        # This step's tokens of the sequence were never written to the KV cache.
+        written = seq.num_computed_tokens - sum(n for s, n in step.scheduled if s is seq)
+        self.bm.forget_unwritten(seq.seq_id, written)
+        self.finish(seq, FinishReason.ABORT)
+        return SequenceUpdate(seq, [], "", [], finished=True, error=message)
+
     def _apply_stops(self, seq: Sequence, token: int, new_lp: list[TokenLogprob]) -> SequenceUpdate:
         p = seq.params
         n_out = len(seq.output_token_ids)
@@ -215,7 +229,7 @@ class Scheduler:
         past_min = n_out >= p.min_tokens
         if past_min and not p.ignore_eos and token in seq.eos_token_ids:
             reason = FinishReason.STOP
-        elif past_min and token in p.stop_token_ids:
+        elif past_min and token in seq.stop_token_set:
             reason, stop_reason = FinishReason.STOP, token
         if reason is None:
             delta = seq.detokenizer.add([token])

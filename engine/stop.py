@@ -18,13 +18,21 @@ class StopStringMatcher:
         self.matched: str | None = None
 
     def _held_tail_len(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string.
+
+        Only positions holding a stop string's first character can start such a suffix: the scan jumps
+        between them with ``str.find``, and each candidate costs one C-level ``startswith``."""
         best = 0
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:k]):
-                    best = k
+            p = max(len(text) - len(s) + 1, 0)
+            while len(text) - p > best:
+                p = text.find(s[0], p)
+                if p < 0 or len(text) - p <= best:
                     break
+                if s.startswith(text[p:]):
+                    best = len(text) - p
+                    break
+                p += 1
         return best
 
     def feed(self, delta: str) -> tuple[str, bool]:

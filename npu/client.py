@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 
 from npu import messages as m
@@ -11,6 +12,9 @@ from npu.worker import worker_main
 # How often a waiting parent checks that the worker is still alive.
 POLL_SECONDS = 0.05
 DEFAULT_STARTUP_TIMEOUT = 600.0
+# How long to wait for a worker whose pipe closed to be reaped, so that its exit status can be reported
+# (the kernel closes a killed process's pipe before it has finished tearing the process down).
+REAP_SECONDS = 5.0
 
 
 class WorkerError(RuntimeError):
@@ -33,17 +37,30 @@ class WorkerClient:
         child.close()  # so that the worker's death closes the pipe and recv() raises at once
         self.info: m.Ready | None = None
 
+    def exit_description(self) -> str:
+        """How the worker ended, e.g. 'killed by signal SIGKILL' (reaps it, waiting up to REAP_SECONDS)."""
+        self.process.join(REAP_SECONDS)
+        code = self.process.exitcode
+        if code is None:
+            return "its pipe closed but it is still running"
+        if code < 0:
+            try:
+                return f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
     def _recv(self, timeout: float | None = None) -> m.FromWorker:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._conn.poll(POLL_SECONDS):
             if not self.process.is_alive():
-                raise WorkerDied(f"worker process exited with code {self.process.exitcode}")
+                raise WorkerDied(f"the worker process {self.exit_description()}")
             if deadline is not None and time.monotonic() > deadline:
                 raise WorkerError(f"worker did not answer within {timeout} s")
         try:
             return m.decode_from_worker(self._conn.recv_bytes())
-        except (EOFError, OSError) as e:
-            raise WorkerDied(f"worker pipe closed ({e}); exit code {self.process.exitcode}") from None
+        except (EOFError, OSError):
+            raise WorkerDied(f"the worker process {self.exit_description()}") from None
 
     def wait_ready(self, timeout: float = DEFAULT_STARTUP_TIMEOUT) -> m.Ready:
         msg = self._recv(timeout)
@@ -58,8 +75,8 @@ class WorkerClient:
         """Send one step and wait for its result; raises WorkerError on a rejected step."""
         try:
             self._conn.send_bytes(m.encode(req))
-        except (BrokenPipeError, OSError) as e:
-            raise WorkerDied(f"worker pipe closed ({e})") from None
+        except (BrokenPipeError, OSError):
+            raise WorkerDied(f"the worker process {self.exit_description()}") from None
         reply = self._recv()
         if isinstance(reply, m.StepError):
             raise WorkerError(f"worker rejected step {reply.step_id}: {reply.message}")

@@ -62,10 +62,19 @@ class SampledToken(msgspec.Struct, frozen=True):
     top_logprobs: list[tuple[int, float]] | None = None
 
 
+class SequenceFailure(msgspec.Struct, frozen=True):
+    """A sequence the worker could not run this step. The worker has forgotten it; the rest of the
+    step ran (one bad sequence never costs the others their step)."""
+
+    seq_id: int
+    message: str
+
+
 class StepResult(msgspec.Struct, tag="result"):
     step_id: int
     tokens: list[SampledToken]
     compute_seconds: float
+    failed: list[SequenceFailure] = []
 
 
 class StepError(msgspec.Struct, tag="error"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -10,18 +12,17 @@ import torch
 from loaders.weights import load_model_weights
 from npu.backends import get_backend
 from npu.kv_cache import PagedKVCache
-from npu.messages import Ready, SampledToken, StepRequest, StepResult, WorkerConfig
+from npu.messages import (NewSequence, Ready, SampledToken, ScheduledChunk, SequenceFailure, StepRequest, StepResult,
+                          WorkerConfig)
 from npu.model import ForwardBatch, DecoderModel, SeqSpan
-from npu.sampler import Sampler, SequenceSamplingState
+from npu.sampler import Sampler, SequenceSamplingState, options_error
+
+log = logging.getLogger("a8w8.worker")
 
 
 # From this many single-token sequences in a step on, their attention runs as one batched call
 # (the backend's fused paged kernel where it has one, else a padded, masked SDPA).
 DECODE_GROUP_MIN = 1
-
-
-class InvalidStep(ValueError):
-    """The step refers to something the worker does not have; nothing was changed."""
 
 
 @dataclass
@@ -82,64 +83,105 @@ class ModelRunner:
         )
         self.model.forward(batch, self.cache)
 
-    def _validate(self, req: StepRequest) -> None:
-        bs, nb = self.cache.block_size, self.cache.num_blocks
-        known = set(self.seqs) - set(req.finished_seq_ids)
-        for s in req.finished_seq_ids:
-            if s not in self.seqs:
-                raise InvalidStep(f"finished_seq_ids: unknown sequence {s}")
-        lengths: dict[int, tuple[int, int, int]] = {}  # seq -> (tokens, computed, blocks)
-        for s in known:
-            ws = self.seqs[s]
-            lengths[s] = (len(ws.token_ids), ws.num_computed, len(ws.block_table))
-        for ns in req.new_seqs:
-            if ns.seq_id in known:
-                raise InvalidStep(f"new sequence {ns.seq_id} already exists")
-            if not 0 <= ns.num_cached_tokens < len(ns.token_ids) or ns.num_prompt_tokens > len(ns.token_ids):
-                raise InvalidStep(f"sequence {ns.seq_id}: inconsistent token counts")
-            known.add(ns.seq_id)
-            lengths[ns.seq_id] = (len(ns.token_ids), ns.num_cached_tokens, 0)
-        seen: set[int] = set()
-        for ch in req.chunks:
-            if ch.seq_id not in known:
-                raise InvalidStep(f"chunk for unknown sequence {ch.seq_id}")
-            if ch.seq_id in seen:
-                raise InvalidStep(f"sequence {ch.seq_id} scheduled twice in one step")
-            seen.add(ch.seq_id)
-            bad = [b for b in ch.new_block_ids if not 0 <= b < nb]
-            if bad:
-                raise InvalidStep(f"sequence {ch.seq_id}: block index {bad[0]} out of range [0, {nb})")
-            n_tok, computed, n_blocks = lengths[ch.seq_id]
-            end = computed + ch.num_tokens
-            if ch.num_tokens <= 0 or end > n_tok:
-                raise InvalidStep(f"sequence {ch.seq_id}: {ch.num_tokens} tokens from {computed} exceeds {n_tok} known")
-            if end > self.max_model_len:
-                raise InvalidStep(f"sequence {ch.seq_id}: position {end - 1} beyond max_model_len {self.max_model_len}")
-            if (n_blocks + len(ch.new_block_ids)) * bs < end:
-                raise InvalidStep(f"sequence {ch.seq_id}: block table too short for {end} tokens")
-            if ch.sample and end != n_tok:
-                raise InvalidStep(f"sequence {ch.seq_id}: sample requested before the last known token")
+    def _new_sequence_error(self, ns: NewSequence) -> str | None:
+        if ns.seq_id in self.seqs:
+            return f"new sequence {ns.seq_id} already exists"
+        if not 0 <= ns.num_cached_tokens < len(ns.token_ids) or ns.num_prompt_tokens > len(ns.token_ids):
+            return f"sequence {ns.seq_id}: inconsistent token counts"
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ns.token_ids if not 0 <= t < vocab]
+        if bad:
+            return f"sequence {ns.seq_id}: token id {bad[0]} is outside the vocabulary [0, {vocab})"
+        return options_error(ns.sampling, vocab)
 
-    def execute(self, req: StepRequest) -> StepResult:
-        """Validate, then apply the step. An InvalidStep leaves every sequence as it was."""
-        t0 = time.perf_counter()
-        self._validate(req)
+    def _chunk_error(self, ch: ScheduledChunk, ws: WorkerSequence | None) -> str | None:
+        if ws is None:
+            return f"chunk for unknown sequence {ch.seq_id}"
+        bs, nb = self.cache.block_size, self.cache.num_blocks
+        bad = [b for b in ch.new_block_ids if not 0 <= b < nb]
+        if bad:
+            return f"sequence {ch.seq_id}: block index {bad[0]} out of range [0, {nb})"
+        end = ws.num_computed + ch.num_tokens
+        if ch.num_tokens <= 0 or end > len(ws.token_ids):
+            return f"sequence {ch.seq_id}: {ch.num_tokens} tokens from {ws.num_computed} exceeds {len(ws.token_ids)} known"
+        if end > self.max_model_len:
+            return f"sequence {ch.seq_id}: position {end - 1} beyond max_model_len {self.max_model_len}"
+        if (len(ws.block_table) + len(ch.new_block_ids)) * bs < end:
+            return f"sequence {ch.seq_id}: block table too short for {end} tokens"
+        if ch.sample and end != len(ws.token_ids):
+            return f"sequence {ch.seq_id}: sample requested before the last known token"
+        return None
+
+    def _plan(self, req: StepRequest, failures: dict[int, str]) -> list[ScheduledChunk]:
+        """Apply the step's releases and new sequences, and return the chunks that can run. A sequence
+        whose part of the step is inconsistent is recorded in ``failures`` and forgotten; the rest of the
+        step is unaffected (checked before anything is written)."""
         for s in req.finished_seq_ids:
-            del self.seqs[s]
+            self.seqs.pop(s, None)  # releasing an unknown sequence is a no-op: releases are idempotent
+        new: dict[int, WorkerSequence] = {}
         for ns in req.new_seqs:
+            err = "sent twice in one step" if ns.seq_id in new else self._new_sequence_error(ns)
+            if err:
+                failures[ns.seq_id] = err
+                continue
             n_prompt = ns.num_prompt_tokens
             state = SequenceSamplingState(ns.sampling, ns.token_ids[:n_prompt])
             for t in ns.token_ids[n_prompt:]:
                 state.record(t)
-            self.seqs[ns.seq_id] = WorkerSequence(list(ns.token_ids), ns.num_cached_tokens, [], state)
-        if not req.chunks:
-            return StepResult(step_id=req.step_id, tokens=[], compute_seconds=time.perf_counter() - t0)
+            new[ns.seq_id] = WorkerSequence(list(ns.token_ids), ns.num_cached_tokens, [], state)
+        seen: set[int] = set()
+        for ch in req.chunks:
+            if ch.seq_id in failures:
+                continue
+            ws = new.get(ch.seq_id) or self.seqs.get(ch.seq_id)
+            err = f"sequence {ch.seq_id} scheduled twice in one step" if ch.seq_id in seen else self._chunk_error(ch, ws)
+            seen.add(ch.seq_id)
+            if err:
+                failures[ch.seq_id] = err
+        # A failed sequence's new blocks are never written: a sequence that would read them (a prefix-cache
+        # hit on them in this same step) cannot run either.
+        unwritten = {b for ch in req.chunks if ch.seq_id in failures for b in ch.new_block_ids}
+        changed = bool(unwritten)
+        while changed:
+            changed = False
+            for ch in req.chunks:
+                if ch.seq_id in failures:
+                    continue
+                ws = new.get(ch.seq_id) or self.seqs[ch.seq_id]
+                if not unwritten.isdisjoint(ws.block_table + ch.new_block_ids):
+                    failures[ch.seq_id] = f"sequence {ch.seq_id}: reads KV blocks of a sequence that failed"
+                    unwritten.update(ch.new_block_ids)
+                    changed = True
+        for s in failures:
+            self.seqs.pop(s, None)
+            new.pop(s, None)
+        self.seqs.update(new)
+        return [ch for ch in req.chunks if ch.seq_id not in failures]
+
+    def _fail(self, failures: dict[int, str], seq_ids, message: str) -> None:
+        for s in seq_ids:
+            failures[s] = message
+            self.seqs.pop(s, None)
+
+    def execute(self, req: StepRequest) -> StepResult:
+        """Apply one step. Sequences that cannot run (inconsistent step data, a forward or sampling error)
+        come back in ``failed`` and are forgotten; every other sequence's step runs as usual."""
+        t0 = time.perf_counter()
+        failures: dict[int, str] = {}
+        chunks = self._plan(req, failures)
+
+        def result(tokens: list[SampledToken]) -> StepResult:
+            return StepResult(step_id=req.step_id, tokens=tokens, compute_seconds=time.perf_counter() - t0,
+                              failed=[SequenceFailure(s, m) for s, m in failures.items()])
+
+        if not chunks:
+            return result([])
         token_ids: list[int] = []
         positions: list[int] = []
         spans: list[SeqSpan] = []
         logits_rows: list[int] = []
         sample_seqs: list[int] = []
-        for ch in req.chunks:
+        for ch in chunks:
             ws = self.seqs[ch.seq_id]
             ws.block_table.extend(ch.new_block_ids)
             start, end = ws.num_computed, ws.num_computed + ch.num_tokens
@@ -162,10 +204,17 @@ class ModelRunner:
             logits_rows=torch.tensor(logits_rows, dtype=torch.long),
         )
         batch.group_decodes(DECODE_GROUP_MIN)
-        logits = self.model.forward(batch, self.cache)
+        try:
+            logits = self.model.forward(batch, self.cache)
+        except Exception as e:  # noqa: BLE001 - the batch's sequences are the only ones it can be blamed on
+            log.error("forward of step %d failed:\n%s", req.step_id, traceback.format_exc())
+            self._fail(failures, [ch.seq_id for ch in chunks], f"forward failed: {type(e).__name__}: {e}")
+            return result([])
         tokens: list[SampledToken] = []
         if logits_rows:
-            tokens = self.sampler.sample(logits, sample_seqs, [self.seqs[s].sampling for s in sample_seqs])
+            tokens, sample_failures = self.sampler.sample(logits, sample_seqs, [self.seqs[s].sampling for s in sample_seqs])
+            for f in sample_failures:
+                self._fail(failures, [f.seq_id], f.message)
             for t in tokens:
                 self.seqs[t.seq_id].token_ids.append(t.token_id)
-        return StepResult(step_id=req.step_id, tokens=tokens, compute_seconds=time.perf_counter() - t0)
+        return result(tokens)

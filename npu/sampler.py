@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 
-from npu.messages import SampledToken, SamplingOptions
+from npu.messages import SampledToken, SamplingOptions, SequenceFailure
 
 # Temperatures below this are treated as greedy (argmax), as vLLM does.
 GREEDY_TEMPERATURE = 1e-5
@@ -15,6 +17,33 @@ GREEDY_TEMPERATURE = 1e-5
 # reproducible across batching and preemption. A large odd constant spreads nearby seeds apart.
 SEED_STRIDE = 0x9E3779B97F4A7C15
 SEED_MASK = (1 << 63) - 1
+
+
+def options_error(o: SamplingOptions, vocab_size: int) -> str | None:
+    """Why the worker cannot sample with ``o`` over ``vocab_size`` logits, or None. The engine validates
+    requests before they get here; this is the worker's own check, so that a value that slipped past
+    fails its sequence alone instead of a whole batch's step."""
+    if not (math.isfinite(o.temperature) and o.temperature >= 0.0):
+        return f"temperature {o.temperature} is not a finite non-negative number"
+    if not 0.0 < o.top_p <= 1.0:
+        return f"top_p {o.top_p} is outside (0, 1]"
+    if o.top_k < 0:
+        return f"top_k {o.top_k} is negative"
+    if not 0.0 <= o.min_p <= 1.0:
+        return f"min_p {o.min_p} is outside [0, 1]"
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if not math.isfinite(getattr(o, name)):
+            return f"{name} is not finite"
+    if o.repetition_penalty <= 0.0:
+        return f"repetition_penalty {o.repetition_penalty} is not positive"
+    bad = [t for t in list(o.logit_bias) + o.min_tokens_suppress_ids if not 0 <= t < vocab_size]
+    if bad:
+        return f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+    if not all(math.isfinite(v) for v in o.logit_bias.values()):
+        return "a logit_bias value is not finite"
+    if o.logprobs is not None and not 0 <= o.logprobs <= vocab_size:
+        return f"logprobs {o.logprobs} is outside [0, {vocab_size}]"
+    return None
 
 
 @dataclass
@@ -25,6 +54,12 @@ class SequenceSamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
     output_counts: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Built once: a request may bias many tokens, and this runs every step.
+        self.bias_ids = torch.tensor(list(self.options.logit_bias), dtype=torch.long)
+        self.bias_values = torch.tensor(list(self.options.logit_bias.values()), dtype=torch.float32)
+        self.suppress_ids = torch.tensor(self.options.min_tokens_suppress_ids, dtype=torch.long)
 
     def record(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
@@ -58,11 +93,9 @@ class Sampler:
             counts = torch.tensor(list(st.output_counts.values()), dtype=row.dtype)
             row[ids] -= o.frequency_penalty * counts + o.presence_penalty
         if o.logit_bias:
-            ids = torch.tensor([i for i in o.logit_bias if 0 <= i < row.numel()], dtype=torch.long)
-            if ids.numel():
-                row[ids] += torch.tensor([o.logit_bias[int(i)] for i in ids], dtype=row.dtype)
+            row.index_add_(0, st.bias_ids, st.bias_values.to(row.dtype))
         if len(st.output_token_ids) < o.min_tokens and o.min_tokens_suppress_ids:
-            row[torch.tensor(o.min_tokens_suppress_ids, dtype=torch.long)] = float("-inf")
+            row[st.suppress_ids] = float("-inf")
 
     def _generator(self, st: SequenceSamplingState) -> torch.Generator:
         if st.options.seed is None:
@@ -90,8 +123,10 @@ class Sampler:
         return int(ids[choice])
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seq_ids: list[int], states: list[SequenceSamplingState]) -> list[SampledToken]:
-        """Sample one token per row of ``logits`` ``[S, vocab]`` and record it in each state."""
+    def sample(self, logits: torch.Tensor, seq_ids: list[int],
+               states: list[SequenceSamplingState]) -> tuple[list[SampledToken], list[SequenceFailure]]:
+        """Sample one token per row of ``logits`` ``[S, vocab]`` and record it in each state. A row that
+        cannot be sampled (e.g. non-finite probabilities) fails its sequence only."""
         logits = logits.float()
         logits[:, self.sampleable_vocab_size :] = float("-inf")  # padding rows are never sampled
         want_logprobs = any(st.options.logprobs is not None for st in states)
@@ -102,19 +137,27 @@ class Sampler:
             rows = logits if len(plain) == len(states) else logits[plain].contiguous()
             greedy = dict(zip(plain, self._argmax_rows(rows).tolist()))
         out: list[SampledToken] = []
+        failed: list[SequenceFailure] = []
         for i, (seq_id, st) in enumerate(zip(seq_ids, states)):
-            if i in greedy:
-                token = greedy[i]
-            else:
-                row = logits[i].clone()
-                self._apply_penalties(row, st)
-                token = self._draw(row, st)
-            lp, top = None, None
-            if logprobs is not None and st.options.logprobs is not None:
-                lp = float(logprobs[i, token])
-                if st.options.logprobs > 0:
-                    v, idx = torch.topk(logprobs[i], st.options.logprobs)
-                    top = [(int(a), float(b)) for a, b in zip(idx, v)]
-            st.record(token)
-            out.append(SampledToken(seq_id=seq_id, token_id=token, logprob=lp, top_logprobs=top))
-        return out
+            try:
+                out.append(self._sample_row(logits, logprobs, i, seq_id, st, greedy.get(i)))
+            except (RuntimeError, ValueError, IndexError) as e:
+                failed.append(SequenceFailure(seq_id, f"sampling failed: {type(e).__name__}: {e}"))
+        return out, failed
+
+    def _sample_row(self, logits: torch.Tensor, logprobs: torch.Tensor | None, i: int, seq_id: int,
+                    st: SequenceSamplingState, greedy_token: int | None) -> SampledToken:
+        if greedy_token is not None:
+            token = greedy_token
+        else:
+            row = logits[i].clone()
+            self._apply_penalties(row, st)
+            token = self._draw(row, st)
+        lp, top = None, None
+        if logprobs is not None and st.options.logprobs is not None:
+            lp = float(logprobs[i, token])
+            if st.options.logprobs > 0:
+                v, idx = torch.topk(logprobs[i], st.options.logprobs)
+                top = [(int(a), float(b)) for a, b in zip(idx, v)]
+        st.record(token)
+        return SampledToken(seq_id=seq_id, token_id=token, logprob=lp, top_logprobs=top)

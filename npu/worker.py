@@ -34,8 +34,6 @@ def worker_main(conn: Connection, config: m.WorkerConfig) -> None:
     # full passes, which would otherwise walk them all in the middle of a step.
     gc.freeze()
     conn.send_bytes(m.encode(runner.ready_message()))
-    from npu.runner import InvalidStep
-
     while True:
         try:
             data = conn.recv_bytes()
@@ -48,9 +46,9 @@ def worker_main(conn: Connection, config: m.WorkerConfig) -> None:
                 return
             step_id = msg.step_id
             reply = runner.execute(msg)
-        except (InvalidStep, m.msgspec.ValidationError, m.msgspec.DecodeError) as e:
+        except (m.msgspec.ValidationError, m.msgspec.DecodeError) as e:
             reply = m.StepError(step_id=step_id, message=str(e))
-        except Exception as e:  # a bug in a step must reach the engine as an error, not kill serving
+        except Exception as e:  # a bug outside the forward: the engine restarts this worker
             log.error("step %s failed:\n%s", step_id, traceback.format_exc())
             reply = m.StepError(step_id=step_id, message=f"{type(e).__name__}: {e}")
         try:

@@ -5,26 +5,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hmac
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, EngineState
 from engine.core import EngineConfig
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import ERROR_TYPES, APIError, install_error_handlers
+from server.guard import RequestGuard
 from server.metrics import ServerMetrics
-from server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.serving import ServingContext, create_chat_completion, create_completion, render_chat_prompt
+from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
+                            TokenizeRequest)
+from server.serving import ServingContext, chat_prompt_ids, create_chat_completion, create_completion
 
 log = logging.getLogger("a8w8.server")
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # generous for long prompts, small enough to refuse abuse
+# Longest wait for the next piece of a request body before answering 408 (a stalled upload).
+DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
+# Statuses every POST route can answer with an OpenAI-style error body (documented in /openapi.json).
+ERROR_STATUSES = (400, 401, 404, 408, 413, 429, 500, 503)
+# The same for the routes outside /v1 that never reach the worker (no API key, no queue).
+LOCAL_ERROR_STATUSES = (400, 404, 408, 413, 503)
 
 
 @dataclass
@@ -34,6 +42,7 @@ class ServerSettings:
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
     reasoning_parser: str = "auto"  # auto | qwen3 | none
 
 
@@ -44,24 +53,55 @@ def package_version() -> str:
         return "0.0.0+local"
 
 
-def _after_engine_start(task: asyncio.Task) -> None:
-    if task.cancelled():
-        return
-    if task.exception() is not None:
-        log.error("engine failed to start: %s", task.exception())
-        return
-    # What startup built (app, tokenizer, template) lives as long as the process: keep it out of the cyclic
-    # collector's full passes, which otherwise walk all of it in the middle of serving (as vLLM does).
-    gc.freeze()
+def _error_responses(statuses: tuple[int, ...] = ERROR_STATUSES, streams: bool = False) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` for a route: its error statuses with their body, and (``streams``) the
+    success answered either as JSON or as server-sent events."""
+    responses: dict[int | str, dict] = {
+        status: {"model": ErrorResponse, "description": ERROR_TYPES.get(status, "error")} for status in statuses}
+    if streams:
+        responses[200] = {"content": {"application/json": {}, "text/event-stream": {}},
+                          "description": "a JSON object, or with stream=true server-sent events"}
+    return responses
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
-    """Build the app; the engine (and its worker process) starts in the lifespan, in the background."""
+def _openapi_with_400(app: FastAPI) -> dict:
+    """FastAPI documents request-validation failures as 422 with its own body; this server answers 400
+    with an OpenAI-style error body (clients and schema-driven testers compare the two)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """Build the app; the engine (and its worker process) starts in the lifespan, in the background.
+    ``on_fatal(reason)`` is called when the engine cannot serve any more (its worker failed to start, or
+    kept dying): the process should then exit non-zero. The engine is ``app.state.engine`` once started."""
     holder: dict[str, object] = {}
+
+    def engine_failed(reason: str) -> None:
+        log.critical("the engine cannot serve: %s", reason)
+        if on_fatal is not None:
+            on_fatal(reason)
+
+    def after_engine_start(task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            engine_failed(f"the engine failed to start: {task.exception()}")
+            return
+        # What startup built (app, tokenizer, template) lives as long as the process: keep it out of the
+        # cyclic collector's full passes, which otherwise walk all of it in the middle of serving (as vLLM does).
+        gc.freeze()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = AsyncEngine(settings.engine)
+        engine = AsyncEngine(settings.engine, on_fatal=engine_failed)
         template = engine.chat_template
         reasoning = settings.reasoning_parser == "qwen3" or (
             settings.reasoning_parser == "auto" and template is not None and "<think>" in template.source
@@ -70,8 +110,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                              served_model_names=settings.served_model_names,
                              model_dir=settings.engine.worker.model_dir, reasoning=reasoning)
         holder["ctx"] = ctx
+        app.state.engine = engine
         start = asyncio.create_task(engine.start())  # /health answers 503 until the model is loaded
-        start.add_done_callback(_after_engine_start)
+        start.add_done_callback(after_engine_start)
         try:
             yield
         finally:
@@ -80,77 +121,66 @@ def create_app(settings: ServerSettings) -> FastAPI:
             await engine.stop()
 
     app = FastAPI(title="a8w8-serve", version=package_version(), lifespan=lifespan)
+    app.openapi = lambda: _openapi_with_400(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_seconds=settings.body_timeout_seconds)
 
     def ctx() -> ServingContext:
         return holder["ctx"]  # type: ignore[return-value]
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return error_response(413, f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}")
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                return error_response(401, "invalid or missing API key (Authorization: Bearer <key>)")
-        response = await call_next(request)
-        log.info("%s %s %d %.3fs", request.method, request.url.path, response.status_code, time.perf_counter() - t0)
-        return response
-
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "loading, restarting its worker, draining, or dead"}})
     async def health() -> Response:
         engine = ctx().engine
         if engine.healthy:
             return JSONResponse({"status": "ok"})
-        status = "loading" if engine.dead is None and not engine.ready.is_set() else "unavailable"
-        return JSONResponse({"status": status, "error": engine.dead}, status_code=503)
+        state = engine.state
+        status = "unavailable" if state is EngineState.READY else state.value  # READY with a dead worker
+        return JSONResponse({"status": status, "error": engine.state_detail}, status_code=503)
 
     @app.get("/version")
     async def get_version() -> dict:
         return {"version": package_version()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(ctx().metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_error_responses((401,)))
     async def models() -> dict:
         c = ctx()
-        max_len = c.engine.max_model_len if c.engine.ready.is_set() else None
+        max_len = c.engine.max_model_len or None
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": c.created, "owned_by": "a8w8-serve", "root": c.model_dir,
              "parent": None, "max_model_len": max_len}
             for name in c.served_model_names
         ]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_error_responses(streams=True))
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(ctx(), req, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_error_responses(streams=True))
     async def completions(req: CompletionRequest, request: Request) -> Response:
         return await create_completion(ctx(), req, request)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_error_responses(LOCAL_ERROR_STATUSES))
     async def tokenize(req: TokenizeRequest) -> dict:
         c = ctx()
         c.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if req.messages is not None:
-            tokens = render_chat_prompt(c, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+            tokens = await asyncio.to_thread(chat_prompt_ids, c, req.messages, req.add_generation_prompt,
+                                             req.chat_template_kwargs)
         else:
-            tokens = c.engine.tokenizer.encode(req.prompt)
-        max_len = c.engine.max_model_len if c.engine.ready.is_set() else None
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": max_len}
+            tokens = await asyncio.to_thread(c.engine.core.encode_prompt, req.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": c.engine.max_model_len or None}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_error_responses(LOCAL_ERROR_STATUSES))
     async def detokenize(req: DetokenizeRequest) -> dict:
         c = ctx()
         c.check_model(req.model)
@@ -158,6 +188,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab})", "tokens")
-        return {"prompt": c.engine.tokenizer.decode(req.tokens)}
+        return {"prompt": await asyncio.to_thread(c.engine.tokenizer.decode, req.tokens)}
 
     return app

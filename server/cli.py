@@ -16,7 +16,8 @@ from engine.tokenizer import TokenizerImpl
 from loaders.weights import Quantization
 from npu.kv_cache import KVCacheDtype
 from npu.messages import DEFAULT_KV_CACHE_BYTES, WorkerConfig
-from server.app import DEFAULT_MAX_BODY_BYTES
+from server.app import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
+from server.http_server import DEFAULT_HEADER_TIMEOUT_SECONDS, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
 
 API_KEY_ENV = "A8W8_SERVE_API_KEY"
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -65,6 +66,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="disable automatic prefix caching")
     s.add_argument("--max-queued-requests", type=int, default=1024,
                    help="waiting requests beyond this get HTTP 429 with Retry-After")
+    s.add_argument("--max-worker-restarts", type=int, default=5,
+                   help="a dead worker is restarted at most this many times within --worker-restart-window; "
+                        "then serve exits with code 1")
+    s.add_argument("--worker-restart-window", type=float, default=600.0, metavar="SECONDS",
+                   help="the window in which worker restarts are counted")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -96,13 +102,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
     )
     return EngineConfig(worker=worker, scheduler=sched, tokenizer_impl=args.tokenizer_impl,
-                        max_queued_requests=args.max_queued_requests)
+                        max_queued_requests=args.max_queued_requests, max_worker_restarts=args.max_worker_restarts,
+                        worker_restart_window_seconds=args.worker_restart_window)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from server.app import ServerSettings, create_app
+    from server.http_server import HTTPSettings, build_server
 
     config = engine_config(args)
     names = args.served_model_name or [args.default_model_name if args.model is None else Path(args.model).name]
@@ -112,11 +118,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         cors_origins=args.cors_allow_origin or [],
         max_body_bytes=args.max_request_body_bytes,
+        body_timeout_seconds=args.body_timeout,
         reasoning_parser=args.reasoning_parser,
     )
-    # access_log off: the app logs one line per request itself, with its latency.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+    http = HTTPSettings(host=args.host, port=args.port, log_level=args.log_level,
+                        shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout)
+    server = build_server(lambda on_fatal: create_app(settings, on_fatal), http)
+    server.run()
+    if server.exit_code:
+        sys.exit(server.exit_code)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -187,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     h.add_argument("--cors-allow-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
     h.add_argument("--max-request-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
-                   help="larger bodies get HTTP 413")
+                   help="larger bodies get HTTP 413 (chunked bodies too: reading stops at the limit)")
+    h.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_SECONDS, metavar="SECONDS",
+                   help="a request body that stalls this long gets HTTP 408")
+    h.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_SECONDS, metavar="SECONDS",
+                   help="an idle connection that has not sent a complete request head within this is closed")
+    h.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long running requests may take to finish before they are ended "
+                        "with an error (a second signal exits at once)")
     h.add_argument("--reasoning-parser", choices=["auto", "qwen3", "none"], default="auto",
                    help="split <think>...</think> into reasoning_content (auto: when the chat template uses <think>)")
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import EngineDead, EngineOverloaded
+from engine.async_engine import EngineOverloaded, EngineUnavailable, RequestFailed
 from engine.chat_template import ChatTemplateError
 from engine.sampling_params import InvalidRequest
 
@@ -23,6 +23,7 @@ ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    408: "RequestTimeoutError",
     413: "RequestTooLargeError",
     429: "RateLimitError",
     500: "InternalServerError",
@@ -56,8 +57,12 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), "messages")
     if isinstance(exc, EngineOverloaded):
         return APIError(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-    if isinstance(exc, EngineDead):
-        return APIError(503, f"the engine is not available: {exc}")
+    if isinstance(exc, EngineUnavailable):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return APIError(503, str(exc), headers=headers)
+    if isinstance(exc, RequestFailed):  # a server-side failure confined to this request
+        log.error("request failed: %s", exc)
+        return APIError(500, str(exc))
     log.exception("unexpected error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}")
 
@@ -79,5 +84,5 @@ def install_error_handlers(app: FastAPI) -> None:
         err = to_api_error(exc)
         return error_response(err.status, err.message, err.param, err.headers)
 
-    for exc_class in (APIError, InvalidRequest, ChatTemplateError, EngineOverloaded, EngineDead):
+    for exc_class in (APIError, InvalidRequest, ChatTemplateError, EngineOverloaded, EngineUnavailable, RequestFailed):
         app.add_exception_handler(exc_class, _mapped)

@@ -40,6 +40,7 @@ class _EngineCollector:
             ("a8w8:engine_step_seconds", "Wall time of engine steps (schedule, IPC, compute, postprocess).",
              s.step_seconds_total),
             ("a8w8:worker_compute_seconds", "Time the worker spent computing those steps.", s.compute_seconds_total),
+            ("a8w8:worker_restarts", "Worker processes started again after the previous one died.", s.worker_restarts),
         ):
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric(labels, value)

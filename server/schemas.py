@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Every integer a request carries is a 64-bit signed integer (what the engine and the worker pipe hold);
+# the meaning of each value (its allowed range, token ids against the vocabulary) is checked by the engine.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# Roles a chat message may have. "developer" is OpenAI's newer name for "system" and is rendered as one.
+ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class _Request(BaseModel):
@@ -17,7 +23,7 @@ class StreamOptions(_Request):
 
 
 class ChatMessage(_Request):
-    role: str
+    role: ChatRole
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     reasoning_content: str | None = None
@@ -29,26 +35,26 @@ class _SamplingFields(_Request):
     """Fields shared by chat and completions. ``None`` means: use the model's default."""
 
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
-    n: int = 1
+    n: Int64 = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    stop_token_ids: list[Int64] | None = None
+    seed: Int64 | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Int64 = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    priority: int = 0
+    priority: Int64 = 0
     user: str | None = None
     # Accepted so that we can refuse them with a clear message (they come in a later release).
     tools: list[dict[str, Any]] | None = None
@@ -58,19 +64,20 @@ class _SamplingFields(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
+    prompt: str | list[Int64] | list[str] | list[list[Int64]]
+    logprobs: Int64 | None = None
     echo: bool = False
     suffix: str | None = None
+    best_of: Int64 | None = None
 
 
 class TokenizeRequest(_Request):
@@ -83,7 +90,7 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int64]
 
 
 class Usage(BaseModel):

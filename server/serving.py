@@ -61,10 +61,9 @@ def sampling_params(ctx: ServingContext, req: _SamplingFields, max_tokens: int |
     """Model defaults (generation_config.json), then the request's fields."""
     defaults = ctx.engine.generation_defaults
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    try:
-        logit_bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
-    except ValueError:
-        raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from None
+    if not all(k.lstrip("-").isdigit() for k in req.logit_bias or {}):
+        raise APIError(400, "logit_bias keys must be token ids", "logit_bias")
+    logit_bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
 
     def pick(value, default, fallback):
         return value if value is not None else (default if default is not None else fallback)
@@ -96,6 +95,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         d = m.model_dump(exclude_none=True)
+        if m.role == "developer":
+            d["role"] = "system"
         if isinstance(m.content, list):
             texts = []
             for part in m.content:
@@ -108,13 +109,14 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat_prompt(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool,
-                       kwargs: dict[str, Any] | None) -> list[int]:
+def chat_prompt_ids(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool,
+                    kwargs: dict[str, Any] | None) -> list[int]:
+    """Render the chat template and tokenize. CPU work in proportion to the input: run it in a thread."""
     template = ctx.engine.chat_template
     if template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     text = template.render(message_dicts(messages), add_generation_prompt=add_generation_prompt, **(kwargs or {}))
-    return ctx.engine.tokenizer.encode(text)
+    return ctx.engine.core.encode_prompt(text)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,7 +259,8 @@ class ChoiceState:
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
     model = ctx.check_model(req.model)
     refuse_unsupported(req)
-    prompt_ids = render_chat_prompt(ctx, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+    prompt_ids = await asyncio.to_thread(chat_prompt_ids, ctx, req.messages, req.add_generation_prompt,
+                                         req.chat_template_kwargs)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -341,20 +344,26 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 # completions
 # ------------------------------------------------------------------------------------------------
 def completion_prompts(ctx: ServingContext, prompt) -> list[tuple[str, list[int]]]:
-    """(text, token ids) per prompt; a prompt may be text or token ids, one or a list."""
-    tok = ctx.engine.tokenizer
+    """(text, token ids) per prompt; a prompt may be text or token ids, one or a list. CPU work in
+    proportion to the input: run it in a thread."""
+    core = ctx.engine.core
+
+    def from_ids(ids: list[int]) -> tuple[str, list[int]]:
+        core.check_prompt_ids(ids)  # before decoding: ids past the vocabulary or the context never reach it
+        return core.tokenizer.decode(ids), list(ids)
+
     if isinstance(prompt, str):
-        return [(prompt, tok.encode(prompt))]
+        return [(prompt, core.encode_prompt(prompt))]
     if not prompt:
         raise InvalidRequest("prompt is empty", "prompt")
     if all(isinstance(x, int) for x in prompt):
-        return [(tok.decode(prompt), list(prompt))]
+        return [from_ids(prompt)]
     out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append((p, tok.encode(p)))
+            out.append((p, core.encode_prompt(p)))
         elif isinstance(p, list) and all(isinstance(x, int) for x in p):
-            out.append((tok.decode(p), list(p)))
+            out.append(from_ids(p))
         else:
             raise InvalidRequest("prompt must be a string, a list of strings, or token id lists", "prompt")
     return out
@@ -365,7 +374,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, request
     refuse_unsupported(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
-    prompts = completion_prompts(ctx, req.prompt)
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of is not supported (only best_of equal to n, the default)", "best_of")
+    prompts = await asyncio.to_thread(completion_prompts, ctx, req.prompt)
     params = sampling_params(ctx, req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams: list[RequestStream] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import subprocess
@@ -49,13 +50,41 @@ class CliServer:
         )
         wait_healthy(self.base, proc=self.proc)
 
+    def worker_pid(self) -> int | None:
+        """The pid of the server's worker process (its multiprocessing-spawned child), if it has one."""
+        return worker_pid(self.proc.pid)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(20)
+            self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(20)
         self.log.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux lists them per thread that started them)."""
+    return [int(c) for f in glob.glob(f"/proc/{pid}/task/*/children") for c in Path(f).read_text().split()]
+
+
+def worker_pid(api_pid: int) -> int | None:
+    for c in child_pids(api_pid):
+        try:
+            if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text():
+                return c
+        except OSError:
+            continue  # exited meanwhile
+    return None
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 class ThreadServer:

@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, EngineState, RequestFailed
 from engine.core import EngineConfig
 from engine.llm import LLM
 from engine.sampling_params import InvalidRequest, SamplingParams
 from engine.scheduler import SchedulerConfig
-from npu.messages import WorkerConfig
+from npu.messages import SamplingOptions, WorkerConfig
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -138,3 +138,74 @@ def test_offline_llm_generate(serve_model):
         again = llm.generate(["Hello"], SamplingParams(max_tokens=7, n=2, temperature=0.9, seed=3))
         assert [o.token_ids for o in again[0].outputs] == [o.token_ids for o in res[0].outputs]
         assert again[0].cached_tokens == 0  # "Hello" is a single token: nothing to reuse
+
+
+def test_request_the_worker_rejects_fails_alone(engine_factory):
+    """Defence in depth: a request whose options slipped past validation fails on its own (RequestFailed); the
+    request beside it gets exactly its tokens, the engine keeps serving, and the failed request's blocks
+    (registered for prefix caching when scheduled, never written) are not reused."""
+    good_prompt, poison_prompt = _prompts(2, 5)[0], list(range(1000, 1060))
+
+    async def alone(engine):
+        return await _collect(engine.add_request(good_prompt, SamplingParams(max_tokens=24, **GREEDY)))
+
+    async def scenario(engine):
+        make = engine.core.make_sequences
+
+        def poisoned(request_id, *args, **kwargs):
+            seqs = make(request_id, *args, **kwargs)
+            if request_id == "poison":  # as if the boundary had missed it: a bias on a token past the vocabulary
+                for seq in seqs:
+                    seq.__dict__["worker_options"] = SamplingOptions(temperature=0, logit_bias={10**7: 1.0})
+            return seqs
+
+        engine.core.make_sequences = poisoned
+        good = engine.add_request(good_prompt, SamplingParams(max_tokens=24, **GREEDY))
+        bad = engine.add_request(poison_prompt, SamplingParams(max_tokens=24, **GREEDY), "poison")
+        with pytest.raises(RequestFailed, match="outside the vocabulary"):
+            await _collect(bad)
+        good_ids = await _collect(good)
+        engine.core.make_sequences = make
+        cached = -1
+        async for out in engine.add_request(poison_prompt, SamplingParams(max_tokens=4, **GREEDY)):
+            cached = out.cached_tokens
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if engine.stats.num_free_blocks == engine.stats.num_blocks:
+                break
+        return good_ids, cached, engine.state, engine.stats
+
+    ref = engine_factory(alone)
+    good_ids, cached, state, stats = engine_factory(scenario)
+    assert good_ids == ref
+    assert cached == 0  # the failed request's prompt blocks were taken out of the prefix cache
+    assert state is EngineState.READY and stats.worker_restarts == 0
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
+
+
+def test_validation_names_the_field(engine_factory):
+    async def scenario(engine):
+        vocab = engine.core.model_config.vocab_size
+        cases = [
+            (dict(stop_token_ids=[vocab]), "stop_token_ids"), (dict(logit_bias={vocab: 1.0}), "logit_bias"),
+            (dict(logit_bias={-1: 1.0}), "logit_bias"), (dict(seed=2**63), "seed"), (dict(top_k=2**31), "top_k"),
+            (dict(min_tokens=2000), "min_tokens"), (dict(max_tokens=10, min_tokens=11), "min_tokens"),
+            (dict(stop=["a"] * 17), "stop"), (dict(stop=["a" * 1025]), "stop"),
+            (dict(temperature=float("nan")), "temperature"), (dict(presence_penalty=float("inf")), "presence_penalty"),
+        ]
+        params = []
+        for kw, param in cases:
+            with pytest.raises(InvalidRequest) as e:
+                engine.add_request([1, 2, 3], SamplingParams(**kw))
+            params.append((e.value.param, param))
+        with pytest.raises(InvalidRequest) as e:
+            engine.add_request([1, 2, 3], SamplingParams(), priority=2**63)
+        params.append((e.value.param, "priority"))
+        # the limits themselves are accepted
+        ok = SamplingParams(max_tokens=4, seed=2**63 - 1, top_k=2**31 - 1, stop=["a" * 1024] * 16,
+                            stop_token_ids=[vocab - 1], logit_bias={vocab - 1: -100.0}, **GREEDY)
+        await _collect(engine.add_request([1, 2, 3], ok, priority=-(2**63)))
+        return params
+
+    for got, want in engine_factory(scenario):
+        assert got == want

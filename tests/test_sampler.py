@@ -7,7 +7,7 @@ import math
 import torch
 
 from npu.messages import SamplingOptions
-from npu.sampler import Sampler, SequenceSamplingState
+from npu.sampler import Sampler, SequenceSamplingState, options_error
 
 VOCAB, REAL = 50, 40  # rows 40..49 are padding
 
@@ -19,7 +19,7 @@ def _sample(opts: SamplingOptions, logits: torch.Tensor, prompt=(1, 2), outputs=
         st.record(t)
     toks = []
     for _ in range(n):
-        toks.append(sampler.sample(logits.clone()[None], [0], [st])[0].token_id)
+        toks.append(sampler.sample(logits.clone()[None], [0], [st])[0][0].token_id)
     return toks
 
 
@@ -74,7 +74,7 @@ def test_min_tokens_suppresses_stop_ids():
 def test_logprobs_of_chosen_and_top():
     logits = torch.tensor([2.0, 1.0, 0.0] + [-30.0] * (VOCAB - 3))
     st = SequenceSamplingState(SamplingOptions(temperature=0, logprobs=2), [1])
-    out = Sampler(REAL).sample(logits[None].clone(), [0], [st])[0]
+    out = Sampler(REAL).sample(logits[None].clone(), [0], [st])[0][0]
     ref = torch.log_softmax(torch.cat([logits[:REAL], torch.full((VOCAB - REAL,), float("-inf"))]), -1)
     assert out.token_id == 0 and math.isclose(out.logprob, ref[0].item(), rel_tol=1e-5)
     assert [t for t, _ in out.top_logprobs] == [0, 1]
@@ -86,7 +86,32 @@ def test_batch_rows_independent():
     logits = torch.randn(3, VOCAB, generator=g)
     opts = [SamplingOptions(temperature=0), SamplingOptions(temperature=0.7, seed=9), SamplingOptions(temperature=0)]
     states = [SequenceSamplingState(o, [1]) for o in opts]
-    batch = Sampler(REAL).sample(logits.clone(), [0, 1, 2], states)
-    alone = [Sampler(REAL).sample(logits[i:i + 1].clone(), [i], [SequenceSamplingState(o, [1])])[0]
+    batch, failed = Sampler(REAL).sample(logits.clone(), [0, 1, 2], states)
+    assert failed == []
+    alone = [Sampler(REAL).sample(logits[i:i + 1].clone(), [i], [SequenceSamplingState(o, [1])])[0][0]
              for i, o in enumerate(opts)]
     assert [t.token_id for t in batch] == [t.token_id for t in alone]
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, VOCAB, generator=g)
+    logits[1] = float("nan")  # e.g. a numerically broken row: multinomial refuses it
+    opts = [SamplingOptions(temperature=0.8, seed=1), SamplingOptions(temperature=0.8, seed=2), SamplingOptions(temperature=0)]
+    states = [SequenceSamplingState(o, [1]) for o in opts]
+    tokens, failed = Sampler(REAL).sample(logits.clone(), [10, 11, 12], states)
+    assert [f.seq_id for f in failed] == [11] and "sampling failed" in failed[0].message
+    alone = [Sampler(REAL).sample(logits[i:i + 1].clone(), [i], [SequenceSamplingState(opts[i], [1])])[0][0].token_id
+             for i in (0, 2)]
+    assert [t.seq_id for t in tokens] == [10, 12] and [t.token_id for t in tokens] == alone
+    assert states[1].output_token_ids == []  # nothing recorded for the failed row
+
+
+def test_options_error_names_what_the_worker_cannot_sample():
+    assert options_error(SamplingOptions(), VOCAB) is None
+    assert "outside the vocabulary" in options_error(SamplingOptions(logit_bias={VOCAB: 1.0}), VOCAB)
+    assert "outside the vocabulary" in options_error(SamplingOptions(min_tokens_suppress_ids=[-1]), VOCAB)
+    assert "temperature" in options_error(SamplingOptions(temperature=float("nan")), VOCAB)
+    assert "top_p" in options_error(SamplingOptions(top_p=0.0), VOCAB)
+    assert "top_k" in options_error(SamplingOptions(top_k=-3), VOCAB)
+    assert "logit_bias" in options_error(SamplingOptions(logit_bias={3: float("inf")}), VOCAB)

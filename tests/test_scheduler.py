@@ -20,7 +20,7 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.stop import StopStringMatcher
 from engine.tokenizer import HFTokenizer
 from loaders.assets import qwen3_tokenizer_dir
-from npu.messages import SampledToken, StepRequest
+from npu.messages import SampledToken, SequenceFailure, StepRequest, StepResult
 
 TOK = HFTokenizer(qwen3_tokenizer_dir())
 EOS = (151645,)
@@ -79,7 +79,7 @@ class Harness:
     def step(self):
         step = self.sched.schedule()
         self.steps.append(step)
-        return self.sched.update(step, self.worker.step(step.request))
+        return self.sched.update(step, StepResult(step.request.step_id, self.worker.step(step.request), 0.0))
 
     def run(self, max_steps=10_000):
         for _ in range(max_steps):
@@ -220,3 +220,27 @@ def test_stop_conditions():
     s = h.add([1, 2, 3], max_tokens=50, stop_token_ids=[t], min_tokens=3)
     h.run()
     assert len(s.output_token_ids) > 2
+
+
+def test_a_failed_sequence_is_finished_and_its_unwritten_blocks_are_not_cached():
+    h = Harness(num_blocks=32, block_size=4)
+    prompt = list(range(100, 118))  # 18 tokens: 4 full blocks
+    bad = h.add(prompt, max_tokens=4)
+    good = h.add(list(range(300, 309)), max_tokens=4)
+    step = h.sched.schedule()
+    tokens = h.worker.step(step.request)
+    h.worker.seqs.pop(bad.seq_id)  # the worker forgot the sequence it could not run
+    updates = h.sched.update(step, StepResult(step.request.step_id, [t for t in tokens if t.seq_id != bad.seq_id],
+                                              0.0, [SequenceFailure(bad.seq_id, "boom")]))
+    failed = [u for u in updates if u.error is not None]
+    assert [(u.seq, u.finished, u.error) for u in failed] == [(bad, True, "boom")]
+    assert bad.finished and bad.seq_id not in h.sched.seqs
+    assert h.bm.find_cached_prefix(prompt) == []  # its blocks were scheduled, never written
+    h.bm.check_invariants()
+    again = h.add(prompt, max_tokens=4)
+    h.run()
+    assert good.finish_reason is FinishReason.LENGTH and again.finish_reason is FinishReason.LENGTH
+    assert again.num_cached_tokens == 0
+    # no release is sent for what the worker already forgot (the fake worker would raise on an unknown id)
+    assert all(bad.seq_id not in step.request.finished_seq_ids for step in h.steps)
+    h.bm.check_invariants()

@@ -13,7 +13,7 @@ from loaders.weights import load_model_weights
 from loaders.writer import RandomModelSpec
 from npu.backends.cpu.backend import Int8GemmLinear
 from npu.client import WorkerClient, WorkerDied, WorkerError
-from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
+from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepError, StepRequest, WorkerConfig
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 
@@ -186,22 +186,76 @@ def test_worker_process_prefill_decode_and_errors(worker, model_factory):
     prompt = list(range(1, 21))
     r = worker.step(StepRequest(1, [], [NewSequence(7, prompt, 20, 0, GREEDY)], [ScheduledChunk(7, 20, [0, 1], True)]))
     tokens = [r.tokens[0].token_id]
-    for i in range(5):
+    for i in range(2):
         r = worker.step(StepRequest(2 + i, [], [], [ScheduledChunk(7, 1, [], True)]))
         tokens.append(r.tokens[0].token_id)
-    # same tokens as the in-process runner on the same checkpoint
-    assert tokens == _greedy_alone(model_factory(SPEC, quantized=True, tokenizer=False), prompt, 6, kv="int8")
-    with pytest.raises(WorkerError, match="unknown sequence 99"):
-        worker.step(StepRequest(10, [], [], [ScheduledChunk(99, 1, [], True)]))
-    with pytest.raises(WorkerError, match="block index 100000 out of range"):
-        worker.step(StepRequest(11, [], [], [ScheduledChunk(7, 1, [100000], True)]))
-    with pytest.raises(WorkerError, match="block table too short"):
-        worker.step(StepRequest(12, [], [NewSequence(8, prompt * 2, 40, 0, GREEDY)], [ScheduledChunk(8, 40, [5], True)]))
-    # still serving, state untouched by the rejected steps
-    r = worker.step(StepRequest(13, [7], [], []))
-    assert r.tokens == []
-    with pytest.raises(WorkerError, match="unknown sequence 7"):
-        worker.step(StepRequest(14, [], [], [ScheduledChunk(7, 1, [], True)]))
+    # A sequence whose part of a step the worker cannot run fails alone; sequence 7 decodes on in the same steps.
+    r = worker.step(StepRequest(10, [], [NewSequence(8, prompt * 2, 40, 0, GREEDY)],
+                                [ScheduledChunk(99, 1, [], True), ScheduledChunk(7, 1, [], True),
+                                 ScheduledChunk(8, 40, [5], True)]))
+    assert {f.seq_id: f.message for f in r.failed} == {99: "chunk for unknown sequence 99",
+                                                       8: "sequence 8: block table too short for 40 tokens"}
+    tokens.append(r.tokens[0].token_id)
+    bad_token = NewSequence(9, [1, SPEC.vocab_size], 2, 0, GREEDY)
+    bad_bias = NewSequence(10, [1, 2], 2, 0, SamplingOptions(temperature=0, logit_bias={10**6: 1.0}))
+    r = worker.step(StepRequest(11, [], [bad_token, bad_bias],
+                                [ScheduledChunk(9, 2, [6], True), ScheduledChunk(10, 2, [7], True),
+                                 ScheduledChunk(7, 1, [], True)]))
+    assert sorted(f.seq_id for f in r.failed) == [9, 10]
+    assert "outside the vocabulary" in r.failed[0].message and "outside the vocabulary" in r.failed[1].message
+    tokens.append(r.tokens[0].token_id)
+    # same tokens as the in-process runner on the same checkpoint: the failures did not disturb sequence 7
+    assert [t.seq_id for t in r.tokens] == [7]
+    assert tokens == _greedy_alone(model_factory(SPEC, quantized=True, tokenizer=False), prompt, 5, kv="int8")
+    # a failed sequence is forgotten by the worker
+    r = worker.step(StepRequest(12, [], [], [ScheduledChunk(7, 1, [100000], True)]))
+    assert r.failed[0].message == f"sequence 7: block index 100000 out of range [0, {info.num_blocks})"
+    r = worker.step(StepRequest(13, [], [], [ScheduledChunk(7, 1, [], True)]))
+    assert r.failed[0].message == "chunk for unknown sequence 7" and r.tokens == []
+    # a message that is not a step at all is refused as a whole; the worker keeps serving
+    worker._conn.send_bytes(b"\x00not msgpack")
+    assert isinstance(worker._recv(timeout=30), StepError)
+    r = worker.step(StepRequest(14, [], [NewSequence(11, prompt, 20, 0, GREEDY)], [ScheduledChunk(11, 20, [0, 1], True)]))
+    assert r.failed == [] and r.tokens[0].token_id == tokens[0]
+
+
+def test_failed_sequence_takes_down_readers_of_its_blocks_and_nothing_else(model_factory):
+    """A rejected sequence's new blocks are never written: a sequence that would read them in the same
+    step (a prefix-cache hit on them) fails too; an unrelated one runs."""
+    r = _runner(model_factory(SPEC, quantized=True, tokenizer=False), kv="int8")
+    prompt = list(range(5, 17))
+    bad = NewSequence(1, prompt + [SPEC.vocab_size], 13, 0, GREEDY)  # rejected: a token past the vocabulary
+    reader = NewSequence(2, prompt + [3], 13, 0, GREEDY)
+    other = NewSequence(3, prompt[::-1], 12, 0, GREEDY)
+    res = r.execute(StepRequest(1, [], [bad, reader, other], [
+        ScheduledChunk(1, 13, [0, 1, 2, 3], True),
+        ScheduledChunk(2, 13, [0, 1, 2, 4], True),  # shares blocks 0-2 with sequence 1
+        ScheduledChunk(3, 12, [5, 6, 7], True)]))
+    assert sorted(f.seq_id for f in res.failed) == [1, 2]
+    assert [t.seq_id for t in res.tokens] == [3] and set(r.seqs) == {3}
+    alone = _greedy_alone(model_factory(SPEC, quantized=True, tokenizer=False), prompt[::-1], 1, kv="int8")
+    assert res.tokens[0].token_id == alone[0]
+
+
+def test_forward_failure_fails_that_steps_sequences_only(model_factory, monkeypatch):
+    r = _runner(model_factory(SPEC, quantized=True, tokenizer=False), kv="int8")
+    d = Driver(r)
+    d.run(new=[NewSequence(1, [1, 2, 3], 3, 0, GREEDY), NewSequence(2, [4, 5, 6], 3, 0, GREEDY)])
+    first = d.run(chunks=[(1, 3, True)])
+    real_forward = r.model.forward
+
+    def broken(batch, cache):
+        raise RuntimeError("kernel failure")
+
+    monkeypatch.setattr(r.model, "forward", broken)
+    res = d.run(chunks=[(2, 3, True)])
+    assert [(f.seq_id, f.message) for f in res.failed] == [(2, "forward failed: RuntimeError: kernel failure")]
+    assert set(r.seqs) == {1}
+    monkeypatch.setattr(r.model, "forward", real_forward)
+    res = d.run(chunks=[(1, 1, True)])  # sequence 1 decodes on from where it was
+    assert res.failed == [] and res.tokens[0].token_id == _greedy_alone(
+        model_factory(SPEC, quantized=True, tokenizer=False), [1, 2, 3], 2, kv="int8")[1]
+    assert first.tokens[0].seq_id == 1
 
 
 def test_worker_death_is_seen_at_once(model_factory):
@@ -210,7 +264,7 @@ def test_worker_death_is_seen_at_once(model_factory):
     client.wait_ready(timeout=120)
     client.process.kill()
     t0 = time.monotonic()
-    with pytest.raises(WorkerDied):
+    with pytest.raises(WorkerDied, match="was killed by signal SIGKILL"):
         client.step(StepRequest(1, [], [NewSequence(1, [1, 2], 2, 0, GREEDY)], [ScheduledChunk(1, 2, [0], True)]))
     assert time.monotonic() - t0 < 5
     client.shutdown()

@@ -1,0 +1,150 @@
+"""The ASGI layer in front of every route: API key, request body limit, body timeout, one log line per request.
+
+It is plain ASGI (not Starlette's ``BaseHTTPMiddleware``) so that it sees the body as it arrives: a body is
+read up to the limit whether or not it declares a ``Content-Length`` (a chunked upload can no longer grow
+the process without bound), then handed to the app in one piece. The memory a request can take before
+any route runs is therefore bounded by the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+
+from server.errors import error_body
+
+log = logging.getLogger("a8w8.server")
+
+# After a body passes the limit, the rest is read and discarded for at most this long before the 413 is
+# sent: a client that is still uploading only reads a response once its upload is done (closing on it
+# mid-upload makes its TCP stack see a reset instead of the answer). A client that keeps sending past
+# this gets the 413 and a closed connection.
+DISCARD_SECONDS = 5.0
+# Probes and scrapes are logged at debug level: one a second would otherwise fill the log.
+QUIET_PATHS = frozenset({"/health", "/metrics"})
+
+
+async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None,
+                     close: bool = False) -> None:
+    """An OpenAI-style JSON error as a complete ASGI response."""
+    body = json.dumps(error_body(status, message)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if close:
+        raw.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, message: str, body_done: bool):
+        super().__init__(message)
+        self.body_done = body_done  # the whole body has been received (nothing left to discard)
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+class RequestGuard:
+    """Wraps the app: see the module docstring. ``body_timeout_seconds`` bounds the wait for each piece of
+    a request body (a client that stops sending mid-body gets 408 instead of holding the request open)."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, body_timeout_seconds: float):
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout_seconds
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 0
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_and_note)
+        finally:
+            level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
+            # For a stream this is when the stream ended, so the duration is the whole response's.
+            log.log(level, "%s %s %d %.3fs", scope["method"], scope["path"], status, time.perf_counter() - t0)
+
+    def _authorized(self, scope) -> bool:
+        if not self.api_key or not scope["path"].startswith("/v1/") or scope["method"] == "OPTIONS":
+            return True  # (a CORS preflight carries no credentials)
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    async def _guarded(self, scope, receive, send) -> None:
+        if not self._authorized(scope):
+            await send_error(send, 401, "invalid or missing API key (Authorization: Bearer <key>)")
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise _BodyTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes}",
+                                    body_done=False)
+            body = await self._read_body(receive)
+        except _BodyTooLarge as e:
+            if not e.body_done:
+                await self._discard_rest(receive)
+            await send_error(send, 413, str(e), close=True)
+            return
+        except _BodyTimeout as e:
+            await send_error(send, 408, str(e), close=True)
+            return
+        if body is None:  # the client left before sending its body
+            return
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect the streaming routes listen for
+
+        await self.app(scope, replay, send)
+
+    async def _receive(self, receive):
+        try:
+            return await asyncio.wait_for(receive(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise _BodyTimeout(f"no request body data for {self.body_timeout:g} s") from None
+
+    async def _read_body(self, receive) -> bytes | None:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive(receive)
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                                    body_done=not message.get("more_body", False))
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    async def _discard_rest(self, receive) -> None:
+        deadline = time.monotonic() + DISCARD_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                message = await asyncio.wait_for(receive(), left)
+            except asyncio.TimeoutError:
+                return
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
