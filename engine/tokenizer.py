@@ -24,8 +24,8 @@ QWEN_PRETOKENIZE_PATTERN = (
 # Unicode White_Space, which is what \s means in the tokenizers library's regex engine.
 UNICODE_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # Texts from this many characters on are encoded through ``encode_batch``, which releases the GIL while the
-# Rust code runs (plain ``encode`` holds it: a 2 MB text held it 1.4 s in a measurement on this project's
-# machine), so the API process's event loop keeps answering while a long prompt is tokenized.
+# Rust code runs (plain ``encode`` holds it for the whole call), so the API process's event loop keeps
+# answering while a long prompt is tokenized (tests/test_robustness.py holds /health under 1 s meanwhile).
 GIL_FREE_ENCODE_MIN_CHARS = 4096
 # NFC normalization composes at most three code points into one (Hangul L+V+T jamo: 9 UTF-8 bytes become
 # one 3-byte syllable), so a normalizing tokenizer sees at least a third of the input's bytes.

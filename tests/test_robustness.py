@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -405,3 +406,15 @@ def test_small_soak_run_is_clean(serve_model):
     assert report.after["kv_cache_usage_perc"] == 0 and report.after["num_requests_running"] == 0
     assert report.schemathesis["exit_code"] == 0, report.schemathesis
     assert report.clean
+
+
+def test_a_checkpoint_that_cannot_load_makes_serve_exit_nonzero(serve_model, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in serve_model.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "the engine failed to start" in proc.stderr and "safetensors" in proc.stderr
