@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         self._tensor_file: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
+        self.read: set[str] = set()  # names get() has returned
         index = self.model_dir / INDEX_FILE
         if index.is_file():
             try:
@@ -56,6 +58,17 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._tensor_file)
 
+    def check_all_read(self, ignorable: tuple[str, ...] = ()) -> None:
+        """Refuse a checkpoint with tensors nobody read (e.g. biases its config does not announce): what the
+        model would compute without them is not what the checkpoint means. ``ignorable``: regexes of
+        tensors that are known to be redundant."""
+        unread = sorted(n for n in self._tensor_file if n not in self.read
+                        and not any(re.fullmatch(p, n) for p in ignorable))
+        if unread:
+            more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
+            raise CheckpointError(f"{self._tensor_file[unread[0]]}: tensor {unread[0]!r}{more} is not part of the "
+                                  "model config.json describes (a field the config lacks, or another architecture?)")
+
     def has(self, name: str) -> bool:
         return name in self._tensor_file
 
@@ -75,6 +88,7 @@ class CheckpointReader:
             expected = f" (expected shape {list(shape)})" if shape is not None else ""
             raise CheckpointError(f"{where}: missing tensor {name!r}{expected}")
         handle = self._handles[path]
+        self.read.add(name)
         try:
             tensor = handle.get_tensor(name)
         except Exception as e:

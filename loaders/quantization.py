@@ -36,11 +36,19 @@ FLOAT_DTYPES = {
 }
 
 
+def _concat_biases(parts: list["FloatLinear | Int8Linear"]) -> torch.Tensor | None:
+    """The output-concatenated bias of ``parts`` (zeros for a part without one), or None if none has one."""
+    if all(p.bias is None for p in parts):
+        return None
+    return torch.cat([p.bias.float() if p.bias is not None else torch.zeros(p.out_features) for p in parts])
+
+
 @dataclass
 class FloatLinear:
-    """A linear layer's weight kept in floating point, ``[out, in]``."""
+    """A linear layer's weight kept in floating point, ``[out, in]``, and its bias ``[out]`` if it has one."""
 
     weight: torch.Tensor
+    bias: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -48,7 +56,9 @@ class FloatLinear:
 
     @staticmethod
     def concat(parts: list["FloatLinear"]) -> "FloatLinear":
-        return FloatLinear(torch.cat([p.weight for p in parts], dim=0))
+        bias = _concat_biases(parts)
+        weight = torch.cat([p.weight for p in parts], dim=0)
+        return FloatLinear(weight, None if bias is None else bias.to(weight.dtype))
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float()
@@ -56,10 +66,12 @@ class FloatLinear:
 
 @dataclass
 class Int8Linear:
-    """A linear layer's INT8 weight ``[out, in]`` with one fp32 scale per output channel ``[out]``."""
+    """A linear layer's INT8 weight ``[out, in]`` with one fp32 scale per output channel ``[out]``, and its
+    float bias ``[out]`` if it has one (added after the scales: ``y = (q_x . q_w) s_x s_w + b``)."""
 
     qweight: torch.Tensor
     scale: torch.Tensor
+    bias: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -69,7 +81,8 @@ class Int8Linear:
     def concat(parts: list["Int8Linear"]) -> "Int8Linear":
         # Per-channel scales make output-dimension concatenation exact.
         return Int8Linear(
-            torch.cat([p.qweight for p in parts], dim=0), torch.cat([p.scale for p in parts], dim=0)
+            torch.cat([p.qweight for p in parts], dim=0), torch.cat([p.scale for p in parts], dim=0),
+            _concat_biases(parts),
         )
 
     def dequantized(self) -> torch.Tensor:
@@ -93,10 +106,10 @@ def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype | None = None
     return q, scale
 
 
-def quantize_linear(weight: torch.Tensor) -> Int8Linear:
-    """Quantize-on-load: the same numbers as loading a checkpoint written by ``quantize``."""
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+    """Quantize-on-load: the same numbers as loading a checkpoint written by ``quantize`` (the bias stays float)."""
     q, scale = quantize_weight(weight)
-    return Int8Linear(q, scale.float())
+    return Int8Linear(q, scale.float(), None if bias is None else bias.float())
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from loaders.checkpoint import CheckpointError, CheckpointReader
 from loaders.config import ConfigError, ModelConfig, load_model_config, read_json
 from loaders.quantization import (
+    FLOAT_DTYPES,
     CompressedTensorsW8A8,
     FloatLinear,
     Int8Linear,
@@ -21,6 +22,10 @@ from loaders.quantization import (
 )
 
 FLOAT_TENSOR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Tensors a checkpoint may carry that the model does not need: old transformers saved the RoPE inverse
+# frequencies (recomputed from config.json), and a tied model's lm_head is the embedding.
+REDUNDANT_TENSORS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
+TIED_LM_HEAD = r"lm_head\.weight"
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -87,7 +92,8 @@ class _LinearLoader:
     def __init__(self, reader: CheckpointReader, scheme: CompressedTensorsW8A8 | None, mode: Quantization):
         self.reader, self.scheme, self.mode = reader, scheme, mode
 
-    def load(self, module: str, shape: tuple[int, int]) -> LinearWeight:
+    def load(self, module: str, shape: tuple[int, int], has_bias: bool = False) -> LinearWeight:
+        bias = self.reader.get(f"{module}.bias", (shape[0],), FLOAT_TENSOR_DTYPES) if has_bias else None
         stored_int8 = self.scheme is not None and self.scheme.is_quantized(module)
         if stored_int8:
             q = self.reader.get(f"{module}.weight", shape, (torch.int8,))
@@ -104,15 +110,32 @@ class _LinearLoader:
                         f"{self.reader.file_of(f'{module}.{extra}')}: tensor '{module}.{extra}' present: "
                         "asymmetric weights / static activation scales are not supported"
                     )
-            weight = Int8Linear(q, scale.reshape(-1).float())
+            weight = Int8Linear(q, scale.reshape(-1).float(), None if bias is None else bias.float())
             if self.mode is Quantization.NONE:
-                return FloatLinear(weight.dequantized())
+                return FloatLinear(weight.dequantized(), None if bias is None else bias.float())
             return weight
         w = self.reader.get(f"{module}.weight", shape, FLOAT_TENSOR_DTYPES)
         # lm_head stays in floating point unless the checkpoint itself quantized it.
         if self.mode is Quantization.A8W8 and module != "lm_head":
-            return quantize_linear(w)
-        return FloatLinear(w)
+            return quantize_linear(w, bias)
+        return FloatLinear(w, bias)
+
+
+def _cast_float_parts(weights: ModelWeights, dtype: torch.dtype) -> None:
+    """Embedding, norms and float linears in ``dtype`` (INT8 linears and their fp32 scales are untouched)."""
+
+    def cast(lw: LinearWeight) -> LinearWeight:
+        if isinstance(lw, FloatLinear):
+            return FloatLinear(lw.weight.to(dtype), None if lw.bias is None else lw.bias.to(dtype))
+        return lw
+
+    tied = weights.lm_head.weight is weights.embed_tokens if isinstance(weights.lm_head, FloatLinear) else False
+    weights.embed_tokens = weights.embed_tokens.to(dtype)
+    weights.final_norm = weights.final_norm.to(dtype)
+    for layer in weights.layers:
+        layer.norms = {k: v.to(dtype) for k, v in layer.norms.items()}
+        layer.linears = {k: cast(v) for k, v in layer.linears.items()}
+    weights.lm_head = FloatLinear(weights.embed_tokens) if tied else cast(weights.lm_head)
 
 
 def load_model_weights(
@@ -120,6 +143,7 @@ def load_model_weights(
     quantization: Quantization | str = Quantization.AUTO,
     progress: bool | None = None,
     quantize_lm_head: bool = False,
+    dtype: str = "auto",
 ) -> ModelWeights:
     """Load every tensor of a Qwen3 checkpoint, checking names, shapes and dtypes.
 
@@ -127,7 +151,12 @@ def load_model_weights(
     load); ``none`` keeps float weights (INT8 checkpoints are dequantized: a reference path only).
     ``quantize_lm_head`` (A8W8 only): also run a float lm_head in A8W8; it is the largest single matrix
     read per decode step (a tied embedding stays float for the lookup).
+    ``dtype``: ``auto`` keeps the checkpoint's float dtype for the float parts (embedding, norms, float
+    linears); a name of FLOAT_DTYPES converts them (``float32`` makes ``quantization="none"`` an exact
+    reference for any checkpoint). Float weights are quantized to INT8 from the checkpoint's values.
     """
+    if dtype != "auto" and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; choose auto or one of {', '.join(FLOAT_DTYPES)}")
     model_dir = Path(model_dir)
     mode = Quantization(quantization)
     if mode is Quantization.AUTO:
@@ -146,7 +175,8 @@ def load_model_weights(
             name: reader.get(f"{prefix}.{name}.weight", shape, FLOAT_TENSOR_DTYPES)
             for name, shape in norm_shapes(cfg).items()
         }
-        linears = {name: loader.load(f"{prefix}.{name}", shape) for name, shape in linear_shapes(cfg).items()}
+        linears = {name: loader.load(f"{prefix}.{name}", shape, name in cfg.linear_biases)
+                   for name, shape in linear_shapes(cfg).items()}
         layers.append(LayerWeights(norms=norms, linears=linears))
     final_norm = reader.get("model.norm.weight", (cfg.hidden_size,), FLOAT_TENSOR_DTYPES)
     if reader.has("lm_head.weight") and not cfg.tie_word_embeddings:
@@ -158,9 +188,13 @@ def load_model_weights(
             f"{model_dir}: missing tensor 'lm_head.weight' (expected shape {[cfg.vocab_size, cfg.hidden_size]}; "
             "tie_word_embeddings is false)"
         )
+    reader.check_all_read(REDUNDANT_TENSORS + ((TIED_LM_HEAD,) if cfg.tie_word_embeddings else ()))
     if quantize_lm_head and mode is Quantization.A8W8 and isinstance(lm_head, FloatLinear):
         lm_head = quantize_linear(lm_head.weight)
-    return ModelWeights(cfg, embed, layers, final_norm, lm_head, mode)
+    weights = ModelWeights(cfg, embed, layers, final_norm, lm_head, mode)
+    if dtype != "auto":
+        _cast_float_parts(weights, FLOAT_DTYPES[dtype])
+    return weights
 
 
 __all__ = [

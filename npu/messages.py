@@ -128,6 +128,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     model_dir: str
     quantization: str = "auto"  # auto | a8w8 | none
     quantize_lm_head: bool = False  # run a float lm_head in A8W8 too (faster decode, coarser logits)
+    dtype: str = "auto"  # float parts (embedding, norms, float linears): auto = the checkpoint's, or a dtype name
     kv_cache_dtype: str = "int8"  # int8 | bf16
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
     block_size: int = 16

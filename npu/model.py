@@ -17,6 +17,7 @@ from torch.nn.attention.bias import causal_lower_right
 from loaders.weights import ModelWeights
 from npu.backends.base import Backend, RMSNorm
 from npu.kv_cache import PagedKVCache
+from npu.rope import rope_tables
 
 
 @dataclass
@@ -125,12 +126,12 @@ class DecoderModel:
         self.lm_head = backend.prepare_linear(weights.lm_head)
         self.scale = cfg.head_dim**-0.5
         self.group = cfg.num_heads // cfg.num_kv_heads
-        # RoPE table, computed exactly as transformers does (fp32 inv_freq, fp32 position products).
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
-        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+        # RoPE tables of the checkpoint's RoPE type, computed exactly as transformers does (npu/rope.py).
+        cos, sin = rope_tables(cfg.rope, cfg.head_dim, max_positions)
+        half = cfg.head_dim // 2
         # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin] (see TorchOps.qk_norm_rope)
-        self.cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(self.dtype)
-        self.sin_signed = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype)
+        self.cos = cos.to(self.dtype)
+        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
         # the backend's one-call version of the layer loop for pure decode steps, where it has one
         self.decode_stack = backend.prepare_decoder_stack(self.layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                                           self.cos, self.sin_signed, self.scale)

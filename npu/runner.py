@@ -37,7 +37,8 @@ class ModelRunner:
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.backend = get_backend(config.backend, config.num_threads, config.int8_kernel)
-        weights = load_model_weights(config.model_dir, config.quantization, quantize_lm_head=config.quantize_lm_head)
+        weights = load_model_weights(config.model_dir, config.quantization, quantize_lm_head=config.quantize_lm_head,
+                                     dtype=config.dtype)
         cfg = weights.config
         self.model_config = cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)

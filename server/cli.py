@@ -13,6 +13,7 @@ from engine.core import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
 from engine.tokenizer import TokenizerImpl
+from loaders.quantization import FLOAT_DTYPES
 from loaders.weights import Quantization
 from npu.kv_cache import KVCacheDtype
 from npu.messages import DEFAULT_KV_CACHE_BYTES, WorkerConfig
@@ -40,6 +41,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", choices=[q.value for q in Quantization], default="auto",
                    help="auto/a8w8: every decoder linear in INT8 (float checkpoints quantized on load); "
                         "none: float weights (reference path)")
+    g.add_argument("--dtype", choices=["auto", *FLOAT_DTYPES], default="auto",
+                   help="dtype of the float parts (embedding, norms, float linears such as the lm_head, every linear "
+                        "with --quantization none): auto = the checkpoint's; float32 makes --quantization none an "
+                        "exact reference")
     g.add_argument("--quantize-lm-head", action="store_true",
                    help="also run the (float) lm_head in A8W8: halves the largest matrix read per decode step, "
                         "at some cost in logit precision")
@@ -86,6 +91,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model_dir=str(Path(model).resolve()),
         quantization=args.quantization,
         quantize_lm_head=args.quantize_lm_head,
+        dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory_bytes=args.kv_cache_memory,
         block_size=args.block_size,

@@ -52,7 +52,7 @@ def activation_ranges(model_dir: Path) -> list[dict[str, torch.Tensor]]:
     """Per layer: max |x| per input channel of the qkv, gate_up and down projections (float model)."""
     ids = load_tokenizer(model_dir).encode(calibration_text_path().read_text(encoding="utf-8"))
     runner = ModelRunner(WorkerConfig(model_dir=str(model_dir), quantization="none", kv_cache_dtype="fp32",
-                                      kv_cache_memory_bytes=256 << 20, max_model_len=max(CALIBRATION_CHUNK, 64) + 16))
+                                      dtype="float32", kv_cache_memory_bytes=256 << 20, max_model_len=max(CALIBRATION_CHUNK, 64) + 16))
     recorders = []
     for layer in runner.model.layers:
         recorders.append({name: _Recorder(getattr(layer, name)) for name in ("qkv", "gate_up", "down")})
@@ -96,6 +96,9 @@ def smooth_checkpoint(src: str | Path, dst: str | Path, alpha: float = DEFAULT_A
         s = _factors(r["down"], [down], alpha)
         up = t[f"{p}.mlp.up_proj.weight"]
         t[f"{p}.mlp.up_proj.weight"] = (up.float() / s[:, None]).to(up.dtype)
+        if f"{p}.mlp.up_proj.bias" in t:  # (Llama with mlp_bias) up's whole output is scaled by 1/s
+            b = t[f"{p}.mlp.up_proj.bias"]
+            t[f"{p}.mlp.up_proj.bias"] = (b.float() / s).to(b.dtype)
         t[f"{p}.mlp.down_proj.weight"] = (down.float() * s[None, :]).to(down.dtype)
     save_tensors(t, dst)
     raw = read_json(src / "config.json")

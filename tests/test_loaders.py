@@ -46,8 +46,18 @@ def test_config_fields_of_real_qwen3_config():
 @pytest.mark.parametrize("field,value,needle", [
     ("architectures", ["MistralForCausalLM"], "architectures"),
     ("hidden_act", "gelu", "hidden_act"),
-    ("attention_bias", True, "attention_bias"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling"),
+    ("mlp_bias", True, "mlp_bias=true is not part of this architecture"),
+    ("use_sliding_window", True, "use_sliding_window"),
+    ("layer_types", ["full_attention", "sliding_attention"], r"layer_types has \['sliding_attention'\]"),
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5"),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "rope_scaling.rope_type 'dynamic' is not implemented"),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e6}, "rope_parameters.rope_type 'longrope'"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "extra": 1},
+     "rope_parameters.extra is not implemented for rope_type 'yarn'"),
+    ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e6}, "rope_parameters.factor is required"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 1e6, "factor": 2.0},
+     "rope_parameters.factor is not implemented for rope_type 'default'"),
+    ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}, "per layer type"),
 ])
 def test_unsupported_config_names_field(tmp_path, field, value, needle):
     cfg = RandomModelSpec().config_dict()

@@ -314,6 +314,15 @@ def test_vnni_kernel_bit_identical_to_int_mm():
             assert torch.equal(fast(x), expected), (n, k, m)
             residual = torch.randn(m, n, generator=g)
             assert torch.equal(fast(x, residual=residual), expected + residual), (n, k, m)
+    # a bias (Qwen2's q/k/v) is added in the epilogue, after the scales and before the residual
+    for n, k in ((100, 70), (3072, 1024)):
+        lin = quantize_linear(torch.randn(n, k, generator=g), bias=torch.randn(n, generator=g))
+        fast, ref = VnniLinear(lin, lib, Workspace()), Int8GemmLinear(lin)
+        for m in (1, 3, 9, 300):
+            x, residual = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+            expected = ref(x)
+            assert not torch.equal(expected, Int8GemmLinear(quantize_linear(lin.dequantized()))(x))  # bias applied
+            assert torch.equal(fast(x), expected) and torch.equal(fast(x, residual=residual), expected + residual)
 
 
 def test_vnni_fused_prologue_and_epilogue_match_eager_ops():

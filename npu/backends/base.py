@@ -56,7 +56,8 @@ class LinearOp(Protocol):
 
 
 class UnfusedLinear:
-    """A :class:`LinearOp` from a plain GEMM: prologue and epilogue run as separate PyTorch ops."""
+    """A :class:`LinearOp` from a plain GEMM: prologue and epilogue run as separate PyTorch ops.
+    ``gemm`` includes the layer's bias, if it has one."""
 
     out_features: int
     in_features: int

@@ -1,6 +1,7 @@
 // A8W8 GEMM with AVX-512 VNNI and its fused prologue / epilogue, built by npu/backends/cpu/vnni.py with gcc.
 //
-// out[m, n] = residual[m, n] + (sum_k q_a[m, k] * q_w[n, k]) * s_a[m] * s_w[n], INT32 accumulation, fp32 out.
+// out[m, n] = residual[m, n] + ((sum_k q_a[m, k] * q_w[n, k]) * s_a[m] * s_w[n] + bias[n]), INT32 accumulation,
+// fp32 out (bias and residual optional; the order of the adds is transformers': residual + linear(x)).
 // a = prologue(x) is what the layer feeds the linear:
 //   PROLOGUE_NONE     a = x
 //   PROLOGUE_RMSNORM  a = w * (x * 1/sqrt(mean(x^2) + eps))          (transformers' RMSNorm in fp32)
@@ -164,14 +165,15 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *xp, int PR
 // blocks are adjacent in memory). stream: write with non-temporal stores (see STREAM_MIN_BYTES).
 static inline __attribute__((always_inline)) void store_tile(__m512i acc[MR_WIDE][NR], int mr, int NR_, int m0,
                                                              int n0, const int32_t *wsum, const float *sw,
-                                                             const float *sx, int N, const float *residual,
-                                                             float *out, int stream) {
+                                                             const float *sx, int N, const float *bias,
+                                                             const float *residual, float *out, int stream) {
     __m512i comp[NR];  // 128 * wsum, the correction for the + 128 stored with the activations
-    __m512 vsw[NR];
+    __m512 vsw[NR], vb[NR];
     for (int j = 0; j < NR_; j++) {
         const int n = n0 + j * NB < N ? n0 + j * NB : 0;  // (blocks past N are not stored)
         comp[j] = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(wsum + n)), 7);
         vsw[j] = _mm512_loadu_ps(sw + n);
+        if (bias) vb[j] = _mm512_loadu_ps(bias + n);  // padded to Np like sw
     }
     for (int r = 0; r < mr; r++) {
         const __m512 vsx = _mm512_set1_ps(sx[m0 + r]);
@@ -181,6 +183,7 @@ static inline __attribute__((always_inline)) void store_tile(__m512i acc[MR_WIDE
             const __mmask16 mask = N - n >= NB ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1u);
             __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], comp[j]));
             v = _mm512_mul_ps(_mm512_mul_ps(v, vsx), vsw[j]);
+            if (bias) v = _mm512_add_ps(v, vb[j]);
             const size_t at = (size_t)(m0 + r) * N + n;
             if (residual) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, residual + at), v);
             if (stream && mask == 0xFFFF)
@@ -192,11 +195,11 @@ static inline __attribute__((always_inline)) void store_tile(__m512i acc[MR_WIDE
 }
 
 // x [M, K] fp32 ([M, 2K] for PROLOGUE_SILU_MUL); wp/wsum/sw packed by a8w8_pack (sw padded to Np);
-// residual [M, N] fp32 or NULL; out [M, N] fp32 (may alias residual).
+// bias [Np] fp32 (padded like sw) or NULL; residual [M, N] fp32 or NULL; out [M, N] fp32 (may alias residual).
 // xq (a8w8_panel_bytes(M, K) bytes, 64-byte aligned) and sx [M] fp32 are caller-provided scratch.
 void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const int8_t *wp,
-               const int32_t *wsum, const float *sw, int N, const float *residual, float *out, uint8_t *xq,
-               float *sx) {
+               const int32_t *wsum, const float *sw, const float *bias, int N, const float *residual, float *out,
+               uint8_t *xq, float *sx) {
     const int Kp = a8w8_packed_k(K), ntiles = a8w8_packed_n(N) / (NB * NR);
     quantize_rows(x, M, K, Kp, prologue, norm_w, eps, xq, sx);
     if (M <= MR) {  // one pass: every weight byte read once, feeding M multiply-adds
@@ -208,7 +211,7 @@ void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
 #define ONE_PASS_TILE(R) tile(xq, R, Kp, w0, R, NR, acc, next, 0, 1)
             DISPATCH_ROWS_4(M, ONE_PASS_TILE)
 #undef ONE_PASS_TILE
-            store_tile(acc, M, NR, 0, t * NR * NB, wsum, sw, sx, N, residual, out, 0);
+            store_tile(acc, M, NR, 0, t * NR * NB, wsum, sw, sx, N, bias, residual, out, 0);
         }
         return;
     }
@@ -234,8 +237,8 @@ void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
 #define WIDE_TILE(R) tile(xt, PANEL_ROWS, Kp, ws, R, NR_WIDE, acc, nx, pass, npasses)
                         DISPATCH_ROWS_8(mr, WIDE_TILE)
 #undef WIDE_TILE
-                        store_tile(acc, mr, NR_WIDE, m0, t * NR * NB + s * NR_WIDE * NB, wsum, sw, sx, N, residual,
-                                   out, stream);
+                        store_tile(acc, mr, NR_WIDE, m0, t * NR * NB + s * NR_WIDE * NB, wsum, sw, sx, N, bias,
+                                   residual, out, stream);
                     }
                 }
             }

@@ -40,13 +40,15 @@ class Int8GemmLinear(UnfusedLinear):
     def __init__(self, weight: Int8Linear):
         self.qweight = weight.qweight.contiguous()  # [N, K]
         self.scale = weight.scale.float().contiguous()  # [N]
+        self.bias = None if weight.bias is None else weight.bias.float().contiguous()
         self.out_features, self.in_features = self.qweight.shape
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         qx, sx = quantize_activations(x)
         acc = torch._int_mm(qx, self.qweight.t())
-        # int32 * fp32 promotes to fp32 in one pass; then the per-channel scale in place
-        return torch.mul(acc, sx[:, None]).mul_(self.scale)
+        # int32 * fp32 promotes to fp32 in one pass; then the per-channel scale (and bias) in place
+        y = torch.mul(acc, sx[:, None]).mul_(self.scale)
+        return y if self.bias is None else y.add_(self.bias)
 
 
 class FloatGemmLinear(UnfusedLinear):
@@ -54,11 +56,12 @@ class FloatGemmLinear(UnfusedLinear):
 
     def __init__(self, weight: FloatLinear, activation_dtype: torch.dtype):
         self.weight = weight.weight.contiguous()
+        self.bias = None if weight.bias is None else weight.bias.to(self.weight.dtype).contiguous()
         self.out_features, self.in_features = self.weight.shape
         self.activation_dtype = activation_dtype
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).to(self.activation_dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(self.activation_dtype)
 
 
 INT8_KERNELS = ("auto", "vnni", "onednn")
@@ -97,7 +100,8 @@ class CpuBackend(TorchOps):
     def prepare_linear(self, weight: LinearWeight):
         if isinstance(weight, Int8Linear):
             return VnniLinear(weight, self._vnni, self._workspace, self._weight_arena) if self._vnni is not None else Int8GemmLinear(weight)
-        if weight.weight.dtype == torch.bfloat16 and self._vnni is not None and self._vnni.has_bf16:
+        if (weight.weight.dtype == torch.bfloat16 and weight.bias is None and self._vnni is not None
+                and self._vnni.has_bf16):  # (a float linear with a bias: the reference path)
             return Bf16Linear(weight.weight, self._vnni, self._workspace, self._weight_arena)
         return FloatGemmLinear(weight, self.activation_dtype)
 

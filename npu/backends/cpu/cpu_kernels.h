@@ -4,8 +4,8 @@
 #include <stdint.h>
 
 void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const int8_t *wp,
-               const int32_t *wsum, const float *sw, int N, const float *residual, float *out, uint8_t *xq,
-               float *sx);
+               const int32_t *wsum, const float *sw, const float *bias, int N, const float *residual, float *out,
+               uint8_t *xq, float *sx);
 long a8w8_panel_bytes(int M, int K);
 int qk_norm_rope(float *qkv, int T, int row_stride, int H, int D, const float *norm_w, float eps, const float *cos_t,
                  const float *sin_t, const int64_t *positions);

@@ -21,6 +21,7 @@ typedef struct {
     const int8_t *wp;
     const int32_t *wsum;
     const float *sw;
+    const float *bias;  // NULL, or [Np] like sw
     int n, k;
 } packed_linear;
 
@@ -59,7 +60,7 @@ int decoder_stack_check(const decoder_stack *d) {
 
 static void linear(const packed_linear *w, const float *x, int T, int prologue, const float *norm_w, float eps,
                    const float *residual, float *out, uint8_t *xq, float *sx) {
-    a8w8_gemm(x, T, w->k, prologue, norm_w, eps, w->wp, w->wsum, w->sw, w->n, residual, out, xq, sx);
+    a8w8_gemm(x, T, w->k, prologue, norm_w, eps, w->wp, w->wsum, w->sw, w->bias, w->n, residual, out, xq, sx);
 }
 
 // x [T, hidden] fp32, the residual stream (updated in place); positions / slot_mapping [T]; ctx_slots [T, Lmax]

@@ -22,7 +22,7 @@ _p, _i, _f, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
 
 
 class _PackedLinear(ctypes.Structure):
-    _fields_ = [("wp", _p), ("wsum", _p), ("sw", _p), ("n", _i), ("k", _i)]
+    _fields_ = [("wp", _p), ("wsum", _p), ("sw", _p), ("bias", _p), ("n", _i), ("k", _i)]
 
 
 class _StackLayer(ctypes.Structure):
@@ -50,8 +50,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _packed(op: VnniLinear) -> _PackedLinear:
-    return _PackedLinear(op.packed.data_ptr(), op.wsum.data_ptr(), op.scale.data_ptr(), op.out_features,
-                         op.in_features)
+    return _PackedLinear(op.packed.data_ptr(), op.wsum.data_ptr(), op.scale.data_ptr(),
+                         None if op.bias is None else op.bias.data_ptr(), op.out_features, op.in_features)
 
 
 class DecoderStack:

@@ -76,7 +76,7 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     lib.a8w8_panel_bytes.argtypes, lib.a8w8_panel_bytes.restype = [i, i], ctypes.c_long
     lib.a8w8_pack.argtypes, lib.a8w8_pack.restype = [p, i, i, p, p], None
     f = ctypes.c_float
-    lib.a8w8_gemm.argtypes, lib.a8w8_gemm.restype = [p, i, i, i, p, f, p, p, p, i, p, p, p, p], None
+    lib.a8w8_gemm.argtypes, lib.a8w8_gemm.restype = [p, i, i, i, p, f, p, p, p, p, i, p, p, p, p], None
     lib.qk_norm_rope.argtypes, lib.qk_norm_rope.restype = [p, i, i, i, i, p, f, p, p, p], i
     lib.bf16_packed_k.argtypes, lib.bf16_packed_k.restype = [i], i
     lib.bf16_packed_n.argtypes, lib.bf16_packed_n.restype = [i], i
@@ -164,7 +164,7 @@ class Bf16Linear:
 
 class VnniLinear:
     """A8W8 linear through the VNNI kernel: prologue (RMSNorm or SiLU gate), activation quantization, GEMM
-    and epilogue (scales, residual) in one call.
+    and epilogue (scales, bias, residual) in one call.
 
     Without a prologue it gives the same numbers as ``Int8GemmLinear`` (same quantization, exact INT32
     sums, same epilogue order).
@@ -182,6 +182,10 @@ class VnniLinear:
         lib.a8w8_pack(q.data_ptr(), n, k, self.packed.data_ptr(), self.wsum.data_ptr())
         self.scale = torch.zeros(np_, dtype=torch.float32)
         self.scale[:n] = weight.scale.float()
+        self.bias = None
+        if weight.bias is not None:
+            self.bias = torch.zeros(np_, dtype=torch.float32)
+            self.bias[:n] = weight.bias.float()
 
     def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,6 +201,7 @@ class VnniLinear:
         panels_at = (4 * m + SCRATCH_ALIGN - 1) // SCRATCH_ALIGN * SCRATCH_ALIGN
         scratch = self.workspace.get(panels_at + self.lib.a8w8_panel_bytes(m, self.in_features))
         self.lib.a8w8_gemm(x.data_ptr(), m, self.in_features, prologue, norm_ptr, eps, self.packed.data_ptr(),
-                           self.wsum.data_ptr(), self.scale.data_ptr(), self.out_features, res_ptr, out.data_ptr(),
-                           scratch.data_ptr() + panels_at, scratch.data_ptr())
+                           self.wsum.data_ptr(), self.scale.data_ptr(),
+                           None if self.bias is None else self.bias.data_ptr(), self.out_features, res_ptr,
+                           out.data_ptr(), scratch.data_ptr() + panels_at, scratch.data_ptr())
         return out
