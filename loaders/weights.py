@@ -115,8 +115,9 @@ class _LinearLoader:
                 return FloatLinear(weight.dequantized(), None if bias is None else bias.float())
             return weight
         w = self.reader.get(f"{module}.weight", shape, FLOAT_TENSOR_DTYPES)
-        # lm_head stays in floating point unless the checkpoint itself quantized it.
-        if self.mode is Quantization.A8W8 and module != "lm_head":
+        # Float checkpoints are quantized on load, all but lm_head; a quantized checkpoint's float linears
+        # (its `ignore` list: lm_head, and whatever its author kept in float) stay float, as in vLLM.
+        if self.mode is Quantization.A8W8 and module != "lm_head" and self.scheme is None:
             return quantize_linear(w, bias)
         return FloatLinear(w, bias)
 

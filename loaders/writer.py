@@ -70,11 +70,15 @@ def save_tensors(tensors: dict[str, torch.Tensor], dst: Path, max_shard_bytes: i
     (dst / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                        ignore: tuple[str, ...] = ()) -> None:
     """Write a float checkpoint as compressed-tensors W8A8 in llm-compressor's layout.
 
     Every decoder linear becomes ``X.weight`` int8 ``[out, in]`` plus ``X.weight_scale`` ``[out, 1]`` in
-    the original float dtype; embeddings, norms and lm_head (``ignore: ["lm_head"]``) are copied as they are.
+    the original float dtype; embeddings, norms, biases and lm_head are copied as they are. ``ignore``: more
+    linears to keep in float, by compressed-tensors pattern (a module name, or ``re:`` and a regex matched
+    from the start of the name, e.g. ``re:.*mlp.down_proj``); they join ``lm_head`` in the config's
+    ``ignore`` list, which vLLM reads the same way.
     """
     src, dst = Path(src), Path(dst)
     raw = read_json(src / "config.json")
@@ -82,9 +86,15 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int =
         raise ConfigError(f"{src / 'config.json'}: checkpoint is already quantized")
     cfg = load_model_config(src)
     reader = CheckpointReader(src)
+    ignore_list = ["lm_head", *ignore]
+    kept = CompressedTensorsW8A8(targets=("Linear",), ignore=tuple(ignore_list), format="int-quantized")
     linear_modules = {
         f"model.layers.{i}.{name}": shape for i in range(cfg.num_layers) for name, shape in linear_shapes(cfg).items()
+        if kept.is_quantized(f"model.layers.{i}.{name}")
     }
+    if ignore and len(linear_modules) == cfg.num_layers * len(linear_shapes(cfg)):
+        raise ConfigError(f"--ignore {list(ignore)} matches no linear module (names look like "
+                          "model.layers.0.mlp.down_proj; a regex needs the re: prefix)")
     out: dict[str, torch.Tensor] = {}
     for name in reader.keys():
         module = name.removesuffix(".weight")
@@ -99,7 +109,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int =
     if missing:
         raise ConfigError(f"{src}: missing linear weights, e.g. {missing[0]}.weight")
     save_tensors(out, dst, max_shard_bytes)
-    raw["quantization_config"] = CompressedTensorsW8A8.config_block(ignore=["lm_head"])
+    raw["quantization_config"] = CompressedTensorsW8A8.config_block(ignore=ignore_list)
     (dst / "config.json").write_text(json.dumps(raw, indent=2))
     copy_side_files(src, dst)
 

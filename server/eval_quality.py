@@ -1,9 +1,14 @@
 """``a8w8-serve eval-quality``: what A8W8 and the INT8 KV cache cost in quality on a real model.
 
-Perplexity on a fixed committed text (``loaders/assets/eval/prose.txt``, self-written prose) and greedy
-agreement over 64 tokens for 20 fixed prompts, for the float path, A8W8 with a BF16 KV cache, A8W8 with
-an INT8 KV cache, the same two after SmoothQuant smoothing, and the latter with ``--quantize-lm-head``. The model runs in-process (the worker's ModelRunner),
-because perplexity needs logits at every position, which the serving protocol does not carry.
+Measured the way llama.cpp's ``llama-perplexity --kl-divergence`` does, on a fixed committed text
+(``loaders/assets/eval/prose.txt``, self-written prose) in chunks of 512 tokens with the second half of each
+scored: perplexity, the mean and 99th percentile of the KL divergence of each configuration's next-token
+distribution from the float model's, and the share of positions where both pick the same top token. The
+free-running greedy agreement (64 tokens for 20 fixed prompts; after the first differing token everything
+counts as different) is reported beside them. Configurations: the float path, A8W8 with a BF16 or INT8 KV
+cache, the same after SmoothQuant smoothing, and the latter with ``--quantize-lm-head``. The model runs
+in-process (the worker's ModelRunner), because the metrics need logits at every position, which the
+serving protocol does not carry.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,12 +24,13 @@ import torch
 from engine.chat_template import ChatTemplate
 from engine.tokenizer import load_tokenizer
 from loaders.assets import eval_text_path
-from loaders.quantization import Int8Linear, quantize_activations
+from loaders.quantization import quantize_activations, quantize_symmetric
 from loaders.weights import load_model_weights
 from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
 from npu.backends.base import UnfusedLinear
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
+from loaders.writer import quantize_checkpoint
 from server.smooth_quant import smooth_checkpoint
 
 PROMPTS = [
@@ -37,31 +43,68 @@ PROMPTS = [
     "Write one sentence about autumn.", "What is a synonym for 'happy'?", "Who wrote Romeo and Juliet?",
     "List two benefits of walking.",
 ]
-# name -> (quantization, KV dtype, quantize_lm_head, smoothed); "smoothed" runs the SmoothQuant-folded
-# copy of the model (server/smooth_quant.py), whose float function is the same.
+
+# compressed-tensors ignore pattern of every layer's down_proj
+FLOAT_DOWN_PROJ = "re:.*mlp.down_proj"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    quantization: str  # none | a8w8
+    kv: str  # KV cache dtype
+    int8_head: bool = False  # --quantize-lm-head
+    smoothed: bool = False  # the SmoothQuant-folded copy (server/smooth_quant.py): the same float function
+    keep_float: tuple[str, ...] = ()  # linears the quantized checkpoint keeps in float (its ignore list)
+
+
+# The first is the reference the others are scored against.
 CONFIGS = {
-    "float": ("none", "fp32", False, False),
-    "a8w8_bf16kv": ("a8w8", "bf16", False, False),
-    "a8w8_int8kv": ("a8w8", "int8", False, False),
-    "smoothquant_a8w8_bf16kv": ("a8w8", "bf16", False, True),
-    "smoothquant_a8w8_int8kv": ("a8w8", "int8", False, True),
-    "smoothquant_a8w8_int8kv_int8head": ("a8w8", "int8", True, True),
+    "float": EvalConfig("none", "fp32"),
+    "a8w8_bf16kv": EvalConfig("a8w8", "bf16"),
+    "a8w8_int8kv": EvalConfig("a8w8", "int8"),
+    "smoothquant_a8w8_bf16kv": EvalConfig("a8w8", "bf16", smoothed=True),
+    "smoothquant_a8w8_int8kv": EvalConfig("a8w8", "int8", smoothed=True),
+    "smoothquant_a8w8_int8kv_int8head": EvalConfig("a8w8", "int8", True, smoothed=True),
+    # down_proj (whose input, silu(gate) * up, per-token INT8 serves worst after smoothing) kept in float
+    "smoothquant_a8w8_int8kv_float_down": EvalConfig("a8w8", "int8", smoothed=True, keep_float=(FLOAT_DOWN_PROJ,)),
 }
 BLOCK = 16
+# llama.cpp's llama-perplexity protocol (-c 512, as in its --kl-divergence mode): the text in chunks of this many
+# tokens, each evaluated with a fresh context, and only the second half of each chunk scored (every scored
+# token has at least half a chunk of context).
+KLD_CONTEXT = 512
+P99 = 0.99
+
+
+@dataclass
+class Scores:
+    """One configuration against the float model over the scored positions (llama-perplexity's figures)."""
+
+    perplexity: float
+    mean_kld: float  # mean KL(float || this) of the next-token distributions
+    p99_kld: float
+    same_top: float  # share of positions whose most likely token is the float model's
+    positions: int
 
 
 @dataclass
 class QualityResult:
-    perplexity: dict[str, float]
+    scores: dict[str, Scores]
     greedy_agreement: dict[str, float]  # fraction of tokens equal to the float path's, per config
     num_tokens: int
+    context: int
+
+    @property
+    def perplexity(self) -> dict[str, float]:
+        return {name: s.perplexity for name, s in self.scores.items()}
 
     def table(self) -> str:
-        base = self.perplexity["float"]
-        lines = ["| configuration | perplexity | vs float | greedy agreement with float (20 prompts x 64 tokens) |",
-                 "| --- | --- | --- | --- |"]
-        for name, ppl in self.perplexity.items():
-            lines.append(f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f} % | "
+        base = self.scores["float"].perplexity
+        lines = ["| configuration | perplexity | vs float | mean KLD | p99 KLD | same top token | greedy agreement (free-running) |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, sc in self.scores.items():
+            lines.append(f"| {name} | {sc.perplexity:.3f} | {100 * (sc.perplexity / base - 1):+.2f} % | "
+                         f"{sc.mean_kld:.4f} | {sc.p99_kld:.4f} | {100 * sc.same_top:.1f} % | "
                          f"{100 * self.greedy_agreement[name]:.1f} % |")
         return "\n".join(lines)
 
@@ -73,6 +116,7 @@ def _runner(model_dir: str, quantization: str, kv: str, max_len: int, quantize_l
 
 
 def perplexity(runner: ModelRunner, ids: list[int]) -> float:
+    """Perplexity of one pass over all of ``ids`` (every position scored)."""
     n = len(ids)
     slots = torch.arange(n)
     batch = ForwardBatch(torch.tensor(ids), torch.arange(n), slots, [SeqSpan(0, n, slots)], torch.arange(n - 1))
@@ -80,6 +124,33 @@ def perplexity(runner: ModelRunner, ids: list[int]) -> float:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     nll = -logprobs[torch.arange(n - 1), torch.tensor(ids[1:])].mean().item()
     return math.exp(nll)
+
+
+def scored_logprobs(runner: ModelRunner, ids: list[int], context: int = KLD_CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-probabilities ``[P, vocab]`` at the scored positions of every whole chunk of ``context``
+    tokens (positions context/2 .. context-2 of each chunk, each chunk a fresh sequence), and the tokens
+    that follow them ``[P]``."""
+    first = context // 2
+    rows = torch.arange(first, context - 1)
+    logprobs, targets = [], []
+    for start in range(0, len(ids) - context + 1, context):
+        chunk = ids[start:start + context]
+        slots = torch.arange(context)
+        batch = ForwardBatch(torch.tensor(chunk), torch.arange(context), slots, [SeqSpan(0, context, slots)], rows)
+        logprobs.append(torch.log_softmax(runner.model.forward(batch, runner.cache).float(), dim=-1))
+        targets.append(torch.tensor(chunk[first + 1:]))
+    if not logprobs:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one chunk of {context}")
+    return torch.cat(logprobs), torch.cat(targets)
+
+
+def score(base: torch.Tensor, logprobs: torch.Tensor, targets: torch.Tensor) -> Scores:
+    """llama-perplexity --kl-divergence's figures for ``logprobs`` against the float model's ``base``."""
+    positions = torch.arange(len(targets))
+    kld = (base.exp() * (base - logprobs)).sum(-1)
+    return Scores(perplexity=math.exp(-logprobs[positions, targets].mean().item()), mean_kld=kld.mean().item(),
+                  p99_kld=torch.quantile(kld, P99).item(),
+                  same_top=(base.argmax(-1) == logprobs.argmax(-1)).float().mean().item(), positions=len(targets))
 
 
 def greedy(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[list[int]]:
@@ -101,50 +172,78 @@ def greedy(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[li
     return out
 
 
-class _WeightOnlyInt8(UnfusedLinear):
-    """Diagnosis only: INT8-rounded weights with float activations (isolates weight quantization error)."""
+# Activation group size of the simulated per-group variant: llama.cpp's Q8_0 / Q8_1 blocks.
+ACTIVATION_GROUP = 32
 
-    def __init__(self, lin: Int8Linear):
-        self.weight = lin.dequantized()
+
+class _SimulatedLinear(UnfusedLinear):
+    """Diagnosis only, eager fp32: ``weight`` (float, or INT8-rounded by the caller) applied to activations
+    that are float (``group`` None), INT8 per token (0) or INT8 per ``group`` consecutive channels."""
+
+    def __init__(self, weight: torch.Tensor, group: int | None):
+        self.weight, self.group = weight.float(), group
         self.out_features, self.in_features = self.weight.shape
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.group == 0:
+            q, s = quantize_activations(x)
+            x = q.float() * s[:, None]
+        elif self.group is not None:
+            m, k = x.shape
+            q, s = quantize_symmetric(x.view(m, k // self.group, self.group), dim=-1)
+            x = (q.float() * s).view(m, k)
         return x @ self.weight.t()
 
 
-class _ActivationOnlyInt8(UnfusedLinear):
-    """Diagnosis only: per-token INT8-rounded activations with the float weights."""
+def _linear_weights(model_dir: str, quantization: str) -> list[dict[str, torch.Tensor]]:
+    """Per layer, the (dequantized) weight of each fused linear the model runs: qkv, o, gate_up, down."""
+    out = []
+    for lw in load_model_weights(model_dir, quantization, dtype="float32").layers:
+        w = {name: lin.dequantized() for name, lin in lw.linears.items()}
+        out.append({"qkv": torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]),
+                    "o": w["self_attn.o_proj"], "gate_up": torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]]),
+                    "down": w["mlp.down_proj"]})
+    return out
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight.float()
-        self.out_features, self.in_features = self.weight.shape
 
-    def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        q, s = quantize_activations(x)
-        return (q.float() * s[:, None]) @ self.weight.t()
+def _simulated(model_dir: str, max_len: int, quantization: str, group: int | None) -> ModelRunner:
+    runner = _runner(model_dir, "none", "fp32", max_len)
+    for layer, weights in zip(runner.model.layers, _linear_weights(model_dir, quantization)):
+        for name, w in weights.items():
+            divides = group is None or group == 0 or w.shape[1] % group == 0
+            setattr(layer, name, _SimulatedLinear(w, group if divides else 0))  # else: that linear per token
+    return runner
 
 
-def diagnose(model_dir: str, ids: list[int]) -> dict[str, float]:
-    """Perplexity with only the weights, or only the activations, of every decoder linear INT8-rounded."""
-    max_len = len(ids) + BLOCK
-    w_only = _runner(model_dir, "a8w8", "fp32", max_len)
-    weights = load_model_weights(model_dir, "a8w8")
-    for layer, lw in zip(w_only.model.layers, weights.layers):
-        lin = lw.linears
-        layer.qkv = _WeightOnlyInt8(Int8Linear.concat([lin["self_attn.q_proj"], lin["self_attn.k_proj"],
-                                                       lin["self_attn.v_proj"]]))
-        layer.o = _WeightOnlyInt8(lin["self_attn.o_proj"])
-        layer.gate_up = _WeightOnlyInt8(Int8Linear.concat([lin["mlp.gate_proj"], lin["mlp.up_proj"]]))
-        layer.down = _WeightOnlyInt8(lin["mlp.down_proj"])
-    a_only = _runner(model_dir, "none", "fp32", max_len)
-    for layer in a_only.model.layers:
-        for name in ("qkv", "o", "gate_up", "down"):
-            setattr(layer, name, _ActivationOnlyInt8(getattr(layer, name).weight))
-    return {"int8_weights_only": perplexity(w_only, ids), "int8_activations_only": perplexity(a_only, ids)}
+def diagnose(model_dir: str, ids: list[int], context: int = KLD_CONTEXT) -> dict[str, Scores]:
+    """Where the loss comes from: INT8-rounded weights alone, per-token INT8 activations alone, INT8
+    activations per group of 32 channels (with INT8 weights: llama.cpp's Q8 granularity on the activation
+    side), the INT8 KV cache alone; then, in the smoothed A8W8 model with the real kernels, each kind of
+    linear kept in float in turn (which one the remaining loss sits in)."""
+    max_len = context + BLOCK
+    base, targets = scored_logprobs(_runner(model_dir, "none", "fp32", max_len), ids, context)
+    runners = {
+        "int8_weights_only": lambda: _simulated(model_dir, max_len, "a8w8", None),
+        "int8_activations_only": lambda: _simulated(model_dir, max_len, "none", 0),
+        f"a8w8_activations_per_{ACTIVATION_GROUP}": lambda: _simulated(model_dir, max_len, "a8w8", ACTIVATION_GROUP),
+        "int8_kv_only": lambda: _runner(model_dir, "none", "int8", max_len),
+    }
+    out = {name: score(base, *scored_logprobs(make(), ids, context)) for name, make in runners.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        smoothed = str(smooth_checkpoint(model_dir, Path(tmp) / "smoothed"))
+        floats = _linear_weights(smoothed, "none")
+        for kind in ("qkv", "o", "gate_up", "down"):
+            runner = _runner(smoothed, "a8w8", "int8", max_len)
+            runner.model.decode_stack = None
+            for layer, weights in zip(runner.model.layers, floats):
+                setattr(layer, kind, _SimulatedLinear(weights[kind], None))
+            out[f"smoothquant_a8w8_int8kv_{kind}_float"] = score(base, *scored_logprobs(runner, ids, context))
+    return out
 
 
 def evaluate(model_dir: str | Path, max_tokens: int | None = None, num_prompts: int = len(PROMPTS),
-             steps: int = 64) -> QualityResult:
+             steps: int = 64, context: int = KLD_CONTEXT) -> QualityResult:
     model_dir = str(model_dir)
     tok = load_tokenizer(model_dir)
     ids = tok.encode(eval_text_path().read_text(encoding="utf-8"))
@@ -153,39 +252,49 @@ def evaluate(model_dir: str | Path, max_tokens: int | None = None, num_prompts: 
     template = ChatTemplate.from_model_dir(model_dir)
     prompts = [tok.encode(template.render([{"role": "user", "content": p}]) if template else p)
                for p in PROMPTS[:num_prompts]]
-    max_len = max(len(ids), max(len(p) for p in prompts) + steps) + BLOCK
-    ppl: dict[str, float] = {}
+    max_len = max(context, max(len(p) for p in prompts) + steps) + BLOCK
+    scores: dict[str, Scores] = {}
     outs: dict[str, list[list[int]]] = {}
+    base = targets = None
     with tempfile.TemporaryDirectory() as tmp:
-        smoothed = str(smooth_checkpoint(model_dir, Path(tmp) / "smoothed"))
-        for name, (quant, kv, int8_head, smooth) in CONFIGS.items():
-            model = smoothed if smooth else model_dir
-            runner = _runner(model, quant, kv, max_len, int8_head)
-            ppl[name] = perplexity(runner, ids)
-            outs[name] = greedy(runner, prompts, steps)  # overwrites the cache perplexity used; it is done
+        smoothed = smooth_checkpoint(model_dir, Path(tmp) / "smoothed")
+        for name, c in CONFIGS.items():
+            source = smoothed if c.smoothed else Path(model_dir)
+            if c.keep_float:
+                source = Path(tmp) / f"{name}-w8a8"
+                quantize_checkpoint(smoothed if c.smoothed else model_dir, source, ignore=c.keep_float)
+            runner = _runner(str(source), c.quantization, c.kv, max_len, c.int8_head)
+            logprobs, targets = scored_logprobs(runner, ids, context)
+            base = logprobs if base is None else base  # "float" comes first
+            scores[name] = score(base, logprobs, targets)
+            outs[name] = greedy(runner, prompts, steps)  # overwrites the cache the chunks used; they are done
     agreement = {}
     for name, seqs in outs.items():
         same = sum(a == b for x, y in zip(seqs, outs["float"]) for a, b in zip(x, y))
         agreement[name] = same / (len(prompts) * steps)
-    return QualityResult(ppl, agreement, len(ids))
+    return QualityResult(scores, agreement, len(ids), context)
 
 
 def main(model_dir: str, out: str | None, max_tokens: int | None, num_prompts: int, steps: int,
-         with_diagnosis: bool = False) -> None:
-    result = evaluate(model_dir, max_tokens, num_prompts, steps)
-    print(f"model: {model_dir}; perplexity over {result.num_tokens} tokens of {eval_text_path().name}")
+         with_diagnosis: bool = False, context: int = KLD_CONTEXT) -> None:
+    result = evaluate(model_dir, max_tokens, num_prompts, steps, context)
+    scored = next(iter(result.scores.values())).positions
+    print(f"model: {model_dir}; {result.num_tokens} tokens of {eval_text_path().name} in chunks of {context}, "
+          f"the second half of each scored ({scored} positions), as llama-perplexity -c {context} --kl-divergence; "
+          f"greedy agreement over {num_prompts} prompts x {steps} tokens")
     print(result.table())
-    report = {"model": model_dir, "num_tokens": result.num_tokens, "perplexity": result.perplexity,
-              "greedy_agreement": result.greedy_agreement}
+    report = {"model": model_dir, "num_tokens": result.num_tokens, "context": context,
+              "scores": {k: asdict(v) for k, v in result.scores.items()}, "greedy_agreement": result.greedy_agreement}
     if with_diagnosis:
         tok = load_tokenizer(model_dir)
         ids = tok.encode(eval_text_path().read_text(encoding="utf-8"))[: result.num_tokens]
-        diag = diagnose(model_dir, ids)
-        base = result.perplexity["float"]
+        diag = diagnose(model_dir, ids, context)
+        base = result.scores["float"].perplexity
         print("where the A8W8 loss comes from (fp32 KV):")
-        for name, ppl in diag.items():
-            print(f"  {name}: perplexity {ppl:.3f} ({100 * (ppl / base - 1):+.2f} % vs float)")
-        report["diagnosis"] = diag
+        for name, sc in diag.items():
+            print(f"  {name}: perplexity {sc.perplexity:.3f} ({100 * (sc.perplexity / base - 1):+.2f} %), "
+                  f"mean KLD {sc.mean_kld:.4f}, p99 KLD {sc.p99_kld:.4f}, same top {100 * sc.same_top:.1f} %")
+        report["diagnosis"] = {k: asdict(v) for k, v in diag.items()}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))

@@ -5,6 +5,7 @@ against transformers' own rotary embeddings past the original context; the 4.x c
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def _save_random(tmp_path, arch: str, rope: dict, theta: float = 1e6, hidden_siz
     cfg = cls(vocab_size=320, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=arch != "LlamaForCausalLM",
               rope_parameters={**rope, "rope_theta": theta}, eos_token_id=None, bos_token_id=None, **extra)
-    torch.manual_seed(hash((arch, rope["rope_type"])) % 2**31)
+    torch.manual_seed(zlib.crc32(f"{arch}-{rope['rope_type']}-{hidden_size}".encode()))  # (hash() varies by process)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -215,6 +216,7 @@ def test_qwen2_in_a8w8_fused_kernels_with_biases(tmp_path):
     assert results[0] == results[1]
     a8w8_first, float_first = results[0][0], results[2][0]  # the prompts' next tokens: A8W8 vs float
     assert [t.token_id for t in a8w8_first] == [t.token_id for t in float_first]
+    print("A8W8 vs float logprobs of the prompts' next tokens:", [(a.logprob, f.logprob) for a, f in zip(a8w8_first, float_first)])
     assert all(abs(a.logprob - f.logprob) < 0.05 for a, f in zip(a8w8_first, float_first))
 
 

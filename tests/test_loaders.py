@@ -248,3 +248,23 @@ def test_static_activation_scales_refused(broken):
     _rewrite(broken, f)
     with pytest.raises(CheckpointError, match="static activation scales are not supported"):
         load_model_weights(broken)
+
+
+def test_quantize_ignore_keeps_those_linears_float(model_factory, tmp_path):
+    """compressed-tensors `ignore`: the listed linears stay float in the file and when loaded (not quantized on load)."""
+    from loaders.quantization import FloatLinear, Int8Linear
+    from loaders.weights import load_model_weights
+
+    src = model_factory(RandomModelSpec(seed=21), tokenizer=False)
+    dst = tmp_path / "w8a8-float-down"
+    quantize_checkpoint(src, dst, ignore=("re:.*mlp.down_proj",))
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head", "re:.*mlp.down_proj"]
+    w = load_model_weights(dst, "auto")
+    for layer in w.layers:
+        assert isinstance(layer.linears["mlp.down_proj"], FloatLinear)
+        assert all(isinstance(v, Int8Linear) for k, v in layer.linears.items() if k != "mlp.down_proj")
+    ref = load_model_weights(src, "none").layers[0].linears["mlp.down_proj"].weight
+    assert torch.equal(w.layers[0].linears["mlp.down_proj"].weight, ref)
+    with pytest.raises(ConfigError, match="matches no linear module"):
+        quantize_checkpoint(src, tmp_path / "x", ignore=("mlp.down_proj",))  # a bare name must be a full name

@@ -134,10 +134,16 @@ def test_real_answer_through_the_server_in_a8w8(smol_a8w8):
 def test_eval_quality_command_runs(smol_float, tmp_path):
     from server.eval_quality import evaluate
 
-    res = evaluate(smol_float, max_tokens=256, num_prompts=2, steps=8)
+    res = evaluate(smol_float, max_tokens=256, num_prompts=2, steps=8, context=128)
     assert set(res.perplexity) == {"float", "a8w8_bf16kv", "a8w8_int8kv", "smoothquant_a8w8_bf16kv",
-                                   "smoothquant_a8w8_int8kv", "smoothquant_a8w8_int8kv_int8head"}
+                                   "smoothquant_a8w8_int8kv", "smoothquant_a8w8_int8kv_int8head",
+                                   "smoothquant_a8w8_int8kv_float_down"}
     assert 1 < res.perplexity["float"] < 200  # a real model on English prose
+    f, q = res.scores["float"], res.scores["a8w8_int8kv"]
+    # smoothing helps, and keeping down_proj float on top of it helps more (the README's finding)
+    assert res.scores["smoothquant_a8w8_int8kv_float_down"].mean_kld < res.scores["smoothquant_a8w8_int8kv"].mean_kld < q.mean_kld
+    assert f.positions == 2 * 63 and f.mean_kld == 0 and f.same_top == 1  # 2 chunks of 128, 2nd halves
+    assert 0 < q.mean_kld < q.p99_kld and 0.5 < q.same_top < 1
     assert res.greedy_agreement["float"] == 1.0
     # quantization costs something, but not everything
     assert res.perplexity["float"] * 0.95 < res.perplexity["a8w8_int8kv"] < res.perplexity["float"] * 1.3
