@@ -19,7 +19,7 @@ from engine.stop import StopStringMatcher
 from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token
 from loaders.config import GenerationDefaults, load_generation_defaults, load_model_config
 from npu.client import WorkerClient
-from npu.messages import Ready, WorkerConfig
+from npu.messages import Ready, SpecDecodeStats, WorkerConfig
 
 # Priorities order requests in the scheduler; like vLLM's, they are 64-bit signed integers.
 PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
@@ -100,6 +100,7 @@ class EngineCore:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_step_compute_seconds = 0.0
+        self.spec_totals = SpecDecodeStats()  # summed over all steps
 
     def start(self, carried: list[Sequence] = ()) -> None:
         """Spawn a worker, block until it has loaded the model, then build a fresh block manager and
@@ -107,7 +108,10 @@ class EngineCore:
         self.worker = WorkerClient(self.worker_config)
         info = self.worker.wait_ready()
         max_len = min(info.max_model_len, self.config.scheduler.max_model_len or info.max_model_len)
-        sched_cfg = dataclasses.replace(self.config.scheduler, max_model_len=max_len)
+        spec = self.worker_config.speculative
+        sched_cfg = dataclasses.replace(self.config.scheduler, max_model_len=max_len,
+                                        num_lookahead_tokens=spec.num_speculative_tokens if spec else 0,
+                                        lookahead_max_running=spec.disable_by_batch_size if spec else None)
         bm = BlockManager(info.num_blocks, info.block_size, sched_cfg.enable_prefix_caching)
         scheduler = Scheduler(sched_cfg, bm)
         for seq in carried:
@@ -219,8 +223,20 @@ class EngineCore:
         result = self.worker.step(req)
         updates = self.scheduler.update(step, result)
         self.generation_tokens_total += len(result.tokens)
+        if result.spec is not None:
+            self._add_spec(result.spec)
         self.last_step_compute_seconds = result.compute_seconds
         return updates
+
+    def _add_spec(self, step: SpecDecodeStats) -> None:
+        t = self.spec_totals
+        t.num_drafts += step.num_drafts
+        t.num_draft_tokens += step.num_draft_tokens
+        t.num_accepted_tokens += step.num_accepted_tokens
+        per_pos = list(t.accepted_per_position) + [0] * max(0, len(step.accepted_per_position) - len(t.accepted_per_position))
+        for i, n in enumerate(step.accepted_per_position):
+            per_pos[i] += n
+        t.accepted_per_position = per_pos
 
     def shutdown(self) -> None:
         self.stop_worker()

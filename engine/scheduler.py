@@ -26,6 +26,10 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 512
     max_model_len: int = 0  # 0: the worker's (the model's, or --max-model-len)
     enable_prefix_caching: bool = True
+    # Speculative decoding: KV slots reserved after a running sequence's sampling chunk, for the worker to
+    # draft into (its num_speculative_tokens; 0: off). They count against the token budget.
+    num_lookahead_tokens: int = 0
+    lookahead_max_running: int | None = None  # no lookahead while this many sequences or more are running
 
 
 @dataclass
@@ -108,6 +112,17 @@ class Scheduler:
             n = min(n, self.config.long_prefill_token_threshold)
         return n
 
+    def _lookahead(self, seq: Sequence, n: int, budget: int) -> int:
+        """Drafted tokens ``seq`` may get after a chunk of ``n``: only after a sampling chunk, never past the
+        context, its max_tokens (the step returns up to draft + 1 tokens) or the step's token budget."""
+        end = seq.num_computed_tokens + n
+        if not self.config.num_lookahead_tokens or end != seq.num_tokens:
+            return 0
+        if self.config.lookahead_max_running is not None and len(self.running) >= self.config.lookahead_max_running:
+            return 0
+        left = seq.max_tokens - len(seq.output_token_ids) - 1
+        return max(0, min(self.config.num_lookahead_tokens, self.config.max_model_len - end, left, budget))
+
     def schedule(self) -> ScheduledStep:
         budget = self.config.max_num_batched_tokens
         self._step_id += 1
@@ -116,7 +131,7 @@ class Scheduler:
         scheduled: list[tuple[Sequence, int]] = []
         now = time.monotonic()
 
-        def emit(seq: Sequence, n: int, new_blocks: list[int]) -> None:
+        def emit(seq: Sequence, n: int, new_blocks: list[int], max_draft: int = 0) -> None:
             if seq.seq_id not in self._worker_known:
                 # The worker learns the whole table, prefix-cache blocks included.
                 new_blocks = list(self.bm.tables[seq.seq_id])
@@ -131,7 +146,7 @@ class Scheduler:
                     )
                 )
             end = seq.num_computed_tokens + n
-            chunks.append(ScheduledChunk(seq.seq_id, n, new_blocks, sample=end == seq.num_tokens))
+            chunks.append(ScheduledChunk(seq.seq_id, n, new_blocks, sample=end == seq.num_tokens, max_draft=max_draft))
             self.bm.cache_full_blocks(seq.seq_id, seq.all_token_ids, end)
             scheduled.append((seq, n))
             if seq.times.first_scheduled is None:
@@ -151,8 +166,13 @@ class Scheduler:
                 new_blocks = self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n)
             if new_blocks is None:
                 break  # seq itself was preempted: it was the last one
-            emit(seq, n, new_blocks)
-            budget -= n
+            draft = self._lookahead(seq, n, budget - n)
+            if draft:  # room to draft into, where free blocks allow (never preempting for a guess)
+                more = self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n + draft)
+                draft = draft if more is not None else 0
+                new_blocks += more or []
+            emit(seq, n, new_blocks, draft)
+            budget -= n + draft
             i += 1
 
         # 2. waiting sequences, while budget, sequence cap and blocks allow (never preempting for them).
@@ -193,10 +213,14 @@ class Scheduler:
         now = time.monotonic()
         updates: list[SequenceUpdate] = [self._fail(step, f.seq_id, f.message) for f in result.failed]
         updates = [u for u in updates if u is not None]
+        seen: set[int] = set()
         for t in result.tokens:
             seq = self.seqs.get(t.seq_id)
             if seq is None or seq.finished:
-                continue  # aborted while the step ran
+                continue  # aborted while the step ran (or finished by an earlier token of this step)
+            if t.seq_id in seen:  # a further token of a verified draft: the one before it was computed
+                seq.num_computed_tokens += 1
+            seen.add(t.seq_id)
             seq.output_token_ids.append(t.token_id)
             new_lp = []
             if t.logprob is not None:

@@ -42,6 +42,9 @@ class ScheduledChunk(msgspec.Struct, frozen=True):
     num_tokens: int  # compute this many of the sequence's tokens, from its computed count on
     new_block_ids: list[int]  # appended to the sequence's block table before computing
     sample: bool  # sample the next token after this chunk (only when it reaches the last known token)
+    # Speculative decoding: the worker may draft and verify up to this many tokens after the chunk (the
+    # block table already has room for them). It then returns 1 to max_draft + 1 tokens for the sequence.
+    max_draft: int = 0
 
 
 class StepRequest(msgspec.Struct, tag="step"):
@@ -70,11 +73,21 @@ class SequenceFailure(msgspec.Struct, frozen=True):
     message: str
 
 
+class SpecDecodeStats(msgspec.Struct):
+    """What speculative decoding did in one step (vLLM's spec-decode metrics)."""
+
+    num_drafts: int = 0  # sequences that had a draft verified
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = []  # accepted drafts by their position in the draft
+
+
 class StepResult(msgspec.Struct, tag="result"):
     step_id: int
-    tokens: list[SampledToken]
+    tokens: list[SampledToken]  # in order; a sequence with a verified draft has several
     compute_seconds: float
     failed: list[SequenceFailure] = []
+    spec: SpecDecodeStats | None = None
 
 
 class StepError(msgspec.Struct, tag="error"):
@@ -117,6 +130,34 @@ def decode_from_worker(data: bytes) -> FromWorker:
     return _from_worker.decode(data)
 
 
+class SpeculativeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """vLLM's ``--speculative-config`` for the one method implemented, ``ngram`` (prompt lookup)."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int
+    prompt_lookup_min: int = 1
+    # No drafts while this many sequences or more are running (a large batch is compute-bound: verifying
+    # drafts costs more than it saves). None: always.
+    disable_by_batch_size: int | None = None
+
+    def validate(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative method {self.method!r} is not implemented; only 'ngram' (prompt lookup)")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}, "
+                             f"got {self.num_speculative_tokens}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be positive, got {self.disable_by_batch_size}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and "
+                             f"{self.prompt_lookup_max}")
+
+
+# Drafts longer than this cost more compute per step than a lookup hit is likely to repay.
+MAX_SPECULATIVE_TOKENS = 16
+
+
 # Default KV-cache budget when none is given: enough for many concurrent chats on a small model
 # without crowding a 16-24 GB machine.
 DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
@@ -138,5 +179,6 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     sampleable_vocab_size: int | None = None  # tokens past this id are padding; None: the whole vocab
     num_threads: int | None = None
     seed: int = 0
+    speculative: SpeculativeConfig | None = None
     # Test-only: replay these token ids instead of running the model (see npu/replay.py).
     replay_token_ids: list[int] | None = None

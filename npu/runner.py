@@ -12,10 +12,11 @@ import torch
 from loaders.weights import load_model_weights
 from npu.backends import get_backend
 from npu.kv_cache import PagedKVCache
-from npu.messages import (NewSequence, Ready, SampledToken, ScheduledChunk, SequenceFailure, StepRequest, StepResult,
-                          WorkerConfig)
+from npu.messages import (NewSequence, Ready, SampledToken, ScheduledChunk, SequenceFailure, SpecDecodeStats,
+                          StepRequest, StepResult, WorkerConfig)
 from npu.model import ForwardBatch, DecoderModel, SeqSpan
 from npu.sampler import Sampler, SequenceSamplingState, options_error
+from npu.spec_decode import NgramProposer
 
 log = logging.getLogger("a8w8.worker")
 
@@ -31,6 +32,7 @@ class WorkerSequence:
     num_computed: int
     block_table: list[int]
     sampling: SequenceSamplingState
+    proposer: NgramProposer | None = None  # speculative decoding's drafter, where it is on
 
 
 class ModelRunner:
@@ -42,8 +44,8 @@ class ModelRunner:
         cfg = weights.config
         self.model_config = cfg
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.model = DecoderModel(weights, self.backend, self.max_model_len)
         self.weight_bytes = weights.linear_bytes()
+        self.model = DecoderModel(weights, self.backend, self.max_model_len)  # (consumes the loaded layers)
         self.quantization = weights.quantization.value
         num_blocks = PagedKVCache.blocks_for_budget(
             config.kv_cache_dtype, config.kv_cache_memory_bytes, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
@@ -111,6 +113,10 @@ class ModelRunner:
             return f"sequence {ch.seq_id}: block table too short for {end} tokens"
         if ch.sample and end != len(ws.token_ids):
             return f"sequence {ch.seq_id}: sample requested before the last known token"
+        if ch.max_draft and (not ch.sample or self.config.speculative is None or ch.max_draft < 0
+                             or end + ch.max_draft > self.max_model_len
+                             or (len(ws.block_table) + len(ch.new_block_ids)) * bs < end + ch.max_draft):
+            return f"sequence {ch.seq_id}: no room (or no speculative decoding) for {ch.max_draft} drafted tokens"
         return None
 
     def _plan(self, req: StepRequest, failures: dict[int, str]) -> list[ScheduledChunk]:
@@ -129,7 +135,8 @@ class ModelRunner:
             state = SequenceSamplingState(ns.sampling, ns.token_ids[:n_prompt])
             for t in ns.token_ids[n_prompt:]:
                 state.record(t)
-            new[ns.seq_id] = WorkerSequence(list(ns.token_ids), ns.num_cached_tokens, [], state)
+            proposer = NgramProposer(self.config.speculative) if self.config.speculative is not None else None
+            new[ns.seq_id] = WorkerSequence(list(ns.token_ids), ns.num_cached_tokens, [], state, proposer)
         seen: set[int] = set()
         for ch in req.chunks:
             if ch.seq_id in failures:
@@ -182,19 +189,30 @@ class ModelRunner:
         spans: list[SeqSpan] = []
         logits_rows: list[int] = []
         sample_seqs: list[int] = []
+        drafts: list[list[int]] = []
         for ch in chunks:
             ws = self.seqs[ch.seq_id]
             ws.block_table.extend(ch.new_block_ids)
             start, end = ws.num_computed, ws.num_computed + ch.num_tokens
-            q_start = len(token_ids)
+            # speculative decoding: drafted tokens are computed after the chunk, in the same forward
+            draft = ws.proposer.propose(ws.token_ids, ch.max_draft) if ch.max_draft and ws.proposer else []
+            table = torch.tensor(ws.block_table, dtype=torch.long)
+            slots = self.cache.slots_of(table, end + len(draft))
+            spans.append(SeqSpan(len(token_ids), ch.num_tokens, slots[:end]))
             token_ids.extend(ws.token_ids[start:end])
             positions.extend(range(start, end))
-            table = torch.tensor(ws.block_table, dtype=torch.long)
-            spans.append(SeqSpan(q_start, ch.num_tokens, self.cache.slots_of(table, end)))
+            # Each drafted token is a query row of its own over its prefix, as decoding it after its predecessors
+            # would be: the same (decode) attention kernel, so bit for bit the same numbers. (In A8W8 a last-bit
+            # difference can move an activation across an INT8 step, and greedy output would drift.)
+            for i, t in enumerate(draft):
+                spans.append(SeqSpan(len(token_ids), 1, slots[:end + i + 1]))
+                token_ids.append(t)
+                positions.append(end + i)
             ws.num_computed = end
             if ch.sample:
-                logits_rows.append(len(token_ids) - 1)
+                logits_rows.extend(range(len(token_ids) - 1 - len(draft), len(token_ids)))
                 sample_seqs.append(ch.seq_id)
+                drafts.append(draft)
         pos = torch.tensor(positions, dtype=torch.long)
         slot_mapping = torch.cat([span.context_slots[-span.q_len :] for span in spans])
         batch = ForwardBatch(
@@ -212,10 +230,36 @@ class ModelRunner:
             self._fail(failures, [ch.seq_id for ch in chunks], f"forward failed: {type(e).__name__}: {e}")
             return result([])
         tokens: list[SampledToken] = []
+        spec = None
         if logits_rows:
-            tokens, sample_failures = self.sampler.sample(logits, sample_seqs, [self.seqs[s].sampling for s in sample_seqs])
+            tokens, sample_failures = self.sampler.sample(logits, sample_seqs, [self.seqs[s].sampling for s in sample_seqs],
+                                                          drafts)
             for f in sample_failures:
                 self._fail(failures, [f.seq_id], f.message)
             for t in tokens:
                 self.seqs[t.seq_id].token_ids.append(t.token_id)
-        return result(tokens)
+            spec = self._account_drafts(sample_seqs, drafts, tokens) if any(drafts) else None
+        res = result(tokens)
+        res.spec = spec
+        return res
+
+    def _account_drafts(self, seq_ids: list[int], drafts: list[list[int]], tokens: list[SampledToken]) -> SpecDecodeStats:
+        """After verification: a sequence's accepted drafts are computed (their KV is valid; the rest of the
+        draft's KV is overwritten later), its drafter learns how it did; the step's statistics."""
+        returned: dict[int, int] = {}
+        for t in tokens:
+            returned[t.seq_id] = returned.get(t.seq_id, 0) + 1
+        stats = SpecDecodeStats(accepted_per_position=[0] * max(len(d) for d in drafts))
+        for seq_id, draft in zip(seq_ids, drafts):
+            ws = self.seqs.get(seq_id)
+            if not draft or ws is None:
+                continue
+            accepted = returned.get(seq_id, 1) - 1
+            ws.num_computed += accepted
+            ws.proposer.record(len(draft), accepted)
+            stats.num_drafts += 1
+            stats.num_draft_tokens += len(draft)
+            stats.num_accepted_tokens += accepted
+            for i in range(accepted):
+                stats.accepted_per_position[i] += 1
+        return stats

@@ -103,10 +103,10 @@ class Sampler:
         mixed = (st.options.seed * SEED_STRIDE + len(st.output_token_ids)) & SEED_MASK
         return torch.Generator().manual_seed(mixed)
 
-    def _draw(self, row: torch.Tensor, st: SequenceSamplingState) -> int:
-        o = st.options
-        if o.temperature < GREEDY_TEMPERATURE:
-            return int(torch.argmax(row))
+    @staticmethod
+    def _distribution(row: torch.Tensor, o: SamplingOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampling distribution of a (penalized) logit row: token ids, most likely first, and their
+        probabilities after temperature, top-k, top-p and min-p (unnormalized: filtered ones are 0)."""
         if 0 < o.top_k < row.numel():
             values, ids = torch.topk(row, o.top_k)
         else:
@@ -118,15 +118,47 @@ class Sampler:
         if o.min_p > 0.0:
             keep &= probs >= o.min_p * probs[0]
         keep[0] = True  # the most likely token always survives
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
+        return ids, torch.where(keep, probs, torch.zeros_like(probs))
+
+    def _draw(self, row: torch.Tensor, st: SequenceSamplingState) -> int:
+        o = st.options
+        if o.temperature < GREEDY_TEMPERATURE:
+            return int(torch.argmax(row))
+        ids, probs = self._distribution(row, o)
         choice = torch.multinomial(probs, 1, generator=self._generator(st))
         return int(ids[choice])
 
+    def _verify(self, row: torch.Tensor, st: SequenceSamplingState, draft: int | None) -> tuple[int, bool]:
+        """The token at one drafted position and whether it is the draft. Greedy: the draft is kept when it is
+        the target's choice. Sampled: rejection sampling against a draft distribution that is all on ``draft``:
+        kept with probability p(draft), else a token drawn from p with the draft removed; so the token is
+        distributed as p either way. ``draft`` None (after the last draft): a plain draw."""
+        o = st.options
+        if draft is None:
+            return self._draw(row, st), False
+        if o.temperature < GREEDY_TEMPERATURE:
+            target = int(torch.argmax(row))
+            return target, target == draft
+        ids, probs = self._distribution(row, o)
+        probs = probs / probs.sum()
+        at = (ids == draft).nonzero()
+        p_draft = float(probs[at[0, 0]]) if at.numel() else 0.0
+        generator = self._generator(st)
+        if float(torch.rand(1, generator=generator)) < p_draft:
+            return draft, True
+        if at.numel():
+            probs[at[0, 0]] = 0.0
+        return int(ids[torch.multinomial(probs, 1, generator=generator)]), False
+
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seq_ids: list[int],
-               states: list[SequenceSamplingState]) -> tuple[list[SampledToken], list[SequenceFailure]]:
-        """Sample one token per row of ``logits`` ``[S, vocab]`` and record it in each state. A row that
-        cannot be sampled (e.g. non-finite probabilities) fails its sequence only."""
+    def sample(self, logits: torch.Tensor, seq_ids: list[int], states: list[SequenceSamplingState],
+               drafts: list[list[int]] | None = None) -> tuple[list[SampledToken], list[SequenceFailure]]:
+        """Sample one token per sequence and record it in each state. A sequence with a draft (speculative
+        decoding) has ``len(draft) + 1`` consecutive rows of ``logits`` (the positions of its last known token
+        and of each drafted one) and gets the accepted drafts and one more token, in order. A sequence that
+        cannot be sampled (e.g. non-finite probabilities) fails alone."""
+        if drafts is not None and any(drafts):
+            return self._sample_drafted(logits, seq_ids, states, drafts)
         logits = logits.float()
         logits[:, self.sampleable_vocab_size :] = float("-inf")  # padding rows are never sampled
         want_logprobs = any(st.options.logprobs is not None for st in states)
@@ -145,6 +177,43 @@ class Sampler:
                 failed.append(SequenceFailure(seq_id, f"sampling failed: {type(e).__name__}: {e}"))
         return out, failed
 
+    def _sample_drafted(self, logits: torch.Tensor, seq_ids: list[int], states: list[SequenceSamplingState],
+                        drafts: list[list[int]]) -> tuple[list[SampledToken], list[SequenceFailure]]:
+        logits = logits.float()
+        logits[:, self.sampleable_vocab_size :] = float("-inf")
+        want_logprobs = any(st.options.logprobs is not None for st in states)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        out: list[SampledToken] = []
+        failed: list[SequenceFailure] = []
+        r = 0
+        for seq_id, st, draft in zip(seq_ids, states, drafts):
+            rows = range(r, r + len(draft) + 1)
+            r += len(draft) + 1
+            try:
+                for i, j in enumerate(rows):
+                    row = logits[j].clone()
+                    self._apply_penalties(row, st)  # (penalties see the drafts accepted so far)
+                    token, kept = self._verify(row, st, draft[i] if i < len(draft) else None)
+                    out.append(self._token(logprobs, j, seq_id, st, token))
+                    if not kept:
+                        break
+            except (RuntimeError, ValueError, IndexError) as e:
+                out = [t for t in out if t.seq_id != seq_id]
+                failed.append(SequenceFailure(seq_id, f"sampling failed: {type(e).__name__}: {e}"))
+        return out, failed
+
+    def _token(self, logprobs: torch.Tensor | None, row: int, seq_id: int, st: SequenceSamplingState,
+               token: int) -> SampledToken:
+        """Record ``token`` in the sequence's state, with its logprobs from ``row`` if asked for."""
+        lp, top = None, None
+        if logprobs is not None and st.options.logprobs is not None:
+            lp = float(logprobs[row, token])
+            if st.options.logprobs > 0:
+                v, idx = torch.topk(logprobs[row], st.options.logprobs)
+                top = [(int(a), float(b)) for a, b in zip(idx, v)]
+        st.record(token)
+        return SampledToken(seq_id=seq_id, token_id=token, logprob=lp, top_logprobs=top)
+
     def _sample_row(self, logits: torch.Tensor, logprobs: torch.Tensor | None, i: int, seq_id: int,
                     st: SequenceSamplingState, greedy_token: int | None) -> SampledToken:
         if greedy_token is not None:
@@ -153,11 +222,4 @@ class Sampler:
             row = logits[i].clone()
             self._apply_penalties(row, st)
             token = self._draw(row, st)
-        lp, top = None, None
-        if logprobs is not None and st.options.logprobs is not None:
-            lp = float(logprobs[i, token])
-            if st.options.logprobs > 0:
-                v, idx = torch.topk(logprobs[i], st.options.logprobs)
-                top = [(int(a), float(b)) for a, b in zip(idx, v)]
-        st.record(token)
-        return SampledToken(seq_id=seq_id, token_id=token, logprob=lp, top_logprobs=top)
+        return self._token(logprobs, i, seq_id, st, token)

@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+import msgspec
+
 from engine.core import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
@@ -16,7 +18,7 @@ from engine.tokenizer import TokenizerImpl
 from loaders.quantization import FLOAT_DTYPES
 from loaders.weights import Quantization
 from npu.kv_cache import KVCacheDtype
-from npu.messages import DEFAULT_KV_CACHE_BYTES, WorkerConfig
+from npu.messages import DEFAULT_KV_CACHE_BYTES, SpeculativeConfig, WorkerConfig
 from server.app import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
 from server.http_server import DEFAULT_HEADER_TIMEOUT_SECONDS, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
 
@@ -31,6 +33,15 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 1000000000)")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_speculative_config(text: str) -> SpeculativeConfig:
+    try:
+        config = msgspec.json.decode(text.encode(), type=SpeculativeConfig)
+        config.validate()
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"--speculative-config: {e}") from None
+    return config
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +73,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "onednn (torch._int_mm); auto = vnni where the CPU and a compiler allow")
     g.add_argument("--num-threads", type=int, default=None, help="compute threads in the worker (default: all cores)")
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
+    g.add_argument("--speculative-config", type=parse_speculative_config, default=None, metavar="JSON",
+                   help="speculative decoding, as vLLM's flag; implemented: prompt lookup, e.g. "
+                        "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 3}'")
     s = p.add_argument_group("scheduler")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
@@ -99,6 +113,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         num_threads=args.num_threads,
         int8_kernel=args.int8_kernel,
         seed=args.seed,
+        speculative=args.speculative_config,
     )
     sched = SchedulerConfig(
         max_num_seqs=args.max_num_seqs,
@@ -154,11 +169,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.smooth_quant is not None:
         from server.smooth_quant import smooth_and_quantize
 
-        smooth_and_quantize(args.src, args.dst, args.smooth_quant, args.max_shard_size, tuple(args.ignore))
+        smooth_and_quantize(args.src, args.dst, args.smooth_quant, args.max_shard_size, tuple(args.ignore), args.dtype)
     else:
         from loaders.writer import quantize_checkpoint
 
-        quantize_checkpoint(args.src, args.dst, args.max_shard_size, tuple(args.ignore))
+        quantize_checkpoint(args.src, args.dst, args.max_shard_size, tuple(args.ignore), args.dtype)
     print(f"wrote compressed-tensors W8A8 checkpoint to {args.dst}")
 
 
@@ -238,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="keep these linears in float too (repeatable; compressed-tensors syntax: a module name or "
                         "re:REGEX, e.g. 're:.*mlp.down_proj'); lm_head is always kept")
+    q.add_argument("--dtype", choices=["auto", *FLOAT_DTYPES], default="auto",
+                   help="dtype of the float tensors written (embedding, norms, lm_head, biases, --ignore'd linears); "
+                        "auto = as in SRC. INT8 weights and their scales are not affected")
     q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("default-model", help="create (if needed) and print the built-in default model's path")

@@ -20,31 +20,39 @@ class _EngineCollector:
         self.engine, self.model_name = engine, model_name
 
     def collect(self):
-        s, labels = self.engine.stats, [self.model_name]
-        for name, doc, value in (
+        s, spec = self.engine.stats, self.engine.core.spec_totals
+        gauges = (
             ("vllm:num_requests_running", "Requests running on the worker.", s.num_running),
             ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
             ("vllm:kv_cache_usage_perc", "KV-cache usage, 0..1 (1 = all blocks held).", s.kv_usage),
-        ):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(labels, value)
-            yield g
-        for name, doc, value in (
+        )
+        counters = (
             ("vllm:prompt_tokens", "Prompt tokens received.", s.prompt_tokens_total),
             ("vllm:generation_tokens", "Tokens generated.", s.generation_tokens_total),
             ("vllm:num_preemptions", "Preemptions (recompute).", s.num_preemptions),
             ("vllm:prefix_cache_queries", "Tokens looked up in the prefix cache.", s.prefix_queries),
             ("vllm:prefix_cache_hits", "Tokens found in the prefix cache.", s.prefix_hits),
+            # speculative decoding, under vLLM's names
+            ("vllm:spec_decode_num_drafts", "Drafts verified (one per sequence and step).", spec.num_drafts),
+            ("vllm:spec_decode_num_draft_tokens", "Drafted tokens verified.", spec.num_draft_tokens),
+            ("vllm:spec_decode_num_accepted_tokens", "Drafted tokens accepted.", spec.num_accepted_tokens),
             # ours: engine step wall time vs. worker compute time -> scheduler + IPC overhead
             ("a8w8:engine_steps", "Engine steps run.", s.steps),
             ("a8w8:engine_step_seconds", "Wall time of engine steps (schedule, IPC, compute, postprocess).",
              s.step_seconds_total),
             ("a8w8:worker_compute_seconds", "Time the worker spent computing those steps.", s.compute_seconds_total),
             ("a8w8:worker_restarts", "Worker processes started again after the previous one died.", s.worker_restarts),
-        ):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(labels, value)
-            yield c
+        )
+        for family, rows in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, doc, value in rows:
+                metric = family(name, doc, labels=["model_name"])
+                metric.add_metric([self.model_name], value)
+                yield metric
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Drafted tokens accepted, by position in the draft.", labels=["model_name", "position"])
+        for i, n in enumerate(spec.accepted_per_position):
+            per_pos.add_metric([self.model_name, str(i)], n)
+        yield per_pos
 
 
 class ServerMetrics:
