@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,10 +34,87 @@ SHAPES = {
                             intermediate_size=3072, max_position_embeddings=4096),
     "1.7b": RandomModelSpec(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
                             intermediate_size=6144, max_position_embeddings=4096),
+    # The mission's model (Qwen3-14B) and the 8B, untied lm_head as in the real ones (FACTS.md section 2)
+    "8b": RandomModelSpec(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                          intermediate_size=12288, max_position_embeddings=40960, tie_word_embeddings=False),
+    "14b": RandomModelSpec(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, head_dim=128,
+                           intermediate_size=17408, max_position_embeddings=40960, tie_word_embeddings=False),
     "tiny": RandomModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                             intermediate_size=768, max_position_embeddings=4096),
 }
 BANDWIDTH_BUFFER_BYTES = 512 * 1024**2  # far larger than L3, so this measures DRAM
+KV_BUDGET_BYTES = 2 * 1024**3
+# Chunk of the sequential read that measures the disk (as the loader reads: into memory of its own).
+DISK_READ_CHUNK = 256 * 1024**2
+# The goal for a load: peak resident memory within the checkpoint + the KV budget + this much.
+LOAD_HEADROOM_BYTES = 2 * 1024**3
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _drop_page_cache(paths: list[Path]) -> None:
+    """Ask the kernel to forget these files' cached pages (clean pages of files we only read), so that the
+    next read comes from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class LoadReport:
+    """Loading a checkpoint into the worker: how long, against a cold sequential read of the same files right
+    before (this VM's disk reads fast for a few GB, then throttles, so one figure of "disk speed" would not
+    do), and the peak resident memory (VmHWM) against checkpoint + KV budget + headroom."""
+
+    checkpoint_bytes: int
+    disk_read_GBps: float
+    load_seconds: float
+    peak_rss_bytes: int
+    rss_before_bytes: int
+    runner: Any = field(repr=False, default=None)
+
+    @classmethod
+    def measure(cls, model_dir: str, make_runner) -> "LoadReport":
+        shards = sorted(Path(model_dir).glob("*.safetensors"))
+        total = sum(p.stat().st_size for p in shards)
+        _drop_page_cache(shards)
+        buf = memoryview(bytearray(DISK_READ_CHUNK))
+        t = time.perf_counter()
+        for path in shards:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                offset = 0
+                while (n := os.preadv(fd, [buf], offset)) > 0:
+                    offset += n
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        disk = total / (time.perf_counter() - t) / 1e9
+        del buf
+        rss_before = _status_kib("VmRSS") * 1024
+        t = time.perf_counter()
+        runner = make_runner()
+        seconds = time.perf_counter() - t
+        return cls(total, disk, seconds, _status_kib("VmHWM") * 1024, rss_before, runner)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if k != "runner"} | {
+            "bound_bytes": self.checkpoint_bytes + KV_BUDGET_BYTES + LOAD_HEADROOM_BYTES}
+
+    def describe(self) -> str:
+        bound = self.checkpoint_bytes + KV_BUDGET_BYTES + LOAD_HEADROOM_BYTES
+        return (f"load: {self.checkpoint_bytes / 1e9:.2f} GB checkpoint in {self.load_seconds:.1f} s = "
+                f"{self.checkpoint_bytes / self.load_seconds / 1e9:.2f} GB/s (a cold sequential read of the files "
+                f"before it: {self.disk_read_GBps:.2f} GB/s); peak resident {self.peak_rss_bytes / 1e9:.2f} GB (before loading {self.rss_before_bytes / 1e9:.2f}) "
+                f"vs checkpoint + {KV_BUDGET_BYTES / 1e9:.1f} GB KV + {LOAD_HEADROOM_BYTES / 1e9:.1f} GB = {bound / 1e9:.2f} GB")
 BLOCK = 16
 
 
@@ -242,15 +322,22 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--breakdown-context", type=int, default=300,
                     help="context length of the per-kernel breakdown of decode steps (prompt 256 + output)")
+    ap.add_argument("--model", default=None,
+                    help="an existing checkpoint to load instead of writing a random one of --shape (for 8b / 14b: "
+                         "benchmarks/make_bench_models.py writes them); the load is reported: time, cold disk read "
+                         "speed, peak resident memory")
     ap.add_argument("--out", default="bench-results/worker.json")
     args = ap.parse_args()
 
     bw = measure_bandwidth()
     with tempfile.TemporaryDirectory() as d:
-        write_random_qwen3(d, SHAPES[args.shape])
-        runner = ModelRunner(WorkerConfig(model_dir=d, kv_cache_dtype=args.kv_cache_dtype,
-                                          quantize_lm_head=args.quantize_lm_head,
-                                          kv_cache_memory_bytes=2 * 1024**3, max_model_len=4096))
+        model_dir = args.model or d
+        if args.model is None:
+            write_random_qwen3(d, SHAPES[args.shape])
+        load = LoadReport.measure(model_dir, lambda: ModelRunner(WorkerConfig(
+            model_dir=model_dir, kv_cache_dtype=args.kv_cache_dtype, quantize_lm_head=args.quantize_lm_head,
+            kv_cache_memory_bytes=KV_BUDGET_BYTES, max_model_len=4096)))
+        runner = load.runner
         runner.warmup()
         weight_bytes = runner.weight_bytes
         decode_ms(runner, 1, 32, 4, 0)  # warm up the kernels at these shapes
@@ -270,7 +357,7 @@ def main() -> None:
         results["floor_pairs"] = floor_ratio_pairs(runner, weight_bytes, 5000)
     floor_ms = weight_bytes / (bw["read_GBps"] * 1e9) * 1000
     report = {
-        "shape": args.shape, "kv_cache_dtype": args.kv_cache_dtype, "quantize_lm_head": args.quantize_lm_head, "torch": torch.__version__,
+        "shape": args.shape, "model": args.model, "load": load.as_dict(), "kv_cache_dtype": args.kv_cache_dtype, "quantize_lm_head": args.quantize_lm_head, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "weight_bytes_per_step": weight_bytes, **bw, "decode_floor_ms": floor_ms, **results,
         "decode_batch1_ratio_to_floor": statistics.median(p["ratio"] for p in results["floor_pairs"]),
@@ -279,6 +366,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"machine bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s at the start "
           f"({torch.get_num_threads()} threads, torch {torch.__version__})")
+    print(load.describe())
     print(f"{args.shape}: {weight_bytes / 1e6:.0f} MB of linear weights (incl. lm_head) read per decode step; "
           f"floor at read bandwidth {floor_ms:.1f} ms/step")
     for batch in (1, 16):

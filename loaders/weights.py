@@ -165,6 +165,7 @@ def load_model_weights(
     cfg = load_model_config(model_dir)
     scheme = CompressedTensorsW8A8.from_config(read_json(model_dir / "config.json"))
     reader = CheckpointReader(model_dir)
+    reader.preload()
     loader = _LinearLoader(reader, scheme, mode)
     show = sys.stderr.isatty() if progress is None else progress
 
@@ -190,6 +191,7 @@ def load_model_weights(
             "tie_word_embeddings is false)"
         )
     reader.check_all_read(REDUNDANT_TENSORS + ((TIED_LM_HEAD,) if cfg.tie_word_embeddings else ()))
+    reader.close()
     if quantize_lm_head and mode is Quantization.A8W8 and isinstance(lm_head, FloatLinear):
         lm_head = quantize_linear(lm_head.weight)
     weights = ModelWeights(cfg, embed, layers, final_norm, lm_head, mode)

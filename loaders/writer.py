@@ -71,14 +71,16 @@ def save_tensors(tensors: dict[str, torch.Tensor], dst: Path, max_shard_bytes: i
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                        ignore: tuple[str, ...] = ()) -> None:
+                        ignore: tuple[str, ...] = (), float_dtype: str = "auto") -> None:
     """Write a float checkpoint as compressed-tensors W8A8 in llm-compressor's layout.
 
     Every decoder linear becomes ``X.weight`` int8 ``[out, in]`` plus ``X.weight_scale`` ``[out, 1]`` in
     the original float dtype; embeddings, norms, biases and lm_head are copied as they are. ``ignore``: more
     linears to keep in float, by compressed-tensors pattern (a module name, or ``re:`` and a regex matched
     from the start of the name, e.g. ``re:.*mlp.down_proj``); they join ``lm_head`` in the config's
-    ``ignore`` list, which vLLM reads the same way.
+    ``ignore`` list, which vLLM reads the same way. ``float_dtype``: ``auto`` writes the float tensors
+    (everything but the INT8 weights and their scales) as they are in ``src``, a dtype name converts them
+    (e.g. a float32 conversion shipped in bfloat16, as the model was trained).
     """
     src, dst = Path(src), Path(dst)
     raw = read_json(src / "config.json")
@@ -104,12 +106,15 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int =
             out[name] = q
             out[f"{module}.weight_scale"] = scale.reshape(-1, 1)
         else:
-            out[name] = reader.get(name)
+            t = reader.get(name)
+            out[name] = t.to(FLOAT_DTYPES[float_dtype]) if float_dtype != "auto" and t.is_floating_point() else t
     missing = [m for m in linear_modules if f"{m}.weight" not in out]
     if missing:
         raise ConfigError(f"{src}: missing linear weights, e.g. {missing[0]}.weight")
     save_tensors(out, dst, max_shard_bytes)
     raw["quantization_config"] = CompressedTensorsW8A8.config_block(ignore=ignore_list)
+    if float_dtype != "auto":
+        raw["torch_dtype" if "torch_dtype" in raw else "dtype"] = float_dtype
     (dst / "config.json").write_text(json.dumps(raw, indent=2))
     copy_side_files(src, dst)
 
@@ -220,4 +225,85 @@ def write_random_qwen3(
     if quantized:
         quantize_checkpoint(float_dir, dst, max_shard_bytes)
         shutil.rmtree(float_dir)
+    return dst
+
+
+class ShardWriter:
+    """Writes tensors into ``model-0000i-of-0000n.safetensors`` shards as they come, holding at most one shard
+    in memory; :meth:`close` renames the shards with their final count and writes the index."""
+
+    def __init__(self, dst: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.dst, self.max_shard_bytes = dst, max_shard_bytes
+        dst.mkdir(parents=True, exist_ok=True)
+        for stale in [*dst.glob("*.safetensors"), dst / INDEX_FILE]:
+            stale.unlink(missing_ok=True)
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._files: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self._shard and self._size + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._shard[name] = t.contiguous()
+        self._size += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.dst / f"shard-{len(self._files) + 1:05d}.tmp"
+        save_file(self._shard, str(path), metadata={"format": "pt"})
+        self._files.append((path, list(self._shard)))
+        self._shard, self._size = {}, 0
+
+    def close(self) -> None:
+        if self._shard:
+            self._flush()
+        weight_map = {}
+        for i, (path, names) in enumerate(self._files, start=1):
+            final = f"model-{i:05d}-of-{len(self._files):05d}.safetensors"
+            path.rename(self.dst / final)
+            weight_map.update((name, final) for name in names)
+        (self.dst / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": self.total_bytes},
+                                                       "weight_map": weight_map}, indent=2))
+
+
+def write_random_qwen3_w8a8_streaming(dst: str | Path, spec: RandomModelSpec, tokenizer_dir: str | Path | None = None,
+                                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """A random compressed-tensors W8A8 Qwen3 checkpoint of any size, written one tensor at a time: each linear
+    is drawn in float and quantized on its own (the same distribution and rounding as
+    :func:`write_random_qwen3`), so memory holds at most one shard, never a float copy of the model (a
+    Qwen3-14B shape is about 16 GB on disk)."""
+    dst = Path(dst)
+    g = torch.Generator().manual_seed(spec.seed)
+    dtype = FLOAT_DTYPES[spec.dtype]
+    cfg = load_model_config_from_spec(spec)
+    out = ShardWriter(dst, max_shard_bytes)
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    def norm_weight(n: int) -> torch.Tensor:
+        return (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype)
+
+    out.add("model.embed_tokens.weight", normal(spec.vocab_size, spec.hidden_size, std=EMBED_INIT_STD))
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}"
+        out.add(f"{p}.input_layernorm.weight", norm_weight(spec.hidden_size))
+        out.add(f"{p}.post_attention_layernorm.weight", norm_weight(spec.hidden_size))
+        out.add(f"{p}.self_attn.q_norm.weight", norm_weight(spec.head_dim))
+        out.add(f"{p}.self_attn.k_norm.weight", norm_weight(spec.head_dim))
+        for name, (out_f, in_f) in linear_shapes(cfg).items():
+            q, scale = quantize_weight(normal(out_f, in_f, std=in_f**-0.5))
+            out.add(f"{p}.{name}.weight", q)
+            out.add(f"{p}.{name}.weight_scale", scale.reshape(-1, 1))
+    out.add("model.norm.weight", norm_weight(spec.hidden_size))
+    if not spec.tie_word_embeddings:
+        out.add("lm_head.weight", normal(spec.vocab_size, spec.hidden_size, std=spec.hidden_size**-0.5))
+    out.close()
+    config = spec.config_dict()
+    config["quantization_config"] = CompressedTensorsW8A8.config_block(ignore=["lm_head"])
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer_dir is not None:
+        copy_side_files(Path(tokenizer_dir), dst)
     return dst

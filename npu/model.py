@@ -117,13 +117,22 @@ class DecoderModel:
     """Prepared weights plus the forward pass (Qwen3 and Llama); owns nothing but weights (the cache is passed in)."""
 
     def __init__(self, weights: ModelWeights, backend: Backend, max_positions: int):
+        """Prepares (packs) every layer of ``weights`` for ``backend``, taking each loaded layer out of
+        ``weights`` as soon as it is packed, so that a model is never held twice (a 14B model's INT8 weights
+        are over half of a 24 GB machine)."""
         cfg = weights.config
         self.cfg, self.backend = cfg, backend
         self.dtype = backend.activation_dtype
         self.embed = weights.embed_tokens
-        self.layers = [_Layer(lw, cfg, backend, self.dtype) for lw in weights.layers]
+        self.layers = []
+        for i, lw in enumerate(weights.layers):
+            weights.layers[i] = None  # type: ignore[call-overload]
+            self.layers.append(_Layer(lw, cfg, backend, self.dtype))
+            del lw
         self.final_norm = RMSNorm(weights.final_norm.to(self.dtype).contiguous(), cfg.rms_norm_eps)
-        self.lm_head = backend.prepare_linear(weights.lm_head)
+        lm_head, weights.lm_head = weights.lm_head, None  # type: ignore[assignment]
+        self.lm_head = backend.prepare_linear(lm_head)
+        del lm_head
         self.scale = cfg.head_dim**-0.5
         self.group = cfg.num_heads // cfg.num_kv_heads
         # RoPE tables of the checkpoint's RoPE type, computed exactly as transformers does (npu/rope.py).

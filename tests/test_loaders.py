@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +269,35 @@ def test_quantize_ignore_keeps_those_linears_float(model_factory, tmp_path):
     assert torch.equal(w.layers[0].linears["mlp.down_proj"].weight, ref)
     with pytest.raises(ConfigError, match="matches no linear module"):
         quantize_checkpoint(src, tmp_path / "x", ignore=("mlp.down_proj",))  # a bare name must be a full name
+
+
+def test_streaming_writer_equals_the_classic_one(tmp_path):
+    """write_random_qwen3_w8a8_streaming (for shapes whose float copy does not fit in memory) writes the same tensors
+    as writing the float model and quantizing it, in shards that it fills one at a time."""
+    from safetensors.torch import load_file
+
+    from loaders.writer import write_random_qwen3, write_random_qwen3_w8a8_streaming
+
+    spec = RandomModelSpec(hidden_size=64, num_layers=3, vocab_size=512, tie_word_embeddings=False, seed=4)
+    classic = write_random_qwen3(tmp_path / "classic", spec, quantized=True)
+    streamed = write_random_qwen3_w8a8_streaming(tmp_path / "streamed", spec, max_shard_bytes=60_000)
+    shards = sorted(streamed.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    a = load_file(classic / "model.safetensors")
+    b = {k: v for s in shards for k, v in load_file(s).items()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((streamed / "config.json").read_text())["quantization_config"]["ignore"] == ["lm_head"]
+
+
+def test_loading_maps_no_file_and_the_model_consumes_the_loaded_layers(model_factory):
+    """Tensors are read into memory of their own (a mapped checkpoint's pages would stay resident as long as the
+    mapping), and building the model drops each loaded layer once it is packed (never two copies)."""
+    from npu.backends import get_backend
+    from npu.model import DecoderModel
+
+    model_dir = model_factory(SPEC4, tokenizer=False)
+    weights = load_model_weights(model_dir, "a8w8")
+    maps = Path("/proc/self/maps").read_text()
+    assert str(model_dir) not in maps
+    DecoderModel(weights, get_backend("cpu"), 64)
+    assert all(layer is None for layer in weights.layers) and weights.lm_head is None

@@ -55,25 +55,34 @@ int a8w8_packed_n(int N) { return (N + NB * NR - 1) / (NB * NR) * (NB * NR); }
 // Bytes of the quantized activation panels for M rows (the xq scratch of a8w8_gemm).
 long a8w8_panel_bytes(int M, int K) { return (long)(M + PANEL_ROWS - 1) / PANEL_ROWS * PANEL_ROWS * a8w8_packed_k(K); }
 
-// w: [N, K] int8 row-major -> wp: [Np/16][Kp/4][16][4], wsum: [Np]
+// w: [N, K] int8 row-major -> wp: [Np/16][Kp/4][16][4], wsum: [Np]. Blocks of 16 output channels are packed in
+// parallel (each writes its own Kp * 16 bytes): repacking is most of a large model's load time otherwise.
 void a8w8_pack(const int8_t *w, int N, int K, int8_t *wp, int32_t *wsum) {
-    int Kp = a8w8_packed_k(K), Np = a8w8_packed_n(N);
-    memset(wp, 0, (size_t)Np * Kp);
-    for (int n = 0; n < Np; n++) {
-        int32_t s = 0;
-        if (n < N) {
-            for (int k = 0; k < K; k++) {
-                int8_t v = w[(size_t)n * K + k];
-                s += v;
-                size_t idx = (((size_t)(n / NB) * (Kp / KG) + k / KG) * NB + n % NB) * KG + k % KG;
-                wp[idx] = v;
+    const int Kp = a8w8_packed_k(K), nblocks = a8w8_packed_n(N) / NB;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < nblocks; b++) {
+        int8_t *blk = wp + (size_t)b * Kp * NB;
+        memset(blk, 0, (size_t)Kp * NB);
+        for (int j = 0; j < NB; j++) {
+            const int n = b * NB + j;
+            int32_t s = 0;
+            if (n < N) {
+                const int8_t *row = w + (size_t)n * K;
+                int k = 0;
+                for (; k + KG <= K; k += KG) {  // a whole group of KG values is one 4-byte move
+                    memcpy(blk + ((size_t)(k / KG) * NB + j) * KG, row + k, KG);
+                    s += row[k] + row[k + 1] + row[k + 2] + row[k + 3];
+                }
+                for (; k < K; k++) {
+                    s += row[k];
+                    blk[((size_t)(k / KG) * NB + j) * KG + k % KG] = row[k];
+                }
             }
+            wsum[n] = s;
         }
-        wsum[n] = s;
     }
 }
 
-// Stores 4 consecutive bytes (one k-group of one row) at out + g * gstride for groups g = 0..3.
 static inline void store_groups(uint8_t *out, size_t gstride, __m128i bytes) {
     uint32_t w[4];
     _mm_storeu_si128((__m128i *)w, bytes);

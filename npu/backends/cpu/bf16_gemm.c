@@ -30,12 +30,17 @@ int bf16_packed_n(int N) { return (N + NB * NR - 1) / (NB * NR) * (NB * NR); }
 long bf16_panel_bytes(int M, int K) { return (long)(M + PANEL_ROWS - 1) / PANEL_ROWS * PANEL_ROWS * bf16_packed_k(K) * 2; }
 
 // w: [N, K] bf16 (as uint16) row-major -> wp: [Np/16][Kp/2][16][2]
-void bf16_pack(const uint16_t *w, int N, int K, uint16_t *wp) {
-    const int Kp = bf16_packed_k(K), Np = bf16_packed_n(N);
-    memset(wp, 0, (size_t)Np * Kp * sizeof(uint16_t));
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++)
-            wp[(((size_t)(n / NB) * (Kp / KG) + k / KG) * NB + n % NB) * KG + k % KG] = w[(size_t)n * K + k];
+void bf16_pack(const uint16_t *w, int N, int K, uint16_t *wp) {  // blocks in parallel, as a8w8_pack
+    const int Kp = bf16_packed_k(K), nblocks = bf16_packed_n(N) / NB;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < nblocks; b++) {
+        uint16_t *blk = wp + (size_t)b * Kp * NB;
+        memset(blk, 0, (size_t)Kp * NB * sizeof(uint16_t));
+        for (int j = 0; j < NB && b * NB + j < N; j++) {
+            const uint16_t *row = w + (size_t)(b * NB + j) * K;
+            for (int k = 0; k < K; k++) blk[((size_t)(k / KG) * NB + j) * KG + k % KG] = row[k];
+        }
+    }
 }
 
 static inline uint16_t bf16_round_scalar(float f) {  // round to nearest even, as torch's .to(bfloat16)
