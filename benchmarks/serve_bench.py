@@ -1,8 +1,10 @@
-"""Serving benchmark: start servers (ours, and vLLM when its venv is given), drive each with the same
+"""Serving benchmark: start servers (ours; vLLM when its venv is given; llama.cpp's llama-server when its binary
+and a GGUF are given), drive each with the same
 open-loop client, report TTFT / TPOT / ITL / E2E (mean, p50, p90, p99), output tokens/s and requests/s,
 side by side and as ratios; write JSON and (with matplotlib) a PNG.
 
-    python benchmarks/serve_bench.py --model DIR [--vllm-venv PATH] [--concurrency 1 16]
+    python benchmarks/serve_bench.py --model DIR [--vllm-venv PATH] [--llama-server BIN --llama-model GGUF]
+        [--concurrency 1 16]
         [--input-len 256 --output-len 128 --num-prompts 32] [--rate R] [--rounds 3]
 
 The servers run interleaved: every round measures every level on every server back to back, so the
@@ -32,7 +34,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from servers import free_port, wait_healthy  # noqa: E402
+from worker_bench import measure_bandwidth  # noqa: E402
 
 STARTUP_TIMEOUT = 900.0
 
@@ -88,7 +92,10 @@ async def run_load(base: str, model: str, prompts: list[list[int]], out_len: int
     """Fixed concurrency (rate None) or Poisson arrivals at ``rate`` req/s capped at ``concurrency``."""
     rng = random.Random(seed)
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=concurrency + 8)) as http:
+    # A connection per request, for every server alike: llama-server closes idle keep-alive connections on its own
+    # schedule, and a request on one it has just closed fails.
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
         async def guarded(p):
             async with sem:
                 return await one_request(http, base, model, p, out_len)
@@ -137,8 +144,22 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def llama_cpp_slots(kind: str) -> int:
+    """The number of slots a 'llama.cpp -np N' kind runs with."""
+    return int(kind.rsplit(" ", 1)[1])
+
+
 def start_server(kind: str, extra: str, model: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
-    log = open(Path(args.out).with_suffix(f".{kind.split()[0]}.log"), "w")
+    log = open(Path(args.out).with_suffix(f".{kind.split()[0].replace('.', '')}{kind.rsplit(' ', 1)[-1]}.log"), "w")
+    if kind.startswith("llama.cpp"):
+        # llama-server as the issue that asked for the comparison runs it: its prompt cache off (it would
+        # flatter TTFT), one slot for c=1; for more, a slot per client with a KV cache per slot.
+        slots = llama_cpp_slots(kind)
+        cmd = [args.llama_server, "-m", args.llama_model, "--host", "127.0.0.1", "--port", str(port), "-a", "bench",
+               "-t", str(os.cpu_count()), "-np", str(slots), "-c", str(slots * args.max_model_len),
+               "--no-cache-prompt", "--cache-ram", "0", *(["--no-kv-unified"] if slots > 1 else []),
+               *args.llama_args.split()]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if kind.startswith("ours"):
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
                "--served-model-name", "bench", "--max-model-len", str(args.max_model_len), *extra.split()]
@@ -229,7 +250,8 @@ def measure_level(kind: str, proc: subprocess.Popen, base: str, prompts: list[li
 
 # per-level figures whose median over rounds the report and the plot use
 HEADLINE = ("tpot_s", "ttft_s", "itl_s", "e2e_s")
-HEADLINE_SCALARS = ("output_tokens_per_s", "requests_per_s", "scheduler_ipc_overhead_share", "api_cpu_per_step_time_share")
+HEADLINE_SCALARS = ("output_tokens_per_s", "requests_per_s", "scheduler_ipc_overhead_share", "api_cpu_per_step_time_share",
+                    "tpot_over_floor")
 
 
 def median_of_rounds(rounds: list[dict]) -> dict:
@@ -253,6 +275,9 @@ def main() -> None:
     ap.add_argument("--ours-args", action="append", default=None,
                     help="extra flags for a8w8-serve serve; repeat to benchmark several configurations side by side")
     ap.add_argument("--vllm-args", default="", help="extra flags for vLLM's server")
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (built once, see the README)")
+    ap.add_argument("--llama-model", default=None, help="the GGUF llama-server serves (e.g. Q8_0 of the same weights)")
+    ap.add_argument("--llama-args", default="", help="extra flags for llama-server")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (req/s) instead of closed-loop")
     ap.add_argument("--input-len", type=int, default=256)
@@ -262,6 +287,9 @@ def main() -> None:
                     help="interleaved rounds: each round runs every level on every server back to back (rotating "
                          "the server order), so a ratio compares runs minutes apart; medians over rounds are reported")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure the read bandwidth right before each of our c=1 runs and report TPOT over the "
+                         "batch-1 floor (bytes of weights read per decode step / that bandwidth)")
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--out", default="bench-results/serve.json")
     args = ap.parse_args()
@@ -271,7 +299,15 @@ def main() -> None:
     # ids from the ordinary BPE range of a byte-level vocabulary (avoid special tokens at the top)
     id_range = (1000, min(vocab, 150000) - 1)
     ours_configs = args.ours_args or [""]
+    weight_bytes = 0
+    if args.floor:
+        from loaders.weights import load_model_weights
+
+        weight_bytes = load_model_weights(args.model, "auto").linear_bytes()  # what one decode step reads
     kinds = [(f"ours {extra}".strip(), extra) for extra in ours_configs] + ([("vllm", "")] if args.vllm_venv else [])
+    if args.llama_server:
+        # one llama-server per concurrency level: its slot count is fixed at start (1 slot at c=1, c slots above)
+        kinds += [(f"llama.cpp -np {c}", "") for c in args.concurrency]
     report = {"model": args.model, "model_name": Path(args.model).name, "input_len": args.input_len,
               "output_len": args.output_len, "seed": args.seed, "rate": args.rate, "rounds": args.rounds,
               "servers": {}, "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
@@ -295,9 +331,18 @@ def main() -> None:
                 # fresh prompts per round and level (no prefix-cache hits), the same for every server
                 prompts = [[rng.randint(*id_range) for _ in range(args.input_len)] for _ in range(n)]
                 for kind in order:
+                    if kind.startswith("llama.cpp") and llama_cpp_slots(kind) != c:
+                        continue  # that llama-server is for another level
                     proc, base = procs[kind]
                     others_before = sum(tree_cpu_seconds(p.pid) for k, (p, _) in procs.items() if k != kind)
+                    bandwidth = measure_bandwidth(copy=False)["read_GBps"] if args.floor and c == 1 and kind.startswith("ours") else None
                     summary = measure_level(kind, proc, base, prompts, c, args)
+                    if bandwidth:
+                        floor = weight_bytes / (bandwidth * 1e9)
+                        summary.update(read_GBps=bandwidth, floor_ms=floor * 1000,
+                                       tpot_over_floor=summary["tpot_s"]["mean"] / floor)
+                        print(f"  read bandwidth {bandwidth:.1f} GB/s -> floor {floor * 1000:.2f} ms for "
+                              f"{weight_bytes / 1e6:.0f} MB; TPOT / floor = {summary['tpot_over_floor']:.2f}", flush=True)
                     summary["idle_servers_cpu_s"] = (
                         sum(tree_cpu_seconds(p.pid) for k, (p, _) in procs.items() if k != kind) - others_before)
                     rounds[kind][str(c)].append(summary)
@@ -321,30 +366,38 @@ def main() -> None:
     for kind, _ in kinds:
         report["servers"][kind] = {}
         for c in map(str, args.concurrency):
+            if not rounds[kind][c]:
+                continue  # a llama-server of another level
             m = report["servers"][kind][c] = median_of_rounds(rounds[kind][c])
             overhead = (f"  [engine: scheduler+IPC {100 * m['scheduler_ipc_overhead_share']:.1f} % of step; "
                         f"API process CPU {100 * m['api_cpu_per_step_time_share']:.1f} % of step time]"
                         if "api_cpu_per_step_time_share" in m else "")
             print(f"{kind:30s} c={int(c):3d}: TPOT {m['tpot_s'].get('mean', 0) * 1000:7.1f} ms  "
                   f"TTFT {m['ttft_s'].get('mean', 0) * 1000:8.1f} ms  {m['output_tokens_per_s']:7.1f} out tok/s"
+                  + (f"  TPOT/floor {m['tpot_over_floor']:.2f}" if "tpot_over_floor" in m else "")
                   + (f"  failed {m['failed']}" if m["failed"] else "") + overhead)
-    if "vllm" in report["servers"]:
-        ratios: dict[str, dict] = {}
-        for kind, _ in kinds[:-1]:
+    # Each of our configurations against each peer, round by round (paired in time), then the median.
+    ratios: dict[str, dict] = {}
+    peers = [kind for kind, _ in kinds if not kind.startswith("ours")]
+    for ours in (kind for kind, _ in kinds if kind.startswith("ours")):
+        for peer in peers:
+            label = peer.split()[0]  # "vllm", "llama.cpp" (its -np N server for that level)
             for c in map(str, args.concurrency):
                 per_round = [
-                    {"tpot_ours_over_vllm": o["tpot_s"]["mean"] / v["tpot_s"]["mean"],
-                     "throughput_ours_over_vllm": o["output_tokens_per_s"] / v["output_tokens_per_s"]}
-                    for o, v in zip(rounds[kind][c], rounds["vllm"][c]) if o["tpot_s"] and v["tpot_s"]]
+                    {"tpot_ours_over_peer": o["tpot_s"]["mean"] / v["tpot_s"]["mean"],
+                     "throughput_ours_over_peer": o["output_tokens_per_s"] / v["output_tokens_per_s"]}
+                    for o, v in zip(rounds[ours][c], rounds[peer][c]) if o["tpot_s"] and v["tpot_s"]]
                 if not per_round:
                     continue
-                tp = [r["tpot_ours_over_vllm"] for r in per_round]
-                th = [r["throughput_ours_over_vllm"] for r in per_round]
-                ratios.setdefault(kind, {})[c] = {"per_round": per_round, "tpot_ours_over_vllm": statistics.median(tp),
-                                                  "throughput_ours_over_vllm": statistics.median(th)}
-                print(f"{kind} vs vllm, c={c}: TPOT ratio {statistics.median(tp):.2f} (rounds {', '.join(f'{x:.2f}' for x in tp)}), "
-                      f"output tok/s ratio {statistics.median(th):.2f} (rounds {', '.join(f'{x:.2f}' for x in th)})")
-        report["ratios"] = ratios
+                tp = [r["tpot_ours_over_peer"] for r in per_round]
+                th = [r["throughput_ours_over_peer"] for r in per_round]
+                ratios.setdefault(ours, {}).setdefault(label, {})[c] = {
+                    "per_round": per_round, "tpot_ours_over_peer": statistics.median(tp),
+                    "throughput_ours_over_peer": statistics.median(th)}
+                print(f"{ours} vs {peer}, c={c}: TPOT ratio {statistics.median(tp):.2f} (rounds "
+                      f"{', '.join(f'{x:.2f}' for x in tp)}), output tok/s ratio {statistics.median(th):.2f} "
+                      f"(rounds {', '.join(f'{x:.2f}' for x in th)})")
+    report["ratios"] = ratios
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"JSON: {args.out}")
     plot(report, Path(args.out).with_suffix(".png"))

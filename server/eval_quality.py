@@ -55,6 +55,7 @@ class EvalConfig:
     int8_head: bool = False  # --quantize-lm-head
     smoothed: bool = False  # the SmoothQuant-folded copy (server/smooth_quant.py): the same float function
     keep_float: tuple[str, ...] = ()  # linears the quantized checkpoint keeps in float (its ignore list)
+    dtype: str = "auto"  # --dtype of the float parts (embedding, norms, lm_head)
 
 
 # The first is the reference the others are scored against.
@@ -65,6 +66,7 @@ CONFIGS = {
     "smoothquant_a8w8_bf16kv": EvalConfig("a8w8", "bf16", smoothed=True),
     "smoothquant_a8w8_int8kv": EvalConfig("a8w8", "int8", smoothed=True),
     "smoothquant_a8w8_int8kv_int8head": EvalConfig("a8w8", "int8", True, smoothed=True),
+    "smoothquant_a8w8_int8kv_bf16": EvalConfig("a8w8", "int8", smoothed=True, dtype="bfloat16"),
     # down_proj (whose input, silu(gate) * up, per-token INT8 serves worst after smoothing) kept in float
     "smoothquant_a8w8_int8kv_float_down": EvalConfig("a8w8", "int8", smoothed=True, keep_float=(FLOAT_DOWN_PROJ,)),
 }
@@ -109,10 +111,11 @@ class QualityResult:
         return "\n".join(lines)
 
 
-def _runner(model_dir: str, quantization: str, kv: str, max_len: int, quantize_lm_head: bool = False) -> ModelRunner:
+def _runner(model_dir: str, quantization: str, kv: str, max_len: int, quantize_lm_head: bool = False,
+            dtype: str = "auto") -> ModelRunner:
     return ModelRunner(WorkerConfig(model_dir=model_dir, quantization=quantization, kv_cache_dtype=kv,
                                     quantize_lm_head=quantize_lm_head, kv_cache_memory_bytes=512 << 20,
-                                    block_size=BLOCK, max_model_len=max_len))
+                                    block_size=BLOCK, max_model_len=max_len, dtype=dtype))
 
 
 def perplexity(runner: ModelRunner, ids: list[int]) -> float:
@@ -263,7 +266,7 @@ def evaluate(model_dir: str | Path, max_tokens: int | None = None, num_prompts: 
             if c.keep_float:
                 source = Path(tmp) / f"{name}-w8a8"
                 quantize_checkpoint(smoothed if c.smoothed else model_dir, source, ignore=c.keep_float)
-            runner = _runner(str(source), c.quantization, c.kv, max_len, c.int8_head)
+            runner = _runner(str(source), c.quantization, c.kv, max_len, c.int8_head, c.dtype)
             logprobs, targets = scored_logprobs(runner, ids, context)
             base = logprobs if base is None else base  # "float" comes first
             scores[name] = score(base, logprobs, targets)

@@ -108,12 +108,13 @@ def smooth_checkpoint(src: str | Path, dst: str | Path, alpha: float = DEFAULT_A
 
 
 def smooth_and_quantize(src: str | Path, dst: str | Path, alpha: float = DEFAULT_ALPHA,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ignore: tuple[str, ...] = ()) -> Path:
-    """Smoothed, then written as compressed-tensors W8A8 (the smoothed float copy is removed); ``ignore``
-    as in :func:`loaders.writer.quantize_checkpoint`."""
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ignore: tuple[str, ...] = (),
+                        float_dtype: str = "auto") -> Path:
+    """Smoothed, then written as compressed-tensors W8A8 (the smoothed float copy is removed); ``ignore`` and
+    ``float_dtype`` as in :func:`loaders.writer.quantize_checkpoint`."""
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".smoothed")
     smooth_checkpoint(src, tmp, alpha)
-    quantize_checkpoint(tmp, dst, max_shard_bytes, ignore)
+    quantize_checkpoint(tmp, dst, max_shard_bytes, ignore, float_dtype)
     shutil.rmtree(tmp)
     return dst

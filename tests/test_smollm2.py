@@ -39,10 +39,12 @@ def smol_float(gguf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_a8w8(smol_float, tmp_path_factory):
-    """As the default model is built: smoothed, then quantized."""
+    """As the default model is built: smoothed, then quantized, float parts in bfloat16."""
+    from server.default_model import DEFAULT_MODEL_FLOAT_DTYPE
     from server.smooth_quant import smooth_and_quantize
 
-    return smooth_and_quantize(smol_float, tmp_path_factory.mktemp("smol") / "a8w8")
+    return smooth_and_quantize(smol_float, tmp_path_factory.mktemp("smol") / "a8w8",
+                               float_dtype=DEFAULT_MODEL_FLOAT_DTYPE)
 
 
 def test_unpermute_inverts_llama_cpp_permute():
@@ -137,7 +139,7 @@ def test_eval_quality_command_runs(smol_float, tmp_path):
     res = evaluate(smol_float, max_tokens=256, num_prompts=2, steps=8, context=128)
     assert set(res.perplexity) == {"float", "a8w8_bf16kv", "a8w8_int8kv", "smoothquant_a8w8_bf16kv",
                                    "smoothquant_a8w8_int8kv", "smoothquant_a8w8_int8kv_int8head",
-                                   "smoothquant_a8w8_int8kv_float_down"}
+                                   "smoothquant_a8w8_int8kv_bf16", "smoothquant_a8w8_int8kv_float_down"}
     assert 1 < res.perplexity["float"] < 200  # a real model on English prose
     f, q = res.scores["float"], res.scores["a8w8_int8kv"]
     # smoothing helps, and keeping down_proj float on top of it helps more (the README's finding)
@@ -179,3 +181,36 @@ def test_default_model_command_builds_the_smoothed_w8a8_model(tmp_path):
     cfg = json.loads((__import__("pathlib").Path(path) / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["quantization_config"]["format"] == "int-quantized"
+    # float parts in bfloat16, as SmolLM2 ships (the GGUF conversion is float32); INT8 scales untouched
+    assert cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(__import__("pathlib").Path(path) / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_dtype() == "I8"
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight_scale").get_dtype() == "F32"
+
+
+def test_speculative_greedy_output_identical_on_the_real_model(smol_a8w8):
+    """Prompt lookup on real A8W8 text: drafted positions are computed exactly as decoding computes them (one
+    query row each, the decode attention kernel), so greedy output is the same token for token; a drafted
+    position computed any other way (e.g. as a prefill chunk) drifts within tens of tokens."""
+    from engine.chat_template import ChatTemplate
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from npu.messages import SpeculativeConfig
+
+    template = ChatTemplate.from_model_dir(smol_a8w8)
+    text = ("The lighthouse on Gull Point was built in 1871. For ninety years a keeper climbed its 112 steps every "
+            "evening to light the lamp.")
+    asks = [f"Repeat this text word for word, then give it a title.\n\n{text}", "Write a short poem about rain.",
+            f"Summarize in one sentence, quoting the text:\n\n{text}"]
+    params = SamplingParams(max_tokens=96, temperature=0)
+    outs = []
+    for spec in (None, SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_max=3)):
+        with LLM(str(smol_a8w8), max_model_len=1024, kv_cache_memory_bytes=256 << 20, speculative=spec) as llm:
+            prompts = [llm.tokenizer.encode(template.render([{"role": "user", "content": a}])) for a in asks]
+            outs.append([r.outputs[0].token_ids for r in llm.generate(prompts, params)])
+            if spec is not None:
+                assert llm.core.spec_totals.num_accepted_tokens > 20  # lookup drafted and was right
+    assert outs[0] == outs[1]
