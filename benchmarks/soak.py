@@ -233,7 +233,7 @@ def summarize(outcomes: list[Outcome], report: SoakReport, t0: float) -> None:
 def soak(model: str | None, clients: int, duration: float, disconnect_prob: float, kill: bool,
          schemathesis_examples: int, schemathesis_time: float, server_args: list[str], seed: int = 0) -> SoakReport:
     if model is None:
-        from server.default_model import ensure_random_model
+        from offline.default_model import ensure_random_model
 
         model = str(ensure_random_model())
     server = CliServer(Path(model), "--max-model-len", "1024", "--log-level", "warning", *server_args)

@@ -122,7 +122,7 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model
     if model is None:
-        from server.default_model import ensure_default_model
+        from offline.default_model import ensure_default_model
 
         model = str(ensure_default_model()[0])
     spec = json.dumps({"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max,

@@ -34,9 +34,9 @@ PREFILL_TOKENS = 512
 
 
 def default_variants() -> dict[str, tuple[str, str]]:
-    from server.default_model import ensure_smollm2, ensure_smollm2_float, smollm2_gguf_path
-    from server.eval_quality import FLOAT_DOWN_PROJ
-    from server.smooth_quant import smooth_and_quantize
+    from offline.default_model import ensure_smollm2, ensure_smollm2_float, smollm2_gguf_path
+    from offline.eval_quality import FLOAT_DOWN_PROJ
+    from offline.smooth_quant import smooth_and_quantize
 
     gguf = smollm2_gguf_path()
     if gguf is None:

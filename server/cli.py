@@ -95,7 +95,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     model = args.model
     if model is None:
-        from server.default_model import ensure_default_model
+        from offline.default_model import ensure_default_model
 
         model_dir, args.default_model_name = ensure_default_model()
         model = str(model_dir)
@@ -167,7 +167,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     if args.smooth_quant is not None:
-        from server.smooth_quant import smooth_and_quantize
+        from offline.smooth_quant import smooth_and_quantize
 
         smooth_and_quantize(args.src, args.dst, args.smooth_quant, args.max_shard_size, tuple(args.ignore), args.dtype)
     else:
@@ -178,7 +178,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_default_model(args: argparse.Namespace) -> None:
-    from server.default_model import ensure_default_model, ensure_random_model
+    from offline.default_model import ensure_default_model, ensure_random_model
 
     print(ensure_random_model() if args.random else ensure_default_model()[0])
 
@@ -191,11 +191,11 @@ def cmd_convert_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_quality(args: argparse.Namespace) -> None:
-    from server.eval_quality import main as eval_main
+    from offline.eval_quality import main as eval_main
 
     model = args.model
     if model is None:  # the float conversion of the default model: A8W8 is applied on load
-        from server.default_model import ensure_smollm2_float, smollm2_gguf_path
+        from offline.default_model import ensure_smollm2_float, smollm2_gguf_path
 
         gguf = smollm2_gguf_path()
         if gguf is None:

@@ -225,7 +225,7 @@ def test_smoothing_keeps_the_float_function_with_mlp_biases(tmp_path):
     import shutil
 
     from loaders.assets import qwen3_tokenizer_dir
-    from server.smooth_quant import smooth_checkpoint
+    from offline.smooth_quant import smooth_checkpoint
 
     cfg = transformers.LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, mlp_bias=True, attention_bias=True,

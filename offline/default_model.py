@@ -73,7 +73,7 @@ def ensure_smollm2_float(gguf: Path) -> Path:
 
 def ensure_smollm2(gguf: Path) -> Path:
     """SmolLM2-135M-Instruct, activation-smoothed (SmoothQuant) and quantized to compressed-tensors W8A8."""
-    from server.smooth_quant import smooth_and_quantize
+    from offline.smooth_quant import smooth_and_quantize
 
     float_dir = ensure_smollm2_float(gguf)
     return _build_atomically(cache_dir() / f"{SMOLLM2_NAME}-a8w8-{DEFAULT_MODEL_VERSION}",

@@ -31,7 +31,7 @@ from npu.backends.base import UnfusedLinear
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 from loaders.writer import quantize_checkpoint
-from server.smooth_quant import smooth_checkpoint
+from offline.smooth_quant import smooth_checkpoint
 
 PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in one sentence.", "Write a haiku about the sea.",
@@ -53,7 +53,7 @@ class EvalConfig:
     quantization: str  # none | a8w8
     kv: str  # KV cache dtype
     int8_head: bool = False  # --quantize-lm-head
-    smoothed: bool = False  # the SmoothQuant-folded copy (server/smooth_quant.py): the same float function
+    smoothed: bool = False  # the SmoothQuant-folded copy (offline/smooth_quant.py): the same float function
     keep_float: tuple[str, ...] = ()  # linears the quantized checkpoint keeps in float (its ignore list)
     dtype: str = "auto"  # --dtype of the float parts (embedding, norms, lm_head)
 
