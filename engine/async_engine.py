@@ -293,6 +293,8 @@ class AsyncEngine:
 
     def _serve(self) -> None:
         last_log = time.monotonic()
+        logged_activity = (self.stats.prompt_tokens_total, self.stats.generation_tokens_total,
+                           self.stats.num_preemptions)
         while not self._stopping.is_set():
             sched = self.core.scheduler
             self._drain_commands(block=not sched.has_work)
@@ -309,9 +311,13 @@ class AsyncEngine:
             if time.monotonic() - last_log > STATS_LOG_INTERVAL_SECONDS:
                 last_log = time.monotonic()
                 s = self.stats
-                log.info("running=%d waiting=%d kv_usage=%.1f%% preemptions=%d generated_tokens=%d",
-                         s.num_running, s.num_waiting, 100 * s.kv_usage, s.num_preemptions,
-                         s.generation_tokens_total)
+                activity = (s.prompt_tokens_total, s.generation_tokens_total, s.num_preemptions)
+                # An idle server says nothing: a line only when something ran since the last one, or is queued.
+                if s.num_running or s.num_waiting or activity != logged_activity:
+                    logged_activity = activity
+                    log.info("running=%d waiting=%d kv_usage=%.1f%% preemptions=%d generated_tokens=%d",
+                             s.num_running, s.num_waiting, 100 * s.kv_usage, s.num_preemptions,
+                             s.generation_tokens_total)
 
     def _recover(self, reason: str) -> bool:
         """The worker is lost: fail the requests it was running, reap it, start a new one (with back-off)

@@ -13,6 +13,11 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
+# Appended to the final message for continue_final_message, then cut off the rendering with all that follows
+# (transformers' method, so both leave the same text open).
+CONTINUE_FINAL_MESSAGE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
 class ChatTemplateError(ValueError):
     """The template is missing, or raised while rendering these messages (a client error)."""
 
@@ -75,11 +80,20 @@ class ChatTemplate:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
-        """Render ``messages``; extra keyword arguments (e.g. ``enable_thinking``) reach the template."""
+        """Render ``messages``; extra keyword arguments (e.g. ``enable_thinking``) reach the template.
+        ``continue_final_message`` leaves the last message open (nothing the template adds after its content,
+        such as ``<|im_end|>``), as transformers' ``apply_chat_template(..., continue_final_message=True)``."""
+        final = None
+        if continue_final_message:
+            final = messages[-1].get("content") if messages else None
+            if not isinstance(final, str):
+                raise ChatTemplateError("continue_final_message: the final message has no text content to continue")
+            messages = [*messages[:-1], {**messages[-1], "content": final + CONTINUE_FINAL_MESSAGE_TAG}]
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=messages,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
@@ -90,3 +104,13 @@ class ChatTemplate:
             raise
         except (TemplateError, TypeError, AttributeError, KeyError, IndexError) as e:
             raise ChatTemplateError(f"chat template failed on these messages: {e}") from None
+        if final is None:
+            return text
+        tag = CONTINUE_FINAL_MESSAGE_TAG.strip()
+        if final.strip() not in text or tag not in text:
+            raise ChatTemplateError("continue_final_message: this chat template drops part of the final message, "
+                                    "so it cannot be continued")
+        cut = text.rindex(tag)
+        if text[cut:cut + len(CONTINUE_FINAL_MESSAGE_TAG)] == CONTINUE_FINAL_MESSAGE_TAG:
+            return text[:cut]
+        return text[:cut].rstrip()  # the template trimmed the message's trailing space, and so the tag's

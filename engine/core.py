@@ -13,7 +13,7 @@ from engine.block_manager import BlockManager
 from engine.chat_template import ChatTemplate
 from engine.detokenizer import IncrementalDetokenizer
 from engine.request import FinishReason, Sequence
-from engine.sampling_params import InvalidRequest, SamplingParams
+from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
 from engine.stop import StopStringMatcher
 from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token
@@ -38,32 +38,17 @@ class EngineConfig:
     worker_restart_window_seconds: float = 600.0
 
 
-def text_too_long_error(max_model_len: int, num_bytes: int, bytes_per_token: int) -> str | None:
-    """For a prompt text refused before tokenization: it has at least ``num_bytes / bytes_per_token``
-    tokens. vLLM's sentence, with the lower bound said as one."""
+def check_text_length(max_model_len: int, num_bytes: int, bytes_per_token: int) -> None:
+    """A prompt text refused before tokenization: it has at least ``num_bytes / bytes_per_token`` tokens."""
     at_least = -(-num_bytes // bytes_per_token)
-    if at_least < max_model_len:
-        return None
-    return (
-        f"This model's maximum context length is {max_model_len} tokens. However, your request has at least "
-        f"{at_least} input tokens ({num_bytes} bytes of text). Please reduce the length of the input messages."
-    )
+    if at_least >= max_model_len:
+        raise PromptTooLong(max_model_len, at_least, at_least=True, num_bytes=num_bytes)
 
 
-def context_length_error(max_model_len: int, prompt_len: int, max_tokens: int | None) -> str | None:
-    """vLLM's wording (clients match it), or None when the request fits."""
-    if prompt_len >= max_model_len:
-        return (
-            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
-            f"{prompt_len} input tokens. Please reduce the length of the input messages."
-        )
-    if max_tokens is not None and prompt_len + max_tokens > max_model_len:
-        return (
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
-            "Please reduce the length of the messages or completion."
-        )
-    return None
+def check_context_length(max_model_len: int, prompt_len: int, max_tokens: int | None) -> None:
+    """PromptTooLong unless the prompt (and ``max_tokens`` after it) fit."""
+    if prompt_len >= max_model_len or (max_tokens is not None and prompt_len + max_tokens > max_model_len):
+        raise PromptTooLong(max_model_len, prompt_len, max_tokens)
 
 
 class EngineCore:
@@ -143,10 +128,7 @@ class EngineCore:
         """Tokenize a prompt; a text too long for the context by its byte count alone is refused first
         (InvalidRequest). Takes CPU time in proportion to the text: call it off the event loop."""
         if self.max_model_len:
-            err = text_too_long_error(self.max_model_len, len(text.encode("utf-8", "surrogatepass")),
-                                      self.text_bytes_per_token)
-            if err:
-                raise InvalidRequest(err, "messages")
+            check_text_length(self.max_model_len, len(text.encode("utf-8", "surrogatepass")), self.text_bytes_per_token)
         return self.tokenizer.encode(text)
 
     def check_prompt_ids(self, ids: list[int]) -> None:
@@ -154,9 +136,7 @@ class EngineCore:
         if not ids:
             raise InvalidRequest("the prompt is empty", "prompt")
         if self.max_model_len:
-            err = context_length_error(self.max_model_len, len(ids), None)
-            if err:
-                raise InvalidRequest(err, "prompt")
+            check_context_length(self.max_model_len, len(ids), None)
         self._check_vocab(ids)
 
     def _check_vocab(self, ids: list[int]) -> None:
@@ -173,9 +153,7 @@ class EngineCore:
             raise InvalidRequest(f"priority must be a 64-bit signed integer, got {priority}", "priority")
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
-        err = context_length_error(self.max_model_len, len(prompt_token_ids), params.max_tokens)
-        if err:
-            raise InvalidRequest(err, "messages")
+        check_context_length(self.max_model_len, len(prompt_token_ids), params.max_tokens)
         self._check_vocab(prompt_token_ids)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         seqs = []

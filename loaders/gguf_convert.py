@@ -8,11 +8,13 @@ llama.cpp's Q/K row permutation for RoPE is undone, and the tokenizer is rebuilt
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from loaders.config import ConfigError
 from loaders.writer import save_tensors
@@ -90,7 +92,14 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     from gguf.quants import dequantize
 
     src, dst = Path(src), Path(dst)
-    reader = GGUFReader(str(src))
+    if not src.is_file():
+        raise ConfigError(f"{src}: no such file")
+    try:
+        # The reader maps the file and parses every header and tensor record up front: a file that is not
+        # GGUF, or is cut short, fails here (with whatever the parser hit: a bad magic, an index past the end).
+        reader = GGUFReader(str(src))
+    except (ValueError, IndexError, KeyError, struct.error, OSError) as e:
+        raise ConfigError(f"{src}: not a readable GGUF file ({type(e).__name__}: {e}); is it a whole GGUF file?") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ConfigError(f"{src}: general.architecture={arch!r}; only 'llama' GGUF files are converted")
@@ -100,9 +109,13 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type"))
     tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc=f"converting {src.name}", unit="tensor", disable=None):
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists ne0 (the input dim) first
-        arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        try:
+            arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        except (ValueError, IndexError) as e:
+            raise ConfigError(f"{src}: tensor {t.name!r}: cannot read its data for shape {shape} ({e}); "
+                              "is the file truncated?") from None
         name = hf_tensor_name(t.name)
         if name.endswith("self_attn.q_proj.weight"):
             arr = llama_cpp_unpermute(arr, n_head)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from loaders.config import ConfigError
+from loaders.options import FLOAT_DTYPE_NAMES
 
 # 127.5 spreads the symmetric range over all 256 int8 codes (llm-compressor's choice).
 WEIGHT_QUANT_DIVISOR = 127.5
@@ -29,11 +30,7 @@ ACTIVATION_QMAX = 127.0
 INT8_MIN, INT8_MAX = -128, 127
 # Divisor floor for all-zero rows (their scale is 0 and their codes 0); far below any real scale.
 MIN_DIVISOR = 1e-30
-FLOAT_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+FLOAT_DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPE_NAMES}
 
 
 def _concat_biases(parts: list["FloatLinear | Int8Linear"]) -> torch.Tensor | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from tqdm import tqdm
 
 from loaders.checkpoint import CheckpointError, CheckpointReader
 from loaders.config import ConfigError, ModelConfig, load_model_config, read_json
+from loaders.options import Quantization
 from loaders.quantization import (
     FLOAT_DTYPES,
     CompressedTensorsW8A8,
@@ -28,14 +28,6 @@ REDUNDANT_TENSORS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"m
 TIED_LM_HEAD = r"lm_head\.weight"
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-class Quantization(str, Enum):
-    """How linear layers are executed: ``auto`` = whatever the checkpoint is, A8W8 for float checkpoints."""
-
-    AUTO = "auto"
-    A8W8 = "a8w8"
-    NONE = "none"
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:

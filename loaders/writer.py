@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file as _save_safetensors
+from tqdm import tqdm
 
 from loaders.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from loaders.config import ConfigError, ModelConfig, load_model_config, read_json
@@ -32,6 +34,19 @@ QWEN3_EOS_ID = 151645  # <|im_end|>
 EMBED_INIT_STD = 0.02  # transformers' initializer_range for Qwen3
 # llm-compressor / transformers default shard size.
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file`` with the permissions of every other file written (safetensors creates the
+    file 0600 whatever the umask; a checkpoint is shared data, readable like its config.json)."""
+    _save_safetensors(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -98,7 +113,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int =
         raise ConfigError(f"--ignore {list(ignore)} matches no linear module (names look like "
                           "model.layers.0.mlp.down_proj; a regex needs the re: prefix)")
     out: dict[str, torch.Tensor] = {}
-    for name in reader.keys():
+    for name in tqdm(reader.keys(), desc="quantizing to INT8", unit="tensor", disable=None):
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in linear_modules:
             w = reader.get(name, linear_modules[module], tuple(set(FLOAT_DTYPES.values())))

@@ -10,18 +10,12 @@ the cache itself is never copied or dequantized as a whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from loaders.quantization import quantize_symmetric
 from npu.host_memory import zeros_huge_pages
-
-
-class KVCacheDtype(str, Enum):
-    INT8 = "int8"
-    BF16 = "bf16"
-    FP32 = "fp32"  # reference only: exact parity tests of the float path
+from npu.messages import KVCacheDtype
 
 
 @dataclass

@@ -9,7 +9,17 @@ many of its tokens to compute and which blocks were appended to its block table.
 
 from __future__ import annotations
 
+from enum import Enum
+
 import msgspec
+
+
+class KVCacheDtype(str, Enum):
+    """How the paged KV cache stores K and V (``WorkerConfig.kv_cache_dtype`` takes the values)."""
+
+    INT8 = "int8"  # one fp32 scale per (token, kv head)
+    BF16 = "bf16"
+    FP32 = "fp32"  # reference only: exact parity tests of the float path
 
 
 class SamplingOptions(msgspec.Struct, frozen=True):
@@ -104,6 +114,10 @@ class Ready(msgspec.Struct, tag="ready"):
     quantization: str
     backend: str
     weight_bytes: int
+    backend_note: str | None = None  # e.g. why a faster kernel is not in use
+    # The model's max_position_embeddings when max_model_len was lowered to fit the KV cache (no explicit
+    # --max-model-len); None when it was not.
+    max_model_len_capped_from: int | None = None
 
 
 class StartupFailed(msgspec.Struct, tag="failed"):

@@ -35,6 +35,23 @@ class WorkerSequence:
     proposer: NgramProposer | None = None  # speculative decoding's drafter, where it is on
 
 
+def fit_max_model_len(requested: int | None, max_position_embeddings: int, num_blocks: int, block_size: int,
+                      budget_bytes: int) -> tuple[int, int | None]:
+    """(max_model_len, the length it was lowered from or None). Without an explicit ``requested`` length the
+    model's own is used, lowered to what the KV cache holds (one sequence of max_model_len must fit, as in
+    llama-server, which sizes its context to memory); an explicit length the cache cannot hold is an error."""
+    wanted = min(requested or max_position_embeddings, max_position_embeddings)
+    fits = num_blocks * block_size
+    if fits >= wanted:
+        return wanted, None
+    if requested is not None or fits == 0:
+        raise ValueError(
+            f"the KV cache budget of {budget_bytes} bytes holds {num_blocks} blocks of {block_size} tokens "
+            f"({fits} tokens), fewer than one sequence of max_model_len={wanted} needs; raise --kv-cache-memory "
+            "or lower --max-model-len")
+    return fits, wanted
+
+
 class ModelRunner:
     def __init__(self, config: WorkerConfig):
         self.config = config
@@ -43,21 +60,16 @@ class ModelRunner:
                                      dtype=config.dtype)
         cfg = weights.config
         self.model_config = cfg
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.weight_bytes = weights.linear_bytes()
-        self.model = DecoderModel(weights, self.backend, self.max_model_len)  # (consumes the loaded layers)
-        self.quantization = weights.quantization.value
         num_blocks = PagedKVCache.blocks_for_budget(
             config.kv_cache_dtype, config.kv_cache_memory_bytes, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
             config.block_size,
         )
-        min_blocks = -(-self.max_model_len // config.block_size)
-        if num_blocks < min_blocks:
-            raise ValueError(
-                f"kv cache budget {config.kv_cache_memory_bytes} bytes holds {num_blocks} blocks, fewer than the "
-                f"{min_blocks} one sequence of max_model_len={self.max_model_len} needs; raise --kv-cache-memory "
-                "or lower --max-model-len"
-            )
+        self.max_model_len, self.max_model_len_capped_from = fit_max_model_len(
+            config.max_model_len, cfg.max_position_embeddings, num_blocks, config.block_size,
+            config.kv_cache_memory_bytes)
+        self.weight_bytes = weights.linear_bytes()
+        self.model = DecoderModel(weights, self.backend, self.max_model_len)  # (consumes the loaded layers)
+        self.quantization = weights.quantization.value
         self.cache = PagedKVCache(config.kv_cache_dtype, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                   num_blocks, config.block_size)
         self.sampler = Sampler(config.sampleable_vocab_size or cfg.vocab_size, config.seed, self.backend.argmax_rows)
@@ -73,6 +85,8 @@ class ModelRunner:
             quantization=self.quantization,
             backend=self.backend.name,
             weight_bytes=self.weight_bytes,
+            backend_note=self.backend.note,
+            max_model_len_capped_from=self.max_model_len_capped_from,
         )
 
     def warmup(self) -> None:

@@ -75,9 +75,12 @@ def ensure_smollm2(gguf: Path) -> Path:
     """SmolLM2-135M-Instruct, activation-smoothed (SmoothQuant) and quantized to compressed-tensors W8A8."""
     from offline.smooth_quant import smooth_and_quantize
 
+    target = cache_dir() / f"{SMOLLM2_NAME}-a8w8-{DEFAULT_MODEL_VERSION}"
+    if not (target / "config.json").is_file():
+        log.info("building the default model %s into %s (first run only, about a minute): GGUF conversion, "
+                    "SmoothQuant calibration, INT8 quantization", SMOLLM2_NAME, target)
     float_dir = ensure_smollm2_float(gguf)
-    return _build_atomically(cache_dir() / f"{SMOLLM2_NAME}-a8w8-{DEFAULT_MODEL_VERSION}",
-                             lambda d: smooth_and_quantize(float_dir, d, float_dtype=DEFAULT_MODEL_FLOAT_DTYPE))
+    return _build_atomically(target, lambda d: smooth_and_quantize(float_dir, d, float_dtype=DEFAULT_MODEL_FLOAT_DTYPE))
 
 
 def ensure_default_model() -> tuple[Path, str]:

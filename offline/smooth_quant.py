@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from engine.tokenizer import load_tokenizer
 from loaders.assets import calibration_text_path
@@ -56,7 +57,8 @@ def activation_ranges(model_dir: Path) -> list[dict[str, torch.Tensor]]:
     recorders = []
     for layer in runner.model.layers:
         recorders.append({name: _Recorder(getattr(layer, name)) for name in ("qkv", "gate_up", "down")})
-    for start in range(0, len(ids), CALIBRATION_CHUNK):
+    for start in tqdm(range(0, len(ids), CALIBRATION_CHUNK), desc="SmoothQuant calibration", unit="chunk",
+                      disable=None):
         chunk = ids[start:start + CALIBRATION_CHUNK]
         n = len(chunk)
         batch = ForwardBatch(torch.tensor(chunk), torch.arange(n), torch.arange(n), [SeqSpan(0, n, torch.arange(n))],

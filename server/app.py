@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,16 +19,16 @@ from engine.async_engine import AsyncEngine, EngineState
 from engine.core import EngineConfig
 from server.errors import ERROR_TYPES, APIError, install_error_handlers
 from server.guard import RequestGuard
+from server.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
 from server.metrics import ServerMetrics
 from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
                             TokenizeRequest)
-from server.serving import ServingContext, chat_prompt_ids, create_chat_completion, create_completion
+from server.startup import startup_summary, startup_warnings
+from server.serving import ServingContext, chat_prompt_ids, create_chat_completion, create_completion, input_named
+from server.version import package_version
 
 log = logging.getLogger("a8w8.server")
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # generous for long prompts, small enough to refuse abuse
-# Longest wait for the next piece of a request body before answering 408 (a stalled upload).
-DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
 # Statuses every POST route can answer with an OpenAI-style error body (documented in /openapi.json).
 ERROR_STATUSES = (400, 401, 404, 408, 413, 429, 500, 503)
 # The same for the routes outside /v1 that never reach the worker (no API key, no queue).
@@ -44,13 +44,7 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
     reasoning_parser: str = "auto"  # auto | qwen3 | none
-
-
-def package_version() -> str:
-    try:
-        return version("a8w8-serve")
-    except PackageNotFoundError:
-        return "0.0.0+local"
+    base_url: str | None = None  # where clients reach the server, for the startup summary
 
 
 def _error_responses(statuses: tuple[int, ...] = ERROR_STATUSES, streams: bool = False) -> dict[int | str, dict]:
@@ -89,26 +83,35 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
         if on_fatal is not None:
             on_fatal(reason)
 
+    started = time.monotonic()
+
     def after_engine_start(task: asyncio.Task) -> None:
         if task.cancelled():
             return
         if task.exception() is not None:
             engine_failed(f"the engine failed to start: {task.exception()}")
             return
+        engine: AsyncEngine = holder["ctx"].engine  # type: ignore[attr-defined]
+        for warning in startup_warnings(engine):
+            log.warning("%s", warning)
+        log.info("%s", startup_summary(engine, settings.served_model_names, settings.base_url,
+                                       time.monotonic() - started, package_version()))
         # What startup built (app, tokenizer, template) lives as long as the process: keep it out of the
         # cyclic collector's full passes, which otherwise walk all of it in the middle of serving (as vLLM does).
         gc.freeze()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        worker = settings.engine.worker
+        log.info("loading %s from %s (quantization %s, KV cache %s); /health answers 503 until it is ready",
+                 settings.served_model_names[0], worker.model_dir, worker.quantization, worker.kv_cache_dtype)
         engine = AsyncEngine(settings.engine, on_fatal=engine_failed)
         template = engine.chat_template
         reasoning = settings.reasoning_parser == "qwen3" or (
             settings.reasoning_parser == "auto" and template is not None and "<think>" in template.source
         )
         ctx = ServingContext(engine=engine, metrics=ServerMetrics(engine, settings.served_model_names[0]),
-                             served_model_names=settings.served_model_names,
-                             model_dir=settings.engine.worker.model_dir, reasoning=reasoning)
+                             served_model_names=settings.served_model_names, reasoning=reasoning)
         holder["ctx"] = ctx
         app.state.engine = engine
         start = asyncio.create_task(engine.start())  # /health answers 503 until the model is loaded
@@ -149,15 +152,22 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
     async def metrics() -> Response:
         return Response(ctx().metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card(c: ServingContext, name: str) -> dict:
+        # root names the model, not where it lies on this machine (a cache path says nothing to a client)
+        return {"id": name, "object": "model", "created": c.created, "owned_by": "a8w8-serve",
+                "root": c.served_model_names[0], "parent": None, "max_model_len": c.engine.max_model_len or None}
+
     @app.get("/v1/models", responses=_error_responses((401,)))
     async def models() -> dict:
         c = ctx()
-        max_len = c.engine.max_model_len or None
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": c.created, "owned_by": "a8w8-serve", "root": c.model_dir,
-             "parent": None, "max_model_len": max_len}
-            for name in c.served_model_names
-        ]}
+        return {"object": "list", "data": [model_card(c, name) for name in c.served_model_names]}
+
+    @app.get("/v1/models/{model_id:path}", responses=_error_responses((401, 404)))
+    async def retrieve_model(model_id: str) -> dict:
+        c = ctx()
+        if model_id not in c.served_model_names:
+            raise APIError(404, f"The model `{model_id}` does not exist.", "model")
+        return model_card(c, model_id)
 
     @app.post("/v1/chat/completions", responses=_error_responses(streams=True))
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
@@ -173,11 +183,12 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
         c.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        if req.messages is not None:
-            tokens = await asyncio.to_thread(chat_prompt_ids, c, req.messages, req.add_generation_prompt,
-                                             req.chat_template_kwargs)
-        else:
-            tokens = await asyncio.to_thread(c.engine.core.encode_prompt, req.prompt)
+        with input_named("messages" if req.messages is not None else "prompt"):
+            if req.messages is not None:
+                tokens = await asyncio.to_thread(chat_prompt_ids, c, req.messages, req.add_generation_prompt,
+                                                 req.chat_template_kwargs, req.continue_final_message)
+            else:
+                tokens = await asyncio.to_thread(c.engine.core.encode_prompt, req.prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": c.engine.max_model_len or None}
 
     @app.post("/detokenize", responses=_error_responses(LOCAL_ERROR_STATUSES))

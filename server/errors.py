@@ -37,9 +37,16 @@ class APIError(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
+def error_type(status: int) -> str:
+    """The ``type`` of an error body: the table's, else the status phrase as one word (405 ->
+    ``MethodNotAllowedError``), in the same style as every other error."""
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    return "".join(w.capitalize() for w in HTTPStatus(status).phrase.replace("-", " ").split()) + "Error"
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, HTTPStatus(status).phrase),
-                      "param": param, "code": status}}
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": status}}
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -71,6 +78,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is ("body", character offset): not a field
+            offset = first.get("loc", ("body", None))[-1]
+            reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+            return error_response(400, f"the request body is not valid JSON: {reason} at character {offset}")
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")

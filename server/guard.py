@@ -25,6 +25,8 @@ log = logging.getLogger("a8w8.server")
 DISCARD_SECONDS = 5.0
 # Probes and scrapes are logged at debug level: one a second would otherwise fill the log.
 QUIET_PATHS = frozenset({"/health", "/metrics"})
+# Where a generation route records (prompt_tokens, completion_tokens) in request.state for the request's log line.
+USAGE_STATE_KEY = "usage"
 
 
 async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None,
@@ -72,12 +74,15 @@ class RequestGuard:
                 status = message["status"]
             await send(message)
 
+        state = scope.setdefault("state", {})  # (a route's request.state: generation routes leave their usage)
         try:
             await self._guarded(scope, receive, send_and_note)
         finally:
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
             # For a stream this is when the stream ended, so the duration is the whole response's.
-            log.log(level, "%s %s %d %.3fs", scope["method"], scope["path"], status, time.perf_counter() - t0)
+            usage = state.get(USAGE_STATE_KEY)
+            tokens = f" prompt_tokens={usage[0]} completion_tokens={usage[1]}" if usage else ""
+            log.log(level, "%s %s %d %.3fs%s", scope["method"], scope["path"], status, time.perf_counter() - t0, tokens)
 
     def _authorized(self, scope) -> bool:
         if not self.api_key or not scope["path"].startswith("/v1/") or scope["method"] == "OPTIONS":

@@ -26,6 +26,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("a8w8.server")
 
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # generous for long prompts, small enough to refuse abuse
+# Longest wait for the next piece of a request body before answering 408 (a stalled upload).
+DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0
 DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
 # After the drain, how long uvicorn waits for the connections to finish writing (the cut streams' last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -16,8 +17,9 @@ from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import AsyncEngine, RequestOutput, RequestStream
 from engine.request import TokenLogprob
-from engine.sampling_params import InvalidRequest, SamplingParams
+from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
 from server.errors import APIError, error_body, to_api_error
+from server.guard import USAGE_STATE_KEY
 from server.metrics import ServerMetrics
 from server.reasoning import ReasoningParser
 from server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
@@ -30,7 +32,6 @@ class ServingContext:
     engine: AsyncEngine
     metrics: ServerMetrics
     served_model_names: list[str]
-    model_dir: str
     reasoning: bool  # the model's template thinks in <think>...</think>
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -55,6 +56,20 @@ def refuse_unsupported(req: _SamplingFields) -> None:
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise APIError(400, "response_format (json_object / json_schema) is not supported yet by this server",
                        "response_format")
+
+
+@contextlib.contextmanager
+def input_named(name: str):
+    """A too-long prompt raised inside names this endpoint's input ("messages" or "prompt") and is a 400."""
+    try:
+        yield
+    except PromptTooLong as e:
+        raise APIError(400, e.describe(name), name) from None
+
+
+def refuse_stream_options_without_stream(req: _SamplingFields) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be given with stream=true", "stream_options")
 
 
 def sampling_params(ctx: ServingContext, req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -110,12 +125,18 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def chat_prompt_ids(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool,
-                    kwargs: dict[str, Any] | None) -> list[int]:
-    """Render the chat template and tokenize. CPU work in proportion to the input: run it in a thread."""
+                    kwargs: dict[str, Any] | None, continue_final_message: bool = False) -> list[int]:
+    """Render the chat template and tokenize. CPU work in proportion to the input: run it in a thread.
+    ``continue_final_message`` leaves the last message open for the model to continue (vLLM's and
+    transformers' meaning: no generation prompt after it, so it cannot be combined with one)."""
     template = ctx.engine.chat_template
     if template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-    text = template.render(message_dicts(messages), add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+    if continue_final_message and add_generation_prompt:
+        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: set "
+                            "add_generation_prompt to false to continue the final message", "continue_final_message")
+    text = template.render(message_dicts(messages), add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, **(kwargs or {}))
     return ctx.engine.core.encode_prompt(text)
 
 
@@ -183,6 +204,11 @@ async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int
     finally:
         for t in tasks:
             t.cancel()
+
+
+def note_usage(request: Request, prompt_tokens: int, choices: list[ChoiceState]) -> None:
+    """Leave the request's token counts for its log line (server/guard.py)."""
+    setattr(request.state, USAGE_STATE_KEY, (prompt_tokens, sum(c.completion_tokens for c in choices)))
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -257,10 +283,16 @@ class ChoiceState:
 # chat
 # ------------------------------------------------------------------------------------------------
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
+    with input_named("messages"):
+        return await _chat_completion(ctx, req, request)
+
+
+async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
     model = ctx.check_model(req.model)
     refuse_unsupported(req)
+    refuse_stream_options_without_stream(req)
     prompt_ids = await asyncio.to_thread(chat_prompt_ids, ctx, req.messages, req.add_generation_prompt,
-                                         req.chat_template_kwargs)
+                                         req.chat_template_kwargs, req.continue_final_message)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -301,6 +333,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                     if out.finished:
                         choice["stop_reason"] = out.stop_reason
                     yield json.dumps(base(choices=[choice]))
+                note_usage(request, prompt_tokens, choices)
                 if include_usage:
                     yield json.dumps(base(choices=[], usage=usage_dict(
                         prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens)))
@@ -331,6 +364,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                 "logprobs": chat_logprobs(ctx, ch.logprobs) if logprobs is not None else None,
                 "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason,
             })
+        note_usage(request, prompt_tokens, choices)
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": result_choices,
@@ -370,8 +404,14 @@ def completion_prompts(ctx: ServingContext, prompt) -> list[tuple[str, list[int]
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
+    with input_named("prompt"):
+        return await _completion(ctx, req, request)
+
+
+async def _completion(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
     model = ctx.check_model(req.model)
     refuse_unsupported(req)
+    refuse_stream_options_without_stream(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -422,6 +462,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, request
                         "finish_reason": out.finish_reason if out.finished else None,
                         **({"stop_reason": out.stop_reason} if out.finished else {}),
                     }]))
+                note_usage(request, prompt_tokens, choices)
                 if include_usage:
                     yield json.dumps(chunk(choices=[], usage=usage_dict(
                         prompt_tokens, sum(c.completion_tokens for c in choices), cached())))
@@ -450,6 +491,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, request
                 "logprobs": completion_logprobs(ctx, ch.logprobs, len(prefix)) if req.logprobs is not None else None,
                 "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason,
             })
+        note_usage(request, prompt_tokens, choices)
         return JSONResponse(chunk(choices=result, usage=usage_dict(
             prompt_tokens, sum(c.completion_tokens for c in choices), cached())))
 

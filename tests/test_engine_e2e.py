@@ -10,7 +10,7 @@ import pytest
 from engine.async_engine import AsyncEngine, EngineState, RequestFailed
 from engine.core import EngineConfig
 from engine.llm import LLM
-from engine.sampling_params import InvalidRequest, SamplingParams
+from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
 from engine.scheduler import SchedulerConfig
 from npu.messages import SamplingOptions, WorkerConfig
 
@@ -121,8 +121,10 @@ def test_too_long_prompt_refused_before_scheduling(engine_factory):
     async def scenario(engine):
         with pytest.raises(InvalidRequest, match="maximum context length is 1024 tokens. However, your request has 1024 input tokens"):
             engine.add_request([5] * 1024, SamplingParams())
-        with pytest.raises(InvalidRequest, match=r"you requested 1100 tokens \(100 in the messages, 1000 in the completion\)"):
+        with pytest.raises(PromptTooLong, match=r"you requested 1100 tokens \(100 in the prompt, 1000 in the completion\)") as e:
             engine.add_request([5] * 100, SamplingParams(max_tokens=1000))
+        # the numbers, for the server to word for its endpoint
+        assert (e.value.max_model_len, e.value.prompt_tokens, e.value.max_tokens) == (1024, 100, 1000)
         # max_tokens absent: up to the model's length
         ids = await _collect(engine.add_request([5] * 1000, SamplingParams(**GREEDY)))
         return len(ids)

@@ -210,7 +210,8 @@ def test_too_long_context_uses_vllm_sentence(server):
     n = len(httpx.post(f"{server.base}/tokenize", json={"prompt": prompt}).json()["tokens"])
     err = _error(httpx.post(f"{server.base}/v1/completions", json={"model": MODEL, "prompt": prompt}), 400)
     assert err["message"] == (f"This model's maximum context length is {MAX_LEN} tokens. However, your request has "
-                              f"{n} input tokens. Please reduce the length of the input messages.")
+                              f"{n} input tokens. Please reduce the length of the input prompt.")
+    assert err["param"] == "prompt"
 
 
 def test_openai_client_sees_errors(client):

@@ -81,6 +81,7 @@ class Backend(Protocol):
     """What the model forward asks of a device."""
 
     name: str
+    note: str | None = None  # what an operator should know about this backend's choice (logged at startup)
     device: torch.device
     # dtype of the residual stream and of attention math on this backend.
     activation_dtype: torch.dtype
@@ -127,6 +128,8 @@ class Backend(Protocol):
 
 class TorchOps:
     """Eager-PyTorch implementations of the :class:`Backend` operations (the reference)."""
+
+    note: str | None = None
 
     def qk_norm_rope(self, qk: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin_signed: torch.Tensor,
                      positions: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ class CpuBackend(TorchOps):
             if lib is None and int8_kernel == "vnni":
                 raise RuntimeError(f"int8_kernel='vnni' is not available: {why}")
             if lib is None:
-                log.info("VNNI kernel not used (%s): INT8 GEMMs run through torch._int_mm", why)
+                self.note = (f"the AVX-512 VNNI kernels are not in use ({why}): INT8 GEMMs run through "
+                             "torch._int_mm (oneDNN), several times slower")
             self._vnni = lib
         self._workspace = Workspace()
         self._weight_arena = HugePageArena()  # packed weights on huge pages (npu/host_memory.py)

