@@ -39,8 +39,12 @@ def random_cache(batch: int, context: int, g: torch.Generator) -> tuple[PagedKVC
     t["v_scale"].uniform_(1e-3, 1e-2, generator=g)
     perm = torch.randperm(batch * blocks_per_seq, generator=g).view(batch, blocks_per_seq)
     slots = (perm[:, :, None] * BLOCK + torch.arange(BLOCK)).reshape(batch, -1)[:, :context].contiguous()
-    group = DecodeGroup(rows=torch.arange(batch), slots=slots, lengths=torch.full((batch,), context, dtype=torch.int32),
-                        covers_all_rows=True)
+    group = DecodeGroup(
+        rows=torch.arange(batch),
+        slots=slots,
+        lengths=torch.full((batch,), context, dtype=torch.int32),
+        covers_all_rows=True,
+    )
     return cache, group
 
 
@@ -50,8 +54,10 @@ def measure(batch: int, context: int, backend: CpuBackend) -> dict:
     cache, group = random_cache(batch, context, g)
     q = torch.randn(batch, HQ, D, generator=g)
 
-    paths = {"ours": lambda layer: backend.decode_attention(q, cache, layer, group.slots, group.lengths, D**-0.5),
-             "sdpa": lambda layer: sdpa_decode_attention(q, cache, layer, group, D**-0.5, torch.float32)}
+    paths = {
+        "ours": lambda layer: backend.decode_attention(q, cache, layer, group.slots, group.lengths, D**-0.5),
+        "sdpa": lambda layer: sdpa_decode_attention(q, cache, layer, group, D**-0.5, torch.float32),
+    }
     max_diff = (paths["ours"](3).view(batch, -1) - paths["sdpa"](3)).abs().max().item()
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(ROUNDS):  # interleaved, so both paths see the same machine state
@@ -76,19 +82,24 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results/attention.json")
     args = ap.parse_args()
     backend = CpuBackend()
-    print(f"decode attention, Qwen3-0.6B shape ({LAYERS} layers, {HQ} q / {HKV} kv heads, head_dim {D}), INT8 "
-          f"KV, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {ROUNDS} interleaved rounds")
+    print(
+        f"decode attention, Qwen3-0.6B shape ({LAYERS} layers, {HQ} q / {HKV} kv heads, head_dim {D}), INT8 "
+        f"KV, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {ROUNDS} interleaved rounds"
+    )
     results = []
     for context in args.context:
         for batch in args.batch:
             r = measure(batch, context, backend)
             results.append(r)
-            print(f"batch {batch:3d} context {context:5d}: ours {r['ours']['ms_per_step']:7.2f} ms/step "
-                  f"({r['ours']['GBps']:5.1f} GB/s), SDPA path {r['sdpa']['ms_per_step']:7.2f} ms/step "
-                  f"({r['sdpa']['GBps']:5.1f} GB/s) -> {r['speedup']:.1f}x; max |diff| {r['max_abs_diff_vs_sdpa']:.1e}")
+            print(
+                f"batch {batch:3d} context {context:5d}: ours {r['ours']['ms_per_step']:7.2f} ms/step "
+                f"({r['ours']['GBps']:5.1f} GB/s), SDPA path {r['sdpa']['ms_per_step']:7.2f} ms/step "
+                f"({r['sdpa']['GBps']:5.1f} GB/s) -> {r['speedup']:.1f}x; max |diff| {r['max_abs_diff_vs_sdpa']:.1e}"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                          "results": results}, indent=2))
+    Path(args.out).write_text(
+        json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, indent=2)
+    )
     print(f"JSON: {args.out}")
 
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+from attention_bench import HQ, LAYERS, D, random_cache
 
-from attention_bench import D, HQ, LAYERS, random_cache
 from loaders.quantization import quantize_linear
 from npu.backends.cpu import CpuBackend
 from npu.backends.cpu.vnni import VnniLinear, Workspace, load_vnni_library
@@ -45,15 +45,19 @@ def gemv(lib, m: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     ws, arena = Workspace(), HugePageArena()
     weights = [quantize_linear(torch.randn(N, K, generator=g) * K**-0.5) for _ in range(MATRICES)]
-    ops = {"ordinary pages": [VnniLinear(w, lib, ws) for w in weights],
-           "huge pages": [VnniLinear(w, lib, ws, arena) for w in weights]}
+    ops = {
+        "ordinary pages": [VnniLinear(w, lib, ws) for w in weights],
+        "huge pages": [VnniLinear(w, lib, ws, arena) for w in weights],
+    }
     x = torch.randn(m, K, generator=g)
 
     def run(linears):
         def go():
             for op in linears:
                 op(x)
+
         return go
+
     for linears in ops.values():
         run(linears)()  # warm
     return {name: sec / MATRICES for name, sec in _alternate({n: run(o) for n, o in ops.items()}).items()}
@@ -74,7 +78,9 @@ def attention(backend: CpuBackend, batch: int, context: int) -> dict[str, float]
         def go():
             for layer in range(LAYERS):
                 outs[name] = backend.decode_attention(q, caches[name], layer, group.slots, group.lengths, D**-0.5)
+
         return go
+
     result = _alternate({name: run(name) for name in caches})
     assert torch.equal(outs["ordinary pages"], outs["huge pages"])
     return result
@@ -89,20 +95,28 @@ def main() -> None:
         raise SystemExit(f"the VNNI kernels are not available here: {why}")
     backend = CpuBackend()
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "gemv": {}, "attention": {}}
-    print(f"ordinary vs huge pages, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of {ROUNDS} "
-          f"alternating rounds")
+    print(
+        f"ordinary vs huge pages, {torch.get_num_threads()} threads, torch {torch.__version__}; medians of {ROUNDS} "
+        f"alternating rounds"
+    )
     for m in (1, 16):
         r = gemv(lib, m)
         report["gemv"][str(m)] = r
         a, b = r["ordinary pages"], r["huge pages"]
-        print(f"A8W8 GEMV M={m:2d}, [{N} x {K}] x {MATRICES}: ordinary {a * 1e6:6.1f} us ({N * K / a / 1e9:5.1f} GB/s), "
-              f"huge {b * 1e6:6.1f} us ({N * K / b / 1e9:5.1f} GB/s) -> huge / ordinary time {b / a:.3f}", flush=True)
+        print(
+            f"A8W8 GEMV M={m:2d}, [{N} x {K}] x {MATRICES}: ordinary {a * 1e6:6.1f} us ({N * K / a / 1e9:5.1f} GB/s), "
+            f"huge {b * 1e6:6.1f} us ({N * K / b / 1e9:5.1f} GB/s) -> huge / ordinary time {b / a:.3f}",
+            flush=True,
+        )
     for batch, context in ((1, 300), (16, 300), (4, 2000)):
         r = attention(backend, batch, context)
         report["attention"][f"{batch}x{context}"] = r
         a, b = r["ordinary pages"], r["huge pages"]
-        print(f"decode attention batch {batch:2d} context {context:4d}, {LAYERS} layers: ordinary {a * 1e3:6.2f} ms, "
-              f"huge {b * 1e3:6.2f} ms -> huge / ordinary time {b / a:.3f}", flush=True)
+        print(
+            f"decode attention batch {batch:2d} context {context:4d}, {LAYERS} layers: ordinary {a * 1e3:6.2f} ms, "
+            f"huge {b * 1e3:6.2f} ms -> huge / ordinary time {b / a:.3f}",
+            flush=True,
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"JSON: {args.out}")

@@ -57,7 +57,9 @@ def main() -> None:
     packed = []
     onednn = []
     for op in ours:
-        qw = torch._make_per_channel_quantized_tensor(op.qweight, op.scale.double(), torch.zeros(n, dtype=torch.long), 0)
+        qw = torch._make_per_channel_quantized_tensor(
+            op.qweight, op.scale.double(), torch.zeros(n, dtype=torch.long), 0
+        )
         packed.append(torch.ops.quantized.linear_prepack(qw, None))
         onednn.append((torch.ops.onednn.qlinear_prepack(op.qweight, [1, k]), op.scale))
     rows = []
@@ -72,10 +74,30 @@ def main() -> None:
             "a8w8 VNNI kernel (fused quantize + epilogue)": (lambda op: op(x), vnni, 1),
             "a8w8 (quantize + _int_mm + epilogue)": (lambda op: op(x), ours, 1),
             "_int_mm only": (lambda op: torch._int_mm(qx, op.qweight.t()), ours, 1),
-            "fbgemm linear_dynamic (per-tensor u8)": (lambda p: torch.ops.quantized.linear_dynamic(x, p, False), packed, 1),
+            "fbgemm linear_dynamic (per-tensor u8)": (
+                lambda p: torch.ops.quantized.linear_dynamic(x, p, False),
+                packed,
+                1,
+            ),
             "onednn qlinear_pointwise (per-tensor u8)": (
-                lambda p: torch.ops.onednn.qlinear_pointwise(xu8, 0.01, 128, p[0], p[1], torch.zeros(n, dtype=torch.int32),
-                                                            None, 1.0, 0, torch.float32, "none", [], ""), onednn, 1),
+                lambda p: torch.ops.onednn.qlinear_pointwise(
+                    xu8,
+                    0.01,
+                    128,
+                    p[0],
+                    p[1],
+                    torch.zeros(n, dtype=torch.int32),
+                    None,
+                    1.0,
+                    0,
+                    torch.float32,
+                    "none",
+                    [],
+                    "",
+                ),
+                onednn,
+                1,
+            ),
         }
         for name, (fn, ws, bytes_per_weight) in paths.items():
             if not ws:
@@ -86,17 +108,28 @@ def main() -> None:
             except Exception as e:  # a path this build lacks is reported, not fatal
                 rows.append({"m": m, "path": name, "error": str(e)[:120]})
                 continue
-            rows.append({"m": m, "path": name, "us": dt * 1e6, "weight_GBps": n * k * bytes_per_weight / dt / 1e9,
-                         "GOPs": 2 * m * n * k / dt / 1e9})
+            rows.append(
+                {
+                    "m": m,
+                    "path": name,
+                    "us": dt * 1e6,
+                    "weight_GBps": n * k * bytes_per_weight / dt / 1e9,
+                    "GOPs": 2 * m * n * k / dt / 1e9,
+                }
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"n": n, "k": k, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
-    print(f"[{n} x {k}] weights, {count} distinct matrices ({count * n * k / 2**20:.0f} MiB int8), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"[{n} x {k}] weights, {count} distinct matrices ({count * n * k / 2**20:.0f} MiB int8), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     for r in rows:
         if "error" in r:
             print(f"M={r['m']:5d}  {r['path']:44s} unavailable: {r['error']}")
         else:
-            print(f"M={r['m']:5d}  {r['path']:44s} {r['us']:9.1f} us  {r['weight_GBps']:6.1f} GB/s  {r['GOPs']:7.1f} GOP/s")
+            print(
+                f"M={r['m']:5d}  {r['path']:44s} {r['us']:9.1f} us  {r['weight_GBps']:6.1f} GB/s  {r['GOPs']:7.1f} GOP/s"
+            )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from worker_bench import SHAPES
+
 from loaders.assets import qwen3_tokenizer_dir
 from loaders.writer import write_random_qwen3, write_random_qwen3_w8a8_streaming
-from worker_bench import SHAPES
 
 # Shapes whose float copy does not fit this machine's memory: W8A8 only, written streaming.
 STREAMED = ("8b", "14b")

@@ -64,8 +64,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 async def one_request(http: httpx.AsyncClient, base: str, model: str, prompt: list[int], out_len: int) -> RequestRecord:
     rec = RequestRecord(start=time.perf_counter())
-    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "ignore_eos": True, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": out_len,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     try:
         async with http.stream("POST", f"{base}/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -87,8 +94,9 @@ async def one_request(http: httpx.AsyncClient, base: str, model: str, prompt: li
     return rec
 
 
-async def run_load(base: str, model: str, prompts: list[list[int]], out_len: int, concurrency: int,
-                   rate: float | None, seed: int) -> tuple[list[RequestRecord], float]:
+async def run_load(
+    base: str, model: str, prompts: list[list[int]], out_len: int, concurrency: int, rate: float | None, seed: int
+) -> tuple[list[RequestRecord], float]:
     """Fixed concurrency (rate None) or Poisson arrivals at ``rate`` req/s capped at ``concurrency``."""
     rng = random.Random(seed)
     sem = asyncio.Semaphore(concurrency)
@@ -96,6 +104,7 @@ async def run_load(base: str, model: str, prompts: list[list[int]], out_len: int
     # schedule, and a request on one it has just closed fails.
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
+
         async def guarded(p):
             async with sem:
                 return await one_request(http, base, model, p, out_len)
@@ -118,10 +127,16 @@ def summarize(records: list[RequestRecord], wall: float) -> dict:
     itl = [b - a for r in ok for a, b in zip(r.chunks, r.chunks[1:])]
     out_tokens = sum(r.output_tokens for r in ok)
     return {
-        "requests": len(records), "failed": len(records) - len(ok),
+        "requests": len(records),
+        "failed": len(records) - len(ok),
         "errors": sorted({r.error for r in records if r.error})[:3],
-        "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "itl_s": percentiles(itl), "e2e_s": percentiles(e2e),
-        "output_tokens_per_s": out_tokens / wall, "requests_per_s": len(ok) / wall, "wall_s": wall,
+        "ttft_s": percentiles(ttft),
+        "tpot_s": percentiles(tpot),
+        "itl_s": percentiles(itl),
+        "e2e_s": percentiles(e2e),
+        "output_tokens_per_s": out_tokens / wall,
+        "requests_per_s": len(ok) / wall,
+        "wall_s": wall,
     }
 
 
@@ -155,21 +170,72 @@ def start_server(kind: str, extra: str, model: str, port: int, args: argparse.Na
         # llama-server as the issue that asked for the comparison runs it: its prompt cache off (it would
         # flatter TTFT), one slot for c=1; for more, a slot per client with a KV cache per slot.
         slots = llama_cpp_slots(kind)
-        cmd = [args.llama_server, "-m", args.llama_model, "--host", "127.0.0.1", "--port", str(port), "-a", "bench",
-               "-t", str(os.cpu_count()), "-np", str(slots), "-c", str(slots * args.max_model_len),
-               "--no-cache-prompt", "--cache-ram", "0", *(["--no-kv-unified"] if slots > 1 else []),
-               *args.llama_args.split()]
+        cmd = [
+            args.llama_server,
+            "-m",
+            args.llama_model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-a",
+            "bench",
+            "-t",
+            str(os.cpu_count()),
+            "-np",
+            str(slots),
+            "-c",
+            str(slots * args.max_model_len),
+            "--no-cache-prompt",
+            "--cache-ram",
+            "0",
+            *(["--no-kv-unified"] if slots > 1 else []),
+            *args.llama_args.split(),
+        ]
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if kind.startswith("ours"):
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
-               "--served-model-name", "bench", "--max-model-len", str(args.max_model_len), *extra.split()]
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--served-model-name",
+            "bench",
+            "--max-model-len",
+            str(args.max_model_len),
+            *extra.split(),
+        ]
         env = os.environ
     else:
         venv = Path(args.vllm_venv)
-        cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "bench", "--max-model-len",
-               str(args.max_model_len), "--seed", str(args.seed), *args.vllm_args.split()]
-        env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
+        cmd = [
+            str(venv / "bin" / "python"),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--served-model-name",
+            "bench",
+            "--max-model-len",
+            str(args.max_model_len),
+            "--seed",
+            str(args.seed),
+            *args.vllm_args.split(),
+        ]
+        env = {
+            **os.environ,
+            "VLLM_TARGET_DEVICE": "cpu",
+            "VLLM_CPU_KVCACHE_SPACE": "4",
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}",
+        }
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
@@ -185,8 +251,9 @@ def plot(report: dict, path: Path) -> None:
     servers = list(report["servers"])
     levels = sorted({lvl for s in servers for lvl in report["servers"][s]}, key=int)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, (metric, label) in zip(axes, [("tpot_s", "TPOT mean (ms)"), ("ttft_s", "TTFT mean (ms)"),
-                                          ("output_tokens_per_s", "output tokens/s")]):
+    for ax, (metric, label) in zip(
+        axes, [("tpot_s", "TPOT mean (ms)"), ("ttft_s", "TTFT mean (ms)"), ("output_tokens_per_s", "output tokens/s")]
+    ):
         width = 0.8 / len(servers)
         for i, s in enumerate(servers):
             ys = []
@@ -198,8 +265,10 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks([j + width * (len(servers) - 1) / 2 for j in range(len(levels))], [f"c={lvl}" for lvl in levels])
         ax.set_title(label)
         ax.legend()
-    fig.suptitle(f"{report['model_name']}: in {report['input_len']}, out {report['output_len']}, "
-                 f"medians of {report.get('rounds', 1)} interleaved rounds")
+    fig.suptitle(
+        f"{report['model_name']}: in {report['input_len']}, out {report['output_len']}, "
+        f"medians of {report.get('rounds', 1)} interleaved rounds"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"plot: {path}")
@@ -222,8 +291,9 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def measure_level(kind: str, proc: subprocess.Popen, base: str, prompts: list[list[int]], c: int,
-                  args: argparse.Namespace) -> dict:
+def measure_level(
+    kind: str, proc: subprocess.Popen, base: str, prompts: list[list[int]], c: int, args: argparse.Namespace
+) -> dict:
     """One load level against one server: the client-side summary, plus our engine's own accounting."""
     ours = kind.startswith("ours")
     before = engine_overhead(base) if ours else {}
@@ -250,8 +320,13 @@ def measure_level(kind: str, proc: subprocess.Popen, base: str, prompts: list[li
 
 # per-level figures whose median over rounds the report and the plot use
 HEADLINE = ("tpot_s", "ttft_s", "itl_s", "e2e_s")
-HEADLINE_SCALARS = ("output_tokens_per_s", "requests_per_s", "scheduler_ipc_overhead_share", "api_cpu_per_step_time_share",
-                    "tpot_over_floor")
+HEADLINE_SCALARS = (
+    "output_tokens_per_s",
+    "requests_per_s",
+    "scheduler_ipc_overhead_share",
+    "api_cpu_per_step_time_share",
+    "tpot_over_floor",
+)
 
 
 def median_of_rounds(rounds: list[dict]) -> dict:
@@ -270,10 +345,16 @@ def median_of_rounds(rounds: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint directory both servers load (e.g. compressed-tensors W8A8)")
+    ap.add_argument(
+        "--model", required=True, help="checkpoint directory both servers load (e.g. compressed-tensors W8A8)"
+    )
     ap.add_argument("--vllm-venv", default=None, help="virtual environment with vllm-cpu installed")
-    ap.add_argument("--ours-args", action="append", default=None,
-                    help="extra flags for a8w8-serve serve; repeat to benchmark several configurations side by side")
+    ap.add_argument(
+        "--ours-args",
+        action="append",
+        default=None,
+        help="extra flags for a8w8-serve serve; repeat to benchmark several configurations side by side",
+    )
     ap.add_argument("--vllm-args", default="", help="extra flags for vLLM's server")
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (built once, see the README)")
     ap.add_argument("--llama-model", default=None, help="the GGUF llama-server serves (e.g. Q8_0 of the same weights)")
@@ -283,13 +364,20 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--num-prompts", type=int, default=None, help="per level (default: 2 x concurrency, at least 4)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="interleaved rounds: each round runs every level on every server back to back (rotating "
-                         "the server order), so a ratio compares runs minutes apart; medians over rounds are reported")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds: each round runs every level on every server back to back (rotating "
+        "the server order), so a ratio compares runs minutes apart; medians over rounds are reported",
+    )
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--floor", action="store_true",
-                    help="also measure the read bandwidth right before each of our c=1 runs and report TPOT over the "
-                         "batch-1 floor (bytes of weights read per decode step / that bandwidth)")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the read bandwidth right before each of our c=1 runs and report TPOT over the "
+        "batch-1 floor (bytes of weights read per decode step / that bandwidth)",
+    )
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--out", default="bench-results/serve.json")
     args = ap.parse_args()
@@ -308,9 +396,18 @@ def main() -> None:
     if args.llama_server:
         # one llama-server per concurrency level: its slot count is fixed at start (1 slot at c=1, c slots above)
         kinds += [(f"llama.cpp -np {c}", "") for c in args.concurrency]
-    report = {"model": args.model, "model_name": Path(args.model).name, "input_len": args.input_len,
-              "output_len": args.output_len, "seed": args.seed, "rate": args.rate, "rounds": args.rounds,
-              "servers": {}, "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
+    report = {
+        "model": args.model,
+        "model_name": Path(args.model).name,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "seed": args.seed,
+        "rate": args.rate,
+        "rounds": args.rounds,
+        "servers": {},
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu_count": os.cpu_count(),
+    }
     # All servers stay up for the whole run (idle ones wait on sockets; their CPU use while another server
     # is measured is recorded as idle_servers_cpu_s) so that rounds can interleave them.
     procs: dict[str, tuple[subprocess.Popen, str]] = {}
@@ -319,13 +416,13 @@ def main() -> None:
         for kind, extra in kinds:
             port = free_port()
             procs[kind] = (start_server(kind, extra, args.model, port, args), f"http://127.0.0.1:{port}")
-        for kind, (proc, base) in procs.items():
+        for proc, base in procs.values():
             wait_healthy(base, STARTUP_TIMEOUT, proc)
             # warm-up request (first-use costs do not belong in the numbers)
             asyncio.run(run_load(base, "bench", [[rng.randint(*id_range) for _ in range(16)]], 4, 1, None, 0))
         for rnd in range(args.rounds):
             order = [kind for kind, _ in kinds]
-            order = order[rnd % len(order):] + order[:rnd % len(order)]
+            order = order[rnd % len(order) :] + order[: rnd % len(order)]
             for c in args.concurrency:
                 n = args.num_prompts or max(4, 2 * c)
                 # fresh prompts per round and level (no prefix-cache hits), the same for every server
@@ -335,25 +432,42 @@ def main() -> None:
                         continue  # that llama-server is for another level
                     proc, base = procs[kind]
                     others_before = sum(tree_cpu_seconds(p.pid) for k, (p, _) in procs.items() if k != kind)
-                    bandwidth = measure_bandwidth(copy=False)["read_GBps"] if args.floor and c == 1 and kind.startswith("ours") else None
+                    bandwidth = (
+                        measure_bandwidth(copy=False)["read_GBps"]
+                        if args.floor and c == 1 and kind.startswith("ours")
+                        else None
+                    )
                     summary = measure_level(kind, proc, base, prompts, c, args)
                     if bandwidth:
                         floor = weight_bytes / (bandwidth * 1e9)
-                        summary.update(read_GBps=bandwidth, floor_ms=floor * 1000,
-                                       tpot_over_floor=summary["tpot_s"]["mean"] / floor)
-                        print(f"  read bandwidth {bandwidth:.1f} GB/s -> floor {floor * 1000:.2f} ms for "
-                              f"{weight_bytes / 1e6:.0f} MB; TPOT / floor = {summary['tpot_over_floor']:.2f}", flush=True)
+                        summary.update(
+                            read_GBps=bandwidth,
+                            floor_ms=floor * 1000,
+                            tpot_over_floor=summary["tpot_s"]["mean"] / floor,
+                        )
+                        print(
+                            f"  read bandwidth {bandwidth:.1f} GB/s -> floor {floor * 1000:.2f} ms for "
+                            f"{weight_bytes / 1e6:.0f} MB; TPOT / floor = {summary['tpot_over_floor']:.2f}",
+                            flush=True,
+                        )
                     summary["idle_servers_cpu_s"] = (
-                        sum(tree_cpu_seconds(p.pid) for k, (p, _) in procs.items() if k != kind) - others_before)
+                        sum(tree_cpu_seconds(p.pid) for k, (p, _) in procs.items() if k != kind) - others_before
+                    )
                     rounds[kind][str(c)].append(summary)
                     t, e = summary["tpot_s"], summary["ttft_s"]
-                    print(f"round {rnd + 1} {kind:28s} c={c:3d}: TPOT {t.get('mean', 0) * 1000:7.1f} ms  "
-                          f"TTFT {e.get('mean', 0) * 1000:8.1f} ms  {summary['output_tokens_per_s']:7.1f} out tok/s  "
-                          f"{summary['requests_per_s']:.2f} req/s  (idle servers used {summary['idle_servers_cpu_s']:.1f} CPU s)"
-                          + (f"  failed {summary['failed']}" if summary["failed"] else "")
-                          + (f"  [engine: scheduler+IPC {100 * summary['scheduler_ipc_overhead_share']:.1f} % of step; "
-                             f"API process CPU {100 * summary['api_cpu_per_step_time_share']:.1f} % of step time]"
-                             if "api_cpu_per_step_time_share" in summary else ""), flush=True)
+                    print(
+                        f"round {rnd + 1} {kind:28s} c={c:3d}: TPOT {t.get('mean', 0) * 1000:7.1f} ms  "
+                        f"TTFT {e.get('mean', 0) * 1000:8.1f} ms  {summary['output_tokens_per_s']:7.1f} out tok/s  "
+                        f"{summary['requests_per_s']:.2f} req/s  (idle servers used {summary['idle_servers_cpu_s']:.1f} CPU s)"
+                        + (f"  failed {summary['failed']}" if summary["failed"] else "")
+                        + (
+                            f"  [engine: scheduler+IPC {100 * summary['scheduler_ipc_overhead_share']:.1f} % of step; "
+                            f"API process CPU {100 * summary['api_cpu_per_step_time_share']:.1f} % of step time]"
+                            if "api_cpu_per_step_time_share" in summary
+                            else ""
+                        ),
+                        flush=True,
+                    )
     finally:
         for proc, _ in procs.values():
             proc.terminate()
@@ -369,13 +483,19 @@ def main() -> None:
             if not rounds[kind][c]:
                 continue  # a llama-server of another level
             m = report["servers"][kind][c] = median_of_rounds(rounds[kind][c])
-            overhead = (f"  [engine: scheduler+IPC {100 * m['scheduler_ipc_overhead_share']:.1f} % of step; "
-                        f"API process CPU {100 * m['api_cpu_per_step_time_share']:.1f} % of step time]"
-                        if "api_cpu_per_step_time_share" in m else "")
-            print(f"{kind:30s} c={int(c):3d}: TPOT {m['tpot_s'].get('mean', 0) * 1000:7.1f} ms  "
-                  f"TTFT {m['ttft_s'].get('mean', 0) * 1000:8.1f} ms  {m['output_tokens_per_s']:7.1f} out tok/s"
-                  + (f"  TPOT/floor {m['tpot_over_floor']:.2f}" if "tpot_over_floor" in m else "")
-                  + (f"  failed {m['failed']}" if m["failed"] else "") + overhead)
+            overhead = (
+                f"  [engine: scheduler+IPC {100 * m['scheduler_ipc_overhead_share']:.1f} % of step; "
+                f"API process CPU {100 * m['api_cpu_per_step_time_share']:.1f} % of step time]"
+                if "api_cpu_per_step_time_share" in m
+                else ""
+            )
+            print(
+                f"{kind:30s} c={int(c):3d}: TPOT {m['tpot_s'].get('mean', 0) * 1000:7.1f} ms  "
+                f"TTFT {m['ttft_s'].get('mean', 0) * 1000:8.1f} ms  {m['output_tokens_per_s']:7.1f} out tok/s"
+                + (f"  TPOT/floor {m['tpot_over_floor']:.2f}" if "tpot_over_floor" in m else "")
+                + (f"  failed {m['failed']}" if m["failed"] else "")
+                + overhead
+            )
     # Each of our configurations against each peer, round by round (paired in time), then the median.
     ratios: dict[str, dict] = {}
     peers = [kind for kind, _ in kinds if not kind.startswith("ours")]
@@ -384,19 +504,27 @@ def main() -> None:
             label = peer.split()[0]  # "vllm", "llama.cpp" (its -np N server for that level)
             for c in map(str, args.concurrency):
                 per_round = [
-                    {"tpot_ours_over_peer": o["tpot_s"]["mean"] / v["tpot_s"]["mean"],
-                     "throughput_ours_over_peer": o["output_tokens_per_s"] / v["output_tokens_per_s"]}
-                    for o, v in zip(rounds[ours][c], rounds[peer][c]) if o["tpot_s"] and v["tpot_s"]]
+                    {
+                        "tpot_ours_over_peer": o["tpot_s"]["mean"] / v["tpot_s"]["mean"],
+                        "throughput_ours_over_peer": o["output_tokens_per_s"] / v["output_tokens_per_s"],
+                    }
+                    for o, v in zip(rounds[ours][c], rounds[peer][c])
+                    if o["tpot_s"] and v["tpot_s"]
+                ]
                 if not per_round:
                     continue
                 tp = [r["tpot_ours_over_peer"] for r in per_round]
                 th = [r["throughput_ours_over_peer"] for r in per_round]
                 ratios.setdefault(ours, {}).setdefault(label, {})[c] = {
-                    "per_round": per_round, "tpot_ours_over_peer": statistics.median(tp),
-                    "throughput_ours_over_peer": statistics.median(th)}
-                print(f"{ours} vs {peer}, c={c}: TPOT ratio {statistics.median(tp):.2f} (rounds "
-                      f"{', '.join(f'{x:.2f}' for x in tp)}), output tok/s ratio {statistics.median(th):.2f} "
-                      f"(rounds {', '.join(f'{x:.2f}' for x in th)})")
+                    "per_round": per_round,
+                    "tpot_ours_over_peer": statistics.median(tp),
+                    "throughput_ours_over_peer": statistics.median(th),
+                }
+                print(
+                    f"{ours} vs {peer}, c={c}: TPOT ratio {statistics.median(tp):.2f} (rounds "
+                    f"{', '.join(f'{x:.2f}' for x in tp)}), output tok/s ratio {statistics.median(th):.2f} "
+                    f"(rounds {', '.join(f'{x:.2f}' for x in th)})"
+                )
     report["ratios"] = ratios
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"JSON: {args.out}")

@@ -48,8 +48,10 @@ REQUEST_TIMEOUT_SECONDS = 120.0
 # Clients wait as long as a 429/503's Retry-After says (as the openai SDK does), capped so that the run
 # keeps probing the server while its worker restarts.
 RETRY_AFTER_CAP_SECONDS = 1.0
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly box jumping frogs in "
-         "bright summer light near old stone walls and rivers").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly box jumping frogs in "
+    "bright summer light near old stone walls and rivers"
+).split()
 
 
 @dataclass
@@ -84,17 +86,28 @@ class SoakReport:
     @property
     def clean(self) -> bool:
         s = self.schemathesis
-        return (self.truncated_streams == 0 and self.usage_mismatches == 0 and self.server_errors_outside_kill_window == 0
-                and self.recovered_after_s is not None and self.worker_restarts >= 1 and self.same_api_process
-                and self.after.get("kv_cache_usage_perc") == 0.0 and self.after.get("num_requests_running") == 0.0
-                and (not s or s.get("exit_code") == 0))
+        return (
+            self.truncated_streams == 0
+            and self.usage_mismatches == 0
+            and self.server_errors_outside_kill_window == 0
+            and self.recovered_after_s is not None
+            and self.worker_restarts >= 1
+            and self.same_api_process
+            and self.after.get("kv_cache_usage_perc") == 0.0
+            and self.after.get("num_requests_running") == 0.0
+            and (not s or s.get("exit_code") == 0)
+        )
 
 
 def scrape(base: str) -> dict[str, float]:
     """The unlabelled-by-reason engine gauges and counters of /metrics, by short name."""
-    wanted = {"vllm:kv_cache_usage_perc": "kv_cache_usage_perc", "vllm:num_requests_running": "num_requests_running",
-              "vllm:num_requests_waiting": "num_requests_waiting", "a8w8:worker_restarts_total": "worker_restarts",
-              "vllm:generation_tokens_total": "generation_tokens"}
+    wanted = {
+        "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
+        "vllm:num_requests_running": "num_requests_running",
+        "vllm:num_requests_waiting": "num_requests_waiting",
+        "a8w8:worker_restarts_total": "worker_restarts",
+        "vllm:generation_tokens_total": "generation_tokens",
+    }
     out = {}
     for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
         name = line.split("{", 1)[0]
@@ -107,8 +120,9 @@ def wait_idle(base: str) -> dict[str, float]:
     deadline = time.monotonic() + IDLE_TIMEOUT_SECONDS
     while True:
         m = scrape(base)
-        if (m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0 and m["kv_cache_usage_perc"] == 0) \
-                or time.monotonic() > deadline:
+        if (
+            m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0 and m["kv_cache_usage_perc"] == 0
+        ) or time.monotonic() > deadline:
             return m
         time.sleep(0.2)
 
@@ -116,8 +130,14 @@ def wait_idle(base: str) -> dict[str, float]:
 async def one_request(http: httpx.AsyncClient, base: str, rng: random.Random, disconnect_prob: float) -> Outcome:
     max_tokens = rng.randint(4, 48)
     text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40)))
-    common = {"max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
-              "ignore_eos": True, "temperature": rng.choice([0.0, 0.7]), "seed": rng.randint(0, 2**31)}
+    common = {
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "temperature": rng.choice([0.0, 0.7]),
+        "seed": rng.randint(0, 2**31),
+    }
     if rng.random() < 0.5:
         url, body = f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": text}], **common}
     else:
@@ -144,8 +164,11 @@ async def one_request(http: httpx.AsyncClient, base: str, rng: random.Random, di
                     end = time.monotonic()
                     if error is not None:
                         return Outcome("error_event", start, end, f"error event {error['code']}", error["code"])
-                    ok = (usage is not None and usage["completion_tokens"] == max_tokens
-                          and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"])
+                    ok = (
+                        usage is not None
+                        and usage["completion_tokens"] == max_tokens
+                        and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+                    )
                     return Outcome("completed", start, end, usage_ok=ok)
                 event = json.loads(data)
                 if "error" in event:
@@ -160,8 +183,9 @@ async def one_request(http: httpx.AsyncClient, base: str, rng: random.Random, di
         return Outcome("exception", start, time.monotonic(), type(e).__name__)
 
 
-async def load(base: str, clients: int, duration: float, disconnect_prob: float, seed: int,
-               on_half: "asyncio.Future | None" = None) -> list[Outcome]:
+async def load(
+    base: str, clients: int, duration: float, disconnect_prob: float, seed: int, on_half: asyncio.Future | None = None
+) -> list[Outcome]:
     deadline = time.monotonic() + duration
     outcomes: list[Outcome] = []
 
@@ -195,17 +219,38 @@ def kill_worker_and_watch(server: CliServer, t0: float, delay: float) -> tuple[f
 
 
 def run_schemathesis(base: str, examples: int, max_time: float) -> dict[str, object]:
-    cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{base}/openapi.json",
-           "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-           "--max-examples", str(examples), "--max-time", str(int(max_time)), "--generation-database", "none",
-           "--request-timeout", "60", "--no-color", "--seed", "1"]
+    cmd = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{base}/openapi.json",
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        "--max-examples",
+        str(examples),
+        "--max-time",
+        str(int(max_time)),
+        "--generation-database",
+        "none",
+        "--request-timeout",
+        "60",
+        "--no-color",
+        "--seed",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max_time + 300)
     # Its closing lines: "  1538 generated, 1 found 1 unique failure" and "=== 1 failure, 1 warning in 127.49s ===".
-    summary = [line.strip(" =") for line in proc.stdout.splitlines()
-               if re.search(r"\d+ generated", line) or re.match(r"=+ .* in [\d.]+s =+$", line)]
+    summary = [
+        line.strip(" =")
+        for line in proc.stdout.splitlines()
+        if re.search(r"\d+ generated", line) or re.match(r"=+ .* in [\d.]+s =+$", line)
+    ]
     failures = re.findall(r"^\s*❌ (.+)$", proc.stdout, re.M)
-    return {"exit_code": proc.returncode, "summary": summary, "failures": failures,
-            "output_tail": proc.stdout[-3000:] if proc.returncode else ""}
+    return {
+        "exit_code": proc.returncode,
+        "summary": summary,
+        "failures": failures,
+        "output_tail": proc.stdout[-3000:] if proc.returncode else "",
+    }
 
 
 def summarize(outcomes: list[Outcome], report: SoakReport, t0: float) -> None:
@@ -230,8 +275,17 @@ def summarize(outcomes: list[Outcome], report: SoakReport, t0: float) -> None:
     report.failed_by_cause = dict(causes)
 
 
-def soak(model: str | None, clients: int, duration: float, disconnect_prob: float, kill: bool,
-         schemathesis_examples: int, schemathesis_time: float, server_args: list[str], seed: int = 0) -> SoakReport:
+def soak(
+    model: str | None,
+    clients: int,
+    duration: float,
+    disconnect_prob: float,
+    kill: bool,
+    schemathesis_examples: int,
+    schemathesis_time: float,
+    server_args: list[str],
+    seed: int = 0,
+) -> SoakReport:
     if model is None:
         from offline.default_model import ensure_random_model
 
@@ -264,18 +318,31 @@ def soak(model: str | None, clients: int, duration: float, disconnect_prob: floa
 
 
 def print_report(r: SoakReport) -> None:
-    print(f"soak: {r.clients} streaming clients for {r.duration_s:g} s, random disconnects, "
-          f"{'one worker SIGKILL' if r.kill_at_s is not None else 'no kill'}")
-    print(f"requests sent {r.requests_sent}: completed {r.completed}, disconnected by the client {r.disconnected}, "
-          f"failed {sum(r.failed_by_cause.values())} {r.failed_by_cause}")
+    print(
+        f"soak: {r.clients} streaming clients for {r.duration_s:g} s, random disconnects, "
+        f"{'one worker SIGKILL' if r.kill_at_s is not None else 'no kill'}"
+    )
+    print(
+        f"requests sent {r.requests_sent}: completed {r.completed}, disconnected by the client {r.disconnected}, "
+        f"failed {sum(r.failed_by_cause.values())} {r.failed_by_cause}"
+    )
     if r.kill_at_s is not None:
         rec = f"{r.recovered_after_s - r.kill_at_s:.1f} s later" if r.recovered_after_s else "NOT recovered"
-        print(f"worker killed at {r.kill_at_s:.1f} s; /health 200 again {rec}; worker restarts {r.worker_restarts:g}; "
-              f"same API process: {r.same_api_process}")
-    print(f"5xx outside the kill window {r.server_errors_outside_kill_window}; lost or truncated streams "
-          f"{r.truncated_streams}; usage mismatches {r.usage_mismatches}")
-    fmt = lambda m: (f"kv usage {m.get('kv_cache_usage_perc', float('nan')):.3f}, running {m.get('num_requests_running', 0):g}, "  # noqa: E731
-                     f"waiting {m.get('num_requests_waiting', 0):g}")
+        print(
+            f"worker killed at {r.kill_at_s:.1f} s; /health 200 again {rec}; worker restarts {r.worker_restarts:g}; "
+            f"same API process: {r.same_api_process}"
+        )
+    print(
+        f"5xx outside the kill window {r.server_errors_outside_kill_window}; lost or truncated streams "
+        f"{r.truncated_streams}; usage mismatches {r.usage_mismatches}"
+    )
+
+    def fmt(m: dict) -> str:
+        return (
+            f"kv usage {m.get('kv_cache_usage_perc', float('nan')):.3f}, running {m.get('num_requests_running', 0):g}, "
+            f"waiting {m.get('num_requests_waiting', 0):g}"
+        )
+
     print(f"before: {fmt(r.before)}; after: {fmt(r.after)}")
     if r.schemathesis:
         s = r.schemathesis
@@ -298,8 +365,16 @@ def main() -> None:
     p.add_argument("--out", default="bench-results/soak.json")
     p.add_argument("--check", action="store_true", help="exit 1 unless the run is clean")
     args = p.parse_args()
-    report = soak(args.model, args.clients, args.duration, args.disconnect_prob, args.kill,
-                  args.schemathesis_examples, args.schemathesis_time, args.server_arg)
+    report = soak(
+        args.model,
+        args.clients,
+        args.duration,
+        args.disconnect_prob,
+        args.kill,
+        args.schemathesis_examples,
+        args.schemathesis_time,
+        args.server_arg,
+    )
     print_report(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

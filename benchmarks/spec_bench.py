@@ -45,18 +45,22 @@ def describe_order(order):
     lines.append(f"total: {compute_total([i['price'] for i in order['items']], order['tax']):.2f}")
     return "\\n".join(lines)
 '''
-LETTER = ("Dear support team, my name is Clara Jensen and I live in Aarhus. On 14 March I ordered a blue kettle "
-          "and two mugs, order number 88213, and paid 64 euros. The kettle arrived with a cracked lid, and the "
-          "mugs have not arrived at all. I would like a new lid or a refund for the kettle, and I would like to "
-          "know when the mugs will be sent. You can reach me at the address on the order. Kind regards, Clara.")
-STORY = ("The lighthouse on Gull Point was built in 1871. For ninety years a keeper climbed its 112 steps every "
-         "evening to light the lamp. In 1961 the lamp was replaced by an electric one, and the last keeper, Anna "
-         "Holt, moved to the village. She said that she missed the sound of the sea at night more than anything. "
-         "Today the lighthouse is a small museum, open from May to September, and visitors can still climb to the top.")
+LETTER = (
+    "Dear support team, my name is Clara Jensen and I live in Aarhus. On 14 March I ordered a blue kettle "
+    "and two mugs, order number 88213, and paid 64 euros. The kettle arrived with a cracked lid, and the "
+    "mugs have not arrived at all. I would like a new lid or a refund for the kettle, and I would like to "
+    "know when the mugs will be sent. You can reach me at the address on the order. Kind regards, Clara."
+)
+STORY = (
+    "The lighthouse on Gull Point was built in 1871. For ninety years a keeper climbed its 112 steps every "
+    "evening to light the lamp. In 1961 the lamp was replaced by an electric one, and the last keeper, Anna "
+    "Holt, moved to the village. She said that she missed the sound of the sea at night more than anything. "
+    "Today the lighthouse is a small museum, open from May to September, and visitors can still climb to the top."
+)
 GROUNDED = [
     f"Here is some Python code.\n\n{CODE}\nReturn the same code with the function compute_total renamed to sum_prices "
     "everywhere. Output only the code.",
-    f"Here is some Python code.\n\n{CODE}\nRewrite this code so that the error message says \"negative price\" "
+    f'Here is some Python code.\n\n{CODE}\nRewrite this code so that the error message says "negative price" '
     "instead. Output the whole code.",
     f"Extract the customer's name, city, order number, order date and amount from this message, one per line, "
     f"then quote the sentence that describes the problem.\n\n{LETTER}",
@@ -65,9 +69,12 @@ GROUNDED = [
     f"Repeat this text word for word, then give it a title.\n\n{STORY}",
 ]
 FREE_CHAT = [
-    "Write a short poem about autumn leaves.", "What are three good habits for staying healthy?",
-    "Explain why the sky is blue to a child.", "Give me an idea for a birthday party.",
-    "What is the difference between a lake and a pond?", "Tell me a fun fact about octopuses.",
+    "Write a short poem about autumn leaves.",
+    "What are three good habits for staying healthy?",
+    "Explain why the sky is blue to a child.",
+    "Give me an idea for a birthday party.",
+    "What is the difference between a lake and a pond?",
+    "Tell me a fun fact about octopuses.",
 ]
 MAX_TOKENS = 200
 CONCURRENCY = (1, 16)
@@ -87,8 +94,10 @@ async def run_set(base: str, prompts: list[str], concurrency: int) -> tuple[floa
         nonlocal tokens
         while not queue.empty():
             i, prompt = queue.get_nowait()
-            r = await http.post(f"{base}/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0})
+            r = await http.post(
+                f"{base}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0},
+            )
             r.raise_for_status()
             body = r.json()
             answers[i] = body["choices"][0]["message"]["content"]
@@ -105,8 +114,11 @@ def spec_metrics(base: str) -> dict[str, float]:
     out = {}
     for line in httpx.get(f"{base}/metrics").text.splitlines():
         name = line.split("{", 1)[0]
-        if name in ("vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total",
-                    "vllm:generation_tokens_total"):
+        if name in (
+            "vllm:spec_decode_num_draft_tokens_total",
+            "vllm:spec_decode_num_accepted_tokens_total",
+            "vllm:generation_tokens_total",
+        ):
             out[name.removeprefix("vllm:").removesuffix("_total")] = float(line.rsplit(" ", 1)[1])
     return out
 
@@ -125,10 +137,19 @@ def main() -> None:
         from offline.default_model import ensure_default_model
 
         model = str(ensure_default_model()[0])
-    spec = json.dumps({"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.lookup_max,
-                       "prompt_lookup_min": args.lookup_min})
+    spec = json.dumps(
+        {
+            "method": "ngram",
+            "num_speculative_tokens": args.k,
+            "prompt_lookup_max": args.lookup_max,
+            "prompt_lookup_min": args.lookup_min,
+        }
+    )
     common = ("--max-model-len", "2048", "--kv-cache-memory", "1GiB", "--log-level", "warning")
-    servers = {"plain": CliServer(Path(model), *common), "spec": CliServer(Path(model), *common, "--speculative-config", spec)}
+    servers = {
+        "plain": CliServer(Path(model), *common),
+        "spec": CliServer(Path(model), *common, "--speculative-config", spec),
+    }
     results: dict = {"model": model, "speculative_config": json.loads(spec), "rounds": []}
     try:
         for rnd in range(args.rounds):
@@ -141,29 +162,45 @@ def main() -> None:
                         before = spec_metrics(servers[name].base)
                         tps, answers, tokens = asyncio.run(run_set(servers[name].base, prompts, c))
                         after = spec_metrics(servers[name].base)
-                        measured[name] = {"tok_s": tps, "answers": answers, "tokens": tokens,
-                                          **{k: after.get(k, 0) - before.get(k, 0) for k in after}}
+                        measured[name] = {
+                            "tok_s": tps,
+                            "answers": answers,
+                            "tokens": tokens,
+                            **{k: after.get(k, 0) - before.get(k, 0) for k in after},
+                        }
                     s, p = measured["spec"], measured["plain"]
                     drafted = s.get("spec_decode_num_draft_tokens", 0)
                     row[f"{set_name}_c{c}"] = {
-                        "plain_tok_s": p["tok_s"], "spec_tok_s": s["tok_s"], "ratio": s["tok_s"] / p["tok_s"],
+                        "plain_tok_s": p["tok_s"],
+                        "spec_tok_s": s["tok_s"],
+                        "ratio": s["tok_s"] / p["tok_s"],
                         "acceptance": s.get("spec_decode_num_accepted_tokens", 0) / drafted if drafted else 0.0,
-                        "same_answers": s["answers"] == p["answers"]}
+                        "same_answers": s["answers"] == p["answers"],
+                    }
             results["rounds"].append(row)
     finally:
         for s in servers.values():
             s.stop()
-    print(f"prompt lookup {spec}; greedy chat, {MAX_TOKENS} max tokens; {args.rounds} interleaved rounds; "
-          f"output tok/s spec vs plain")
+    print(
+        f"prompt lookup {spec}; greedy chat, {MAX_TOKENS} max tokens; {args.rounds} interleaved rounds; "
+        f"output tok/s spec vs plain"
+    )
     summary = {}
     for key in results["rounds"][0]:
         rows = [r[key] for r in results["rounds"]]
         med = lambda f: statistics.median(r[f] for r in rows)  # noqa: E731
-        summary[key] = {"ratio": med("ratio"), "plain_tok_s": med("plain_tok_s"), "spec_tok_s": med("spec_tok_s"),
-                        "acceptance": med("acceptance"), "same_answers": all(r["same_answers"] for r in rows)}
-        print(f"{key:14s} plain {summary[key]['plain_tok_s']:7.1f} tok/s, spec {summary[key]['spec_tok_s']:7.1f} tok/s "
-              f"-> {summary[key]['ratio']:.2f}x (rounds {', '.join(format(r['ratio'], '.2f') for r in rows)}); draft "
-              f"acceptance {100 * summary[key]['acceptance']:.0f} %; same answers: {summary[key]['same_answers']}")
+        summary[key] = {
+            "ratio": med("ratio"),
+            "plain_tok_s": med("plain_tok_s"),
+            "spec_tok_s": med("spec_tok_s"),
+            "acceptance": med("acceptance"),
+            "same_answers": all(r["same_answers"] for r in rows),
+        }
+        print(
+            f"{key:14s} plain {summary[key]['plain_tok_s']:7.1f} tok/s, spec {summary[key]['spec_tok_s']:7.1f} tok/s "
+            f"-> {summary[key]['ratio']:.2f}x (rounds {', '.join(format(r['ratio'], '.2f') for r in rows)}); draft "
+            f"acceptance {100 * summary[key]['acceptance']:.0f} %; same answers: {summary[key]['same_answers']}"
+        )
     results["summary"] = summary
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

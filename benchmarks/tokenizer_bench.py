@@ -1,6 +1,6 @@
 """Encoding speed of the pure-Python fallback tokenizer vs. the tokenizers library, and its scaling.
 
-    python benchmarks/tokenizer_bench.py
+python benchmarks/tokenizer_bench.py
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ def sample_text(n_chars: int, seed: int = 0) -> str:
     """Mixed prose/code/CJK text built from this repository's sources, shuffled by line (little repetition)."""
     root = Path(__file__).resolve().parents[1]
     lines = [ln for p in sorted(root.glob("*/*.py")) for ln in p.read_text(encoding="utf-8").splitlines()]
-    lines += ["日本語のテキストと中文字符が混ざった行です。", "Ünïcödé façade naïve café 😀👍🏽", "Привет, мир! Γειά σου κόσμε."]
+    lines += [
+        "日本語のテキストと中文字符が混ざった行です。",
+        "Ünïcödé façade naïve café 😀👍🏽",
+        "Привет, мир! Γειά σου κόσμε.",
+    ]
     rng = random.Random(seed)
     out, size = [], 0
     while size < n_chars:
@@ -44,8 +48,10 @@ def main() -> None:
     print(f"python fallback: load {load_s:.2f} s")
     for n in (10_000, 100_000, 1_000_000):
         py._cache.clear()
-        print(f"{n:>9,} chars: python fallback {rate(py, text[:n]) / 1e3:8.0f} kchars/s (cold cache), "
-              f"tokenizers {rate(hf, text[:n]) / 1e3:8.0f} kchars/s")
+        print(
+            f"{n:>9,} chars: python fallback {rate(py, text[:n]) / 1e3:8.0f} kchars/s (cold cache), "
+            f"tokenizers {rate(hf, text[:n]) / 1e3:8.0f} kchars/s"
+        )
     for n in (10_000, 100_000):
         py._cache.clear()
         t = time.perf_counter()

@@ -56,37 +56,48 @@ def main() -> None:
     def ours_generate(llm: LLM):
         def generate(n: int) -> None:
             llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+
         return generate
 
     with contextlib.ExitStack() as stack:
         systems = {"transformers_bf16": hf_generate}
         for label, int8_head in (("a8w8_serve", False), ("a8w8_serve_int8_lm_head", True)):
-            llm = stack.enter_context(LLM(args.w8a8, kv_cache_memory_bytes=1 << 30, max_model_len=4096,
-                                          quantize_lm_head=int8_head))
+            llm = stack.enter_context(
+                LLM(args.w8a8, kv_cache_memory_bytes=1 << 30, max_model_len=4096, quantize_lm_head=int8_head)
+            )
             systems[label] = ours_generate(llm)
         for generate in systems.values():
             generate(2)  # warm-up
         labels = list(systems)
         rounds = []
         for r in range(args.rounds):
-            order = labels[r % len(labels):] + labels[:r % len(labels)]
+            order = labels[r % len(labels) :] + labels[: r % len(labels)]
             rounds.append({label: tpot_once(systems[label], args.tokens) for label in order})
     hf = [r["transformers_bf16"] for r in rounds]
-    report = {"transformers_bf16_tpot_ms": statistics.median(hf) * 1000, "prompt_len": args.prompt_len,
-              "tokens": args.tokens, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "rounds": [{k: v * 1000 for k, v in r.items()} for r in rounds]}
+    report = {
+        "transformers_bf16_tpot_ms": statistics.median(hf) * 1000,
+        "prompt_len": args.prompt_len,
+        "tokens": args.tokens,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rounds": [{k: v * 1000 for k, v in r.items()} for r in rounds],
+    }
     parts = []
     for label, flag in (("a8w8_serve", ""), ("a8w8_serve_int8_lm_head", " with --quantize-lm-head")):
         ratios = [r["transformers_bf16"] / r[label] for r in rounds]
         report[f"{label}_tpot_ms"] = statistics.median(r[label] for r in rounds) * 1000
         report[f"{label}_speedup"] = statistics.median(ratios)
         report[f"{label}_speedup_rounds"] = ratios
-        parts.append(f"a8w8-serve A8W8{flag} {report[f'{label}_tpot_ms']:.1f} ms -> {statistics.median(ratios):.2f}x "
-                     f"lower (rounds " + ", ".join(f"{x:.2f}" for x in ratios) + ")")
+        parts.append(
+            f"a8w8-serve A8W8{flag} {report[f'{label}_tpot_ms']:.1f} ms -> {statistics.median(ratios):.2f}x "
+            f"lower (rounds " + ", ".join(f"{x:.2f}" for x in ratios) + ")"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"batch-1 decode TPOT, medians of {args.rounds} interleaved rounds: transformers eager BF16 "
-          f"{report['transformers_bf16_tpot_ms']:.1f} ms; " + "; ".join(parts) + f"; JSON in {args.out}")
+    print(
+        f"batch-1 decode TPOT, medians of {args.rounds} interleaved rounds: transformers eager BF16 "
+        f"{report['transformers_bf16_tpot_ms']:.1f} ms; " + "; ".join(parts) + f"; JSON in {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -45,14 +45,20 @@ def default_variants() -> dict[str, tuple[str, str]]:
     float_down = default.with_name(default.name + "-float-down")
     if not (float_down / "config.json").is_file():
         smooth_and_quantize(ensure_smollm2_float(gguf), float_down, ignore=(FLOAT_DOWN_PROJ,))
-    return {"default": (str(default), "auto"), "float-down": (str(float_down), "auto"),
-            "default-bf16": (str(default), "bfloat16"), "float-down-bf16": (str(float_down), "bfloat16")}
+    return {
+        "default": (str(default), "auto"),
+        "float-down": (str(float_down), "auto"),
+        "default-bf16": (str(default), "bfloat16"),
+        "float-down-bf16": (str(float_down), "bfloat16"),
+    }
 
 
 def measure(runner: ModelRunner) -> dict[str, float]:
-    return {"decode_b1_ms": decode_ms(runner, 1, CONTEXT, DECODE_STEPS, 10),
-            "decode_b16_ms": decode_ms(runner, 16, CONTEXT, DECODE_STEPS, 100),
-            "prefill_tok_s": prefill_tokens_per_s(runner, PREFILL_TOKENS, 1000)}
+    return {
+        "decode_b1_ms": decode_ms(runner, 1, CONTEXT, DECODE_STEPS, 10),
+        "decode_b16_ms": decode_ms(runner, 16, CONTEXT, DECODE_STEPS, 100),
+        "prefill_tok_s": prefill_tokens_per_s(runner, PREFILL_TOKENS, 1000),
+    }
 
 
 def main() -> None:
@@ -67,27 +73,45 @@ def main() -> None:
         path, _, dtype = rest.partition(":")
         variants[name] = (path, dtype or "auto")
     variants = variants or default_variants()
-    runners = {name: ModelRunner(WorkerConfig(model_dir=path, dtype=dtype, kv_cache_memory_bytes=256 << 20,
-                                              max_model_len=CONTEXT + DECODE_STEPS + PREFILL_TOKENS + 64))
-               for name, (path, dtype) in variants.items()}
+    runners = {
+        name: ModelRunner(
+            WorkerConfig(
+                model_dir=path,
+                dtype=dtype,
+                kv_cache_memory_bytes=256 << 20,
+                max_model_len=CONTEXT + DECODE_STEPS + PREFILL_TOKENS + 64,
+            )
+        )
+        for name, (path, dtype) in variants.items()
+    }
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
     for r in range(args.rounds):
-        order = list(runners)[r % len(runners):] + list(runners)[: r % len(runners)]  # rotate who goes first
+        order = list(runners)[r % len(runners) :] + list(runners)[: r % len(runners)]  # rotate who goes first
         for name in order:
             rounds[name].append(measure(runners[name]))
     first = next(iter(runners))
     report = {"threads": torch.get_num_threads(), "rounds": args.rounds, "variants": {}}
-    print(f"{args.rounds} interleaved rounds, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"decode at context {CONTEXT}, prefill of {PREFILL_TOKENS} tokens; medians, ratio to {first!r}")
+    print(
+        f"{args.rounds} interleaved rounds, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"decode at context {CONTEXT}, prefill of {PREFILL_TOKENS} tokens; medians, ratio to {first!r}"
+    )
     for name, rs in rounds.items():
         med = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
         ratio = {k: med[k] / statistics.median(x[k] for x in rounds[first]) for k in med}
         runner = runners[name]
-        report["variants"][name] = {"model": variants[name][0], "dtype": variants[name][1], "median": med,
-                                    "ratio": ratio, "rounds": rs, "weight_bytes": runner.weight_bytes}
-        print(f"{name:16s} weights {runner.weight_bytes / 1e6:6.1f} MB/step | decode b1 {med['decode_b1_ms']:6.2f} ms "
-              f"({ratio['decode_b1_ms']:.2f}x) | b16 {med['decode_b16_ms']:6.2f} ms ({ratio['decode_b16_ms']:.2f}x) | "
-              f"prefill {med['prefill_tok_s']:7.1f} tok/s ({ratio['prefill_tok_s']:.2f}x)")
+        report["variants"][name] = {
+            "model": variants[name][0],
+            "dtype": variants[name][1],
+            "median": med,
+            "ratio": ratio,
+            "rounds": rs,
+            "weight_bytes": runner.weight_bytes,
+        }
+        print(
+            f"{name:16s} weights {runner.weight_bytes / 1e6:6.1f} MB/step | decode b1 {med['decode_b1_ms']:6.2f} ms "
+            f"({ratio['decode_b1_ms']:.2f}x) | b16 {med['decode_b16_ms']:6.2f} ms ({ratio['decode_b16_ms']:.2f}x) | "
+            f"prefill {med['prefill_tok_s']:7.1f} tok/s ({ratio['prefill_tok_s']:.2f}x)"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -30,17 +30,54 @@ from npu.runner import ModelRunner
 
 SHAPES = {
     # Qwen3-0.6B and 1.7B linear shapes (FACTS.md section 2), random weights
-    "0.6b": RandomModelSpec(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                            intermediate_size=3072, max_position_embeddings=4096),
-    "1.7b": RandomModelSpec(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                            intermediate_size=6144, max_position_embeddings=4096),
+    "0.6b": RandomModelSpec(
+        hidden_size=1024,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+        max_position_embeddings=4096,
+    ),
+    "1.7b": RandomModelSpec(
+        hidden_size=2048,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=6144,
+        max_position_embeddings=4096,
+    ),
     # The mission's model (Qwen3-14B) and the 8B, untied lm_head as in the real ones (FACTS.md section 2)
-    "8b": RandomModelSpec(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
-                          intermediate_size=12288, max_position_embeddings=40960, tie_word_embeddings=False),
-    "14b": RandomModelSpec(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, head_dim=128,
-                           intermediate_size=17408, max_position_embeddings=40960, tie_word_embeddings=False),
-    "tiny": RandomModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-                            intermediate_size=768, max_position_embeddings=4096),
+    "8b": RandomModelSpec(
+        hidden_size=4096,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+    ),
+    "14b": RandomModelSpec(
+        hidden_size=5120,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=17408,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+    ),
+    "tiny": RandomModelSpec(
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=768,
+        max_position_embeddings=4096,
+    ),
 }
 BANDWIDTH_BUFFER_BYTES = 512 * 1024**2  # far larger than L3, so this measures DRAM
 KV_BUDGET_BYTES = 2 * 1024**3
@@ -82,7 +119,7 @@ class LoadReport:
     runner: Any = field(repr=False, default=None)
 
     @classmethod
-    def measure(cls, model_dir: str, make_runner) -> "LoadReport":
+    def measure(cls, model_dir: str, make_runner) -> LoadReport:
         shards = sorted(Path(model_dir).glob("*.safetensors"))
         total = sum(p.stat().st_size for p in shards)
         _drop_page_cache(shards)
@@ -107,14 +144,19 @@ class LoadReport:
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in self.__dict__.items() if k != "runner"} | {
-            "bound_bytes": self.checkpoint_bytes + KV_BUDGET_BYTES + LOAD_HEADROOM_BYTES}
+            "bound_bytes": self.checkpoint_bytes + KV_BUDGET_BYTES + LOAD_HEADROOM_BYTES
+        }
 
     def describe(self) -> str:
         bound = self.checkpoint_bytes + KV_BUDGET_BYTES + LOAD_HEADROOM_BYTES
-        return (f"load: {self.checkpoint_bytes / 1e9:.2f} GB checkpoint in {self.load_seconds:.1f} s = "
-                f"{self.checkpoint_bytes / self.load_seconds / 1e9:.2f} GB/s (a cold sequential read of the files "
-                f"before it: {self.disk_read_GBps:.2f} GB/s); peak resident {self.peak_rss_bytes / 1e9:.2f} GB (before loading {self.rss_before_bytes / 1e9:.2f}) "
-                f"vs checkpoint + {KV_BUDGET_BYTES / 1e9:.1f} GB KV + {LOAD_HEADROOM_BYTES / 1e9:.1f} GB = {bound / 1e9:.2f} GB")
+        return (
+            f"load: {self.checkpoint_bytes / 1e9:.2f} GB checkpoint in {self.load_seconds:.1f} s = "
+            f"{self.checkpoint_bytes / self.load_seconds / 1e9:.2f} GB/s (a cold sequential read of the files "
+            f"before it: {self.disk_read_GBps:.2f} GB/s); peak resident {self.peak_rss_bytes / 1e9:.2f} GB (before loading {self.rss_before_bytes / 1e9:.2f}) "
+            f"vs checkpoint + {KV_BUDGET_BYTES / 1e9:.1f} GB KV + {LOAD_HEADROOM_BYTES / 1e9:.1f} GB = {bound / 1e9:.2f} GB"
+        )
+
+
 BLOCK = 16
 
 
@@ -161,8 +203,13 @@ def int8_gemm_roof(runner: ModelRunner, m: int) -> float:
     layer = runner.model.layers[0]
     shapes = [(op.out_features, op.in_features) for op in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     g = torch.Generator().manual_seed(0)
-    mats = [(torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g),
-             torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)) for n, k in shapes]
+    mats = [
+        (
+            torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g),
+            torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
+        )
+        for n, k in shapes
+    ]
     best = float("inf")
     for _ in range(ROOF_REPEATS):
         t = time.perf_counter()
@@ -195,6 +242,7 @@ class _Clock:
                 if clock.on:
                     clock.seconds[part] += time.perf_counter() - t
                 return out
+
         return Timed()
 
 
@@ -207,8 +255,11 @@ def decode_breakdown(runner: ModelRunner, batch: int, context: int, steps: int, 
     clock = _Clock()
     model, backend, sampler = runner.model, runner.backend, runner.sampler
     stack = model.decode_stack
-    saved = ([{n: getattr(layer, n) for n in LAYER_LINEARS} for layer in model.layers], model.lm_head,
-             sampler._argmax_rows)
+    saved = (
+        [{n: getattr(layer, n) for n in LAYER_LINEARS} for layer in model.layers],
+        model.lm_head,
+        sampler._argmax_rows,
+    )
     for layer in model.layers:
         for name in LAYER_LINEARS:
             setattr(layer, name, clock.wrap(getattr(layer, name), "decoder linears"))
@@ -222,8 +273,10 @@ def decode_breakdown(runner: ModelRunner, batch: int, context: int, steps: int, 
         greedy = SamplingOptions(temperature=0)
         seqs = list(range(seq_base, seq_base + batch))
         tables = {sq: b.blocks(context + 2 * steps + 4) for sq in seqs}
-        b.step(new=[NewSequence(sq, [100 + i for i in range(context)], context, 0, greedy) for sq in seqs],
-               chunks=[ScheduledChunk(sq, context, tables[sq], True) for sq in seqs])
+        b.step(
+            new=[NewSequence(sq, [100 + i for i in range(context)], context, 0, greedy) for sq in seqs],
+            chunks=[ScheduledChunk(sq, context, tables[sq], True) for sq in seqs],
+        )
         total = stacked = 0.0
         for i in range(2 * steps if stack is not None else steps):
             looped = i % 2 == 0 or stack is None
@@ -246,8 +299,11 @@ def decode_breakdown(runner: ModelRunner, batch: int, context: int, steps: int, 
         model.lm_head, sampler._argmax_rows = saved[1], saved[2]
         for attr in ("decode_attention", "qk_norm_rope", "write_kv"):
             delattr(backend, attr)
-    return {"total": total / steps * 1000, **{part: sec / steps * 1000 for part, sec in clock.seconds.items()},
-            **({"stacked_total": stacked / steps * 1000} if stack is not None else {})}
+    return {
+        "total": total / steps * 1000,
+        **{part: sec / steps * 1000 for part, sec in clock.seconds.items()},
+        **({"stacked_total": stacked / steps * 1000} if stack is not None else {}),
+    }
 
 
 def prefill_linear_gops(runner: ModelRunner, n: int, seq: int) -> float:
@@ -290,8 +346,10 @@ def decode_ms(runner: ModelRunner, batch: int, prompt_len: int, steps: int, seq_
     seqs = list(range(seq_base, seq_base + batch))
     max_len = prompt_len + steps + 4
     tables = {s: b.blocks(max_len) for s in seqs}
-    b.step(new=[NewSequence(s, [100 + i for i in range(prompt_len)], prompt_len, 0, greedy) for s in seqs],
-           chunks=[ScheduledChunk(s, prompt_len, tables[s], True) for s in seqs])
+    b.step(
+        new=[NewSequence(s, [100 + i for i in range(prompt_len)], prompt_len, 0, greedy) for s in seqs],
+        chunks=[ScheduledChunk(s, prompt_len, tables[s], True) for s in seqs],
+    )
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -306,8 +364,10 @@ def prefill_tokens_per_s(runner: ModelRunner, n: int, seq: int) -> float:
     b = Bench(runner)
     greedy = SamplingOptions(temperature=0)
     t = time.perf_counter()
-    b.step(new=[NewSequence(seq, [100 + i % 5000 for i in range(n)], n, 0, greedy)],
-           chunks=[ScheduledChunk(seq, n, b.blocks(n), True)])
+    b.step(
+        new=[NewSequence(seq, [100 + i % 5000 for i in range(n)], n, 0, greedy)],
+        chunks=[ScheduledChunk(seq, n, b.blocks(n), True)],
+    )
     dt = time.perf_counter() - t
     runner.seqs.clear()
     return n / dt
@@ -320,12 +380,19 @@ def main() -> None:
     ap.add_argument("--quantize-lm-head", action="store_true", help="run the lm_head in A8W8 too")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prefill-tokens", type=int, default=2048)
-    ap.add_argument("--breakdown-context", type=int, default=300,
-                    help="context length of the per-kernel breakdown of decode steps (prompt 256 + output)")
-    ap.add_argument("--model", default=None,
-                    help="an existing checkpoint to load instead of writing a random one of --shape (for 8b / 14b: "
-                         "benchmarks/make_bench_models.py writes them); the load is reported: time, cold disk read "
-                         "speed, peak resident memory")
+    ap.add_argument(
+        "--breakdown-context",
+        type=int,
+        default=300,
+        help="context length of the per-kernel breakdown of decode steps (prompt 256 + output)",
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="an existing checkpoint to load instead of writing a random one of --shape (for 8b / 14b: "
+        "benchmarks/make_bench_models.py writes them); the load is reported: time, cold disk read "
+        "speed, peak resident memory",
+    )
     ap.add_argument("--out", default="bench-results/worker.json")
     args = ap.parse_args()
 
@@ -334,9 +401,18 @@ def main() -> None:
         model_dir = args.model or d
         if args.model is None:
             write_random_qwen3(d, SHAPES[args.shape])
-        load = LoadReport.measure(model_dir, lambda: ModelRunner(WorkerConfig(
-            model_dir=model_dir, kv_cache_dtype=args.kv_cache_dtype, quantize_lm_head=args.quantize_lm_head,
-            kv_cache_memory_bytes=KV_BUDGET_BYTES, max_model_len=4096)))
+        load = LoadReport.measure(
+            model_dir,
+            lambda: ModelRunner(
+                WorkerConfig(
+                    model_dir=model_dir,
+                    kv_cache_dtype=args.kv_cache_dtype,
+                    quantize_lm_head=args.quantize_lm_head,
+                    kv_cache_memory_bytes=KV_BUDGET_BYTES,
+                    max_model_len=4096,
+                )
+            ),
+        )
         runner = load.runner
         runner.warmup()
         weight_bytes = runner.weight_bytes
@@ -352,41 +428,71 @@ def main() -> None:
         results["int8_gemm_roof_GOPs"] = int8_gemm_roof(runner, args.prefill_tokens)
         results["decode_breakdown_ms"] = {
             str(batch): decode_breakdown(runner, batch, args.breakdown_context, args.steps, 2000 + 100 * batch)
-            for batch in (1, 16)}
+            for batch in (1, 16)
+        }
         results["prefill_linear_share_of_roof"] = results["prefill_linear_GOPs"] / results["int8_gemm_roof_GOPs"]
         results["floor_pairs"] = floor_ratio_pairs(runner, weight_bytes, 5000)
     floor_ms = weight_bytes / (bw["read_GBps"] * 1e9) * 1000
     report = {
-        "shape": args.shape, "model": args.model, "load": load.as_dict(), "kv_cache_dtype": args.kv_cache_dtype, "quantize_lm_head": args.quantize_lm_head, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "weight_bytes_per_step": weight_bytes, **bw, "decode_floor_ms": floor_ms, **results,
+        "shape": args.shape,
+        "model": args.model,
+        "load": load.as_dict(),
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "quantize_lm_head": args.quantize_lm_head,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "weight_bytes_per_step": weight_bytes,
+        **bw,
+        "decode_floor_ms": floor_ms,
+        **results,
         "decode_batch1_ratio_to_floor": statistics.median(p["ratio"] for p in results["floor_pairs"]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"machine bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s at the start "
-          f"({torch.get_num_threads()} threads, torch {torch.__version__})")
+    print(
+        f"machine bandwidth: read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s at the start "
+        f"({torch.get_num_threads()} threads, torch {torch.__version__})"
+    )
     print(load.describe())
-    print(f"{args.shape}: {weight_bytes / 1e6:.0f} MB of linear weights (incl. lm_head) read per decode step; "
-          f"floor at read bandwidth {floor_ms:.1f} ms/step")
+    print(
+        f"{args.shape}: {weight_bytes / 1e6:.0f} MB of linear weights (incl. lm_head) read per decode step; "
+        f"floor at read bandwidth {floor_ms:.1f} ms/step"
+    )
     for batch in (1, 16):
-        print(f"decode batch {batch:2d}: {results[f'decode_batch{batch}_ms_per_step']:.1f} ms/step, "
-              f"{results[f'decode_batch{batch}_tokens_per_s']:.1f} tok/s, "
-              f"weights at {results[f'decode_batch{batch}_weight_GBps']:.1f} GB/s")
-    print(f"prefill {args.prefill_tokens} tokens: {results['prefill_tokens_per_s']:.0f} tok/s; its decoder linears "
-          f"at {results['prefill_linear_GOPs']:.0f} GOP/s = {100 * results['prefill_linear_share_of_roof']:.0f} % of the "
-          f"INT8 GEMM roof ({results['int8_gemm_roof_GOPs']:.0f} GOP/s, torch._int_mm at M={args.prefill_tokens})")
+        print(
+            f"decode batch {batch:2d}: {results[f'decode_batch{batch}_ms_per_step']:.1f} ms/step, "
+            f"{results[f'decode_batch{batch}_tokens_per_s']:.1f} tok/s, "
+            f"weights at {results[f'decode_batch{batch}_weight_GBps']:.1f} GB/s"
+        )
+    print(
+        f"prefill {args.prefill_tokens} tokens: {results['prefill_tokens_per_s']:.0f} tok/s; its decoder linears "
+        f"at {results['prefill_linear_GOPs']:.0f} GOP/s = {100 * results['prefill_linear_share_of_roof']:.0f} % of the "
+        f"INT8 GEMM roof ({results['int8_gemm_roof_GOPs']:.0f} GOP/s, torch._int_mm at M={args.prefill_tokens})"
+    )
     for batch, parts in results["decode_breakdown_ms"].items():
         rest = parts["total"] - sum(parts[p] for p in BREAKDOWN_PARTS)
-        print(f"decode batch {batch:>2s} at context {args.breakdown_context}, ms/step: {parts['total']:.1f} = "
-              + ", ".join(f"{p} {parts[p]:.1f}" for p in BREAKDOWN_PARTS) + f", other {rest:.1f} (Python layer loop)"
-              + (f"; alternate steps through the C layer stack: {parts['stacked_total']:.1f}" if "stacked_total" in parts
-                 else ""))
+        print(
+            f"decode batch {batch:>2s} at context {args.breakdown_context}, ms/step: {parts['total']:.1f} = "
+            + ", ".join(f"{p} {parts[p]:.1f}" for p in BREAKDOWN_PARTS)
+            + f", other {rest:.1f} (Python layer loop)"
+            + (
+                f"; alternate steps through the C layer stack: {parts['stacked_total']:.1f}"
+                if "stacked_total" in parts
+                else ""
+            )
+        )
     pairs = results["floor_pairs"]
-    print(f"decode batch 1 / floor, {len(pairs)} pairs of (read bandwidth, then {FLOOR_PAIR_STEPS} decode steps): "
-          + ", ".join(f"{p['decode_ms']:.1f} ms / {p['floor_ms']:.1f} ms at {p['read_GBps']:.1f} GB/s = {p['ratio']:.2f}x"
-                      for p in pairs))
-    print(f"decode batch 1 / floor = {report['decode_batch1_ratio_to_floor']:.2f}x (median of the pairs); JSON in {args.out}")
+    print(
+        f"decode batch 1 / floor, {len(pairs)} pairs of (read bandwidth, then {FLOOR_PAIR_STEPS} decode steps): "
+        + ", ".join(
+            f"{p['decode_ms']:.1f} ms / {p['floor_ms']:.1f} ms at {p['read_GBps']:.1f} GB/s = {p['ratio']:.2f}x"
+            for p in pairs
+        )
+    )
+    print(
+        f"decode batch 1 / floor = {report['decode_batch1_ratio_to_floor']:.2f}x (median of the pairs); JSON in {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class EngineStats:
 class RequestStream:
     """Async iterator over one request's outputs; closing it early aborts the request."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, seqs: list[Sequence]):
+    def __init__(self, engine: AsyncEngine, request_id: str, seqs: list[Sequence]):
         self.engine, self.request_id, self.seqs = engine, request_id, seqs
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._remaining = len(seqs)  # choices the consumer has not seen finish
@@ -178,8 +178,9 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 10)
         await asyncio.to_thread(self.core.shutdown)
 
-    def _set_state(self, state: EngineState, detail: str | None,
-                   only_from: tuple[EngineState, ...] | None = None) -> None:
+    def _set_state(
+        self, state: EngineState, detail: str | None, only_from: tuple[EngineState, ...] | None = None
+    ) -> None:
         with self._state_lock:
             if only_from is None or self.state in only_from:
                 self.state, self.state_detail = state, detail
@@ -200,15 +201,20 @@ class AsyncEngine:
     async def drain(self, timeout: float) -> int:
         """Refuse new requests, give the open ones up to ``timeout`` seconds to finish, then end the rest
         with an error (streams get an error event, never a silent cut). Returns how many were cut."""
-        self._set_state(EngineState.DRAINING, "the server is shutting down",
-                        only_from=(EngineState.LOADING, EngineState.READY, EngineState.RESTARTING))
+        self._set_state(
+            EngineState.DRAINING,
+            "the server is shutting down",
+            only_from=(EngineState.LOADING, EngineState.READY, EngineState.RESTARTING),
+        )
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
         cut = list(self._streams)
         for rid in cut:
-            self._fail_stream(rid, EngineUnavailable(
-                f"the server is shutting down and did not finish this request within {timeout:g} s"))
+            self._fail_stream(
+                rid,
+                EngineUnavailable(f"the server is shutting down and did not finish this request within {timeout:g} s"),
+            )
         return len(cut)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -220,13 +226,16 @@ class AsyncEngine:
         if state is EngineState.LOADING:
             return EngineUnavailable("the model is still loading", RESTART_RETRY_AFTER_SECONDS)
         if state is EngineState.RESTARTING:
-            return EngineUnavailable(f"the worker is restarting after a failure ({detail})", RESTART_RETRY_AFTER_SECONDS)
+            return EngineUnavailable(
+                f"the worker is restarting after a failure ({detail})", RESTART_RETRY_AFTER_SECONDS
+            )
         if state is EngineState.DRAINING:
             return EngineUnavailable("the server is shutting down")
         return EngineUnavailable(f"the engine is not available: {detail}")
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    priority: int = 0) -> RequestStream:
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
+    ) -> RequestStream:
         """Validate and enqueue; raises InvalidRequest, EngineOverloaded or EngineUnavailable synchronously."""
         if self.state is not EngineState.READY:
             raise self._unavailable()
@@ -293,8 +302,11 @@ class AsyncEngine:
 
     def _serve(self) -> None:
         last_log = time.monotonic()
-        logged_activity = (self.stats.prompt_tokens_total, self.stats.generation_tokens_total,
-                           self.stats.num_preemptions)
+        logged_activity = (
+            self.stats.prompt_tokens_total,
+            self.stats.generation_tokens_total,
+            self.stats.num_preemptions,
+        )
         while not self._stopping.is_set():
             sched = self.core.scheduler
             self._drain_commands(block=not sched.has_work)
@@ -315,9 +327,14 @@ class AsyncEngine:
                 # An idle server says nothing: a line only when something ran since the last one, or is queued.
                 if s.num_running or s.num_waiting or activity != logged_activity:
                     logged_activity = activity
-                    log.info("running=%d waiting=%d kv_usage=%.1f%% preemptions=%d generated_tokens=%d",
-                             s.num_running, s.num_waiting, 100 * s.kv_usage, s.num_preemptions,
-                             s.generation_tokens_total)
+                    log.info(
+                        "running=%d waiting=%d kv_usage=%.1f%% preemptions=%d generated_tokens=%d",
+                        s.num_running,
+                        s.num_waiting,
+                        100 * s.kv_usage,
+                        s.num_preemptions,
+                        s.generation_tokens_total,
+                    )
 
     def _recover(self, reason: str) -> bool:
         """The worker is lost: fail the requests it was running, reap it, start a new one (with back-off)
@@ -326,8 +343,10 @@ class AsyncEngine:
         log.error("worker lost: %s", reason)
         self._set_state(EngineState.RESTARTING, reason, only_from=(EngineState.READY, EngineState.RESTARTING))
         carried, lost = self.core.take_unstarted()
-        lost_error = EngineUnavailable(f"the worker failed while this request was running ({reason}); "
-                                       "it can be retried", RESTART_RETRY_AFTER_SECONDS)
+        lost_error = EngineUnavailable(
+            f"the worker failed while this request was running ({reason}); it can be retried",
+            RESTART_RETRY_AFTER_SECONDS,
+        )
         for rid in dict.fromkeys(seq.request_id for seq in lost):
             self._loop.call_soon_threadsafe(self._fail_stream, rid, lost_error)
         self.core.stop_worker()
@@ -336,10 +355,13 @@ class AsyncEngine:
             now = time.monotonic()
             self._restart_times = [t for t in self._restart_times if now - t < window]
             if len(self._restart_times) >= self.config.max_worker_restarts:
-                self._give_up(f"{reason}; the worker was restarted {len(self._restart_times)} times in "
-                              f"{window:g} s, giving up")
+                self._give_up(
+                    f"{reason}; the worker was restarted {len(self._restart_times)} times in {window:g} s, giving up"
+                )
                 return False
-            delay = WORKER_RESTART_BACKOFF_SECONDS[min(len(self._restart_times), len(WORKER_RESTART_BACKOFF_SECONDS) - 1)]
+            delay = WORKER_RESTART_BACKOFF_SECONDS[
+                min(len(self._restart_times), len(WORKER_RESTART_BACKOFF_SECONDS) - 1)
+            ]
             if self._stopping.wait(delay):
                 return False
             self._restart_times.append(time.monotonic())

@@ -12,7 +12,6 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-
 # Appended to the final message for continue_final_message, then cut off the rendering with all that follows
 # (transformers' method, so both leave the same text open).
 CONTINUE_FINAL_MESSAGE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -26,7 +25,9 @@ def _raise_exception(message: str) -> None:
     raise ChatTemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -52,7 +53,7 @@ class ChatTemplate:
         self._template = _compile(source)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "ChatTemplate | None":
+    def from_model_dir(cls, model_dir: str | Path) -> ChatTemplate | None:
         """The template from ``chat_template.jinja`` or ``tokenizer_config.json``; None if the model has none."""
         model_dir = Path(model_dir)
         cfg_path = model_dir / "tokenizer_config.json"
@@ -108,9 +109,10 @@ class ChatTemplate:
             return text
         tag = CONTINUE_FINAL_MESSAGE_TAG.strip()
         if final.strip() not in text or tag not in text:
-            raise ChatTemplateError("continue_final_message: this chat template drops part of the final message, "
-                                    "so it cannot be continued")
+            raise ChatTemplateError(
+                "continue_final_message: this chat template drops part of the final message, so it cannot be continued"
+            )
         cut = text.rindex(tag)
-        if text[cut:cut + len(CONTINUE_FINAL_MESSAGE_TAG)] == CONTINUE_FINAL_MESSAGE_TAG:
+        if text[cut : cut + len(CONTINUE_FINAL_MESSAGE_TAG)] == CONTINUE_FINAL_MESSAGE_TAG:
             return text[:cut]
         return text[:cut].rstrip()  # the template trimmed the message's trailing space, and so the tag's

@@ -94,9 +94,12 @@ class EngineCore:
         info = self.worker.wait_ready()
         max_len = min(info.max_model_len, self.config.scheduler.max_model_len or info.max_model_len)
         spec = self.worker_config.speculative
-        sched_cfg = dataclasses.replace(self.config.scheduler, max_model_len=max_len,
-                                        num_lookahead_tokens=spec.num_speculative_tokens if spec else 0,
-                                        lookahead_max_running=spec.disable_by_batch_size if spec else None)
+        sched_cfg = dataclasses.replace(
+            self.config.scheduler,
+            max_model_len=max_len,
+            num_lookahead_tokens=spec.num_speculative_tokens if spec else 0,
+            lookahead_max_running=spec.disable_by_batch_size if spec else None,
+        )
         bm = BlockManager(info.num_blocks, info.block_size, sched_cfg.enable_prefix_caching)
         scheduler = Scheduler(sched_cfg, bm)
         for seq in carried:
@@ -145,8 +148,9 @@ class EngineCore:
         if bad:
             raise InvalidRequest(f"token id {bad[0]} is out of range [0, {vocab})", "prompt")
 
-    def make_sequences(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       priority: int = 0) -> list[Sequence]:
+    def make_sequences(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> list[Sequence]:
         """Validate a request and build its ``n`` sequences (raises InvalidRequest)."""
         params.validate(self.model_config.vocab_size, self.max_model_len)
         if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
@@ -211,7 +215,9 @@ class EngineCore:
         t.num_drafts += step.num_drafts
         t.num_draft_tokens += step.num_draft_tokens
         t.num_accepted_tokens += step.num_accepted_tokens
-        per_pos = list(t.accepted_per_position) + [0] * max(0, len(step.accepted_per_position) - len(t.accepted_per_position))
+        per_pos = list(t.accepted_per_position) + [0] * max(
+            0, len(step.accepted_per_position) - len(t.accepted_per_position)
+        )
         for i, n in enumerate(step.accepted_per_position):
             per_pos[i] += n
         t.accepted_per_position = per_pos

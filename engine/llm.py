@@ -29,11 +29,18 @@ class GenerateResult:
 class LLM:
     """Runs the engine in the calling thread; the worker still runs in its own process."""
 
-    def __init__(self, model: str, worker: WorkerConfig | None = None, scheduler: SchedulerConfig | None = None,
-                 tokenizer_impl: str = "auto", **worker_kwargs):
+    def __init__(
+        self,
+        model: str,
+        worker: WorkerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        tokenizer_impl: str = "auto",
+        **worker_kwargs,
+    ):
         worker = worker or WorkerConfig(model_dir=str(model), **worker_kwargs)
-        self.core = EngineCore(EngineConfig(worker=worker, scheduler=scheduler or SchedulerConfig(),
-                                            tokenizer_impl=tokenizer_impl))
+        self.core = EngineCore(
+            EngineConfig(worker=worker, scheduler=scheduler or SchedulerConfig(), tokenizer_impl=tokenizer_impl)
+        )
         self.core.start()
         self.tokenizer = self.core.tokenizer
         self._next = 0
@@ -70,7 +77,7 @@ class LLM:
     def close(self) -> None:
         self.core.shutdown()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:

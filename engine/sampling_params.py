@@ -34,8 +34,14 @@ class PromptTooLong(InvalidRequest):
     :meth:`describe`. ``at_least`` marks a prompt refused by its byte size before tokenization, whose token
     count is then a lower bound."""
 
-    def __init__(self, max_model_len: int, prompt_tokens: int, max_tokens: int | None = None,
-                 at_least: bool = False, num_bytes: int | None = None):
+    def __init__(
+        self,
+        max_model_len: int,
+        prompt_tokens: int,
+        max_tokens: int | None = None,
+        at_least: bool = False,
+        num_bytes: int | None = None,
+    ):
         self.max_model_len, self.prompt_tokens, self.max_tokens = max_model_len, prompt_tokens, max_tokens
         self.at_least, self.num_bytes = at_least, num_bytes
         super().__init__(self.describe("prompt"), "prompt")
@@ -44,14 +50,20 @@ class PromptTooLong(InvalidRequest):
         """vLLM's sentences (clients match them), naming ``input_name`` ("messages" or "prompt")."""
         head = f"This model's maximum context length is {self.max_model_len} tokens. However, "
         if self.at_least:
-            return (f"{head}your request has at least {self.prompt_tokens} input tokens ({self.num_bytes} bytes of "
-                    f"text). Please reduce the length of the input {input_name}.")
+            return (
+                f"{head}your request has at least {self.prompt_tokens} input tokens ({self.num_bytes} bytes of "
+                f"text). Please reduce the length of the input {input_name}."
+            )
         if self.prompt_tokens >= self.max_model_len:
-            return (f"{head}your request has {self.prompt_tokens} input tokens. Please reduce the length of the "
-                    f"input {input_name}.")
-        return (f"{head}you requested {self.prompt_tokens + self.max_tokens} tokens ({self.prompt_tokens} in the "
-                f"{input_name}, {self.max_tokens} in the completion). Please reduce the length of the "
-                f"{input_name} or completion.")
+            return (
+                f"{head}your request has {self.prompt_tokens} input tokens. Please reduce the length of the "
+                f"input {input_name}."
+            )
+        return (
+            f"{head}you requested {self.prompt_tokens + self.max_tokens} tokens ({self.prompt_tokens} in the "
+            f"{input_name}, {self.max_tokens} in the completion). Please reduce the length of the "
+            f"{input_name} or completion."
+        )
 
 
 @dataclass(frozen=True)

@@ -186,13 +186,7 @@ def qwen_pretokenize_regex() -> re.Pattern[str]:
         "'" + "".join(f"[{c}{c.upper()}]" for c in suffix) for suffix in ("s", "t", "re", "ve", "m", "ll", "d")
     )
     pattern = (
-        f"{contractions}"
-        f"|[^\\r\\n{L}{N}]?[{L}]+"
-        f"|[{N}]"
-        f"| ?[^{S}{L}{N}]+[\\r\\n]*"
-        f"|[{S}]*[\\r\\n]+"
-        f"|[{S}]+(?![^{S}])"
-        f"|[{S}]+"
+        f"{contractions}|[^\\r\\n{L}{N}]?[{L}]+|[{N}]| ?[^{S}{L}{N}]+[\\r\\n]*|[{S}]*[\\r\\n]+|[{S}]+(?![^{S}])|[{S}]+"
     )
     return re.compile(pattern)
 
@@ -243,8 +237,10 @@ class PythonBPETokenizer:
         parts = pre.get("pretokenizers", [pre])
         patterns = [(p.get("pattern") or {}).get("Regex") for p in parts if p.get("type") == "Split"]
         if QWEN_PRETOKENIZE_PATTERN not in patterns:
-            raise ValueError(f"{path}: the python tokenizer implements the Qwen2/Qwen3 pre-tokenizer only; this "
-                             "model's differs. Use --tokenizer-impl hf (the tokenizers library).")
+            raise ValueError(
+                f"{path}: the python tokenizer implements the Qwen2/Qwen3 pre-tokenizer only; this "
+                "model's differs. Use --tokenizer-impl hf (the tokenizers library)."
+            )
 
     def _bpe(self, word: str) -> list[int]:
         cached = self._cache.get(word)

@@ -13,9 +13,18 @@ import torch
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # safetensors dtype names (the format's specification)
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                      "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-                      "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
 # Tensors at least this large have their page-cache pages dropped once read (see _SafetensorsFile.read).
 PAGE_CACHE_DROP_MIN_BYTES = 64 * 1024**2
 # The format caps its JSON header at 100 MB; a larger length is a corrupt file, not a reason to allocate.
@@ -48,8 +57,9 @@ class _SafetensorsFile:
                 if e["dtype"] not in SAFETENSORS_DTYPES:
                     raise ValueError(f"tensor {name!r} has unknown dtype {e['dtype']!r}")
                 if e["data_offsets"][1] > size - self.data_start:
-                    raise ValueError(f"tensor {name!r} ends at byte {self.data_start + e['data_offsets'][1]} of a "
-                                     f"{size}-byte file")
+                    raise ValueError(
+                        f"tensor {name!r} ends at byte {self.data_start + e['data_offsets'][1]} of a {size}-byte file"
+                    )
         except (OSError, ValueError, KeyError, TypeError, struct.error) as e:  # json errors are ValueErrors
             raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
         self._fd = os.open(path, os.O_RDONLY)
@@ -65,8 +75,10 @@ class _SafetensorsFile:
         tensor = torch.empty(e["shape"], dtype=SAFETENSORS_DTYPES[e["dtype"]])
         start, end = e["data_offsets"]
         if tensor.numel() * tensor.element_size() != end - start:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: {end - start} bytes of data for shape {e['shape']} "
-                                  f"and dtype {e['dtype']}")
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r}: {end - start} bytes of data for shape {e['shape']} "
+                f"and dtype {e['dtype']}"
+            )
         if tensor.numel():
             buf = memoryview(tensor.view(-1).view(torch.uint8).numpy())
             offset, done = self.data_start + start, 0
@@ -109,7 +121,9 @@ class CheckpointReader:
             for tensor, shard in weight_map.items():
                 path = self.model_dir / shard
                 if not path.is_file():
-                    raise CheckpointError(f"{index}: tensor {tensor!r} is mapped to shard {shard!r}, which does not exist")
+                    raise CheckpointError(
+                        f"{index}: tensor {tensor!r} is mapped to shard {shard!r}, which does not exist"
+                    )
                 self._tensor_file[tensor] = path
             for path in sorted(set(self._tensor_file.values())):
                 self._open(path)
@@ -144,16 +158,20 @@ class CheckpointReader:
             for name in handle.in_file_order():
                 if self._tensor_file.get(name) == handle.path:
                     self._preloaded[name] = handle.read(name)
+
     def check_all_read(self, ignorable: tuple[str, ...] = ()) -> None:
         """Refuse a checkpoint with tensors nobody read (e.g. biases its config does not announce): what the
         model would compute without them is not what the checkpoint means. ``ignorable``: regexes of
         tensors that are known to be redundant."""
-        unread = sorted(n for n in self._tensor_file if n not in self.read
-                        and not any(re.fullmatch(p, n) for p in ignorable))
+        unread = sorted(
+            n for n in self._tensor_file if n not in self.read and not any(re.fullmatch(p, n) for p in ignorable)
+        )
         if unread:
             more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
-            raise CheckpointError(f"{self._tensor_file[unread[0]]}: tensor {unread[0]!r}{more} is not part of the "
-                                  "model config.json describes (a field the config lacks, or another architecture?)")
+            raise CheckpointError(
+                f"{self._tensor_file[unread[0]]}: tensor {unread[0]!r}{more} is not part of the "
+                "model config.json describes (a field the config lacks, or another architecture?)"
+            )
 
     def has(self, name: str) -> bool:
         return name in self._tensor_file
@@ -181,9 +199,7 @@ class CheckpointReader:
         if tensor is None:
             tensor = handle.read(name)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}"
-            )
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
         if dtypes is not None and tensor.dtype not in dtypes:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
             raise CheckpointError(

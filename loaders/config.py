@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+
 class ConfigError(ValueError):
     """A config file is missing, unreadable, or describes something we do not support."""
 
@@ -25,22 +26,50 @@ class Architecture:
 
 _ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_QWEN_DEFAULTS = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
-                  "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu", "eos_token_id": None}
+_QWEN_DEFAULTS = {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "eos_token_id": None,
+}
 ARCHITECTURES: dict[str, Architecture] = {
     # Qwen3: Llama plus q/k norm; head_dim is a field of its own (default 128, not hidden / heads).
-    "Qwen3ForCausalLM": Architecture(qk_norm=True, fixed_biases=(), bias_flags={"attention_bias": _ATTENTION_LINEARS},
-                                     defaults={**_QWEN_DEFAULTS, "head_dim": 128}),
+    "Qwen3ForCausalLM": Architecture(
+        qk_norm=True,
+        fixed_biases=(),
+        bias_flags={"attention_bias": _ATTENTION_LINEARS},
+        defaults={**_QWEN_DEFAULTS, "head_dim": 128},
+    ),
     # Qwen2 / Qwen2.5: q, k and v always have a bias, o_proj and the MLP never.
-    "Qwen2ForCausalLM": Architecture(qk_norm=False, fixed_biases=_ATTENTION_LINEARS[:3], bias_flags={},
-                                     defaults={**_QWEN_DEFAULTS, "head_dim": None}),
+    "Qwen2ForCausalLM": Architecture(
+        qk_norm=False, fixed_biases=_ATTENTION_LINEARS[:3], bias_flags={}, defaults={**_QWEN_DEFAULTS, "head_dim": None}
+    ),
     "LlamaForCausalLM": Architecture(
-        qk_norm=False, fixed_biases=(), bias_flags={"attention_bias": _ATTENTION_LINEARS, "mlp_bias": _MLP_LINEARS},
-        defaults={"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": None, "max_position_embeddings": 2048,
-                  "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu", "eos_token_id": 2,
-                  "head_dim": None}),
+        qk_norm=False,
+        fixed_biases=(),
+        bias_flags={"attention_bias": _ATTENTION_LINEARS, "mlp_bias": _MLP_LINEARS},
+        defaults={
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": None,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "eos_token_id": 2,
+            "head_dim": None,
+        },
+    ),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 # transformers' RotaryEmbeddingConfigMixin.default_theta; none of the supported classes overrides it.
@@ -50,10 +79,23 @@ DEFAULT_ROPE_THETA = 10_000.0
 ROPE_TYPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "default": ((), ()),
     "linear": (("factor",), ("factor",)),
-    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-               ("factor", "low_freq_factor", "high_freq_factor")),
-    "yarn": (("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
-              "mscale_all_dim", "truncate"), ()),
+    "llama3": (
+        ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        ("factor", "low_freq_factor", "high_freq_factor"),
+    ),
+    "yarn": (
+        (
+            "factor",
+            "original_max_position_embeddings",
+            "attention_factor",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
+            "truncate",
+        ),
+        (),
+    ),
 }
 _ROPE_COMMON_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 
@@ -68,7 +110,7 @@ class RopeConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], max_position_embeddings: int, source: str) -> "RopeConfig":
+    def from_config(cls, cfg: dict[str, Any], max_position_embeddings: int, source: str) -> RopeConfig:
         """Both formats: transformers 5's ``rope_parameters`` and 4.x's ``rope_theta`` + ``rope_scaling``
         (where both are present, ``rope_scaling`` wins and a ``rope_theta`` inside the dict wins over the
         top-level one, as in transformers' ``convert_rope_params_to_dict``)."""
@@ -77,28 +119,37 @@ class RopeConfig:
         if not isinstance(rope, dict):
             raise ConfigError(f"{source}: {field_name} must be an object, got {rope!r}")
         if any(isinstance(v, dict) for v in rope.values()):
-            raise ConfigError(f"{source}: {field_name} gives RoPE per layer type ({sorted(rope)}); only one RoPE "
-                              "for all layers is implemented")
+            raise ConfigError(
+                f"{source}: {field_name} gives RoPE per layer type ({sorted(rope)}); only one RoPE "
+                "for all layers is implemented"
+            )
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
-            raise ConfigError(f"{source}: {field_name}.rope_type {rope_type!r} is not implemented; "
-                              f"implemented: {', '.join(ROPE_TYPES)}")
+            raise ConfigError(
+                f"{source}: {field_name}.rope_type {rope_type!r} is not implemented; "
+                f"implemented: {', '.join(ROPE_TYPES)}"
+            )
         allowed, required = ROPE_TYPES[rope_type]
         for key in rope:
             if key not in allowed and key not in _ROPE_COMMON_KEYS:
-                raise ConfigError(f"{source}: {field_name}.{key} is not implemented for rope_type {rope_type!r} "
-                                  f"(it reads {', '.join(allowed) or 'no parameters'})")
+                raise ConfigError(
+                    f"{source}: {field_name}.{key} is not implemented for rope_type {rope_type!r} "
+                    f"(it reads {', '.join(allowed) or 'no parameters'})"
+                )
         for key in required:
             if rope.get(key) is None:
                 raise ConfigError(f"{source}: {field_name}.{key} is required for rope_type {rope_type!r}")
         partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
         if partial is not None and float(partial) != 1.0:
-            raise ConfigError(f"{source}: partial_rotary_factor={partial} is not implemented (RoPE over whole heads only)")
+            raise ConfigError(
+                f"{source}: partial_rotary_factor={partial} is not implemented (RoPE over whole heads only)"
+            )
         theta = float(rope.get("rope_theta", cfg.get("rope_theta", DEFAULT_ROPE_THETA)))
         params = {k: rope[k] for k in allowed if rope.get(k) is not None}
         if "original_max_position_embeddings" in allowed:
-            params.setdefault("original_max_position_embeddings",
-                              cfg.get("original_max_position_embeddings", max_position_embeddings))
+            params.setdefault(
+                "original_max_position_embeddings", cfg.get("original_max_position_embeddings", max_position_embeddings)
+            )
         if rope_type == "yarn" and params.get("factor") is None:
             params["factor"] = max_position_embeddings / params["original_max_position_embeddings"]
         return cls(rope_type, theta, params)
@@ -144,7 +195,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch_name = archs[0] if archs else None
         if arch_name not in ARCHITECTURES:

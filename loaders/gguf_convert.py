@@ -79,8 +79,11 @@ def build_tokenizer_json(tokens: list[str], types: list[int], merges: list[str],
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
-    added = [AddedToken(t, special=ty == TOKEN_TYPE_CONTROL, normalized=False)
-             for t, ty in zip(tokens, types) if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
+    added = [
+        AddedToken(t, special=ty == TOKEN_TYPE_CONTROL, normalized=False)
+        for t, ty in zip(tokens, types)
+        if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
+    ]
     tok.add_tokens([a for a in added if not a.special])
     tok.add_special_tokens([a for a in added if a.special])
     return tok
@@ -99,7 +102,9 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
         # GGUF, or is cut short, fails here (with whatever the parser hit: a bad magic, an index past the end).
         reader = GGUFReader(str(src))
     except (ValueError, IndexError, KeyError, struct.error, OSError) as e:
-        raise ConfigError(f"{src}: not a readable GGUF file ({type(e).__name__}: {e}); is it a whole GGUF file?") from None
+        raise ConfigError(
+            f"{src}: not a readable GGUF file ({type(e).__name__}: {e}); is it a whole GGUF file?"
+        ) from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ConfigError(f"{src}: general.architecture={arch!r}; only 'llama' GGUF files are converted")
@@ -114,8 +119,9 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
         try:
             arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except (ValueError, IndexError) as e:
-            raise ConfigError(f"{src}: tensor {t.name!r}: cannot read its data for shape {shape} ({e}); "
-                              "is the file truncated?") from None
+            raise ConfigError(
+                f"{src}: tensor {t.name!r}: cannot read its data for shape {shape} ({e}); is the file truncated?"
+            ) from None
         name = hf_tensor_name(t.name)
         if name.endswith("self_attn.q_proj.weight"):
             arr = llama_cpp_unpermute(arr, n_head)
@@ -154,8 +160,12 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     save_tensors(tensors, dst)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
 
-    tok = build_tokenizer_json(tokens, types, list(_field(reader, "tokenizer.ggml.merges")),
-                               str(_field(reader, "tokenizer.ggml.pre", "default")))
+    tok = build_tokenizer_json(
+        tokens,
+        types,
+        list(_field(reader, "tokenizer.ggml.merges")),
+        str(_field(reader, "tokenizer.ggml.pre", "default")),
+    )
     tok.save(str(dst / "tokenizer.json"))
     name_of = lambda i: None if i is None else tokens[int(i)]  # noqa: E731
     tok_cfg = {
@@ -169,15 +179,23 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
         "pad_token": name_of(pad),
         "unk_token": name_of(unk),
         "added_tokens_decoder": {
-            str(i): {"content": t, "special": ty == TOKEN_TYPE_CONTROL, "normalized": False, "lstrip": False,
-                     "rstrip": False, "single_word": False}
-            for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
+            str(i): {
+                "content": t,
+                "special": ty == TOKEN_TYPE_CONTROL,
+                "normalized": False,
+                "lstrip": False,
+                "rstrip": False,
+                "single_word": False,
+            }
+            for i, (t, ty) in enumerate(zip(tokens, types))
+            if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
         },
     }
     template = _field(reader, "tokenizer.chat_template")
     if template:
         tok_cfg["chat_template"] = template
     (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
-    (dst / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}, indent=2))
+    (dst / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}, indent=2)
+    )
     return dst

@@ -33,7 +33,7 @@ MIN_DIVISOR = 1e-30
 FLOAT_DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPE_NAMES}
 
 
-def _concat_biases(parts: list["FloatLinear | Int8Linear"]) -> torch.Tensor | None:
+def _concat_biases(parts: list[FloatLinear | Int8Linear]) -> torch.Tensor | None:
     """The output-concatenated bias of ``parts`` (zeros for a part without one), or None if none has one."""
     if all(p.bias is None for p in parts):
         return None
@@ -52,7 +52,7 @@ class FloatLinear:
         return self.weight.shape[0]
 
     @staticmethod
-    def concat(parts: list["FloatLinear"]) -> "FloatLinear":
+    def concat(parts: list[FloatLinear]) -> FloatLinear:
         bias = _concat_biases(parts)
         weight = torch.cat([p.weight for p in parts], dim=0)
         return FloatLinear(weight, None if bias is None else bias.to(weight.dtype))
@@ -75,10 +75,11 @@ class Int8Linear:
         return self.qweight.shape[0]
 
     @staticmethod
-    def concat(parts: list["Int8Linear"]) -> "Int8Linear":
+    def concat(parts: list[Int8Linear]) -> Int8Linear:
         # Per-channel scales make output-dimension concatenation exact.
         return Int8Linear(
-            torch.cat([p.qweight for p in parts], dim=0), torch.cat([p.scale for p in parts], dim=0),
+            torch.cat([p.qweight for p in parts], dim=0),
+            torch.cat([p.scale for p in parts], dim=0),
             _concat_biases(parts),
         )
 
@@ -161,14 +162,16 @@ class CompressedTensorsW8A8:
         return any(t == class_name or self._matches(t, module_name) for t in self.targets)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "CompressedTensorsW8A8 | None":
+    def from_config(cls, cfg: dict[str, Any]) -> CompressedTensorsW8A8 | None:
         """Parse the config block if present; None for an unquantized checkpoint."""
         qc = next((cfg[k] for k in CT_QUANT_CONFIG_KEYS if cfg.get(k)), None)
         if qc is None:
             return None
         method = qc.get("quant_method")
         if method != "compressed-tensors":
-            raise ConfigError(f"quantization_config.quant_method={method!r} is not supported (only compressed-tensors W8A8)")
+            raise ConfigError(
+                f"quantization_config.quant_method={method!r} is not supported (only compressed-tensors W8A8)"
+            )
         fmt = qc.get("format")
         if fmt not in SUPPORTED_CT_FORMATS:
             raise ConfigError(
@@ -216,12 +219,30 @@ class CompressedTensorsW8A8:
             "config_groups": {
                 "group_0": {
                     "targets": ["Linear"],
-                    "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
-                                "dynamic": False, "group_size": None, "block_structure": None,
-                                "observer": "minmax", "actorder": None, "observer_kwargs": {}},
-                    "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
-                                          "dynamic": True, "group_size": None, "block_structure": None,
-                                          "observer": None, "actorder": None, "observer_kwargs": {}},
+                    "weights": {
+                        "num_bits": 8,
+                        "type": "int",
+                        "symmetric": True,
+                        "strategy": "channel",
+                        "dynamic": False,
+                        "group_size": None,
+                        "block_structure": None,
+                        "observer": "minmax",
+                        "actorder": None,
+                        "observer_kwargs": {},
+                    },
+                    "input_activations": {
+                        "num_bits": 8,
+                        "type": "int",
+                        "symmetric": True,
+                        "strategy": "token",
+                        "dynamic": True,
+                        "group_size": None,
+                        "block_structure": None,
+                        "observer": None,
+                        "actorder": None,
+                        "observer_kwargs": {},
+                    },
                     "output_activations": None,
                 }
             },

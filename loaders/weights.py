@@ -169,8 +169,10 @@ def load_model_weights(
             name: reader.get(f"{prefix}.{name}.weight", shape, FLOAT_TENSOR_DTYPES)
             for name, shape in norm_shapes(cfg).items()
         }
-        linears = {name: loader.load(f"{prefix}.{name}", shape, name in cfg.linear_biases)
-                   for name, shape in linear_shapes(cfg).items()}
+        linears = {
+            name: loader.load(f"{prefix}.{name}", shape, name in cfg.linear_biases)
+            for name, shape in linear_shapes(cfg).items()
+        }
         layers.append(LayerWeights(norms=norms, linears=linears))
     final_norm = reader.get("model.norm.weight", (cfg.hidden_size,), FLOAT_TENSOR_DTYPES)
     if reader.has("lm_head.weight") and not cfg.tie_word_embeddings:

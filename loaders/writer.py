@@ -85,8 +85,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], dst: Path, max_shard_bytes: i
     (dst / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                        ignore: tuple[str, ...] = (), float_dtype: str = "auto") -> None:
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ignore: tuple[str, ...] = (),
+    float_dtype: str = "auto",
+) -> None:
     """Write a float checkpoint as compressed-tensors W8A8 in llm-compressor's layout.
 
     Every decoder linear becomes ``X.weight`` int8 ``[out, in]`` plus ``X.weight_scale`` ``[out, 1]`` in
@@ -106,12 +111,16 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, max_shard_bytes: int =
     ignore_list = ["lm_head", *ignore]
     kept = CompressedTensorsW8A8(targets=("Linear",), ignore=tuple(ignore_list), format="int-quantized")
     linear_modules = {
-        f"model.layers.{i}.{name}": shape for i in range(cfg.num_layers) for name, shape in linear_shapes(cfg).items()
+        f"model.layers.{i}.{name}": shape
+        for i in range(cfg.num_layers)
+        for name, shape in linear_shapes(cfg).items()
         if kept.is_quantized(f"model.layers.{i}.{name}")
     }
     if ignore and len(linear_modules) == cfg.num_layers * len(linear_shapes(cfg)):
-        raise ConfigError(f"--ignore {list(ignore)} matches no linear module (names look like "
-                          "model.layers.0.mlp.down_proj; a regex needs the re: prefix)")
+        raise ConfigError(
+            f"--ignore {list(ignore)} matches no linear module (names look like "
+            "model.layers.0.mlp.down_proj; a regex needs the re: prefix)"
+        )
     out: dict[str, torch.Tensor] = {}
     for name in tqdm(reader.keys(), desc="quantizing to INT8", unit="tensor", disable=None):
         module = name.removesuffix(".weight")
@@ -279,12 +288,17 @@ class ShardWriter:
             final = f"model-{i:05d}-of-{len(self._files):05d}.safetensors"
             path.rename(self.dst / final)
             weight_map.update((name, final) for name in names)
-        (self.dst / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": self.total_bytes},
-                                                       "weight_map": weight_map}, indent=2))
+        (self.dst / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2)
+        )
 
 
-def write_random_qwen3_w8a8_streaming(dst: str | Path, spec: RandomModelSpec, tokenizer_dir: str | Path | None = None,
-                                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def write_random_qwen3_w8a8_streaming(
+    dst: str | Path,
+    spec: RandomModelSpec,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
     """A random compressed-tensors W8A8 Qwen3 checkpoint of any size, written one tensor at a time: each linear
     is drawn in float and quantized on its own (the same distribution and rounding as
     :func:`write_random_qwen3`), so memory holds at most one shard, never a float copy of the model (a

@@ -37,7 +37,7 @@ def empty_huge_pages(nbytes: int) -> torch.Tensor:
             pass
     raw = torch.frombuffer(mapping, dtype=torch.uint8)
     skip = -raw.data_ptr() % HUGE_PAGE_BYTES
-    return raw[skip:skip + nbytes]
+    return raw[skip : skip + nbytes]
 
 
 def zeros_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -63,6 +63,6 @@ class HugePageArena:
             return empty_huge_pages(nbytes).view(dtype)
         if self._used + nbytes > self._chunk.numel():
             self._chunk, self._used = empty_huge_pages(self.chunk_bytes), 0
-        out = self._chunk[self._used:self._used + nbytes].view(dtype)
+        out = self._chunk[self._used : self._used + nbytes].view(dtype)
         self._used += -(-nbytes // TENSOR_ALIGN) * TENSOR_ALIGN
         return out

@@ -42,7 +42,9 @@ class Int8KV:
             "v_scale": zeros_huge_pages((layers, slots, heads), torch.float32),
         }
 
-    def write(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         # per (token, head): the same symmetric convention as activations, over head_dim
         qk, sk = quantize_symmetric(k.float())
         qv, sv = quantize_symmetric(v.float())
@@ -77,7 +79,9 @@ class FloatKV:
             "v": zeros_huge_pages((layers, slots, heads, head_dim), self.dtype),
         }
 
-    def write(self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, cache: dict[str, torch.Tensor], layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         cache["k"][layer].index_copy_(0, slots, k.to(self.dtype))
         cache["v"][layer].index_copy_(0, slots, v.to(self.dtype))
 
@@ -99,15 +103,28 @@ def kv_format(kv_dtype: KVCacheDtype | str) -> Int8KV | FloatKV:
 class PagedKVCache:
     """All layers' K/V for ``num_blocks`` blocks of ``block_size`` token slots."""
 
-    def __init__(self, kv_dtype: KVCacheDtype | str, num_layers: int, num_kv_heads: int, head_dim: int,
-                 num_blocks: int, block_size: int):
+    def __init__(
+        self,
+        kv_dtype: KVCacheDtype | str,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+    ):
         self.format = kv_format(kv_dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.tensors = self.format.allocate(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
 
     @staticmethod
-    def blocks_for_budget(kv_dtype: KVCacheDtype | str, budget_bytes: int, num_layers: int, num_kv_heads: int,
-                          head_dim: int, block_size: int) -> int:
+    def blocks_for_budget(
+        kv_dtype: KVCacheDtype | str,
+        budget_bytes: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+    ) -> int:
         """How many blocks fit in ``budget_bytes``."""
         per_block = kv_format(kv_dtype).bytes_per_slot(num_kv_heads, head_dim) * num_layers * block_size
         return budget_bytes // per_block

@@ -42,7 +42,7 @@ class DecodeGroup:
     covers_all_rows: bool  # rows are exactly 0..S-1 of an S-row step (a pure decode step)
 
     @staticmethod
-    def build(spans: list[SeqSpan], total_rows: int) -> "DecodeGroup":
+    def build(spans: list[SeqSpan], total_rows: int) -> DecodeGroup:
         longest = max(sp.context_slots.numel() for sp in spans)
         slots = torch.zeros(len(spans), longest, dtype=torch.long)
         lengths = torch.tensor([sp.context_slots.numel() for sp in spans], dtype=torch.int32)
@@ -57,8 +57,9 @@ class DecodeGroup:
         return (torch.arange(self.slots.shape[1])[None, :] < self.lengths[:, None])[:, None, None, :]
 
 
-def sdpa_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, group: DecodeGroup, scale: float,
-                          dtype: torch.dtype) -> torch.Tensor:
+def sdpa_decode_attention(
+    q: torch.Tensor, cache: PagedKVCache, layer: int, group: DecodeGroup, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
     """Decode attention of ``q`` ``[S, Hq, D]`` over each sequence's cached context: the context gathered
     and dequantized, one padded, masked SDPA call (backends without a decode kernel). Returns ``[S, Hq*D]``."""
     n, hq, d = q.shape
@@ -67,8 +68,9 @@ def sdpa_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, grou
     hkv = kv.k.shape[1]
     k = kv.k.view(n, longest, hkv, d).transpose(1, 2)  # [S, Hkv, L, D]
     v = kv.v.view(n, longest, hkv, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=group.mask(), scale=scale,
-                                         enable_gqa=hq != hkv)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=group.mask(), scale=scale, enable_gqa=hq != hkv
+    )
     return out.reshape(n, hq * d)
 
 
@@ -109,8 +111,12 @@ class _Layer:
         self.qk_norm = None
         if "self_attn.q_norm" in norms:
             q_heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
-            self.qk_norm = RMSNorm(torch.cat([norms["self_attn.q_norm"].expand(q_heads, -1),
-                                              norms["self_attn.k_norm"].expand(kv_heads, -1)]), cfg.rms_norm_eps)
+            self.qk_norm = RMSNorm(
+                torch.cat(
+                    [norms["self_attn.q_norm"].expand(q_heads, -1), norms["self_attn.k_norm"].expand(kv_heads, -1)]
+                ),
+                cfg.rms_norm_eps,
+            )
 
 
 class DecoderModel:
@@ -142,8 +148,9 @@ class DecoderModel:
         self.cos = cos.to(self.dtype)
         self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
         # the backend's one-call version of the layer loop for pure decode steps, where it has one
-        self.decode_stack = backend.prepare_decoder_stack(self.layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                          self.cos, self.sin_signed, self.scale)
+        self.decode_stack = backend.prepare_decoder_stack(
+            self.layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.cos, self.sin_signed, self.scale
+        )
 
     def _attention(self, q: torch.Tensor, kv, span: SeqSpan) -> torch.Tensor:
         """Causal GQA attention of one sequence's query rows over its context (fused SDPA kernel)."""
@@ -158,8 +165,9 @@ class DecoderModel:
         elif q_len > 1:
             # query i sits at absolute position ctx - q_len + i: causal aligned to the lower right
             mask = causal_lower_right(q_len, ctx)
-        out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                             enable_gqa=self.group > 1)
+        out = F.scaled_dot_product_attention(
+            qh, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.group > 1
+        )
         return out[0].transpose(0, 1).reshape(q_len, cfg.num_heads * cfg.head_dim)
 
     def _decode_attention(self, q: torch.Tensor, layer: int, group: DecodeGroup, cache: PagedKVCache) -> torch.Tensor:
@@ -171,24 +179,29 @@ class DecoderModel:
         return sdpa_decode_attention(q, cache, layer, group, self.scale, self.dtype)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: PagedKVCache,
-                layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, batch: ForwardBatch, cache: PagedKVCache, layer_outputs: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Compute the batch, writing its K/V into ``cache``; returns fp32 logits ``[S, vocab]``.
 
         ``layer_outputs``, when given, receives the residual stream after each layer (for tests).
         """
         x = self.embed[batch.token_ids].to(self.dtype)
         group = batch.decode
-        stacked = (self.decode_stack is not None and layer_outputs is None and group is not None
-                   and group.covers_all_rows
-                   and self.decode_stack.decode(x, batch.positions, batch.slot_mapping, group.slots, group.lengths,
-                                                cache))
+        stacked = (
+            self.decode_stack is not None
+            and layer_outputs is None
+            and group is not None
+            and group.covers_all_rows
+            and self.decode_stack.decode(x, batch.positions, batch.slot_mapping, group.slots, group.lengths, cache)
+        )
         if not stacked:
             x = self._layer_loop(x, batch, cache, layer_outputs)
         return self.lm_head(x[batch.logits_rows], norm=self.final_norm).float()
 
-    def _layer_loop(self, x: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
-                    layer_outputs: list[torch.Tensor] | None) -> torch.Tensor:
+    def _layer_loop(
+        self, x: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache, layer_outputs: list[torch.Tensor] | None
+    ) -> torch.Tensor:
         """Every decoder layer on the residual stream ``x`` ``[T, hidden]``, kernel call by kernel call."""
         cfg = self.cfg
         T = batch.token_ids.numel()

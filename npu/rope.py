@@ -81,7 +81,10 @@ def _yarn(theta: float, dim: int, p: dict[str, Any]) -> tuple[torch.Tensor, floa
 
 
 INV_FREQ_RULES: dict[str, Callable[[float, int, dict[str, Any]], tuple[torch.Tensor, float]]] = {
-    "default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn,
+    "default": _default,
+    "linear": _linear,
+    "llama3": _llama3,
+    "yarn": _yarn,
 }
 
 

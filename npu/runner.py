@@ -12,9 +12,18 @@ import torch
 from loaders.weights import load_model_weights
 from npu.backends import get_backend
 from npu.kv_cache import PagedKVCache
-from npu.messages import (NewSequence, Ready, SampledToken, ScheduledChunk, SequenceFailure, SpecDecodeStats,
-                          StepRequest, StepResult, WorkerConfig)
-from npu.model import ForwardBatch, DecoderModel, SeqSpan
+from npu.messages import (
+    NewSequence,
+    Ready,
+    SampledToken,
+    ScheduledChunk,
+    SequenceFailure,
+    SpecDecodeStats,
+    StepRequest,
+    StepResult,
+    WorkerConfig,
+)
+from npu.model import DecoderModel, ForwardBatch, SeqSpan
 from npu.sampler import Sampler, SequenceSamplingState, options_error
 from npu.spec_decode import NgramProposer
 
@@ -35,8 +44,9 @@ class WorkerSequence:
     proposer: NgramProposer | None = None  # speculative decoding's drafter, where it is on
 
 
-def fit_max_model_len(requested: int | None, max_position_embeddings: int, num_blocks: int, block_size: int,
-                      budget_bytes: int) -> tuple[int, int | None]:
+def fit_max_model_len(
+    requested: int | None, max_position_embeddings: int, num_blocks: int, block_size: int, budget_bytes: int
+) -> tuple[int, int | None]:
     """(max_model_len, the length it was lowered from or None). Without an explicit ``requested`` length the
     model's own is used, lowered to what the KV cache holds (one sequence of max_model_len must fit, as in
     llama-server, which sizes its context to memory); an explicit length the cache cannot hold is an error."""
@@ -48,7 +58,8 @@ def fit_max_model_len(requested: int | None, max_position_embeddings: int, num_b
         raise ValueError(
             f"the KV cache budget of {budget_bytes} bytes holds {num_blocks} blocks of {block_size} tokens "
             f"({fits} tokens), fewer than one sequence of max_model_len={wanted} needs; raise --kv-cache-memory "
-            "or lower --max-model-len")
+            "or lower --max-model-len"
+        )
     return fits, wanted
 
 
@@ -56,22 +67,32 @@ class ModelRunner:
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.backend = get_backend(config.backend, config.num_threads, config.int8_kernel)
-        weights = load_model_weights(config.model_dir, config.quantization, quantize_lm_head=config.quantize_lm_head,
-                                     dtype=config.dtype)
+        weights = load_model_weights(
+            config.model_dir, config.quantization, quantize_lm_head=config.quantize_lm_head, dtype=config.dtype
+        )
         cfg = weights.config
         self.model_config = cfg
         num_blocks = PagedKVCache.blocks_for_budget(
-            config.kv_cache_dtype, config.kv_cache_memory_bytes, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+            config.kv_cache_dtype,
+            config.kv_cache_memory_bytes,
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
             config.block_size,
         )
         self.max_model_len, self.max_model_len_capped_from = fit_max_model_len(
-            config.max_model_len, cfg.max_position_embeddings, num_blocks, config.block_size,
-            config.kv_cache_memory_bytes)
+            config.max_model_len,
+            cfg.max_position_embeddings,
+            num_blocks,
+            config.block_size,
+            config.kv_cache_memory_bytes,
+        )
         self.weight_bytes = weights.linear_bytes()
         self.model = DecoderModel(weights, self.backend, self.max_model_len)  # (consumes the loaded layers)
         self.quantization = weights.quantization.value
-        self.cache = PagedKVCache(config.kv_cache_dtype, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                  num_blocks, config.block_size)
+        self.cache = PagedKVCache(
+            config.kv_cache_dtype, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, config.block_size
+        )
         self.sampler = Sampler(config.sampleable_vocab_size or cfg.vocab_size, config.seed, self.backend.argmax_rows)
         self.seqs: dict[int, WorkerSequence] = {}
 
@@ -120,16 +141,22 @@ class ModelRunner:
             return f"sequence {ch.seq_id}: block index {bad[0]} out of range [0, {nb})"
         end = ws.num_computed + ch.num_tokens
         if ch.num_tokens <= 0 or end > len(ws.token_ids):
-            return f"sequence {ch.seq_id}: {ch.num_tokens} tokens from {ws.num_computed} exceeds {len(ws.token_ids)} known"
+            return (
+                f"sequence {ch.seq_id}: {ch.num_tokens} tokens from {ws.num_computed} exceeds {len(ws.token_ids)} known"
+            )
         if end > self.max_model_len:
             return f"sequence {ch.seq_id}: position {end - 1} beyond max_model_len {self.max_model_len}"
         if (len(ws.block_table) + len(ch.new_block_ids)) * bs < end:
             return f"sequence {ch.seq_id}: block table too short for {end} tokens"
         if ch.sample and end != len(ws.token_ids):
             return f"sequence {ch.seq_id}: sample requested before the last known token"
-        if ch.max_draft and (not ch.sample or self.config.speculative is None or ch.max_draft < 0
-                             or end + ch.max_draft > self.max_model_len
-                             or (len(ws.block_table) + len(ch.new_block_ids)) * bs < end + ch.max_draft):
+        if ch.max_draft and (
+            not ch.sample
+            or self.config.speculative is None
+            or ch.max_draft < 0
+            or end + ch.max_draft > self.max_model_len
+            or (len(ws.block_table) + len(ch.new_block_ids)) * bs < end + ch.max_draft
+        ):
             return f"sequence {ch.seq_id}: no room (or no speculative decoding) for {ch.max_draft} drafted tokens"
         return None
 
@@ -156,7 +183,9 @@ class ModelRunner:
             if ch.seq_id in failures:
                 continue
             ws = new.get(ch.seq_id) or self.seqs.get(ch.seq_id)
-            err = f"sequence {ch.seq_id} scheduled twice in one step" if ch.seq_id in seen else self._chunk_error(ch, ws)
+            err = (
+                f"sequence {ch.seq_id} scheduled twice in one step" if ch.seq_id in seen else self._chunk_error(ch, ws)
+            )
             seen.add(ch.seq_id)
             if err:
                 failures[ch.seq_id] = err
@@ -193,8 +222,12 @@ class ModelRunner:
         chunks = self._plan(req, failures)
 
         def result(tokens: list[SampledToken]) -> StepResult:
-            return StepResult(step_id=req.step_id, tokens=tokens, compute_seconds=time.perf_counter() - t0,
-                              failed=[SequenceFailure(s, m) for s, m in failures.items()])
+            return StepResult(
+                step_id=req.step_id,
+                tokens=tokens,
+                compute_seconds=time.perf_counter() - t0,
+                failed=[SequenceFailure(s, m) for s, m in failures.items()],
+            )
 
         if not chunks:
             return result([])
@@ -219,7 +252,7 @@ class ModelRunner:
             # would be: the same (decode) attention kernel, so bit for bit the same numbers. (In A8W8 a last-bit
             # difference can move an activation across an INT8 step, and greedy output would drift.)
             for i, t in enumerate(draft):
-                spans.append(SeqSpan(len(token_ids), 1, slots[:end + i + 1]))
+                spans.append(SeqSpan(len(token_ids), 1, slots[: end + i + 1]))
                 token_ids.append(t)
                 positions.append(end + i)
             ws.num_computed = end
@@ -246,8 +279,9 @@ class ModelRunner:
         tokens: list[SampledToken] = []
         spec = None
         if logits_rows:
-            tokens, sample_failures = self.sampler.sample(logits, sample_seqs, [self.seqs[s].sampling for s in sample_seqs],
-                                                          drafts)
+            tokens, sample_failures = self.sampler.sample(
+                logits, sample_seqs, [self.seqs[s].sampling for s in sample_seqs], drafts
+            )
             for f in sample_failures:
                 self._fail(failures, [f.seq_id], f.message)
             for t in tokens:
@@ -257,7 +291,9 @@ class ModelRunner:
         res.spec = spec
         return res
 
-    def _account_drafts(self, seq_ids: list[int], drafts: list[list[int]], tokens: list[SampledToken]) -> SpecDecodeStats:
+    def _account_drafts(
+        self, seq_ids: list[int], drafts: list[list[int]], tokens: list[SampledToken]
+    ) -> SpecDecodeStats:
         """After verification: a sequence's accepted drafts are computed (their KV is valid; the rest of the
         draft's KV is overwritten later), its drafter learns how it did; the step's statistics."""
         returned: dict[int, int] = {}

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import math
 
 import torch
 
@@ -69,14 +68,23 @@ class SequenceSamplingState:
 def _is_plain_greedy(o: SamplingOptions, st: SequenceSamplingState) -> bool:
     """Greedy with nothing that changes the logits first (see ``_apply_penalties``): one batched argmax
     serves it. Logprobs do not matter: they are of the raw distribution either way."""
-    return (o.temperature < GREEDY_TEMPERATURE and o.repetition_penalty == 1.0 and not o.presence_penalty
-            and not o.frequency_penalty and not o.logit_bias
-            and not (len(st.output_token_ids) < o.min_tokens and o.min_tokens_suppress_ids))
+    return (
+        o.temperature < GREEDY_TEMPERATURE
+        and o.repetition_penalty == 1.0
+        and not o.presence_penalty
+        and not o.frequency_penalty
+        and not o.logit_bias
+        and not (len(st.output_token_ids) < o.min_tokens and o.min_tokens_suppress_ids)
+    )
 
 
 class Sampler:
-    def __init__(self, sampleable_vocab_size: int, seed: int = 0,
-                 argmax_rows: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        sampleable_vocab_size: int,
+        seed: int = 0,
+        argmax_rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         """``argmax_rows`` (the backend's) returns each row's first maximum; default ``torch.argmax``."""
         self.sampleable_vocab_size = sampleable_vocab_size
         self._unseeded = torch.Generator().manual_seed(seed)
@@ -151,8 +159,13 @@ class Sampler:
         return int(ids[torch.multinomial(probs, 1, generator=generator)]), False
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seq_ids: list[int], states: list[SequenceSamplingState],
-               drafts: list[list[int]] | None = None) -> tuple[list[SampledToken], list[SequenceFailure]]:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seq_ids: list[int],
+        states: list[SequenceSamplingState],
+        drafts: list[list[int]] | None = None,
+    ) -> tuple[list[SampledToken], list[SequenceFailure]]:
         """Sample one token per sequence and record it in each state. A sequence with a draft (speculative
         decoding) has ``len(draft) + 1`` consecutive rows of ``logits`` (the positions of its last known token
         and of each drafted one) and gets the accepted drafts and one more token, in order. A sequence that
@@ -177,8 +190,9 @@ class Sampler:
                 failed.append(SequenceFailure(seq_id, f"sampling failed: {type(e).__name__}: {e}"))
         return out, failed
 
-    def _sample_drafted(self, logits: torch.Tensor, seq_ids: list[int], states: list[SequenceSamplingState],
-                        drafts: list[list[int]]) -> tuple[list[SampledToken], list[SequenceFailure]]:
+    def _sample_drafted(
+        self, logits: torch.Tensor, seq_ids: list[int], states: list[SequenceSamplingState], drafts: list[list[int]]
+    ) -> tuple[list[SampledToken], list[SequenceFailure]]:
         logits = logits.float()
         logits[:, self.sampleable_vocab_size :] = float("-inf")
         want_logprobs = any(st.options.logprobs is not None for st in states)
@@ -202,8 +216,9 @@ class Sampler:
                 failed.append(SequenceFailure(seq_id, f"sampling failed: {type(e).__name__}: {e}"))
         return out, failed
 
-    def _token(self, logprobs: torch.Tensor | None, row: int, seq_id: int, st: SequenceSamplingState,
-               token: int) -> SampledToken:
+    def _token(
+        self, logprobs: torch.Tensor | None, row: int, seq_id: int, st: SequenceSamplingState, token: int
+    ) -> SampledToken:
         """Record ``token`` in the sequence's state, with its logprobs from ``row`` if asked for."""
         lp, top = None, None
         if logprobs is not None and st.options.logprobs is not None:
@@ -214,8 +229,15 @@ class Sampler:
         st.record(token)
         return SampledToken(seq_id=seq_id, token_id=token, logprob=lp, top_logprobs=top)
 
-    def _sample_row(self, logits: torch.Tensor, logprobs: torch.Tensor | None, i: int, seq_id: int,
-                    st: SequenceSamplingState, greedy_token: int | None) -> SampledToken:
+    def _sample_row(
+        self,
+        logits: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        i: int,
+        seq_id: int,
+        st: SequenceSamplingState,
+        greedy_token: int | None,
+    ) -> SampledToken:
         if greedy_token is not None:
             token = greedy_token
         else:

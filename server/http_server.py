@@ -117,8 +117,11 @@ class GracefulServer(uvicorn.Server):
                 engine.core.worker.process.kill()
             return
         self._draining = True
-        log.warning("%s: draining (up to %g s for running requests; send it again to exit now)",
-                    signal.Signals(sig).name, self.shutdown_timeout)
+        log.warning(
+            "%s: draining (up to %g s for running requests; send it again to exit now)",
+            signal.Signals(sig).name,
+            self.shutdown_timeout,
+        )
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain_then_exit()))
 
     @property
@@ -145,9 +148,15 @@ def build_server(app_factory, http: HTTPSettings) -> GracefulServer:
     holder: list[GracefulServer] = []
     app = app_factory(lambda reason: holder[0].fatal(reason))
     # access_log off: the app logs one line per request itself, with its duration.
-    config = uvicorn.Config(app, host=http.host, port=http.port, log_level=http.log_level, access_log=False,
-                            http=header_timeout_protocol(http.header_timeout),
-                            timeout_graceful_shutdown=CONNECTION_CLOSE_GRACE_SECONDS)
+    config = uvicorn.Config(
+        app,
+        host=http.host,
+        port=http.port,
+        log_level=http.log_level,
+        access_log=False,
+        http=header_timeout_protocol(http.header_timeout),
+        timeout_graceful_shutdown=CONNECTION_CLOSE_GRACE_SECONDS,
+    )
     server = GracefulServer(config, http.shutdown_timeout)
     holder.append(server)
     return server

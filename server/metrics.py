@@ -38,8 +38,11 @@ class _EngineCollector:
             ("vllm:spec_decode_num_accepted_tokens", "Drafted tokens accepted.", spec.num_accepted_tokens),
             # ours: engine step wall time vs. worker compute time -> scheduler + IPC overhead
             ("a8w8:engine_steps", "Engine steps run.", s.steps),
-            ("a8w8:engine_step_seconds", "Wall time of engine steps (schedule, IPC, compute, postprocess).",
-             s.step_seconds_total),
+            (
+                "a8w8:engine_step_seconds",
+                "Wall time of engine steps (schedule, IPC, compute, postprocess).",
+                s.step_seconds_total,
+            ),
             ("a8w8:worker_compute_seconds", "Time the worker spent computing those steps.", s.compute_seconds_total),
             ("a8w8:worker_restarts", "Worker processes started again after the previous one died.", s.worker_restarts),
         )
@@ -48,8 +51,11 @@ class _EngineCollector:
                 metric = family(name, doc, labels=["model_name"])
                 metric.add_metric([self.model_name], value)
                 yield metric
-        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
-                                      "Drafted tokens accepted, by position in the draft.", labels=["model_name", "position"])
+        per_pos = CounterMetricFamily(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Drafted tokens accepted, by position in the draft.",
+            labels=["model_name", "position"],
+        )
         for i, n in enumerate(spec.accepted_per_position):
             per_pos.add_metric([self.model_name, str(i)], n)
         yield per_pos
@@ -61,16 +67,33 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry.register(_EngineCollector(engine, model_name))
         label = ["model_name"]
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", label,
-                              buckets=TTFT_BUCKETS, registry=self.registry)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between generated tokens.", label,
-                             buckets=ITL_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", label,
-                             buckets=E2E_BUCKETS, registry=self.registry)
-        self.queue = Histogram("vllm:request_queue_time_seconds", "Arrival to first scheduling.", label,
-                               buckets=E2E_BUCKETS, registry=self.registry)
-        self.success = Counter("vllm:request_success", "Finished requests.", ["model_name", "finished_reason"],
-                               registry=self.registry)
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            label,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between generated tokens.",
+            label,
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Arrival to finish.", label, buckets=E2E_BUCKETS, registry=self.registry
+        )
+        self.queue = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Arrival to first scheduling.",
+            label,
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        )
+        self.success = Counter(
+            "vllm:request_success", "Finished requests.", ["model_name", "finished_reason"], registry=self.registry
+        )
 
     def observe_finished(self, out: RequestOutput) -> None:
         """Record one finished choice's latencies from its engine timestamps."""

@@ -39,7 +39,7 @@ class ReasoningParser:
             if stripped.startswith(THINK_START):
                 self._state = "reasoning"
                 self.saw_reasoning = True
-                text = stripped[len(THINK_START):]
+                text = stripped[len(THINK_START) :]
             elif THINK_START.startswith(stripped):
                 self._held = text  # could still become "<think>"
                 return "", ""
@@ -49,10 +49,10 @@ class ReasoningParser:
             end = text.find(THINK_END)
             if end < 0:
                 keep = _partial_suffix(text, THINK_END)
-                self._held = text[len(text) - keep:] if keep else ""
+                self._held = text[len(text) - keep :] if keep else ""
                 return text[: len(text) - keep], ""
             reasoning = text[:end]
-            text = text[end + len(THINK_END):]
+            text = text[end + len(THINK_END) :]
             self._state = "after_think"
         if self._state == "after_think":
             text = text.lstrip("\n")

@@ -54,8 +54,9 @@ def refuse_unsupported(req: _SamplingFields) -> None:
     if req.tool_choice not in (None, "none"):
         raise APIError(400, "tool_choice is not supported yet by this server", "tool_choice")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise APIError(400, "response_format (json_object / json_schema) is not supported yet by this server",
-                       "response_format")
+        raise APIError(
+            400, "response_format (json_object / json_schema) is not supported yet by this server", "response_format"
+        )
 
 
 @contextlib.contextmanager
@@ -72,7 +73,9 @@ def refuse_stream_options_without_stream(req: _SamplingFields) -> None:
         raise APIError(400, "stream_options can only be given with stream=true", "stream_options")
 
 
-def sampling_params(ctx: ServingContext, req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(
+    ctx: ServingContext, req: _SamplingFields, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
     """Model defaults (generation_config.json), then the request's fields."""
     defaults = ctx.engine.generation_defaults
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -116,16 +119,24 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             texts = []
             for part in m.content:
                 if part.get("type") != "text":
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}",
-                                   "messages")
+                    raise APIError(
+                        400,
+                        f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}",
+                        "messages",
+                    )
                 texts.append(str(part.get("text", "")))
             d["content"] = "".join(texts)
         out.append(d)
     return out
 
 
-def chat_prompt_ids(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool,
-                    kwargs: dict[str, Any] | None, continue_final_message: bool = False) -> list[int]:
+def chat_prompt_ids(
+    ctx: ServingContext,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    kwargs: dict[str, Any] | None,
+    continue_final_message: bool = False,
+) -> list[int]:
     """Render the chat template and tokenize. CPU work in proportion to the input: run it in a thread.
     ``continue_final_message`` leaves the last message open for the model to continue (vLLM's and
     transformers' meaning: no generation prompt after it, so it cannot be combined with one)."""
@@ -133,10 +144,18 @@ def chat_prompt_ids(ctx: ServingContext, messages: list[ChatMessage], add_genera
     if template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     if continue_final_message and add_generation_prompt:
-        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: set "
-                            "add_generation_prompt to false to continue the final message", "continue_final_message")
-    text = template.render(message_dicts(messages), add_generation_prompt=add_generation_prompt,
-                           continue_final_message=continue_final_message, **(kwargs or {}))
+        raise APIError(
+            400,
+            "continue_final_message and add_generation_prompt cannot both be true: set "
+            "add_generation_prompt to false to continue the final message",
+            "continue_final_message",
+        )
+    text = template.render(
+        message_dicts(messages),
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        **(kwargs or {}),
+    )
     return ctx.engine.core.encode_prompt(text)
 
 
@@ -229,8 +248,11 @@ def chat_logprobs(ctx: ServingContext, lps: list[TokenLogprob]) -> dict[str, Any
         s = _token_str(ctx, tid)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
 
-    return {"content": [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, l) for t, l in (x.top or [])]}
-                        for x in lps]}
+    return {
+        "content": [
+            {**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in (x.top or [])]} for x in lps
+        ]
+    }
 
 
 def completion_logprobs(ctx: ServingContext, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
@@ -242,7 +264,7 @@ def completion_logprobs(ctx: ServingContext, lps: list[TokenLogprob], offset: in
     return {
         "tokens": tokens,
         "token_logprobs": [x.logprob for x in lps],
-        "top_logprobs": [{_token_str(ctx, t): l for t, l in (x.top or [])} for x in lps],
+        "top_logprobs": [{_token_str(ctx, t): lp for t, lp in (x.top or [])} for x in lps],
         "text_offset": offsets,
     }
 
@@ -291,8 +313,14 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
     model = ctx.check_model(req.model)
     refuse_unsupported(req)
     refuse_stream_options_without_stream(req)
-    prompt_ids = await asyncio.to_thread(chat_prompt_ids, ctx, req.messages, req.add_generation_prompt,
-                                         req.chat_template_kwargs, req.continue_final_message)
+    prompt_ids = await asyncio.to_thread(
+        chat_prompt_ids,
+        ctx,
+        req.messages,
+        req.add_generation_prompt,
+        req.chat_template_kwargs,
+        req.continue_final_message,
+    )
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -312,8 +340,18 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
         async def events() -> AsyncIterator[str]:
             try:
                 for i in range(params.n):
-                    yield json.dumps(base(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}]))
+                    yield json.dumps(
+                        base(
+                            choices=[
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
                 async for out in stream:
                     ch = choices[out.index]
                     reasoning, content = ch.add(out)
@@ -327,16 +365,25 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
                         ctx.metrics.observe_finished(out)
                     if not delta and not out.finished and not out.new_logprobs:
                         continue
-                    choice = {"index": out.index, "delta": delta,
-                              "logprobs": chat_logprobs(ctx, out.new_logprobs) if logprobs is not None else None,
-                              "finish_reason": out.finish_reason if out.finished else None}
+                    choice = {
+                        "index": out.index,
+                        "delta": delta,
+                        "logprobs": chat_logprobs(ctx, out.new_logprobs) if logprobs is not None else None,
+                        "finish_reason": out.finish_reason if out.finished else None,
+                    }
                     if out.finished:
                         choice["stop_reason"] = out.stop_reason
                     yield json.dumps(base(choices=[choice]))
                 note_usage(request, prompt_tokens, choices)
                 if include_usage:
-                    yield json.dumps(base(choices=[], usage=usage_dict(
-                        prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens)))
+                    yield json.dumps(
+                        base(
+                            choices=[],
+                            usage=usage_dict(
+                                prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens
+                            ),
+                        )
+                    )
             except (asyncio.CancelledError, GeneratorExit):
                 ctx.engine.abort(request_id)
                 ctx.metrics.observe_aborted()
@@ -359,17 +406,26 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
             if ch.parser is not None and ch.parser.saw_reasoning:
                 message["reasoning_content"] = ch.reasoning
                 message["reasoning"] = ch.reasoning
-            result_choices.append({
-                "index": i, "message": message,
-                "logprobs": chat_logprobs(ctx, ch.logprobs) if logprobs is not None else None,
-                "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason,
-            })
+            result_choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": chat_logprobs(ctx, ch.logprobs) if logprobs is not None else None,
+                    "finish_reason": ch.finish_reason,
+                    "stop_reason": ch.stop_reason,
+                }
+            )
         note_usage(request, prompt_tokens, choices)
-        return JSONResponse({
-            "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": result_choices,
-            "usage": usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens),
-        })
+        return JSONResponse(
+            {
+                "id": request_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": result_choices,
+                "usage": usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens),
+            }
+        )
 
     return await run_unless_disconnected(request, collect(), ctx.metrics)
 
@@ -445,8 +501,13 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
                 if req.echo:
                     for p, (text, _) in enumerate(prompts):
                         for i in range(n):
-                            yield json.dumps(chunk(choices=[{"index": p * n + i, "text": text, "logprobs": None,
-                                                             "finish_reason": None}]))
+                            yield json.dumps(
+                                chunk(
+                                    choices=[
+                                        {"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None}
+                                    ]
+                                )
+                            )
                 async for p, out in merge_streams(streams):
                     idx = p * n + out.index
                     ch = choices[idx]
@@ -456,16 +517,29 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
                         ctx.metrics.observe_finished(out)
                     if not text and not out.finished and not out.new_logprobs:
                         continue
-                    yield json.dumps(chunk(choices=[{
-                        "index": idx, "text": text,
-                        "logprobs": completion_logprobs(ctx, out.new_logprobs, offset) if req.logprobs is not None else None,
-                        "finish_reason": out.finish_reason if out.finished else None,
-                        **({"stop_reason": out.stop_reason} if out.finished else {}),
-                    }]))
+                    yield json.dumps(
+                        chunk(
+                            choices=[
+                                {
+                                    "index": idx,
+                                    "text": text,
+                                    "logprobs": completion_logprobs(ctx, out.new_logprobs, offset)
+                                    if req.logprobs is not None
+                                    else None,
+                                    "finish_reason": out.finish_reason if out.finished else None,
+                                    **({"stop_reason": out.stop_reason} if out.finished else {}),
+                                }
+                            ]
+                        )
+                    )
                 note_usage(request, prompt_tokens, choices)
                 if include_usage:
-                    yield json.dumps(chunk(choices=[], usage=usage_dict(
-                        prompt_tokens, sum(c.completion_tokens for c in choices), cached())))
+                    yield json.dumps(
+                        chunk(
+                            choices=[],
+                            usage=usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), cached()),
+                        )
+                    )
             except (asyncio.CancelledError, GeneratorExit):
                 for s in streams:
                     ctx.engine.abort(s.request_id)
@@ -486,13 +560,20 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
         result = []
         for idx, ch in enumerate(choices):
             prefix = prompts[idx // n][0] if req.echo else ""
-            result.append({
-                "index": idx, "text": prefix + ch.text,
-                "logprobs": completion_logprobs(ctx, ch.logprobs, len(prefix)) if req.logprobs is not None else None,
-                "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason,
-            })
+            result.append(
+                {
+                    "index": idx,
+                    "text": prefix + ch.text,
+                    "logprobs": completion_logprobs(ctx, ch.logprobs, len(prefix))
+                    if req.logprobs is not None
+                    else None,
+                    "finish_reason": ch.finish_reason,
+                    "stop_reason": ch.stop_reason,
+                }
+            )
         note_usage(request, prompt_tokens, choices)
-        return JSONResponse(chunk(choices=result, usage=usage_dict(
-            prompt_tokens, sum(c.completion_tokens for c in choices), cached())))
+        return JSONResponse(
+            chunk(choices=result, usage=usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), cached()))
+        )
 
     return await run_unless_disconnected(request, collect(), ctx.metrics)

@@ -24,12 +24,14 @@ def startup_warnings(engine: AsyncEngine) -> list[str]:
             f"max_model_len lowered from the model's {info.max_model_len_capped_from} to {info.max_model_len} "
             f"tokens: that is what the KV cache budget of {worker.kv_cache_memory_bytes // MIB} MiB holds "
             f"({info.num_blocks} blocks of {info.block_size}); raise --kv-cache-memory for longer contexts, or "
-            "give --max-model-len to choose the length (then a budget too small for it is an error)")
+            "give --max-model-len to choose the length (then a budget too small for it is an error)"
+        )
     return out
 
 
-def startup_summary(engine: AsyncEngine, served_model_names: list[str], base_url: str | None,
-                    seconds: float, version: str) -> str:
+def startup_summary(
+    engine: AsyncEngine, served_model_names: list[str], base_url: str | None, seconds: float, version: str
+) -> str:
     """The block logged when the server starts serving."""
     info = engine.core.worker_info
     cfg = engine.core.model_config
@@ -51,8 +53,10 @@ def startup_summary(engine: AsyncEngine, served_model_names: list[str], base_url
         f"  max_model_len  {engine.max_model_len}",
     ]
     if base_url:
-        lines.append(f"  try            curl {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
-                     f"-d '{{\"model\": \"{served_model_names[0]}\", \"messages\": [{{\"role\": \"user\", "
-                     "\"content\": \"Hello!\"}]}'")
+        lines.append(
+            f"  try            curl {base_url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{served_model_names[0]}", "messages": [{{"role": "user", '
+            '"content": "Hello!"}]}\''
+        )
         lines.append(f"  API docs       {base_url}/docs")
     return "\n".join(lines)

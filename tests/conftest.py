@@ -11,8 +11,9 @@ from loaders.writer import RandomModelSpec, write_random_qwen3
 
 TOKENIZER_DIR = qwen3_tokenizer_dir()
 # A small model at real Qwen3 ratios (GQA 2:1, head_dim != hidden/heads) with the real vocabulary.
-SERVE_SPEC = RandomModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-                             intermediate_size=128, seed=1234)
+SERVE_SPEC = RandomModelSpec(
+    hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=128, seed=1234
+)
 
 
 @pytest.fixture(scope="session")

@@ -37,15 +37,95 @@ class Driver:
 
 
 FRAGMENTS = [
-    "Hello", " world", "!", "日本語のテキスト", "中文字符", "한국어", "😀", "👨‍👩‍👧‍👦", "🏳️‍🌈", "👍🏽",
-    "e\u0301", "é", "Å", "A\u030a", "ﬁ", "ǅ", "\r\n", "\n", "\n\n\n", "   ", "\t", "\t\t x", "  \n  ",
-    "def f(x):\n    return x**2\n", "if (a && b) { c++; }", "12345", "3.14159", "1,000,000", "٣٤٥", "½",
-    "don't", "DON'T", "It's", "IT'S", "we're", "We'Ve", "I'm", "you'll", "He'd", "'s", "'S", "'ll",
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>", "<|fim_prefix|>",
-    "\ud800", "\udfff", "a\ud83dz", "ſ", "K", "\u00a0", "\u2003", "\u3000", "\u200b", "\x0b", "\x0c", "\x1c", "\x85",
-    "naïve café", "Straße", "İstanbul", "ΑΒΓ αβγ", "Привет мир", "مرحبا", "שלום", "नमस्ते", "ภาษาไทย",
-    "https://example.com/a?b=c&d=e", "user@example.com", "#!/bin/bash", "$HOME/.cache", "C:\\Windows",
-    "...", "---", "***", "___", "?!", "«quotes»", "“smart”", "—", "…", "\\n", "0x1F", "1e-5", "-42",
+    "Hello",
+    " world",
+    "!",
+    "日本語のテキスト",
+    "中文字符",
+    "한국어",
+    "😀",
+    "👨‍👩‍👧‍👦",
+    "🏳️‍🌈",
+    "👍🏽",
+    "e\u0301",
+    "é",
+    "Å",
+    "A\u030a",
+    "ﬁ",
+    "ǅ",
+    "\r\n",
+    "\n",
+    "\n\n\n",
+    "   ",
+    "\t",
+    "\t\t x",
+    "  \n  ",
+    "def f(x):\n    return x**2\n",
+    "if (a && b) { c++; }",
+    "12345",
+    "3.14159",
+    "1,000,000",
+    "٣٤٥",
+    "½",
+    "don't",
+    "DON'T",
+    "It's",
+    "IT'S",
+    "we're",
+    "We'Ve",
+    "I'm",
+    "you'll",
+    "He'd",
+    "'s",
+    "'S",
+    "'ll",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "<|fim_prefix|>",
+    "\ud800",
+    "\udfff",
+    "a\ud83dz",
+    "ſ",
+    "K",
+    "\u00a0",
+    "\u2003",
+    "\u3000",
+    "\u200b",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x85",
+    "naïve café",
+    "Straße",
+    "İstanbul",
+    "ΑΒΓ αβγ",
+    "Привет мир",
+    "مرحبا",
+    "שלום",
+    "नमस्ते",
+    "ภาษาไทย",
+    "https://example.com/a?b=c&d=e",
+    "user@example.com",
+    "#!/bin/bash",
+    "$HOME/.cache",
+    "C:\\Windows",
+    "...",
+    "---",
+    "***",
+    "___",
+    "?!",
+    "«quotes»",
+    "“smart”",
+    "—",
+    "…",
+    "\\n",
+    "0x1F",
+    "1e-5",
+    "-42",
 ]
 
 
@@ -58,7 +138,19 @@ def corpus(n: int = 1200) -> list[str]:
         out.append("".join(rng.choice(FRAGMENTS) + rng.choice(["", " ", "  ", "\n", ""]) for _ in range(k)))
     # random code points from many planes
     for _ in range(100):
-        out.append("".join(chr(rng.choice([rng.randint(0x20, 0x7e), rng.randint(0xa0, 0x2fff),
-                                           rng.randint(0x3000, 0x9fff), rng.randint(0x1f300, 0x1faff)]))
-                           for _ in range(rng.randint(1, 30))))
+        out.append(
+            "".join(
+                chr(
+                    rng.choice(
+                        [
+                            rng.randint(0x20, 0x7E),
+                            rng.randint(0xA0, 0x2FFF),
+                            rng.randint(0x3000, 0x9FFF),
+                            rng.randint(0x1F300, 0x1FAFF),
+                        ]
+                    )
+                )
+                for _ in range(rng.randint(1, 30))
+            )
+        )
     return out

@@ -46,7 +46,9 @@ class CliServer:
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"a8w8-server-{self.port}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         wait_healthy(self.base, proc=self.proc)
 

@@ -9,8 +9,8 @@ import zlib
 
 import pytest
 import torch
-
 from helpers import BLOCK_SIZE, Driver
+
 from loaders.config import ConfigError, ModelConfig, load_model_config
 from npu.messages import NewSequence, SamplingOptions, WorkerConfig
 from npu.rope import rope_tables
@@ -26,8 +26,13 @@ MAX_POSITIONS = 256
 ROPES = {
     "default": {"rope_type": "default"},
     "linear": {"rope_type": "linear", "factor": 2.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": ORIGINAL_LEN},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": ORIGINAL_LEN,
+    },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL_LEN},
 }
 ARCHS = {
@@ -40,9 +45,20 @@ INIT_STD = 0.08  # larger than transformers' 0.02, so that logits are not near-t
 
 def _save_random(tmp_path, arch: str, rope: dict, theta: float = 1e6, hidden_size: int = 64):
     cls, extra = ARCHS[arch]
-    cfg = cls(vocab_size=320, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=arch != "LlamaForCausalLM",
-              rope_parameters={**rope, "rope_theta": theta}, eos_token_id=None, bos_token_id=None, **extra)
+    cfg = cls(
+        vocab_size=320,
+        hidden_size=hidden_size,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=arch != "LlamaForCausalLM",
+        rope_parameters={**rope, "rope_theta": theta},
+        eos_token_id=None,
+        bos_token_id=None,
+        **extra,
+    )
     torch.manual_seed(zlib.crc32(f"{arch}-{rope['rope_type']}-{hidden_size}".encode()))  # (hash() varies by process)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -57,9 +73,17 @@ def _save_random(tmp_path, arch: str, rope: dict, theta: float = 1e6, hidden_siz
 
 
 def _runner(model_dir) -> ModelRunner:
-    return ModelRunner(WorkerConfig(model_dir=str(model_dir), quantization="none", kv_cache_dtype="fp32",
-                                    dtype="float32", kv_cache_memory_bytes=8 << 20, block_size=BLOCK_SIZE,
-                                    max_model_len=MAX_POSITIONS))
+    return ModelRunner(
+        WorkerConfig(
+            model_dir=str(model_dir),
+            quantization="none",
+            kv_cache_dtype="fp32",
+            dtype="float32",
+            kv_cache_memory_bytes=8 << 20,
+            block_size=BLOCK_SIZE,
+            max_model_len=MAX_POSITIONS,
+        )
+    )
 
 
 @pytest.mark.parametrize("rope", list(ROPES))
@@ -74,8 +98,9 @@ def test_saved_by_transformers_matches_transformers(tmp_path, arch, rope):
     prompt = torch.randint(0, 320, (PROMPT_LEN,), generator=g).tolist()
     with torch.no_grad():
         ref_logits = hf(torch.tensor([prompt])).logits[0, -1]
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=GREEDY_STEPS, do_sample=False,
-                          min_new_tokens=GREEDY_STEPS)[0, PROMPT_LEN:].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=GREEDY_STEPS, do_sample=False, min_new_tokens=GREEDY_STEPS
+        )[0, PROMPT_LEN:].tolist()
     runner = _runner(model_dir)
     captured = []
     forward = runner.model.forward
@@ -93,14 +118,31 @@ def test_saved_by_transformers_matches_transformers(tmp_path, arch, rope):
 QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}  # Qwen3's model card
 
 
-@pytest.mark.parametrize("rope", [QWEN3_YARN, ROPES["linear"],
-                                  {**ROPES["llama3"], "original_max_position_embeddings": 8192},
-                                  {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4096,
-                                   "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.2, "truncate": False}],
-                         ids=["qwen3-yarn", "linear", "llama3-8192", "yarn-all-params"])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        QWEN3_YARN,
+        ROPES["linear"],
+        {**ROPES["llama3"], "original_max_position_embeddings": 8192},
+        {
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "attention_factor": 1.2,
+            "truncate": False,
+        },
+    ],
+    ids=["qwen3-yarn", "linear", "llama3-8192", "yarn-all-params"],
+)
 def test_rope_tables_equal_transformers_rotary_embedding(rope):
-    cfg = transformers.Qwen3Config(head_dim=128, max_position_embeddings=131072, architectures=["Qwen3ForCausalLM"],
-                                   rope_parameters={**rope, "rope_theta": 1e6})
+    cfg = transformers.Qwen3Config(
+        head_dim=128,
+        max_position_embeddings=131072,
+        architectures=["Qwen3ForCausalLM"],
+        rope_parameters={**rope, "rope_theta": 1e6},
+    )
     rotary = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(cfg)
     positions = torch.tensor([[0, 1, 17, 4095, 8191, 8192, 32767, 32768, 70000, 131071]])
     ref_cos, ref_sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
@@ -114,19 +156,29 @@ def test_transformers_4_format_reads_the_same(tmp_path):
     _, model_dir = _save_random(tmp_path, "Qwen3ForCausalLM", ROPES["yarn"])
     v5 = json.loads((model_dir / "config.json").read_text())
     v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
-    v4.update(rope_theta=1e6, rope_scaling={"type": "yarn", "factor": 4.0,
-                                            "original_max_position_embeddings": ORIGINAL_LEN})
+    v4.update(
+        rope_theta=1e6, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL_LEN}
+    )
     assert ModelConfig.from_dict(v4).rope == ModelConfig.from_dict(v5).rope
     # and a 4.x file without any RoPE fields gets the class default, 10000 (not a silent 1e6 or vice versa)
     bare = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling")}
-    assert ModelConfig.from_dict(bare).rope.theta == transformers.Qwen3Config(**{
-        k: v for k, v in bare.items() if k in ("hidden_size", "num_attention_heads")}).rope_parameters["rope_theta"]
+    assert (
+        ModelConfig.from_dict(bare).rope.theta
+        == transformers.Qwen3Config(
+            **{k: v for k, v in bare.items() if k in ("hidden_size", "num_attention_heads")}
+        ).rope_parameters["rope_theta"]
+    )
 
 
 def test_class_defaults_where_fields_are_absent():
     """Absent fields take the transformers config class's defaults, per architecture."""
-    minimal = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1, "intermediate_size": 96,
-               "vocab_size": 128}
+    minimal = {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "intermediate_size": 96,
+        "vocab_size": 128,
+    }
     for arch, (cls, _) in ARCHS.items():
         ours = ModelConfig.from_dict({"architectures": [arch], **minimal})
         ref = cls(**minimal)
@@ -139,10 +191,16 @@ def test_class_defaults_where_fields_are_absent():
 
 def test_yarn_factor_derived_and_original_length_defaulted():
     base = {"architectures": ["Qwen3ForCausalLM"], "max_position_embeddings": 131072}
-    r = ModelConfig.from_dict({**base, "rope_parameters": {"rope_type": "yarn", "original_max_position_embeddings": 32768}}).rope
+    r = ModelConfig.from_dict(
+        {**base, "rope_parameters": {"rope_type": "yarn", "original_max_position_embeddings": 32768}}
+    ).rope
     assert r.params["factor"] == 4.0
-    r = ModelConfig.from_dict({**base, "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                           "high_freq_factor": 4.0}}).rope
+    r = ModelConfig.from_dict(
+        {
+            **base,
+            "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+        }
+    ).rope
     assert r.params["original_max_position_embeddings"] == 131072  # as transformers fills it in
     with pytest.raises(ConfigError, match="rope_parameters.low_freq_factor is required"):
         ModelConfig.from_dict({**base, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}})
@@ -160,8 +218,11 @@ def test_tensors_the_config_does_not_announce_are_refused(tmp_path):
     tensors = load_file(model_dir / "model.safetensors")
     tensors["model.layers.1.self_attn.q_proj.bias"] = torch.zeros(96)
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.1.self_attn.q_proj.bias' is "
-                                              "not part of the model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor 'model.layers.1.self_attn.q_proj.bias' is "
+        "not part of the model",
+    ):
         load_model_weights(model_dir, "none")
 
 
@@ -173,7 +234,10 @@ def test_dtype_flag_makes_a_bf16_checkpoint_an_fp32_reference(tmp_path):
     hf.to(torch.bfloat16).save_pretrained(model_dir)
     assert json.loads((model_dir / "config.json").read_text())["dtype"] == "bfloat16"
     auto = load_model_weights(model_dir, "none")
-    assert auto.embed_tokens.dtype == torch.bfloat16 and auto.layers[0].linears["self_attn.q_proj"].weight.dtype == torch.bfloat16
+    assert (
+        auto.embed_tokens.dtype == torch.bfloat16
+        and auto.layers[0].linears["self_attn.q_proj"].weight.dtype == torch.bfloat16
+    )
     fp32 = load_model_weights(model_dir, "none", dtype="float32")
     q = fp32.layers[0].linears["self_attn.q_proj"]
     assert isinstance(q, FloatLinear) and q.weight.dtype == q.bias.dtype == torch.float32
@@ -195,8 +259,15 @@ def test_qwen2_in_a8w8_fused_kernels_with_biases(tmp_path):
     _, model_dir = _save_random(tmp_path, "Qwen2ForCausalLM", ROPES["yarn"], hidden_size=128)  # head_dim 32
 
     def runner(**kw) -> ModelRunner:
-        return ModelRunner(WorkerConfig(model_dir=str(model_dir), kv_cache_memory_bytes=8 << 20, block_size=BLOCK_SIZE,
-                                        max_model_len=MAX_POSITIONS, **kw))
+        return ModelRunner(
+            WorkerConfig(
+                model_dir=str(model_dir),
+                kv_cache_memory_bytes=8 << 20,
+                block_size=BLOCK_SIZE,
+                max_model_len=MAX_POSITIONS,
+                **kw,
+            )
+        )
 
     stacked, looped = runner(kv_cache_dtype="int8"), runner(kv_cache_dtype="int8")
     if stacked.model.decode_stack is None:
@@ -216,7 +287,10 @@ def test_qwen2_in_a8w8_fused_kernels_with_biases(tmp_path):
     assert results[0] == results[1]
     a8w8_first, float_first = results[0][0], results[2][0]  # the prompts' next tokens: A8W8 vs float
     assert [t.token_id for t in a8w8_first] == [t.token_id for t in float_first]
-    print("A8W8 vs float logprobs of the prompts' next tokens:", [(a.logprob, f.logprob) for a, f in zip(a8w8_first, float_first)])
+    print(
+        "A8W8 vs float logprobs of the prompts' next tokens:",
+        [(a.logprob, f.logprob) for a, f in zip(a8w8_first, float_first)],
+    )
     assert all(abs(a.logprob - f.logprob) < 0.05 for a, f in zip(a8w8_first, float_first))
 
 
@@ -227,10 +301,18 @@ def test_smoothing_keeps_the_float_function_with_mlp_biases(tmp_path):
     from loaders.assets import qwen3_tokenizer_dir
     from offline.smooth_quant import smooth_checkpoint
 
-    cfg = transformers.LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, mlp_bias=True, attention_bias=True,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                                   max_position_embeddings=1024)
+    cfg = transformers.LlamaConfig(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_bias=True,
+        attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        max_position_embeddings=1024,
+    )
     torch.manual_seed(5)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -46,7 +46,9 @@ def engine_factory(serve_model):
                 return await coro_fn(engine)
             finally:
                 await engine.stop()
+
         return asyncio.run(main())
+
     return run
 
 
@@ -55,8 +57,9 @@ def test_concurrent_requests_match_alone(engine_factory):
     lens = [5 + i * 3 for i in range(16)]
 
     async def alone(engine):
-        return [await _collect(engine.add_request(p, SamplingParams(max_tokens=n, **GREEDY)))
-                for p, n in zip(prompts, lens)]
+        return [
+            await _collect(engine.add_request(p, SamplingParams(max_tokens=n, **GREEDY))) for p, n in zip(prompts, lens)
+        ]
 
     async def together(engine):
         streams = [engine.add_request(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in zip(prompts, lens)]
@@ -119,9 +122,13 @@ def test_shared_prefix_reports_cached_tokens_and_same_tokens(engine_factory):
 
 def test_too_long_prompt_refused_before_scheduling(engine_factory):
     async def scenario(engine):
-        with pytest.raises(InvalidRequest, match="maximum context length is 1024 tokens. However, your request has 1024 input tokens"):
+        with pytest.raises(
+            InvalidRequest, match="maximum context length is 1024 tokens. However, your request has 1024 input tokens"
+        ):
             engine.add_request([5] * 1024, SamplingParams())
-        with pytest.raises(PromptTooLong, match=r"you requested 1100 tokens \(100 in the prompt, 1000 in the completion\)") as e:
+        with pytest.raises(
+            PromptTooLong, match=r"you requested 1100 tokens \(100 in the prompt, 1000 in the completion\)"
+        ) as e:
             engine.add_request([5] * 100, SamplingParams(max_tokens=1000))
         # the numbers, for the server to word for its endpoint
         assert (e.value.max_model_len, e.value.prompt_tokens, e.value.max_tokens) == (1024, 100, 1000)
@@ -189,11 +196,17 @@ def test_validation_names_the_field(engine_factory):
     async def scenario(engine):
         vocab = engine.core.model_config.vocab_size
         cases = [
-            (dict(stop_token_ids=[vocab]), "stop_token_ids"), (dict(logit_bias={vocab: 1.0}), "logit_bias"),
-            (dict(logit_bias={-1: 1.0}), "logit_bias"), (dict(seed=2**63), "seed"), (dict(top_k=2**31), "top_k"),
-            (dict(min_tokens=2000), "min_tokens"), (dict(max_tokens=10, min_tokens=11), "min_tokens"),
-            (dict(stop=["a"] * 17), "stop"), (dict(stop=["a" * 1025]), "stop"),
-            (dict(temperature=float("nan")), "temperature"), (dict(presence_penalty=float("inf")), "presence_penalty"),
+            (dict(stop_token_ids=[vocab]), "stop_token_ids"),
+            (dict(logit_bias={vocab: 1.0}), "logit_bias"),
+            (dict(logit_bias={-1: 1.0}), "logit_bias"),
+            (dict(seed=2**63), "seed"),
+            (dict(top_k=2**31), "top_k"),
+            (dict(min_tokens=2000), "min_tokens"),
+            (dict(max_tokens=10, min_tokens=11), "min_tokens"),
+            (dict(stop=["a"] * 17), "stop"),
+            (dict(stop=["a" * 1025]), "stop"),
+            (dict(temperature=float("nan")), "temperature"),
+            (dict(presence_penalty=float("inf")), "presence_penalty"),
         ]
         params = []
         for kw, param in cases:
@@ -204,8 +217,15 @@ def test_validation_names_the_field(engine_factory):
             engine.add_request([1, 2, 3], SamplingParams(), priority=2**63)
         params.append((e.value.param, "priority"))
         # the limits themselves are accepted
-        ok = SamplingParams(max_tokens=4, seed=2**63 - 1, top_k=2**31 - 1, stop=["a" * 1024] * 16,
-                            stop_token_ids=[vocab - 1], logit_bias={vocab - 1: -100.0}, **GREEDY)
+        ok = SamplingParams(
+            max_tokens=4,
+            seed=2**63 - 1,
+            top_k=2**31 - 1,
+            stop=["a" * 1024] * 16,
+            stop_token_ids=[vocab - 1],
+            logit_bias={vocab - 1: -100.0},
+            **GREEDY,
+        )
         await _collect(engine.add_request([1, 2, 3], ok, priority=-(2**63)))
         return params
 

@@ -16,15 +16,23 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from servers import CliServer, free_port
 
 from loaders.assets import qwen3_tokenizer_dir
 from loaders.writer import RandomModelSpec, write_random_qwen3
-from servers import CliServer, free_port
 
 CLI = [sys.executable, "-m", "server.cli"]
 # A model whose own context (Qwen3's 40960) does not fit a small KV budget.
-LONG_CONTEXT_SPEC = RandomModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-                                    intermediate_size=128, max_position_embeddings=40960, seed=7)
+LONG_CONTEXT_SPEC = RandomModelSpec(
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    intermediate_size=128,
+    max_position_embeddings=40960,
+    seed=7,
+)
 # INT8 KV: 2 layers x 2 (K, V) x 2 KV heads x (32 bytes + a 4-byte scale) = 288 bytes a token, so 4 MiB hold
 # 910 blocks of 16 tokens (14560 tokens).
 SMALL_KV = "4MiB"
@@ -52,9 +60,11 @@ def test_version_and_help_without_loading_torch():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"a8w8-serve {package_version()}"
     # Help is built without torch or FastAPI, so it answers at once.
-    probe = ("import sys; from server.cli import build_parser; p = build_parser(); p.format_help(); "
-             "[a.choices[c].format_help() for a in p._subparsers._group_actions for c in a.choices]; "
-             "print(sorted(m for m in ('torch', 'fastapi', 'transformers') if m in sys.modules))")
+    probe = (
+        "import sys; from server.cli import build_parser; p = build_parser(); p.format_help(); "
+        "[a.choices[c].format_help() for a in p._subparsers._group_actions for c in a.choices]; "
+        "print(sorted(m for m in ('torch', 'fastapi', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -90,8 +100,9 @@ def test_expected_errors_are_one_line_without_traceback(tmp_path, serve_model):
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("these are not the weights you are looking for\n" * 20)
     assert_one_line_error(run_cli("convert-gguf", str(not_gguf), str(tmp_path / "c1")), str(not_gguf), "GGUF")
-    assert_one_line_error(run_cli("convert-gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "c2")),
-                          "missing.gguf", "no such file")
+    assert_one_line_error(
+        run_cli("convert-gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "c2")), "missing.gguf", "no such file"
+    )
     assert_one_line_error(run_cli("eval-quality", "--model", str(empty), "--prompts", "0"), "--prompts")
 
 
@@ -116,8 +127,13 @@ def test_quantize_refuses_a_non_empty_destination_and_writes_shared_permissions(
     (dst / "notes.txt").write_text("keep me")
     assert_one_line_error(run_cli("quantize", str(src), str(dst)), str(dst), "--force")
     assert not (dst / "model.safetensors").exists()
-    proc = subprocess.run([*CLI, "quantize", str(src), str(dst), "--force"], capture_output=True, text=True,
-                          check=False, preexec_fn=lambda: os.umask(0o022))
+    proc = subprocess.run(
+        [*CLI, "quantize", str(src), str(dst), "--force"],
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=lambda: os.umask(0o022),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in dst.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
@@ -156,8 +172,15 @@ def test_startup_summary_says_what_was_loaded_and_where(server, serve_model):
     assert f"loading first-hour from {serve_model.resolve()}" in log
     block = log[log.index("a8w8-serve ") :]
     assert f"ready on {server.base}" in block
-    for field in ("model          first-hour", "Qwen3ForCausalLM: 2 layers", "quantization   a8w8", "kernels        cpu-",
-                  "KV cache       int8", "max_model_len  512", f"curl {server.base}/v1/chat/completions"):
+    for field in (
+        "model          first-hour",
+        "Qwen3ForCausalLM: 2 layers",
+        "quantization   a8w8",
+        "kernels        cpu-",
+        "KV cache       int8",
+        "max_model_len  512",
+        f"curl {server.base}/v1/chat/completions",
+    ):
         assert field in block, field
     if "kernels        cpu-onednn" in block:  # the slow fallback is a warning, with the reason
         assert re.search(r"WARNING .*VNNI kernels are not in use \(.+\)", log)
@@ -167,15 +190,19 @@ def test_logs_are_quiet_when_idle_and_count_a_streams_tokens(server):
     before = server_log(server)
     for _ in range(5):
         assert httpx.get(f"{server.base}/health").status_code == 200
-    body = {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 12, "ignore_eos": True,
-            "stream": True}
+    body = {
+        "messages": [{"role": "user", "content": "Count to ten."}],
+        "max_tokens": 12,
+        "ignore_eos": True,
+        "stream": True,
+    }
     t0 = time.monotonic()
     with httpx.stream("POST", f"{server.base}/v1/chat/completions", json=body, timeout=120) as r:
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     stream_seconds = time.monotonic() - t0
     assert events[-1] == "data: [DONE]"
     time.sleep(0.5)
-    new = server_log(server)[len(before):]
+    new = server_log(server)[len(before) :]
     assert "GET /health" not in new  # probes are logged at debug level only
     line = next(x for x in new.splitlines() if "POST /v1/chat/completions 200" in x)
     seconds = float(re.search(r" 200 ([0-9.]+)s", line).group(1))
@@ -205,8 +232,17 @@ def test_kv_budget_too_small_caps_max_model_len_with_a_warning(tmp_path):
     for fragment in ("40960", str(capped), "--kv-cache-memory", "--max-model-len"):
         assert fragment in warning, fragment
     # Given explicitly, a length the budget cannot hold is an error: one line, exit 1.
-    proc = run_cli("serve", "--model", str(model), "--port", str(free_port()), "--kv-cache-memory", SMALL_KV,
-                   "--max-model-len", "40960")
+    proc = run_cli(
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(free_port()),
+        "--kv-cache-memory",
+        SMALL_KV,
+        "--max-model-len",
+        "40960",
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "max_model_len=40960" in proc.stderr and "--kv-cache-memory" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -224,8 +260,11 @@ def test_models_retrieve_and_no_local_paths(server):
 
 
 def test_error_details(server):
-    post = lambda path, content: httpx.post(f"{server.base}{path}", content=content,  # noqa: E731
-                                            headers={"content-type": "application/json"}, timeout=60)
+    def post(path: str, content: str) -> httpx.Response:
+        return httpx.post(
+            f"{server.base}{path}", content=content, headers={"content-type": "application/json"}, timeout=60
+        )
+
     r = post("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}')
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] is None and "not valid JSON" in err["message"], err
@@ -246,8 +285,11 @@ def test_error_details(server):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Write a haiku about rain."}, {"role": "assistant", "content": "Soft rain on the"}],
-    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Capital of Italy?"},
-     {"role": "assistant", "content": "La capitale de l'Italie est "}],
+    [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Capital of Italy?"},
+        {"role": "assistant", "content": "La capitale de l'Italie est "},
+    ],
     [{"role": "user", "content": "Start a story."}],
 ]
 
@@ -258,19 +300,27 @@ def test_continue_final_message_renders_as_transformers(server, messages):
     from engine.chat_template import ChatTemplate
 
     tok = transformers.AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
-    expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
-                                       continue_final_message=True)
-    ours = ChatTemplate.from_model_dir(qwen3_tokenizer_dir()).render(messages, add_generation_prompt=False,
-                                                                     continue_final_message=True)
+    expected = tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    ours = ChatTemplate.from_model_dir(qwen3_tokenizer_dir()).render(
+        messages, add_generation_prompt=False, continue_final_message=True
+    )
     assert ours == expected
     assert ours.endswith(messages[-1]["content"])  # left open: no <|im_end|> after it
-    r = httpx.post(f"{server.base}/tokenize", json={"messages": messages, "add_generation_prompt": False,
-                                                    "continue_final_message": True})
+    r = httpx.post(
+        f"{server.base}/tokenize",
+        json={"messages": messages, "add_generation_prompt": False, "continue_final_message": True},
+    )
     assert r.json()["tokens"] == tok(expected, add_special_tokens=False)["input_ids"]
-    r = httpx.post(f"{server.base}/v1/chat/completions", timeout=120, json={
-        "messages": messages, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 2})
+    r = httpx.post(
+        f"{server.base}/v1/chat/completions",
+        timeout=120,
+        json={"messages": messages, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 2},
+    )
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(
-        tok(expected, add_special_tokens=False)["input_ids"])
+        tok(expected, add_special_tokens=False)["input_ids"]
+    )
     # vLLM's rule: continuing the final message and opening a new one exclude each other.
     r = httpx.post(f"{server.base}/v1/chat/completions", json={"messages": messages, "continue_final_message": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"

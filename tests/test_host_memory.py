@@ -35,8 +35,13 @@ def test_zeros_huge_pages_is_aligned_zero_and_writable():
 
 def test_arena_packs_aligned_tensors_without_overlap():
     arena = HugePageArena(chunk_bytes=1 << 20)
-    sizes = [(1000, torch.int8), (333, torch.float32), (4096, torch.bfloat16), (700_000, torch.int8),
-             (3 << 20, torch.int8)]  # the last one is larger than a chunk: a mapping of its own
+    sizes = [
+        (1000, torch.int8),
+        (333, torch.float32),
+        (4096, torch.bfloat16),
+        (700_000, torch.int8),
+        (3 << 20, torch.int8),
+    ]  # the last one is larger than a chunk: a mapping of its own
     tensors = []
     for i, (n, dtype) in enumerate(sizes):
         t = arena.empty(n, dtype)
@@ -49,8 +54,10 @@ def test_arena_packs_aligned_tensors_without_overlap():
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
 
 
-@pytest.mark.skipif(not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(),
-                    reason="transparent huge pages are off on this machine")
+@pytest.mark.skipif(
+    not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(),
+    reason="transparent huge pages are off on this machine",
+)
 def test_buffers_are_backed_by_huge_pages_where_the_kernel_offers_them():
     t = empty_huge_pages(4 * HUGE_PAGE_BYTES)
     t.fill_(1)  # first touch allocates the pages

@@ -18,8 +18,17 @@ from loaders.quantization import CompressedTensorsW8A8, Int8Linear, quantize_act
 from loaders.weights import linear_shapes, load_model_weights
 from loaders.writer import RandomModelSpec, quantize_checkpoint
 
-SPEC4 = RandomModelSpec(hidden_size=96, num_layers=4, num_heads=6, num_kv_heads=2, head_dim=32,
-                        intermediate_size=160, vocab_size=1000, tie_word_embeddings=False, seed=7)
+SPEC4 = RandomModelSpec(
+    hidden_size=96,
+    num_layers=4,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=32,
+    intermediate_size=160,
+    vocab_size=1000,
+    tie_word_embeddings=False,
+    seed=7,
+)
 
 
 def _ct_block(**overrides):
@@ -44,22 +53,35 @@ def test_config_fields_of_real_qwen3_config():
     assert gen.eos_token_ids == (151645, 151643) and gen.temperature == 0.6 and gen.top_k == 20
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("architectures", ["MistralForCausalLM"], "architectures"),
-    ("hidden_act", "gelu", "hidden_act"),
-    ("mlp_bias", True, "mlp_bias=true is not part of this architecture"),
-    ("use_sliding_window", True, "use_sliding_window"),
-    ("layer_types", ["full_attention", "sliding_attention"], r"layer_types has \['sliding_attention'\]"),
-    ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5"),
-    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "rope_scaling.rope_type 'dynamic' is not implemented"),
-    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e6}, "rope_parameters.rope_type 'longrope'"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "extra": 1},
-     "rope_parameters.extra is not implemented for rope_type 'yarn'"),
-    ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e6}, "rope_parameters.factor is required"),
-    ("rope_parameters", {"rope_type": "default", "rope_theta": 1e6, "factor": 2.0},
-     "rope_parameters.factor is not implemented for rope_type 'default'"),
-    ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}, "per layer type"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("architectures", ["MistralForCausalLM"], "architectures"),
+        ("hidden_act", "gelu", "hidden_act"),
+        ("mlp_bias", True, "mlp_bias=true is not part of this architecture"),
+        ("use_sliding_window", True, "use_sliding_window"),
+        ("layer_types", ["full_attention", "sliding_attention"], r"layer_types has \['sliding_attention'\]"),
+        ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5"),
+        (
+            "rope_scaling",
+            {"rope_type": "dynamic", "factor": 2.0},
+            "rope_scaling.rope_type 'dynamic' is not implemented",
+        ),
+        ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e6}, "rope_parameters.rope_type 'longrope'"),
+        (
+            "rope_parameters",
+            {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "extra": 1},
+            "rope_parameters.extra is not implemented for rope_type 'yarn'",
+        ),
+        ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e6}, "rope_parameters.factor is required"),
+        (
+            "rope_parameters",
+            {"rope_type": "default", "rope_theta": 1e6, "factor": 2.0},
+            "rope_parameters.factor is not implemented for rope_type 'default'",
+        ),
+        ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}, "per layer type"),
+    ],
+)
 def test_unsupported_config_names_field(tmp_path, field, value, needle):
     cfg = RandomModelSpec().config_dict()
     cfg[field] = value
@@ -73,23 +95,29 @@ def test_missing_config(tmp_path):
         load_model_config(tmp_path)
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"format": "float-quantized"}, "format"),
-    ({"quant_method": "awq"}, "quant_method"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"format": "float-quantized"}, "format"),
+        ({"quant_method": "awq"}, "quant_method"),
+    ],
+)
 def test_refuses_other_formats(change, needle):
     with pytest.raises(ConfigError, match=needle):
         CompressedTensorsW8A8.from_config(_ct_block(**change))
 
 
-@pytest.mark.parametrize("path,value,needle", [
-    (("weights", "strategy"), "group", "weights.strategy"),
-    (("weights", "symmetric"), False, "weights.symmetric"),
-    (("weights", "num_bits"), 4, "num_bits"),
-    (("weights", "type"), "float", "type"),
-    (("input_activations", "dynamic"), False, "dynamic"),
-    (("input_activations", "strategy"), "tensor", "strategy"),
-])
+@pytest.mark.parametrize(
+    "path,value,needle",
+    [
+        (("weights", "strategy"), "group", "weights.strategy"),
+        (("weights", "symmetric"), False, "weights.symmetric"),
+        (("weights", "num_bits"), 4, "num_bits"),
+        (("weights", "type"), "float", "type"),
+        (("input_activations", "dynamic"), False, "dynamic"),
+        (("input_activations", "strategy"), "tensor", "strategy"),
+    ],
+)
 def test_refuses_other_schemes(path, value, needle):
     cfg = _ct_block()
     cfg["quantization_config"]["config_groups"]["group_0"][path[0]][path[1]] = value
@@ -111,9 +139,10 @@ def test_targets_and_ignore_patterns():
 
 def test_weight_quantization_convention():
     # absmax 127.5 -> scale exactly 1.0; absmax 255 -> scale exactly 2.0 (llm-compressor: absmax / 127.5)
-    w = torch.tensor([[127.5, -127.5, 63.5, 0.5, -0.5, 1.5],
-                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-                      [255.0, -255.0, 3.0, 5.0, 7.0, -1.0]], dtype=torch.float32)
+    w = torch.tensor(
+        [[127.5, -127.5, 63.5, 0.5, -0.5, 1.5], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [255.0, -255.0, 3.0, 5.0, 7.0, -1.0]],
+        dtype=torch.float32,
+    )
     q, scale = quantize_weight(w)
     assert scale.tolist() == [1.0, torch.finfo(torch.float32).eps, 2.0]
     # round half to even, then clamp to [-128, 127]: +127.5 -> 128 -> 127, -127.5 -> -128
@@ -163,8 +192,11 @@ def test_ct_checkpoint_and_bf16_twin_load_identically(model_factory, tmp_path):
 def test_quantize_command_shards_and_round_trips(model_factory, tmp_path):
     src = model_factory(SPEC4, tokenizer=True)
     dst = tmp_path / "ct"
-    r = subprocess.run([sys.executable, "-m", "server.cli", "quantize", str(src), str(dst), "--max-shard-size", "300KB"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "quantize", str(src), str(dst), "--max-shard-size", "300KB"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
@@ -197,21 +229,28 @@ def _rewrite(d, fn):
 
 def test_error_missing_tensor(broken):
     _rewrite(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight' \(expected shape \[160, 96\]\)"):
+    with pytest.raises(
+        CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight' \(expected shape \[160, 96\]\)"
+    ):
         load_model_weights(broken)
 
 
 def test_error_wrong_shape(broken):
     def f(t):
         t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
+
     _rewrite(broken, f)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' has shape \[63, 96\], expected \[64, 96\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' has shape \[63, 96\], expected \[64, 96\]",
+    ):
         load_model_weights(broken)
 
 
 def test_error_wrong_dtype(broken):
     def f(t):
         t["model.layers.0.mlp.gate_proj.weight"] = t["model.layers.0.mlp.gate_proj.weight"].float()
+
     _rewrite(broken, f)
     with pytest.raises(CheckpointError, match="'model.layers.0.mlp.gate_proj.weight' has dtype float32, expected int8"):
         load_model_weights(broken)
@@ -220,6 +259,7 @@ def test_error_wrong_dtype(broken):
 def test_error_wrong_scale_shape(broken):
     def f(t):
         t["model.layers.0.mlp.gate_proj.weight_scale"] = t["model.layers.0.mlp.gate_proj.weight_scale"][:3]
+
     _rewrite(broken, f)
     with pytest.raises(CheckpointError, match=r"weight_scale' has shape \[3, 1\], expected \[160, 1\] or \[160\]"):
         load_model_weights(broken)
@@ -246,6 +286,7 @@ def test_error_index_points_at_missing_shard(model_factory, tmp_path):
 def test_static_activation_scales_refused(broken):
     def f(t):
         t["model.layers.0.mlp.gate_proj.input_scale"] = torch.ones(1)
+
     _rewrite(broken, f)
     with pytest.raises(CheckpointError, match="static activation scales are not supported"):
         load_model_weights(broken)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import BLOCK_SIZE, Driver
 
 from loaders.writer import RandomModelSpec
 from npu.messages import NewSequence, SamplingOptions, WorkerConfig
 from npu.runner import ModelRunner
-
-from helpers import BLOCK_SIZE, Driver
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,18 +17,55 @@ LOGIT_ATOL = 2e-4
 GREEDY_STEPS = 32
 
 CONFIGS = [
-    RandomModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96,
-                    vocab_size=512, dtype="float32", seed=1),
-    RandomModelSpec(hidden_size=96, num_layers=3, num_heads=6, num_kv_heads=1, head_dim=24, intermediate_size=160,
-                    vocab_size=384, dtype="float32", tie_word_embeddings=False, seed=2),
-    RandomModelSpec(hidden_size=128, num_layers=2, num_heads=8, num_kv_heads=8, head_dim=16, intermediate_size=256,
-                    vocab_size=300, dtype="float32", rope_theta=10000.0, seed=3),
+    RandomModelSpec(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=96,
+        vocab_size=512,
+        dtype="float32",
+        seed=1,
+    ),
+    RandomModelSpec(
+        hidden_size=96,
+        num_layers=3,
+        num_heads=6,
+        num_kv_heads=1,
+        head_dim=24,
+        intermediate_size=160,
+        vocab_size=384,
+        dtype="float32",
+        tie_word_embeddings=False,
+        seed=2,
+    ),
+    RandomModelSpec(
+        hidden_size=128,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=16,
+        intermediate_size=256,
+        vocab_size=300,
+        dtype="float32",
+        rope_theta=10000.0,
+        seed=3,
+    ),
 ]
 
 
 def _runner(model_dir, quantization="none", kv="fp32") -> ModelRunner:
-    return ModelRunner(WorkerConfig(model_dir=str(model_dir), quantization=quantization, kv_cache_dtype=kv,
-                                    kv_cache_memory_bytes=8 << 20, block_size=BLOCK_SIZE, max_model_len=256))
+    return ModelRunner(
+        WorkerConfig(
+            model_dir=str(model_dir),
+            quantization=quantization,
+            kv_cache_dtype=kv,
+            kv_cache_memory_bytes=8 << 20,
+            block_size=BLOCK_SIZE,
+            max_model_len=256,
+        )
+    )
 
 
 def _logits_of(runner: ModelRunner, prompt: list[int], chunk_sizes: list[int]) -> torch.Tensor:
@@ -68,8 +104,9 @@ def test_float_path_matches_transformers(model_factory, spec):
 
     # Greedy continuation: 32 steps identical to transformers' generate.
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=GREEDY_STEPS, do_sample=False,
-                          min_new_tokens=GREEDY_STEPS)[0, len(prompt):].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=GREEDY_STEPS, do_sample=False, min_new_tokens=GREEDY_STEPS
+        )[0, len(prompt) :].tolist()
     runner = _runner(model_dir)
     d = Driver(runner)
     d.run(new=[NewSequence(1, prompt, len(prompt), 0, SamplingOptions(temperature=0))])

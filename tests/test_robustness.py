@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from conftest import SERVE_SPEC
 from servers import CliServer, rss_mib
 
@@ -39,8 +38,17 @@ def big_model(model_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(big_model):
-    s = CliServer(big_model, "--served-model-name", MODEL, "--kv-cache-memory", "64MiB",
-                  "--header-timeout", "1", "--body-timeout", "2")
+    s = CliServer(
+        big_model,
+        "--served-model-name",
+        MODEL,
+        "--kv-cache-memory",
+        "64MiB",
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "2",
+    )
     yield s
     s.stop()
 
@@ -84,7 +92,7 @@ class HealthPoller:
                 self.worst = max(self.worst, time.monotonic() - t0)
                 time.sleep(0.05)
 
-    def __enter__(self) -> "HealthPoller":
+    def __enter__(self) -> HealthPoller:
         self.thread.start()
         return self
 
@@ -129,24 +137,46 @@ COMPLETION_KILLERS = [
 def test_hostile_values_get_400_and_serving_goes_on(server):
     base = server.base
     running: list = []
-    long = threading.Thread(target=_sse, args=(base, "/v1/completions", {
-        "model": MODEL, "prompt": "in flight", "max_tokens": 400, "ignore_eos": True, "stream": True,
-        "stream_options": {"include_usage": True}}, running))
+    long = threading.Thread(
+        target=_sse,
+        args=(
+            base,
+            "/v1/completions",
+            {
+                "model": MODEL,
+                "prompt": "in flight",
+                "max_tokens": 400,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            running,
+        ),
+    )
     long.start()
     while not running:
         time.sleep(0.01)
     for extra, param in CHAT_KILLERS:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
-        err = _error(httpx.post(f"{base}/v1/chat/completions", content=json.dumps(body),
-                                headers={"content-type": "application/json"}), 400)
+        err = _error(
+            httpx.post(
+                f"{base}/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"}
+            ),
+            400,
+        )
         assert err["param"] is not None and err["param"].startswith(param), (extra, err)
     for extra, param in COMPLETION_KILLERS:
         err = _error(httpx.post(f"{base}/v1/completions", json={"model": MODEL, "max_tokens": 4, **extra}), 400)
         assert err["param"] is not None and err["param"].startswith(param), (extra, err)
     _error(httpx.post(f"{base}/detokenize", json={"tokens": [2**70]}), 400)
-    _error(httpx.post(f"{base}/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "x"}], '
-                                                             b'"temperature": NaN}',
-                      headers={"content-type": "application/json"}), 400)
+    _error(
+        httpx.post(
+            f"{base}/v1/chat/completions",
+            content=b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+            headers={"content-type": "application/json"},
+        ),
+        400,
+    )
     long.join(120)
     # the stream that was running through all of it finished normally, with exact usage
     assert running[-1] == "[DONE]" and running[-2]["usage"]["completion_tokens"] == 400
@@ -159,8 +189,10 @@ def test_hostile_values_get_400_and_serving_goes_on(server):
 
 def test_developer_role_is_a_system_message(server):
     msgs = lambda role: [{"role": role, "content": "Answer in one word."}, {"role": "user", "content": "hi"}]  # noqa: E731
-    ids = [httpx.post(f"{server.base}/tokenize", json={"messages": msgs(role)}).json()["tokens"]
-           for role in ("developer", "system")]
+    ids = [
+        httpx.post(f"{server.base}/tokenize", json={"messages": msgs(role)}).json()["tokens"]
+        for role in ("developer", "system")
+    ]
     assert ids[0] == ids[1]
 
 
@@ -183,8 +215,9 @@ def test_big_prompts_keep_the_api_responsive(server):
     with HealthPoller(base) as poller:
         # 4 MB of text under the byte bound: tokenized (in a thread, without the GIL), then refused with
         # the exact count
-        r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hello " * 700_000,
-                                                       "max_tokens": 1}, timeout=120)
+        r = httpx.post(
+            f"{base}/v1/completions", json={"model": MODEL, "prompt": "hello " * 700_000, "max_tokens": 1}, timeout=120
+        )
         err = _error(r, 400)
         assert "However, your request has 700001 input tokens" in err["message"]  # the final " " is one more
         # 20 MB and 30 MB (under the 32 MiB body limit, over 40960 tokens x 387 bytes): refused by their byte
@@ -210,8 +243,9 @@ def test_every_body_is_capped(server):
             yield block
 
     # no Content-Length (chunked transfer encoding): reading stops at the limit
-    r = httpx.post(f"{base}/v1/completions", content=chunks(100 << 20), headers={"content-type": "application/json"},
-                   timeout=60)
+    r = httpx.post(
+        f"{base}/v1/completions", content=chunks(100 << 20), headers={"content-type": "application/json"}, timeout=60
+    )
     assert "exceeds the limit of 33554432 bytes" in _error(r, 413)["message"]
     assert rss_mib(server.proc.pid) - rss0 < 100
     # a declared length past the limit is refused on its header
@@ -243,8 +277,10 @@ def test_slow_request_heads_are_cut_off(server):
 
 def test_stalled_body_gets_408(server):
     s = socket.create_connection(("127.0.0.1", server.port))
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 100\r\n\r\n{\"prompt\":")
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"prompt":'
+    )
     s.settimeout(10)
     answer = b""
     while chunk := s.recv(4096):  # until the server closes the connection
@@ -261,10 +297,24 @@ def test_killed_worker_is_restarted_without_restarting_the_api(serve_model):
     try:
         base, api_pid, old_worker = s.base, s.proc.pid, s.worker_pid()
         streams = [[], []]
-        threads = [threading.Thread(target=_sse, args=(base, path, {
-            "model": MODEL, "max_tokens": 1900, "ignore_eos": True, "stream": True, **body}, events))
-            for events, (path, body) in zip(streams, [("/v1/completions", {"prompt": "a"}),
-                                                      ("/v1/chat/completions", {"messages": [{"role": "user", "content": "b"}]})])]
+        threads = [
+            threading.Thread(
+                target=_sse,
+                args=(
+                    base,
+                    path,
+                    {"model": MODEL, "max_tokens": 1900, "ignore_eos": True, "stream": True, **body},
+                    events,
+                ),
+            )
+            for events, (path, body) in zip(
+                streams,
+                [
+                    ("/v1/completions", {"prompt": "a"}),
+                    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "b"}]}),
+                ],
+            )
+        ]
         for t in threads:
             t.start()
         while not all(len(e) > 3 for e in streams):
@@ -272,7 +322,7 @@ def test_killed_worker_is_restarted_without_restarting_the_api(serve_model):
         os.kill(old_worker, signal.SIGKILL)
         killed = time.monotonic()
         while (health := httpx.get(f"{base}/health")).status_code == 200:  # 200 only until the kernel has
-            assert time.monotonic() - killed < 1.0                         # torn the process down
+            assert time.monotonic() - killed < 1.0  # torn the process down
         assert health.status_code == 503 and health.json()["status"] == "restarting"
         for t in threads:
             t.join(30)
@@ -315,21 +365,40 @@ def test_a_worker_that_keeps_dying_makes_the_server_exit_nonzero(serve_model):
 # graceful shutdown
 # ------------------------------------------------------------------------------------------------
 def test_sigterm_drains_and_never_cuts_a_stream_silently(serve_model):
-    s = CliServer(serve_model, "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-memory", "64MiB",
-                  "--shutdown-timeout", "3")
+    s = CliServer(
+        serve_model,
+        "--served-model-name",
+        MODEL,
+        "--max-model-len",
+        "2048",
+        "--kv-cache-memory",
+        "64MiB",
+        "--shutdown-timeout",
+        "3",
+    )
     base, worker = s.base, s.worker_pid()
     lengths = [20, 40, 1900, 1900]  # two finish within the drain, two are cut at its end
     streams = [[] for _ in lengths]
-    threads = [threading.Thread(target=_sse, args=(base, "/v1/completions", {
-        "model": MODEL, "prompt": f"p{i}", "max_tokens": n, "ignore_eos": True, "stream": True}, events))
-        for i, (n, events) in enumerate(zip(lengths, streams))]
+    threads = [
+        threading.Thread(
+            target=_sse,
+            args=(
+                base,
+                "/v1/completions",
+                {"model": MODEL, "prompt": f"p{i}", "max_tokens": n, "ignore_eos": True, "stream": True},
+                events,
+            ),
+        )
+        for i, (n, events) in enumerate(zip(lengths, streams))
+    ]
     cut_by_openai: list[BaseException] = []
 
     def openai_stream() -> None:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
         try:
-            for _ in client.completions.create(model=MODEL, prompt="o", max_tokens=1900, stream=True,
-                                               extra_body={"ignore_eos": True}):
+            for _ in client.completions.create(
+                model=MODEL, prompt="o", max_tokens=1900, stream=True, extra_body={"ignore_eos": True}
+            ):
                 pass
         except openai.APIError as e:
             cut_by_openai.append(e)
@@ -344,7 +413,9 @@ def test_sigterm_drains_and_never_cuts_a_stream_silently(serve_model):
         time.sleep(0.3)
         health = httpx.get(f"{base}/health")
         assert health.status_code == 503 and health.json()["status"] == "draining"
-        err = _error(httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "late", "max_tokens": 2}), 503)
+        err = _error(
+            httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "late", "max_tokens": 2}), 503
+        )
         assert "shutting down" in err["message"]
         for t in threads:
             t.join(60)
@@ -368,8 +439,12 @@ def test_second_signal_exits_at_once(serve_model):
 
     def stream() -> None:
         try:
-            _sse(s.base, "/v1/completions", {"prompt": "x", "max_tokens": 1900, "ignore_eos": True, "stream": True},
-                 events)
+            _sse(
+                s.base,
+                "/v1/completions",
+                {"prompt": "x", "max_tokens": 1900, "ignore_eos": True, "stream": True},
+                events,
+            )
         except httpx.HTTPError:
             pass  # the connection is cut: that is what a second signal does
 
@@ -395,8 +470,16 @@ def test_second_signal_exits_at_once(serve_model):
 # soak: concurrent streams, disconnects, a worker kill, then schemathesis
 # ------------------------------------------------------------------------------------------------
 def test_small_soak_run_is_clean(serve_model):
-    report = soak(str(serve_model), clients=16, duration=20, disconnect_prob=0.15, kill=True,
-                  schemathesis_examples=3, schemathesis_time=60, server_args=[])
+    report = soak(
+        str(serve_model),
+        clients=16,
+        duration=20,
+        disconnect_prob=0.15,
+        kill=True,
+        schemathesis_examples=3,
+        schemathesis_time=60,
+        server_args=[],
+    )
     print_report(report)
     assert report.completed > 50 and report.disconnected > 0
     assert report.truncated_streams == 0 and report.usage_mismatches == 0
@@ -414,7 +497,11 @@ def test_a_checkpoint_that_cannot_load_makes_serve_exit_nonzero(serve_model, tmp
     for f in serve_model.iterdir():
         if not f.name.endswith(".safetensors"):
             (broken / f.name).write_bytes(f.read_bytes())
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--port", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "the engine failed to start" in proc.stderr and "safetensors" in proc.stderr

@@ -88,8 +88,10 @@ def test_batch_rows_independent():
     states = [SequenceSamplingState(o, [1]) for o in opts]
     batch, failed = Sampler(REAL).sample(logits.clone(), [0, 1, 2], states)
     assert failed == []
-    alone = [Sampler(REAL).sample(logits[i:i + 1].clone(), [i], [SequenceSamplingState(o, [1])])[0][0]
-             for i, o in enumerate(opts)]
+    alone = [
+        Sampler(REAL).sample(logits[i : i + 1].clone(), [i], [SequenceSamplingState(o, [1])])[0][0]
+        for i, o in enumerate(opts)
+    ]
     assert [t.token_id for t in batch] == [t.token_id for t in alone]
 
 
@@ -97,12 +99,18 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, VOCAB, generator=g)
     logits[1] = float("nan")  # e.g. a numerically broken row: multinomial refuses it
-    opts = [SamplingOptions(temperature=0.8, seed=1), SamplingOptions(temperature=0.8, seed=2), SamplingOptions(temperature=0)]
+    opts = [
+        SamplingOptions(temperature=0.8, seed=1),
+        SamplingOptions(temperature=0.8, seed=2),
+        SamplingOptions(temperature=0),
+    ]
     states = [SequenceSamplingState(o, [1]) for o in opts]
     tokens, failed = Sampler(REAL).sample(logits.clone(), [10, 11, 12], states)
     assert [f.seq_id for f in failed] == [11] and "sampling failed" in failed[0].message
-    alone = [Sampler(REAL).sample(logits[i:i + 1].clone(), [i], [SequenceSamplingState(opts[i], [1])])[0][0].token_id
-             for i in (0, 2)]
+    alone = [
+        Sampler(REAL).sample(logits[i : i + 1].clone(), [i], [SequenceSamplingState(opts[i], [1])])[0][0].token_id
+        for i in (0, 2)
+    ]
     assert [t.seq_id for t in tokens] == [10, 12] and [t.token_id for t in tokens] == alone
     assert states[1].output_token_ids == []  # nothing recorded for the failed row
 

@@ -71,8 +71,19 @@ class Harness:
     def add(self, prompt, max_tokens=8, priority=0, **params) -> Sequence:
         self.next_id += 1
         p = SamplingParams(max_tokens=max_tokens, **params)
-        seq = Sequence(self.next_id, f"r{self.next_id}", 0, list(prompt), p, None, max_tokens, priority,
-                       IncrementalDetokenizer(TOK), StopStringMatcher(p.stop), EOS)
+        seq = Sequence(
+            self.next_id,
+            f"r{self.next_id}",
+            0,
+            list(prompt),
+            p,
+            None,
+            max_tokens,
+            priority,
+            IncrementalDetokenizer(TOK),
+            StopStringMatcher(p.stop),
+            EOS,
+        )
         self.sched.add(seq)
         return seq
 
@@ -180,8 +191,11 @@ def test_preemption_and_resume_give_identical_tokens():
 
 
 @settings(max_examples=25, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step"]), st.integers(0, 10_000)),
-                    min_size=50, max_size=300))
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["add", "abort", "step", "step"]), st.integers(0, 10_000)), min_size=50, max_size=300
+    )
+)
 def test_no_block_leaks_under_random_operations(ops):
     h = Harness(num_blocks=24, block_size=4, max_num_batched_tokens=32, max_num_seqs=6)
     live: list[Sequence] = []
@@ -230,8 +244,15 @@ def test_a_failed_sequence_is_finished_and_its_unwritten_blocks_are_not_cached()
     step = h.sched.schedule()
     tokens = h.worker.step(step.request)
     h.worker.seqs.pop(bad.seq_id)  # the worker forgot the sequence it could not run
-    updates = h.sched.update(step, StepResult(step.request.step_id, [t for t in tokens if t.seq_id != bad.seq_id],
-                                              0.0, [SequenceFailure(bad.seq_id, "boom")]))
+    updates = h.sched.update(
+        step,
+        StepResult(
+            step.request.step_id,
+            [t for t in tokens if t.seq_id != bad.seq_id],
+            0.0,
+            [SequenceFailure(bad.seq_id, "boom")],
+        ),
+    )
     failed = [u for u in updates if u.error is not None]
     assert [(u.seq, u.finished, u.error) for u in failed] == [(bad, True, "boom")]
     assert bad.finished and bad.seq_id not in h.sched.seqs

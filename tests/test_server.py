@@ -9,13 +9,13 @@ import re
 import httpx
 import openai
 import pytest
+from servers import CliServer, ThreadServer
 
 from engine.core import EngineConfig
 from engine.scheduler import SchedulerConfig
 from loaders.assets import qwen3_tokenizer_dir
 from npu.messages import WorkerConfig
 from server.app import ServerSettings, create_app
-from servers import CliServer, ThreadServer
 
 MODEL = "test-model"
 MAX_LEN = 2048
@@ -23,8 +23,17 @@ MAX_LEN = 2048
 
 @pytest.fixture(scope="module")
 def server(serve_model):
-    s = CliServer(serve_model, "--served-model-name", MODEL, "--max-model-len", str(MAX_LEN),
-                  "--kv-cache-memory", "64MiB", "--max-num-seqs", "64")
+    s = CliServer(
+        serve_model,
+        "--served-model-name",
+        MODEL,
+        "--max-model-len",
+        str(MAX_LEN),
+        "--kv-cache-memory",
+        "64MiB",
+        "--max-num-seqs",
+        "64",
+    )
     yield s
     s.stop()
 
@@ -59,7 +68,9 @@ def test_models_health_version(server, client):
 
 
 def test_chat_non_streaming_usage_matches_tokenize(server, client):
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.role == "assistant"
     tok = httpx.post(f"{server.base}/tokenize", json={"model": MODEL, "messages": CHAT}).json()
@@ -91,17 +102,29 @@ def test_raw_sse_format_ends_with_done(server):
 
 
 def test_completions_text_and_token_prompt(client, server):
-    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.id.startswith("cmpl-") and r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
     ids = httpx.post(f"{server.base}/tokenize", json={"prompt": "Once upon a time"}).json()["tokens"]
-    r2 = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    r2 = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r2.choices[0].text == r.choices[0].text and r2.usage.prompt_tokens == len(ids)
-    stream = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    stream = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text
-    batch = client.completions.create(model=MODEL, prompt=["Once upon a time", "Hello"], max_tokens=4, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    batch = client.completions.create(
+        model=MODEL, prompt=["Once upon a time", "Hello"], max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert [c.index for c in batch.choices] == [0, 1] and batch.usage.completion_tokens == 8
 
 
@@ -113,14 +136,23 @@ def test_stop_strings(client):
     r = client.completions.create(stop=[stop], **kw)
     assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[: text.index(stop)]
     assert r.choices[0].model_extra["stop_reason"] == stop
-    r = client.completions.create(stop=[stop], **{**kw, "extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}})
+    r = client.completions.create(
+        stop=[stop], **{**kw, "extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}}
+    )
     assert r.choices[0].text == text[: text.index(stop) + len(stop)]
     s = list(client.completions.create(stop=[stop], stream=True, **kw))
     assert "".join(c.choices[0].text for c in s if c.choices) == text[: text.index(stop)]
 
 
 def test_seed_reproducibility_and_n(client):
-    kw = dict(model=MODEL, messages=CHAT, max_tokens=10, temperature=1.0, top_p=1.0, extra_body={"ignore_eos": True, "top_k": 0})
+    kw = dict(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=10,
+        temperature=1.0,
+        top_p=1.0,
+        extra_body={"ignore_eos": True, "top_k": 0},
+    )
     a = client.chat.completions.create(seed=123, **kw).choices[0].message.content
     b = client.chat.completions.create(seed=123, **kw).choices[0].message.content
     c = client.chat.completions.create(seed=124, **kw).choices[0].message.content
@@ -132,8 +164,15 @@ def test_seed_reproducibility_and_n(client):
 
 
 def test_logprobs(client):
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
-                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
     # greedy: the chosen token is the most likely one
@@ -158,15 +197,23 @@ def test_metrics_change_after_requests(server, client):
     assert metric(server.base, "vllm:time_to_first_token_seconds_count") >= 1
     assert metric(server.base, "vllm:num_requests_running") == 0
     assert 0 <= metric(server.base, "vllm:kv_cache_usage_perc") <= 1
-    for name in ("vllm:prompt_tokens_total", "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total",
-                 "vllm:prefix_cache_hits_total", "vllm:inter_token_latency_seconds_count",
-                 "vllm:request_queue_time_seconds_count", "vllm:num_requests_waiting"):
+    for name in (
+        "vllm:prompt_tokens_total",
+        "vllm:num_preemptions_total",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:request_queue_time_seconds_count",
+        "vllm:num_requests_waiting",
+    ):
         metric(server.base, name)
 
 
 def test_cached_tokens_reported(client):
-    long_system = [{"role": "system", "content": "You answer questions about the weather. " * 12},
-                   {"role": "user", "content": "Is it raining?"}]
+    long_system = [
+        {"role": "system", "content": "You answer questions about the weather. " * 12},
+        {"role": "user", "content": "Is it raining?"},
+    ]
     client.chat.completions.create(model=MODEL, messages=long_system, max_tokens=2)
     r = client.chat.completions.create(model=MODEL, messages=long_system, max_tokens=2)
     assert r.usage.prompt_tokens_details.cached_tokens >= 96
@@ -193,12 +240,21 @@ def test_error_shapes(server):
     assert err["message"] == "The model `nope` does not exist."
     err = _error(httpx.post(url, json={"model": MODEL, "messages": msgs, "temperature": 5}), 400)
     assert "temperature" in err["message"]
-    err = _error(httpx.post(url, json={"model": MODEL, "messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}), 400)
+    err = _error(
+        httpx.post(
+            url, json={"model": MODEL, "messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}
+        ),
+        400,
+    )
     assert "tools" in err["message"] and err["param"] == "tools"
-    err = _error(httpx.post(url, json={"model": MODEL, "messages": msgs, "response_format": {"type": "json_object"}}), 400)
+    err = _error(
+        httpx.post(url, json={"model": MODEL, "messages": msgs, "response_format": {"type": "json_object"}}), 400
+    )
     assert err["param"] == "response_format"
     _error(httpx.post(url, json={"model": MODEL, "messages": msgs, "logit_bias": {"abc": 1}}), 400)
-    _error(httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400)
+    _error(
+        httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400
+    )
     _error(httpx.post(f"{server.base}/detokenize", json={"tokens": [10**9]}), 400)
     # unknown fields are accepted and ignored
     r = httpx.post(url, json={"model": MODEL, "messages": msgs, "max_tokens": 1, "vendor_field": {"x": 1}})
@@ -209,8 +265,10 @@ def test_too_long_context_uses_vllm_sentence(server):
     prompt = "word " * (MAX_LEN + 10)
     n = len(httpx.post(f"{server.base}/tokenize", json={"prompt": prompt}).json()["tokens"])
     err = _error(httpx.post(f"{server.base}/v1/completions", json={"model": MODEL, "prompt": prompt}), 400)
-    assert err["message"] == (f"This model's maximum context length is {MAX_LEN} tokens. However, your request has "
-                              f"{n} input tokens. Please reduce the length of the input prompt.")
+    assert err["message"] == (
+        f"This model's maximum context length is {MAX_LEN} tokens. However, your request has "
+        f"{n} input tokens. Please reduce the length of the input prompt."
+    )
     assert err["param"] == "prompt"
 
 
@@ -226,8 +284,16 @@ def test_openai_client_sees_errors(client):
 # ------------------------------------------------------------------------------------------------
 def test_fifty_concurrent_streams_with_correct_usage(server):
     async def one(http: httpx.AsyncClient, i: int):
-        body = {"model": MODEL, "prompt": f"Client {i} says", "max_tokens": 6 + i % 5, "temperature": 0.7, "seed": i,
-                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+        body = {
+            "model": MODEL,
+            "prompt": f"Client {i} says",
+            "max_tokens": 6 + i % 5,
+            "temperature": 0.7,
+            "seed": i,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
         text, usage, chunks = "", None, 0
         async with http.stream("POST", f"{server.base}/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -292,8 +358,11 @@ def test_non_streaming_client_cancel_aborts(server):
     _wait_idle(server.base)
     gen0 = metric(server.base, "vllm:generation_tokens_total")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base}/v1/completions",
-                   json={"model": MODEL, "prompt": "long", "max_tokens": 1900, "ignore_eos": True}, timeout=1.0)
+        httpx.post(
+            f"{server.base}/v1/completions",
+            json={"model": MODEL, "prompt": "long", "max_tokens": 1900, "ignore_eos": True},
+            timeout=1.0,
+        )
     _wait_idle(server.base, timeout=10)
     generated = metric(server.base, "vllm:generation_tokens_total") - gen0
     assert 0 < generated < 1900  # it started, and stopped when the client left
@@ -333,6 +402,7 @@ def test_api_key_and_body_limit(serve_model):
 def test_overload_429_with_retry_after(serve_model):
     s = ThreadServer(create_app(_settings(serve_model, max_queued_requests=2, scheduler={"max_num_seqs": 1})))
     try:
+
         async def main():
             async with httpx.AsyncClient(timeout=120) as http:
                 body = {"model": MODEL, "prompt": "busy", "max_tokens": 300, "ignore_eos": True}
@@ -372,13 +442,17 @@ def test_reasoning_split_non_streaming_and_streaming(replay_server):
     assert msg.model_extra["reasoning"] == msg.model_extra["reasoning_content"]
     assert r.choices[0].finish_reason == "stop"
     chunks = list(c.chat.completions.create(model=MODEL, messages=CHAT, stream=True))
-    reasoning = "".join((ch.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for ch in chunks if ch.choices)
+    reasoning = "".join(
+        (ch.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for ch in chunks if ch.choices
+    )
     content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert reasoning == msg.model_extra["reasoning_content"] and content == msg.content
 
 
 def test_reasoning_off_when_thinking_disabled(replay_server):
     c = openai.OpenAI(base_url=f"{replay_server.base}/v1", api_key="x", max_retries=0)
-    r = c.chat.completions.create(model=MODEL, messages=CHAT, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    r = c.chat.completions.create(
+        model=MODEL, messages=CHAT, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
     assert r.choices[0].message.content == THINKING_OUTPUT
     assert "reasoning_content" not in (r.choices[0].message.model_extra or {})

@@ -12,15 +12,15 @@ import numpy as np
 import openai
 import pytest
 import torch
-
 from helpers import corpus
+from servers import CliServer
+
 from loaders.gguf_convert import convert_gguf, llama_cpp_permute, llama_cpp_unpermute
 from loaders.weights import load_model_weights
 from npu.messages import WorkerConfig
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 from offline.default_model import smollm2_gguf_path
-from servers import CliServer
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,8 +43,9 @@ def smol_a8w8(smol_float, tmp_path_factory):
     from offline.default_model import DEFAULT_MODEL_FLOAT_DTYPE
     from offline.smooth_quant import smooth_and_quantize
 
-    return smooth_and_quantize(smol_float, tmp_path_factory.mktemp("smol") / "a8w8",
-                               float_dtype=DEFAULT_MODEL_FLOAT_DTYPE)
+    return smooth_and_quantize(
+        smol_float, tmp_path_factory.mktemp("smol") / "a8w8", float_dtype=DEFAULT_MODEL_FLOAT_DTYPE
+    )
 
 
 def test_unpermute_inverts_llama_cpp_permute():
@@ -58,8 +59,15 @@ def test_unpermute_inverts_llama_cpp_permute():
 def test_converted_config_and_shapes(smol_float):
     cfg = json.loads((smol_float / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
-            cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"]) == (30, 576, 9, 3, 64, 1536, 49152)
+    assert (
+        cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+        cfg["intermediate_size"],
+        cfg["vocab_size"],
+    ) == (30, 576, 9, 3, 64, 1536, 49152)
     assert cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"] is True
     w = load_model_weights(smol_float, "none")
     assert w.layers[0].linears["self_attn.k_proj"].weight.shape == (192, 576)
@@ -99,11 +107,19 @@ def test_float_path_matches_transformers_logits(smol_float):
     ids = load_tokenizer(smol_float).encode("The capital of France is Paris. The capital of Italy is")
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
-    runner = ModelRunner(WorkerConfig(model_dir=str(smol_float), quantization="none", kv_cache_dtype="fp32",
-                                      kv_cache_memory_bytes=64 << 20, max_model_len=256))
+    runner = ModelRunner(
+        WorkerConfig(
+            model_dir=str(smol_float),
+            quantization="none",
+            kv_cache_dtype="fp32",
+            kv_cache_memory_bytes=64 << 20,
+            max_model_len=256,
+        )
+    )
     n = len(ids)
-    batch = ForwardBatch(torch.tensor(ids), torch.arange(n), torch.arange(n), [SeqSpan(0, n, torch.arange(n))],
-                         torch.arange(n))
+    batch = ForwardBatch(
+        torch.tensor(ids), torch.arange(n), torch.arange(n), [SeqSpan(0, n, torch.arange(n))], torch.arange(n)
+    )
     ours = runner.model.forward(batch, runner.cache)
     err = (ours - ref).abs().max().item()
     print(f"SmolLM2 float path vs transformers: max |logit diff| {err:.2e}")
@@ -113,22 +129,33 @@ def test_float_path_matches_transformers_logits(smol_float):
 
 
 def test_real_answer_through_the_server_in_a8w8(smol_a8w8):
-    server = CliServer(smol_a8w8, "--served-model-name", "smollm2", "--max-model-len", "2048",
-                       "--kv-cache-memory", "256MiB")
+    server = CliServer(
+        smol_a8w8, "--served-model-name", "smollm2", "--max-model-len", "2048", "--kv-cache-memory", "256MiB"
+    )
     try:
         client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0, timeout=120)
         # SmolLM2-135M answers some phrasings of this question in French even in float32 (5 of 6 right in
         # float), and which ones moves with ulp-level differences between kernels: the VNNI kernels answered
         # the first two "The capital of France is Paris.", the oneDNN fallback (CPUs without AVX-512) the
         # first, third and fourth.
-        questions = ["Which city is the capital of France?", "Tell me the capital of France.",
-                     "What is the capital of France?", "Name the capital of France."]
-        answers = [client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": q}],
-                                                  max_tokens=24, temperature=0).choices[0].message.content
-                   for q in questions]
+        questions = [
+            "Which city is the capital of France?",
+            "Tell me the capital of France.",
+            "What is the capital of France?",
+            "Name the capital of France.",
+        ]
+        answers = [
+            client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0
+            )
+            .choices[0]
+            .message.content
+            for q in questions
+        ]
         assert sum("Paris" in a for a in answers) >= 2, answers
-        r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "What is 2+2?"}],
-                                           max_tokens=24, temperature=0)
+        r = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=24, temperature=0
+        )
         assert "4" in r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop"  # it ends on <|im_end|> by itself
     finally:
@@ -139,13 +166,24 @@ def test_eval_quality_command_runs(smol_float, tmp_path):
     from offline.eval_quality import evaluate
 
     res = evaluate(smol_float, max_tokens=256, num_prompts=2, steps=8, context=128)
-    assert set(res.perplexity) == {"float", "a8w8_bf16kv", "a8w8_int8kv", "smoothquant_a8w8_bf16kv",
-                                   "smoothquant_a8w8_int8kv", "smoothquant_a8w8_int8kv_int8head",
-                                   "smoothquant_a8w8_int8kv_bf16", "smoothquant_a8w8_int8kv_float_down"}
+    assert set(res.perplexity) == {
+        "float",
+        "a8w8_bf16kv",
+        "a8w8_int8kv",
+        "smoothquant_a8w8_bf16kv",
+        "smoothquant_a8w8_int8kv",
+        "smoothquant_a8w8_int8kv_int8head",
+        "smoothquant_a8w8_int8kv_bf16",
+        "smoothquant_a8w8_int8kv_float_down",
+    }
     assert 1 < res.perplexity["float"] < 200  # a real model on English prose
     f, q = res.scores["float"], res.scores["a8w8_int8kv"]
     # smoothing helps, and keeping down_proj float on top of it helps more (the README's finding)
-    assert res.scores["smoothquant_a8w8_int8kv_float_down"].mean_kld < res.scores["smoothquant_a8w8_int8kv"].mean_kld < q.mean_kld
+    assert (
+        res.scores["smoothquant_a8w8_int8kv_float_down"].mean_kld
+        < res.scores["smoothquant_a8w8_int8kv"].mean_kld
+        < q.mean_kld
+    )
     assert f.positions == 2 * 63 and f.mean_kld == 0 and f.same_top == 1  # 2 chunks of 128, 2nd halves
     assert 0 < q.mean_kld < q.p99_kld and 0.5 < q.same_top < 1
     assert res.greedy_agreement["float"] == 1.0
@@ -166,8 +204,10 @@ def test_smoothquant_keeps_the_float_function_and_helps_a8w8(smol_float, tmp_pat
     smooth_float = perplexity(_runner(str(smoothed), "none", "fp32", n), ids)
     plain_a8w8 = perplexity(_runner(str(smol_float), "a8w8", "int8", n), ids)
     smooth_a8w8 = perplexity(_runner(str(smoothed), "a8w8", "int8", n), ids)
-    print(f"ppl over 512 tokens: float {plain_float:.3f} / smoothed {smooth_float:.3f}; "
-          f"A8W8+INT8 KV {plain_a8w8:.3f} / smoothed {smooth_a8w8:.3f}")
+    print(
+        f"ppl over 512 tokens: float {plain_float:.3f} / smoothed {smooth_float:.3f}; "
+        f"A8W8+INT8 KV {plain_a8w8:.3f} / smoothed {smooth_a8w8:.3f}"
+    )
     assert abs(smooth_float / plain_float - 1) < 1e-3  # the same function in float
     assert smooth_a8w8 < plain_a8w8  # less quantization loss
 
@@ -176,8 +216,13 @@ def test_default_model_command_builds_the_smoothed_w8a8_model(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "server.cli", "default-model"], capture_output=True, text=True,
-                       env={**__import__("os").environ, "A8W8_SERVE_CACHE": str(tmp_path)}, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "default-model"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "A8W8_SERVE_CACHE": str(tmp_path)},
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     path = r.stdout.strip().splitlines()[-1]
     cfg = json.loads((__import__("pathlib").Path(path) / "config.json").read_text())
@@ -203,10 +248,15 @@ def test_speculative_greedy_output_identical_on_the_real_model(smol_a8w8):
     from npu.messages import SpeculativeConfig
 
     template = ChatTemplate.from_model_dir(smol_a8w8)
-    text = ("The lighthouse on Gull Point was built in 1871. For ninety years a keeper climbed its 112 steps every "
-            "evening to light the lamp.")
-    asks = [f"Repeat this text word for word, then give it a title.\n\n{text}", "Write a short poem about rain.",
-            f"Summarize in one sentence, quoting the text:\n\n{text}"]
+    text = (
+        "The lighthouse on Gull Point was built in 1871. For ninety years a keeper climbed its 112 steps every "
+        "evening to light the lamp."
+    )
+    asks = [
+        f"Repeat this text word for word, then give it a title.\n\n{text}",
+        "Write a short poem about rain.",
+        f"Summarize in one sentence, quoting the text:\n\n{text}",
+    ]
     params = SamplingParams(max_tokens=96, temperature=0)
     outs = []
     for spec in (None, SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_max=3)):

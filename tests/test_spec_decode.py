@@ -3,8 +3,6 @@ identical to plain decoding through the real engine and worker."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

@@ -59,28 +59,41 @@ def test_multi_turn_drops_old_reasoning_keeps_last(template):
 
 
 def test_tools_tool_calls_and_tool_responses(template):
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Météo",
-                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Météo",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     msgs = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None,
-         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "content": "sunny"},
         {"role": "tool", "content": "20C"},
     ]
     out = template.render(msgs, tools=tools)
-    tool_json = ('{"type": "function", "function": {"name": "get_weather", "description": "Météo", '
-                 '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}')
+    tool_json = (
+        '{"type": "function", "function": {"name": "get_weather", "description": "Météo", '
+        '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}'
+    )
     assert out == (
         "<|im_start|>system\nS\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
         "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-        + tool_json +
-        "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-        "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+        + tool_json
+        + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
         "</tool_call><|im_end|>\n"
         "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
-        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\n20C\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n"
     )
@@ -93,12 +106,20 @@ def test_raise_exception_is_a_client_error():
 
 
 def test_strftime_and_loopcontrols():
-    t = ChatTemplate("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}"
-                     "{{ strftime_now('%Y') | length }}")
+    t = ChatTemplate(
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}"
+        "{{ strftime_now('%Y') | length }}"
+    )
     assert t.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "a4"
 
 
-TEXTS = ["Hello, world!", "日本語とEnglish混在 😀👨‍👩‍👧", "e\u0301 café\n\n\tcode()", "<think>x</think>\nDone.", "Ünïcödé " * 5]
+TEXTS = [
+    "Hello, world!",
+    "日本語とEnglish混在 😀👨‍👩‍👧",
+    "e\u0301 café\n\n\tcode()",
+    "<think>x</think>\nDone.",
+    "Ünïcödé " * 5,
+]
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -127,9 +148,12 @@ def test_detokenizer_flushes_invalid_bytes(tok):
 
 
 @settings(max_examples=200, deadline=None)
-@given(text=st.text(alphabet=st.sampled_from(list("ab \nxy")), max_size=40),
-       stops=st.lists(st.text(alphabet=st.sampled_from(list("ab \nxy")), min_size=1, max_size=4), max_size=3),
-       include=st.booleans(), seed=st.integers(0, 1000))
+@given(
+    text=st.text(alphabet=st.sampled_from(list("ab \nxy")), max_size=40),
+    stops=st.lists(st.text(alphabet=st.sampled_from(list("ab \nxy")), min_size=1, max_size=4), max_size=3),
+    include=st.booleans(),
+    seed=st.integers(0, 1000),
+)
 def test_stop_strings_property(text, stops, include, seed):
     """Streaming in random pieces emits exactly the text before the first stop string (plus it if included)."""
     rng = random.Random(seed)

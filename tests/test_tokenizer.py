@@ -5,11 +5,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from helpers import corpus
 
 from engine.tokenizer import HFTokenizer, PythonBPETokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token
 from loaders.assets import qwen3_tokenizer_dir
 
-from helpers import corpus
 
 @pytest.fixture(scope="module")
 def hf():
@@ -88,8 +88,17 @@ def test_byte_bound_holds_for_adversarial_texts(hf, py):
     assert bound == max_text_bytes_per_token(py) == 387  # (128-byte whitespace token + 1) x NFC's 3
     longest = max(range(hf.vocab_size), key=lambda i: len(hf.decode([i]).encode()))
     jamo = "\u1100\u1161\u11a8"  # L + V + T: 9 bytes that NFC composes into one 3-byte syllable, one token
-    texts = corpus(400) + [hf.decode([longest]) * 50, " " * 10_000, jamo * 500, "\ud55c" * 500, "x" * 5000,
-                           "<|im_start|>" * 100, "😀" * 300, "\n" * 3000, ("\t" * 127 + "a") * 20]
+    texts = corpus(400) + [
+        hf.decode([longest]) * 50,
+        " " * 10_000,
+        jamo * 500,
+        "\ud55c" * 500,
+        "x" * 5000,
+        "<|im_start|>" * 100,
+        "😀" * 300,
+        "\n" * 3000,
+        ("\t" * 127 + "a") * 20,
+    ]
     for tok in (hf, py):
         for t in texts:
             assert len(tok.encode(t)) * bound >= len(t.encode("utf-8", "surrogatepass")), t[:40]

@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from helpers import BLOCK_SIZE, Driver
+
 from loaders.quantization import Int8Linear, quantize_activations, quantize_linear
 from loaders.weights import load_model_weights
 from loaders.writer import RandomModelSpec
@@ -17,8 +17,16 @@ from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepError
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 
-SPEC = RandomModelSpec(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=48,
-                       intermediate_size=256, vocab_size=2000, seed=11)
+SPEC = RandomModelSpec(
+    hidden_size=128,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=48,
+    intermediate_size=256,
+    vocab_size=2000,
+    seed=11,
+)
 GREEDY = SamplingOptions(temperature=0)
 # A8W8 forward vs. a float64 evaluation of the same quantized math, relative to the largest |value|:
 # what is left is fp32 rounding (and rare one-step flips of an activation code at a .5 boundary).
@@ -27,8 +35,17 @@ BF16_ULP = 2.0**-7  # spacing of bf16 numbers relative to their magnitude (upper
 
 
 def _runner(model_dir, quantization="a8w8", kv="fp32", **kw) -> ModelRunner:
-    return ModelRunner(WorkerConfig(model_dir=str(model_dir), quantization=quantization, kv_cache_dtype=kv,
-                                    kv_cache_memory_bytes=16 << 20, block_size=BLOCK_SIZE, max_model_len=512, **kw))
+    return ModelRunner(
+        WorkerConfig(
+            model_dir=str(model_dir),
+            quantization=quantization,
+            kv_cache_dtype=kv,
+            kv_cache_memory_bytes=16 << 20,
+            block_size=BLOCK_SIZE,
+            max_model_len=512,
+            **kw,
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,7 +85,7 @@ def _ref_forward(weights, tokens: list[int]) -> tuple[list[torch.Tensor], torch.
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).double() / d))
     f = torch.arange(T).double()[:, None] * inv[None]
     cos, sin = torch.cat([f, f], -1).cos()[:, None], torch.cat([f, f], -1).sin()[:, None]
-    rot = lambda t: torch.cat([-t[..., d // 2:], t[..., : d // 2]], -1)  # noqa: E731
+    rot = lambda t: torch.cat([-t[..., d // 2 :], t[..., : d // 2]], -1)  # noqa: E731
     outs = []
     for L in weights.layers:
         h = rms(x, L.norms["input_layernorm"])
@@ -97,8 +114,9 @@ def test_a8w8_forward_matches_float64_reference(model_factory):
     tokens = torch.randint(0, SPEC.vocab_size, (37,), generator=torch.Generator().manual_seed(1)).tolist()
     layers: list[torch.Tensor] = []
     T = len(tokens)
-    batch = ForwardBatch(torch.tensor(tokens), torch.arange(T), torch.arange(T), [SeqSpan(0, T, torch.arange(T))],
-                         torch.arange(T))
+    batch = ForwardBatch(
+        torch.tensor(tokens), torch.arange(T), torch.arange(T), [SeqSpan(0, T, torch.arange(T))], torch.arange(T)
+    )
     logits = runner.model.forward(batch, runner.cache, layers)
     ref_layers, ref_logits = _ref_forward(weights, tokens)
     for i, (ours, ref) in enumerate(zip(layers, ref_layers)):
@@ -150,8 +168,9 @@ def test_int8_kv_vs_bf16_kv(model_factory):
     for kv in ("int8", "bf16", "fp32"):
         r = _runner(model_dir, kv=kv)
         T = len(prompt)
-        batch = ForwardBatch(torch.tensor(prompt), torch.arange(T), torch.arange(T), [SeqSpan(0, T, torch.arange(T))],
-                             torch.arange(T))
+        batch = ForwardBatch(
+            torch.tensor(prompt), torch.arange(T), torch.arange(T), [SeqSpan(0, T, torch.arange(T))], torch.arange(T)
+        )
         logits[kv] = r.model.forward(batch, r.cache)
     scale = logits["fp32"].abs().max()
     err_int8 = ((logits["int8"] - logits["fp32"]).abs().max() / scale).item()
@@ -160,9 +179,11 @@ def test_int8_kv_vs_bf16_kv(model_factory):
     a, b = _greedy_alone(model_dir, prompt, steps, "int8"), _greedy_alone(model_dir, prompt, steps, "bf16")
     agree = sum(x == y for x, y in zip(a, b))
     first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    print(f"\nmax |logit error| / max |logit| against an fp32 KV cache: INT8 KV {err_int8:.2e}, BF16 KV {err_bf16:.2e}; "
-          f"greedy INT8 vs BF16 KV agree on {agree}/{steps} steps (first divergence at step {first_diff}; "
-          "random weights give near-flat logits, so small errors flip ties)")
+    print(
+        f"\nmax |logit error| / max |logit| against an fp32 KV cache: INT8 KV {err_int8:.2e}, BF16 KV {err_bf16:.2e}; "
+        f"greedy INT8 vs BF16 KV agree on {agree}/{steps} steps (first divergence at step {first_diff}; "
+        "random weights give near-flat logits, so small errors flip ties)"
+    )
     assert err_int8 <= 2 * err_bf16 + 1e-3
 
 
@@ -172,8 +193,9 @@ def test_int8_kv_vs_bf16_kv(model_factory):
 @pytest.fixture(scope="module")
 def worker(model_factory):
     model_dir = model_factory(SPEC, quantized=True, tokenizer=False)
-    client = WorkerClient(WorkerConfig(model_dir=str(model_dir), kv_cache_memory_bytes=8 << 20, block_size=16,
-                                       max_model_len=256))
+    client = WorkerClient(
+        WorkerConfig(model_dir=str(model_dir), kv_cache_memory_bytes=8 << 20, block_size=16, max_model_len=256)
+    )
     client.wait_ready(timeout=120)
     yield client
     client.shutdown()
@@ -190,17 +212,29 @@ def test_worker_process_prefill_decode_and_errors(worker, model_factory):
         r = worker.step(StepRequest(2 + i, [], [], [ScheduledChunk(7, 1, [], True)]))
         tokens.append(r.tokens[0].token_id)
     # A sequence whose part of a step the worker cannot run fails alone; sequence 7 decodes on in the same steps.
-    r = worker.step(StepRequest(10, [], [NewSequence(8, prompt * 2, 40, 0, GREEDY)],
-                                [ScheduledChunk(99, 1, [], True), ScheduledChunk(7, 1, [], True),
-                                 ScheduledChunk(8, 40, [5], True)]))
-    assert {f.seq_id: f.message for f in r.failed} == {99: "chunk for unknown sequence 99",
-                                                       8: "sequence 8: block table too short for 40 tokens"}
+    r = worker.step(
+        StepRequest(
+            10,
+            [],
+            [NewSequence(8, prompt * 2, 40, 0, GREEDY)],
+            [ScheduledChunk(99, 1, [], True), ScheduledChunk(7, 1, [], True), ScheduledChunk(8, 40, [5], True)],
+        )
+    )
+    assert {f.seq_id: f.message for f in r.failed} == {
+        99: "chunk for unknown sequence 99",
+        8: "sequence 8: block table too short for 40 tokens",
+    }
     tokens.append(r.tokens[0].token_id)
     bad_token = NewSequence(9, [1, SPEC.vocab_size], 2, 0, GREEDY)
     bad_bias = NewSequence(10, [1, 2], 2, 0, SamplingOptions(temperature=0, logit_bias={10**6: 1.0}))
-    r = worker.step(StepRequest(11, [], [bad_token, bad_bias],
-                                [ScheduledChunk(9, 2, [6], True), ScheduledChunk(10, 2, [7], True),
-                                 ScheduledChunk(7, 1, [], True)]))
+    r = worker.step(
+        StepRequest(
+            11,
+            [],
+            [bad_token, bad_bias],
+            [ScheduledChunk(9, 2, [6], True), ScheduledChunk(10, 2, [7], True), ScheduledChunk(7, 1, [], True)],
+        )
+    )
     assert sorted(f.seq_id for f in r.failed) == [9, 10]
     assert "outside the vocabulary" in r.failed[0].message and "outside the vocabulary" in r.failed[1].message
     tokens.append(r.tokens[0].token_id)
@@ -215,7 +249,9 @@ def test_worker_process_prefill_decode_and_errors(worker, model_factory):
     # a message that is not a step at all is refused as a whole; the worker keeps serving
     worker._conn.send_bytes(b"\x00not msgpack")
     assert isinstance(worker._recv(timeout=30), StepError)
-    r = worker.step(StepRequest(14, [], [NewSequence(11, prompt, 20, 0, GREEDY)], [ScheduledChunk(11, 20, [0, 1], True)]))
+    r = worker.step(
+        StepRequest(14, [], [NewSequence(11, prompt, 20, 0, GREEDY)], [ScheduledChunk(11, 20, [0, 1], True)])
+    )
     assert r.failed == [] and r.tokens[0].token_id == tokens[0]
 
 
@@ -227,10 +263,18 @@ def test_failed_sequence_takes_down_readers_of_its_blocks_and_nothing_else(model
     bad = NewSequence(1, prompt + [SPEC.vocab_size], 13, 0, GREEDY)  # rejected: a token past the vocabulary
     reader = NewSequence(2, prompt + [3], 13, 0, GREEDY)
     other = NewSequence(3, prompt[::-1], 12, 0, GREEDY)
-    res = r.execute(StepRequest(1, [], [bad, reader, other], [
-        ScheduledChunk(1, 13, [0, 1, 2, 3], True),
-        ScheduledChunk(2, 13, [0, 1, 2, 4], True),  # shares blocks 0-2 with sequence 1
-        ScheduledChunk(3, 12, [5, 6, 7], True)]))
+    res = r.execute(
+        StepRequest(
+            1,
+            [],
+            [bad, reader, other],
+            [
+                ScheduledChunk(1, 13, [0, 1, 2, 3], True),
+                ScheduledChunk(2, 13, [0, 1, 2, 4], True),  # shares blocks 0-2 with sequence 1
+                ScheduledChunk(3, 12, [5, 6, 7], True),
+            ],
+        )
+    )
     assert sorted(f.seq_id for f in res.failed) == [1, 2]
     assert [t.seq_id for t in res.tokens] == [3] and set(r.seqs) == {3}
     alone = _greedy_alone(model_factory(SPEC, quantized=True, tokenizer=False), prompt[::-1], 1, kv="int8")
@@ -253,8 +297,11 @@ def test_forward_failure_fails_that_steps_sequences_only(model_factory, monkeypa
     assert set(r.seqs) == {1}
     monkeypatch.setattr(r.model, "forward", real_forward)
     res = d.run(chunks=[(1, 1, True)])  # sequence 1 decodes on from where it was
-    assert res.failed == [] and res.tokens[0].token_id == _greedy_alone(
-        model_factory(SPEC, quantized=True, tokenizer=False), [1, 2, 3], 2, kv="int8")[1]
+    assert (
+        res.failed == []
+        and res.tokens[0].token_id
+        == _greedy_alone(model_factory(SPEC, quantized=True, tokenizer=False), [1, 2, 3], 2, kv="int8")[1]
+    )
     assert first.tokens[0].seq_id == 1
 
 
@@ -286,8 +333,15 @@ def test_quantized_lm_head_option(model_factory):
     assert quant.embed_tokens.dtype == torch.bfloat16  # the tied embedding itself stays float
     prompt = list(range(3, 40))
     a = _greedy_alone(model_dir, prompt, 4)
-    r = ModelRunner(WorkerConfig(model_dir=str(model_dir), quantize_lm_head=True, kv_cache_memory_bytes=16 << 20,
-                                 block_size=BLOCK_SIZE, max_model_len=512))
+    r = ModelRunner(
+        WorkerConfig(
+            model_dir=str(model_dir),
+            quantize_lm_head=True,
+            kv_cache_memory_bytes=16 << 20,
+            block_size=BLOCK_SIZE,
+            max_model_len=512,
+        )
+    )
     d = Driver(r)
     d.run(new=[NewSequence(1, prompt, len(prompt), 0, GREEDY)])
     assert d.run(chunks=[(1, len(prompt), True)]).tokens[0].token_id == a[0]
@@ -433,8 +487,9 @@ def test_int8_kernels_agree_on_logits(model_factory):
     logits = []
     for kernel in ("onednn", "auto"):
         r = _runner(model_dir, kv="int8", int8_kernel=kernel)
-        batch = ForwardBatch(torch.tensor(prompt), torch.arange(T), torch.arange(T), [SeqSpan(0, T, torch.arange(T))],
-                             torch.arange(T))
+        batch = ForwardBatch(
+            torch.tensor(prompt), torch.arange(T), torch.arange(T), [SeqSpan(0, T, torch.arange(T))], torch.arange(T)
+        )
         logits.append(r.model.forward(batch, r.cache))
     a, b = logits
     assert torch.equal(a.argmax(-1), b.argmax(-1))
@@ -445,8 +500,16 @@ def test_int8_kernels_agree_on_logits(model_factory):
 def test_decoder_stack_is_bit_identical_to_the_layer_loop(model_factory):
     """Pure decode steps through the one-call C layer stack vs the model's Python layer loop (the same
     kernels): identical tokens, logprobs and KV cache bytes, over sequences of different context lengths."""
-    spec = RandomModelSpec(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=64,
-                           intermediate_size=256, vocab_size=2000, seed=12)
+    spec = RandomModelSpec(
+        hidden_size=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=256,
+        vocab_size=2000,
+        seed=12,
+    )
     model_dir = model_factory(spec, tokenizer=False)
     stacked, looped = _runner(model_dir, kv="int8"), _runner(model_dir, kv="int8")
     if stacked.model.decode_stack is None:
@@ -484,15 +547,25 @@ def test_fused_paged_prefill_attention_matches_sdpa():
         for q_len, ctx in ((2, 2), (37, 37), (16, 100), (3, 200), (130, 300)):
             slots = slots_all[:ctx].contiguous()
             wide = torch.randn(q_len, hq * d + 7, generator=g)  # q as a strided view, as the model passes it
-            q = wide[:, :hq * d].view(q_len, hq, d)
+            q = wide[:, : hq * d].view(q_len, hq, d)
             fused = backend.prefill_attention(q, cache, 1, slots, d**-0.5)
             if fused is None:
                 pytest.skip("fused kernel unavailable here")
             kv = cache.read(1, slots, torch.float32)
             mask = causal_lower_right(q_len, ctx) if q_len != ctx else None
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], kv.k.transpose(0, 1)[None], kv.v.transpose(0, 1)[None], attn_mask=mask,
-                is_causal=q_len == ctx, scale=d**-0.5, enable_gqa=hq != hkv)[0].transpose(0, 1).reshape(q_len, -1)
+            ref = (
+                torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None],
+                    kv.k.transpose(0, 1)[None],
+                    kv.v.transpose(0, 1)[None],
+                    attn_mask=mask,
+                    is_causal=q_len == ctx,
+                    scale=d**-0.5,
+                    enable_gqa=hq != hkv,
+                )[0]
+                .transpose(0, 1)
+                .reshape(q_len, -1)
+            )
             assert torch.allclose(fused, ref, atol=1e-4, rtol=1e-4), (hq, hkv, d, q_len, ctx)
 
 
@@ -511,7 +584,7 @@ def test_fused_paged_decode_attention_matches_sdpa():
         lengths = [1, 17, 130, 64, 401, 600]
         spans, start = [], 0
         for i, n in enumerate(lengths):
-            spans.append(SeqSpan(i, 1, slots_all[start:start + n]))
+            spans.append(SeqSpan(i, 1, slots_all[start : start + n]))
             start += n
         group = DecodeGroup.build(spans, len(spans))
         q = torch.randn(len(lengths), hq, d, generator=g)
@@ -521,8 +594,12 @@ def test_fused_paged_decode_attention_matches_sdpa():
         for i, sp in enumerate(spans):
             kv = cache.read(1, sp.context_slots, torch.float32)
             ref = torch.nn.functional.scaled_dot_product_attention(
-                q[i][None, :, None, :], kv.k.transpose(0, 1)[None], kv.v.transpose(0, 1)[None], scale=d**-0.5,
-                enable_gqa=hq != hkv)[0, :, 0, :]
+                q[i][None, :, None, :],
+                kv.k.transpose(0, 1)[None],
+                kv.v.transpose(0, 1)[None],
+                scale=d**-0.5,
+                enable_gqa=hq != hkv,
+            )[0, :, 0, :]
             # the kernel rounds q and the softmax weights (times the V scales) to INT16 for its integer q . k
             # and p . v: half a step (largest weight / 32767) per key times |v_int8| <= 127; measured max
             # error 8.3e-5 on these inputs (the fp32 p . v it replaced: 4.3e-5)

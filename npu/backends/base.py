@@ -9,8 +9,9 @@ tested against the eager op it replaces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +52,15 @@ class LinearOp(Protocol):
     out_features: int
     in_features: int  # K (the input is [M, 2K] when gated)
 
-    def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
-                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None = None,
+        gated: bool = False,
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 class UnfusedLinear:
@@ -65,8 +73,15 @@ class UnfusedLinear:
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
-                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None = None,
+        gated: bool = False,
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if norm is not None:
             x = rms_norm(x, norm.weight, norm.eps)
         if gated:
@@ -90,8 +105,14 @@ class Backend(Protocol):
         """Move/prepack one linear weight (INT8 or float) and return the op that applies it."""
         ...
 
-    def qk_norm_rope(self, qk: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin_signed: torch.Tensor,
-                     positions: torch.Tensor) -> torch.Tensor:
+    def qk_norm_rope(
+        self,
+        qk: torch.Tensor,
+        norm: RMSNorm | None,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
         """Per-head RMSNorm (optional) then RoPE of ``qk`` ``[T, H, D]``; may work in place."""
         ...
 
@@ -99,15 +120,24 @@ class Backend(Protocol):
         """Store ``k``/``v`` ``[T, Hkv, D]`` at ``slots`` of layer ``layer`` of the paged cache."""
         ...
 
-    def prefill_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, scale: float
-                          ) -> torch.Tensor | None:
+    def prefill_attention(
+        self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
         """Optional fused kernel: causal attention of one sequence's chunk of queries ``q`` ``[n, Hq, D]`` (the
         last ``n`` of its ``len(slots)`` positions) over its context ``slots`` of layer ``layer``; returns
         ``[n, Hq * D]``, or None to let the model use its generic path."""
         ...
 
-    def prepare_decoder_stack(self, layers: Sequence[Any], num_heads: int, num_kv_heads: int, head_dim: int,
-                              cos: torch.Tensor, sin_signed: torch.Tensor, scale: float) -> Any | None:
+    def prepare_decoder_stack(
+        self,
+        layers: Sequence[Any],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        scale: float,
+    ) -> Any | None:
         """Optional: an object whose ``decode(x, positions, slot_mapping, context_slots, lengths, cache) -> bool``
         runs all decoder layers of a pure decode step at once, with the same results as the model's layer loop
         over ``layers`` (each with ``qkv``, ``o``, ``gate_up``, ``down``, ``input_norm``, ``post_norm``,
@@ -118,8 +148,9 @@ class Backend(Protocol):
         """Index of the first maximum of each row of ``logits`` ``[S, V]`` (greedy sampling)."""
         ...
 
-    def decode_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
-                         scale: float) -> torch.Tensor | None:
+    def decode_attention(
+        self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
         """Optional fused kernel: attention of one query token per sequence (``q`` ``[S, Hq, D]``) over the
         padded slot lists ``slots`` ``[S, L]`` (``lengths`` ``[S]`` int32) of layer ``layer``. Return None
         to let the model use its generic path."""
@@ -131,8 +162,14 @@ class TorchOps:
 
     note: str | None = None
 
-    def qk_norm_rope(self, qk: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin_signed: torch.Tensor,
-                     positions: torch.Tensor) -> torch.Tensor:
+    def qk_norm_rope(
+        self,
+        qk: torch.Tensor,
+        norm: RMSNorm | None,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
         if norm is not None:
             qk = rms_norm(qk, norm.weight, norm.eps)
         c, s = cos[positions][:, None, :], sin_signed[positions][:, None, :]
@@ -145,14 +182,24 @@ class TorchOps:
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
 
-    def prepare_decoder_stack(self, layers: Sequence[Any], num_heads: int, num_kv_heads: int, head_dim: int,
-                              cos: torch.Tensor, sin_signed: torch.Tensor, scale: float) -> Any | None:
+    def prepare_decoder_stack(
+        self,
+        layers: Sequence[Any],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        scale: float,
+    ) -> Any | None:
         return None
 
-    def prefill_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, scale: float
-                          ) -> torch.Tensor | None:
+    def prefill_attention(
+        self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
         return None
 
-    def decode_attention(self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor,
-                         scale: float) -> torch.Tensor | None:
+    def decode_attention(
+        self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
         return None

@@ -19,7 +19,8 @@ VNNI and gcc is present (``int8_kernel="auto"``).
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +92,10 @@ class CpuBackend(TorchOps):
             if lib is None and int8_kernel == "vnni":
                 raise RuntimeError(f"int8_kernel='vnni' is not available: {why}")
             if lib is None:
-                self.note = (f"the AVX-512 VNNI kernels are not in use ({why}): INT8 GEMMs run through "
-                             "torch._int_mm (oneDNN), several times slower")
+                self.note = (
+                    f"the AVX-512 VNNI kernels are not in use ({why}): INT8 GEMMs run through "
+                    "torch._int_mm (oneDNN), several times slower"
+                )
             self._vnni = lib
         self._workspace = Workspace()
         self._weight_arena = HugePageArena()  # packed weights on huge pages (npu/host_memory.py)
@@ -100,46 +103,102 @@ class CpuBackend(TorchOps):
 
     def prepare_linear(self, weight: LinearWeight):
         if isinstance(weight, Int8Linear):
-            return VnniLinear(weight, self._vnni, self._workspace, self._weight_arena) if self._vnni is not None else Int8GemmLinear(weight)
-        if (weight.weight.dtype == torch.bfloat16 and weight.bias is None and self._vnni is not None
-                and self._vnni.has_bf16):  # (a float linear with a bias: the reference path)
+            return (
+                VnniLinear(weight, self._vnni, self._workspace, self._weight_arena)
+                if self._vnni is not None
+                else Int8GemmLinear(weight)
+            )
+        if (
+            weight.weight.dtype == torch.bfloat16
+            and weight.bias is None
+            and self._vnni is not None
+            and self._vnni.has_bf16
+        ):  # (a float linear with a bias: the reference path)
             return Bf16Linear(weight.weight, self._vnni, self._workspace, self._weight_arena)
         return FloatGemmLinear(weight, self.activation_dtype)
 
-    def prepare_decoder_stack(self, layers: Sequence[Any], num_heads: int, num_kv_heads: int, head_dim: int,
-                              cos: torch.Tensor, sin_signed: torch.Tensor, scale: float) -> DecoderStack | None:
+    def prepare_decoder_stack(
+        self,
+        layers: Sequence[Any],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        scale: float,
+    ) -> DecoderStack | None:
         """All layers of a decode step in one C call, where every kernel of the loop is ours."""
         if self._vnni is None or not DecoderStack.applies_to(layers, cos, sin_signed):
             return None
-        stack = DecoderStack(self._vnni, self._workspace, layers, num_heads, num_kv_heads, head_dim, cos, sin_signed,
-                             scale)
+        stack = DecoderStack(
+            self._vnni, self._workspace, layers, num_heads, num_kv_heads, head_dim, cos, sin_signed, scale
+        )
         return stack if stack.supported else None
 
-    def qk_norm_rope(self, qk: torch.Tensor, norm: RMSNorm | None, cos: torch.Tensor, sin_signed: torch.Tensor,
-                     positions: torch.Tensor) -> torch.Tensor:
+    def qk_norm_rope(
+        self,
+        qk: torch.Tensor,
+        norm: RMSNorm | None,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
         """In place with our C kernel where ``qk`` is fp32 with contiguous heads; else the eager ops."""
         t, h, d = qk.shape
-        if (self._vnni is None or qk.dtype != torch.float32 or qk.stride(2) != 1 or qk.stride(1) != d
-                or not cos.is_contiguous() or not sin_signed.is_contiguous() or positions.dtype != torch.long
-                or not positions.is_contiguous()):
+        if (
+            self._vnni is None
+            or qk.dtype != torch.float32
+            or qk.stride(2) != 1
+            or qk.stride(1) != d
+            or not cos.is_contiguous()
+            or not sin_signed.is_contiguous()
+            or positions.dtype != torch.long
+            or not positions.is_contiguous()
+        ):
             return super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
         status = self._vnni.qk_norm_rope(
-            qk.data_ptr(), t, qk.stride(0), h, d, None if norm is None else norm.weight.data_ptr(),
-            0.0 if norm is None else norm.eps, cos.data_ptr(), sin_signed.data_ptr(), positions.data_ptr())
+            qk.data_ptr(),
+            t,
+            qk.stride(0),
+            h,
+            d,
+            None if norm is None else norm.weight.data_ptr(),
+            0.0 if norm is None else norm.eps,
+            cos.data_ptr(),
+            sin_signed.data_ptr(),
+            positions.data_ptr(),
+        )
         return qk if status == 0 else super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
 
     def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """INT8 caches through our C kernel (quantize + scatter in one pass); other dtypes as the cache does."""
         t, h, d = k.shape
-        usable = (self._vnni is not None and isinstance(cache.format, Int8KV) and k.dtype == torch.float32
-                  and v.dtype == torch.float32 and k.stride()[1:] == (d, 1) and v.stride()[1:] == (d, 1)
-                  and slots.dtype == torch.long and slots.is_contiguous())
+        usable = (
+            self._vnni is not None
+            and isinstance(cache.format, Int8KV)
+            and k.dtype == torch.float32
+            and v.dtype == torch.float32
+            and k.stride()[1:] == (d, 1)
+            and v.stride()[1:] == (d, 1)
+            and slots.dtype == torch.long
+            and slots.is_contiguous()
+        )
         if usable:
             c = cache.tensors
             status = self._vnni.kv_write_int8(
-                k.data_ptr(), v.data_ptr(), t, k.stride(0), v.stride(0), h, d, slots.data_ptr(),
-                _layer_ptr(c["k"], layer), _layer_ptr(c["k_scale"], layer), _layer_ptr(c["v"], layer),
-                _layer_ptr(c["v_scale"], layer))
+                k.data_ptr(),
+                v.data_ptr(),
+                t,
+                k.stride(0),
+                v.stride(0),
+                h,
+                d,
+                slots.data_ptr(),
+                _layer_ptr(c["k"], layer),
+                _layer_ptr(c["k_scale"], layer),
+                _layer_ptr(c["v"], layer),
+                _layer_ptr(c["v_scale"], layer),
+            )
             if status == 0:
                 return
         cache.write(layer, slots, k, v)
@@ -151,34 +210,71 @@ class CpuBackend(TorchOps):
         self._vnni.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
         return out
 
-    def prefill_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
-                          ) -> torch.Tensor | None:
+    def prefill_attention(
+        self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
         """Causal attention of a prompt chunk straight from an INT8 paged cache (our C kernel)."""
         n, hq, d = q.shape
-        if (self._vnni is None or not isinstance(cache.format, Int8KV) or q.dtype != torch.float32
-                or q.stride()[1:] != (d, 1) or not slots.is_contiguous() or slots.dtype != torch.long):
+        if (
+            self._vnni is None
+            or not isinstance(cache.format, Int8KV)
+            or q.dtype != torch.float32
+            or q.stride()[1:] != (d, 1)
+            or not slots.is_contiguous()
+            or slots.dtype != torch.long
+        ):
             return None
         t = cache.tensors
         out = torch.empty(n, hq * d, dtype=torch.float32)
         status = self._vnni.paged_attention_prefill_int8(
-            q.data_ptr(), q.stride(0) if n > 1 else hq * d, n, slots.numel() - n, hq, t["k"].shape[2], d,
-            _layer_ptr(t["k"], layer), _layer_ptr(t["k_scale"], layer), _layer_ptr(t["v"], layer),
-            _layer_ptr(t["v_scale"], layer), slots.data_ptr(), scale, out.data_ptr())
+            q.data_ptr(),
+            q.stride(0) if n > 1 else hq * d,
+            n,
+            slots.numel() - n,
+            hq,
+            t["k"].shape[2],
+            d,
+            _layer_ptr(t["k"], layer),
+            _layer_ptr(t["k_scale"], layer),
+            _layer_ptr(t["v"], layer),
+            _layer_ptr(t["v_scale"], layer),
+            slots.data_ptr(),
+            scale,
+            out.data_ptr(),
+        )
         return out if status == 0 else None
 
-    def decode_attention(self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor,
-                         lengths: torch.Tensor, scale: float) -> torch.Tensor | None:
+    def decode_attention(
+        self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
         """Single-token attention of ``q`` ``[S, Hq, D]`` straight from an INT8 paged cache (our C kernel);
         None where it does not apply (other KV dtypes, no kernel), and the model uses SDPA instead."""
         s, hq, d = q.shape
-        if (self._vnni is None or not isinstance(cache.format, Int8KV) or q.dtype != torch.float32
-                or q.stride()[1:] != (d, 1)):
+        if (
+            self._vnni is None
+            or not isinstance(cache.format, Int8KV)
+            or q.dtype != torch.float32
+            or q.stride()[1:] != (d, 1)
+        ):
             return None
         t = cache.tensors
         hkv = t["k"].shape[2]
         out = torch.empty(s, hq, d, dtype=torch.float32)
         status = self._vnni.paged_attention_decode_int8(
-            q.data_ptr(), q.stride(0), s, hq, hkv, d, _layer_ptr(t["k"], layer), _layer_ptr(t["k_scale"], layer),
-            _layer_ptr(t["v"], layer), _layer_ptr(t["v_scale"], layer), slots.data_ptr(), lengths.data_ptr(),
-            slots.shape[1], scale, out.data_ptr())
+            q.data_ptr(),
+            q.stride(0),
+            s,
+            hq,
+            hkv,
+            d,
+            _layer_ptr(t["k"], layer),
+            _layer_ptr(t["k_scale"], layer),
+            _layer_ptr(t["v"], layer),
+            _layer_ptr(t["v_scale"], layer),
+            slots.data_ptr(),
+            lengths.data_ptr(),
+            slots.shape[1],
+            scale,
+            out.data_ptr(),
+        )
         return out if status == 0 else None

@@ -10,7 +10,8 @@ the KV cache is INT8 and the residual stream fp32; elsewhere the model keeps its
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -26,39 +27,92 @@ class _PackedLinear(ctypes.Structure):
 
 
 class _StackLayer(ctypes.Structure):
-    _fields_ = [("qkv", _PackedLinear), ("o", _PackedLinear), ("gate_up", _PackedLinear), ("down", _PackedLinear),
-                ("input_norm", _p), ("post_norm", _p), ("qk_norm", _p),
-                ("input_eps", _f), ("post_eps", _f), ("qk_eps", _f)]
+    _fields_ = [
+        ("qkv", _PackedLinear),
+        ("o", _PackedLinear),
+        ("gate_up", _PackedLinear),
+        ("down", _PackedLinear),
+        ("input_norm", _p),
+        ("post_norm", _p),
+        ("qk_norm", _p),
+        ("input_eps", _f),
+        ("post_eps", _f),
+        ("qk_eps", _f),
+    ]
 
 
 class _DecoderStack(ctypes.Structure):
-    _fields_ = [("num_layers", _i), ("num_heads", _i), ("num_kv_heads", _i), ("head_dim", _i),
-                ("layers", ctypes.POINTER(_StackLayer)), ("cos", _p), ("sin_signed", _p), ("scale", _f)]
+    _fields_ = [
+        ("num_layers", _i),
+        ("num_heads", _i),
+        ("num_kv_heads", _i),
+        ("head_dim", _i),
+        ("layers", ctypes.POINTER(_StackLayer)),
+        ("cos", _p),
+        ("sin_signed", _p),
+        ("scale", _f),
+    ]
 
 
 class _KvCache(ctypes.Structure):
-    _fields_ = [("k", _p), ("v", _p), ("k_scale", _p), ("v_scale", _p), ("layer_stride", _l),
-                ("scale_layer_stride", _l)]
+    _fields_ = [
+        ("k", _p),
+        ("v", _p),
+        ("k_scale", _p),
+        ("v_scale", _p),
+        ("layer_stride", _l),
+        ("scale_layer_stride", _l),
+    ]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     """Argument types of the library's stack entry points."""
     lib.decoder_stack_check.argtypes, lib.decoder_stack_check.restype = [ctypes.POINTER(_DecoderStack)], _i
-    lib.decoder_stack_decode.argtypes = [ctypes.POINTER(_DecoderStack), ctypes.POINTER(_KvCache), _p, _i, _p, _p, _p,
-                                         _p, _i, _p, _p, _p, _p, _p]
+    lib.decoder_stack_decode.argtypes = [
+        ctypes.POINTER(_DecoderStack),
+        ctypes.POINTER(_KvCache),
+        _p,
+        _i,
+        _p,
+        _p,
+        _p,
+        _p,
+        _i,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+    ]
     lib.decoder_stack_decode.restype = None
 
 
 def _packed(op: VnniLinear) -> _PackedLinear:
-    return _PackedLinear(op.packed.data_ptr(), op.wsum.data_ptr(), op.scale.data_ptr(),
-                         None if op.bias is None else op.bias.data_ptr(), op.out_features, op.in_features)
+    return _PackedLinear(
+        op.packed.data_ptr(),
+        op.wsum.data_ptr(),
+        op.scale.data_ptr(),
+        None if op.bias is None else op.bias.data_ptr(),
+        op.out_features,
+        op.in_features,
+    )
 
 
 class DecoderStack:
     """Pointers to every layer's prepared weights, and the call that runs all layers of a decode step."""
 
-    def __init__(self, lib: ctypes.CDLL, workspace: Workspace, layers: Sequence[Any], num_heads: int,
-                 num_kv_heads: int, head_dim: int, cos: torch.Tensor, sin_signed: torch.Tensor, scale: float):
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        workspace: Workspace,
+        layers: Sequence[Any],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        scale: float,
+    ):
         _declare(lib)
         self.lib, self.workspace = lib, workspace
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -66,14 +120,24 @@ class DecoderStack:
         rows = []
         for layer in layers:
             qk_norm: RMSNorm | None = layer.qk_norm
-            rows.append(_StackLayer(
-                _packed(layer.qkv), _packed(layer.o), _packed(layer.gate_up), _packed(layer.down),
-                layer.input_norm.weight.data_ptr(), layer.post_norm.weight.data_ptr(),
-                None if qk_norm is None else qk_norm.weight.data_ptr(),
-                layer.input_norm.eps, layer.post_norm.eps, 0.0 if qk_norm is None else qk_norm.eps))
+            rows.append(
+                _StackLayer(
+                    _packed(layer.qkv),
+                    _packed(layer.o),
+                    _packed(layer.gate_up),
+                    _packed(layer.down),
+                    layer.input_norm.weight.data_ptr(),
+                    layer.post_norm.weight.data_ptr(),
+                    None if qk_norm is None else qk_norm.weight.data_ptr(),
+                    layer.input_norm.eps,
+                    layer.post_norm.eps,
+                    0.0 if qk_norm is None else qk_norm.eps,
+                )
+            )
         self._layers = (_StackLayer * len(rows))(*rows)
-        self._stack = _DecoderStack(len(rows), num_heads, num_kv_heads, head_dim, self._layers, cos.data_ptr(),
-                                    sin_signed.data_ptr(), scale)
+        self._stack = _DecoderStack(
+            len(rows), num_heads, num_kv_heads, head_dim, self._layers, cos.data_ptr(), sin_signed.data_ptr(), scale
+        )
         self.qkv_features = layers[0].qkv.out_features
         self.gate_up_features = layers[0].gate_up.out_features
         self.widest_input = max(max(op.in_features for op in (ly.qkv, ly.o, ly.gate_up, ly.down)) for ly in layers)
@@ -83,26 +147,51 @@ class DecoderStack:
     def applies_to(layers: Sequence[Any], cos: torch.Tensor, sin_signed: torch.Tensor) -> bool:
         """True when every linear of every layer is a VNNI linear and the norm weights and RoPE tables are
         contiguous fp32 (what the kernels read)."""
-        tensors = [cos, sin_signed] + [norm.weight for ly in layers for norm in (ly.input_norm, ly.post_norm, ly.qk_norm)
-                                       if norm is not None]
-        return (all(isinstance(op, VnniLinear) for ly in layers for op in (ly.qkv, ly.o, ly.gate_up, ly.down))
-                and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors))
+        tensors = [cos, sin_signed] + [
+            norm.weight for ly in layers for norm in (ly.input_norm, ly.post_norm, ly.qk_norm) if norm is not None
+        ]
+        return all(isinstance(op, VnniLinear) for ly in layers for op in (ly.qkv, ly.o, ly.gate_up, ly.down)) and all(
+            t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+        )
 
-    def decode(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, context_slots: torch.Tensor,
-               lengths: torch.Tensor, cache: PagedKVCache) -> bool:
+    def decode(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        context_slots: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: PagedKVCache,
+    ) -> bool:
         """Run every layer on ``x`` ``[S, hidden]`` (one new token per sequence, updated in place); False when
         this call does not apply (then nothing was touched)."""
         t = cache.tensors
-        if not (self.supported and isinstance(cache.format, Int8KV) and t["k"].stride() == t["v"].stride()
-                and t["k_scale"].stride() == t["v_scale"].stride() and x.dtype == torch.float32
-                and x.is_contiguous() and positions.dtype == torch.long and positions.is_contiguous()
-                and slot_mapping.dtype == torch.long and slot_mapping.is_contiguous()
-                and context_slots.dtype == torch.long and context_slots.is_contiguous()
-                and lengths.dtype == torch.int32 and lengths.is_contiguous()):
+        if not (
+            self.supported
+            and isinstance(cache.format, Int8KV)
+            and t["k"].stride() == t["v"].stride()
+            and t["k_scale"].stride() == t["v_scale"].stride()
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+            and positions.dtype == torch.long
+            and positions.is_contiguous()
+            and slot_mapping.dtype == torch.long
+            and slot_mapping.is_contiguous()
+            and context_slots.dtype == torch.long
+            and context_slots.is_contiguous()
+            and lengths.dtype == torch.int32
+            and lengths.is_contiguous()
+        ):
             return False
         s = x.shape[0]
-        kv = _KvCache(t["k"].data_ptr(), t["v"].data_ptr(), t["k_scale"].data_ptr(), t["v_scale"].data_ptr(),
-                      t["k"].stride(0), t["k_scale"].stride(0))
+        kv = _KvCache(
+            t["k"].data_ptr(),
+            t["v"].data_ptr(),
+            t["k_scale"].data_ptr(),
+            t["v_scale"].data_ptr(),
+            t["k"].stride(0),
+            t["k_scale"].stride(0),
+        )
         qkv = torch.empty(s, self.qkv_features, dtype=torch.float32)
         attn = torch.empty(s, self.num_heads * self.head_dim, dtype=torch.float32)
         gate_up = torch.empty(s, self.gate_up_features, dtype=torch.float32)
@@ -110,7 +199,19 @@ class DecoderStack:
         panels_at = -(-4 * s // SCRATCH_ALIGN) * SCRATCH_ALIGN
         scratch = self.workspace.get(panels_at + self.lib.a8w8_panel_bytes(s, self.widest_input))
         self.lib.decoder_stack_decode(
-            ctypes.byref(self._stack), ctypes.byref(kv), x.data_ptr(), s, positions.data_ptr(),
-            slot_mapping.data_ptr(), context_slots.data_ptr(), lengths.data_ptr(), context_slots.shape[1],
-            qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr(), scratch.data_ptr() + panels_at, scratch.data_ptr())
+            ctypes.byref(self._stack),
+            ctypes.byref(kv),
+            x.data_ptr(),
+            s,
+            positions.data_ptr(),
+            slot_mapping.data_ptr(),
+            context_slots.data_ptr(),
+            lengths.data_ptr(),
+            context_slots.shape[1],
+            qkv.data_ptr(),
+            attn.data_ptr(),
+            gate_up.data_ptr(),
+            scratch.data_ptr() + panels_at,
+            scratch.data_ptr(),
+        )
         return True

@@ -24,13 +24,27 @@ from loaders.quantization import Int8Linear
 from npu.backends.base import RMSNorm
 from npu.host_memory import HugePageArena
 
-SOURCES = [Path(__file__).with_name(name)
-           for name in ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("simd_math.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c")
+]
+HEADERS = [
+    Path(__file__).with_name(name) for name in ("simd_math.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h")
+]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 # -ffp-contract=off: no implicit fused multiply-adds, so elementwise math rounds like the eager PyTorch ops
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-ffp-contract=off",
-          "-fopenmp", "-shared", "-fPIC"]
+CFLAGS = [
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512vnni",
+    "-mavx512bf16",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+]
 # bf16_gemm is only called where the CPU also has this (the rest of the library does not use it)
 BF16_CPU_FLAG = "avx512_bf16"
 SCRATCH_ALIGN = 64  # cache line: activation panels start on one
@@ -64,8 +78,9 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
             return None, "no C compiler (gcc) found"
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib_path.with_suffix(f".tmp{os.getpid()}")
-        result = subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *CFLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True
+        )
         if result.returncode != 0:
             return None, f"compiling the CPU kernels failed: {result.stderr.strip()[:500]}"
         os.replace(tmp, lib_path)
@@ -137,8 +152,9 @@ class Bf16Linear:
     """BF16-weight linear through ``bf16_gemm.c`` (for the BF16 lm_head): prologue, BF16 GEMM with fp32
     accumulation, output rounded to BF16 as ``F.linear`` in BF16 leaves it, optional residual."""
 
-    def __init__(self, weight: torch.Tensor, lib: ctypes.CDLL, workspace: Workspace,
-                 arena: HugePageArena | None = None):
+    def __init__(
+        self, weight: torch.Tensor, lib: ctypes.CDLL, workspace: Workspace, arena: HugePageArena | None = None
+    ):
         self.lib, self.workspace = lib, workspace
         n, k = weight.shape
         self.out_features, self.in_features = n, k
@@ -147,8 +163,15 @@ class Bf16Linear:
         self.packed = _empty(arena, np_ * self.kp, torch.bfloat16)
         lib.bf16_pack(w.data_ptr(), n, k, self.packed.data_ptr())
 
-    def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
-                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None = None,
+        gated: bool = False,
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = _input(x, self.in_features, gated)
         m = x.shape[0]
         prologue, norm_ptr, eps = _prologue_args(norm, gated)
@@ -156,9 +179,19 @@ class Bf16Linear:
             residual = residual.float().contiguous()
         out = _check_out(out, m, self.out_features)
         scratch = self.workspace.get(self.lib.bf16_panel_bytes(m, self.in_features))
-        self.lib.bf16_gemm(x.data_ptr(), m, self.in_features, prologue, norm_ptr, eps, self.packed.data_ptr(),
-                           self.out_features, None if residual is None else residual.data_ptr(), out.data_ptr(),
-                           scratch.data_ptr())
+        self.lib.bf16_gemm(
+            x.data_ptr(),
+            m,
+            self.in_features,
+            prologue,
+            norm_ptr,
+            eps,
+            self.packed.data_ptr(),
+            self.out_features,
+            None if residual is None else residual.data_ptr(),
+            out.data_ptr(),
+            scratch.data_ptr(),
+        )
         return out
 
 
@@ -170,8 +203,7 @@ class VnniLinear:
     sums, same epilogue order).
     """
 
-    def __init__(self, weight: Int8Linear, lib: ctypes.CDLL, workspace: Workspace,
-                 arena: HugePageArena | None = None):
+    def __init__(self, weight: Int8Linear, lib: ctypes.CDLL, workspace: Workspace, arena: HugePageArena | None = None):
         self.lib, self.workspace = lib, workspace
         n, k = weight.qweight.shape
         self.out_features, self.in_features = n, k
@@ -187,8 +219,15 @@ class VnniLinear:
             self.bias = torch.zeros(np_, dtype=torch.float32)
             self.bias[:n] = weight.bias.float()
 
-    def __call__(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
-                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: RMSNorm | None = None,
+        gated: bool = False,
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = _input(x, self.in_features, gated)
         m = x.shape[0]
         prologue, norm_ptr, eps = _prologue_args(norm, gated)
@@ -200,8 +239,21 @@ class VnniLinear:
         # activation scales first, then the quantized panels from a 64-byte boundary
         panels_at = (4 * m + SCRATCH_ALIGN - 1) // SCRATCH_ALIGN * SCRATCH_ALIGN
         scratch = self.workspace.get(panels_at + self.lib.a8w8_panel_bytes(m, self.in_features))
-        self.lib.a8w8_gemm(x.data_ptr(), m, self.in_features, prologue, norm_ptr, eps, self.packed.data_ptr(),
-                           self.wsum.data_ptr(), self.scale.data_ptr(),
-                           None if self.bias is None else self.bias.data_ptr(), self.out_features, res_ptr,
-                           out.data_ptr(), scratch.data_ptr() + panels_at, scratch.data_ptr())
+        self.lib.a8w8_gemm(
+            x.data_ptr(),
+            m,
+            self.in_features,
+            prologue,
+            norm_ptr,
+            eps,
+            self.packed.data_ptr(),
+            self.wsum.data_ptr(),
+            self.scale.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(),
+            self.out_features,
+            res_ptr,
+            out.data_ptr(),
+            scratch.data_ptr() + panels_at,
+            scratch.data_ptr(),
+        )
         return out
