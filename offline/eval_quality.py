@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from engine.chat_template import ChatTemplate
 from engine.tokenizer import load_tokenizer
@@ -308,7 +309,8 @@ def evaluate(
     base = targets = None
     with tempfile.TemporaryDirectory() as tmp:
         smoothed = smooth_checkpoint(model_dir, Path(tmp) / "smoothed")
-        for name, c in CONFIGS.items():
+        # (a run takes minutes: progress over the configurations, on a terminal)
+        for name, c in tqdm(CONFIGS.items(), desc="eval-quality configurations", unit="config", disable=None):
             source = smoothed if c.smoothed else Path(model_dir)
             if c.keep_float:
                 source = Path(tmp) / f"{name}-w8a8"
