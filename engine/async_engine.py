@@ -350,6 +350,8 @@ class AsyncEngine:
         for rid in dict.fromkeys(seq.request_id for seq in lost):
             self._loop.call_soon_threadsafe(self._fail_stream, rid, lost_error)
         self.core.stop_worker()
+        if self.state is EngineState.DRAINING:  # shutting down (a second signal killed the worker): no restart
+            return False
         window = self.config.worker_restart_window_seconds
         while not self._stopping.is_set():
             now = time.monotonic()

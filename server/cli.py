@@ -286,7 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_request_body_bytes,
         body_timeout_seconds=args.body_timeout,
         reasoning_parser=args.reasoning_parser,
-        base_url=f"http://{_url_host(args.host)}:{sock.getsockname()[1]}",
+        base_url=f"http://{_url_host(args.host)}:{args.port}",
     )
     http = HTTPSettings(
         host=args.host,
@@ -296,7 +296,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         header_timeout=args.header_timeout,
     )
     server = build_server(lambda on_fatal: create_app(settings, on_fatal), http)
-    server.run(sockets=[sock])
+    # uvicorn binds the port itself (its own socket keeps the second-signal exit immediate); the probe
+    # above only made a port in use fail before the model loads.
+    sock.close()
+    server.run()
     if server.exit_code:
         sys.exit(server.exit_code)
 
