@@ -247,9 +247,10 @@ def engine_config(args: argparse.Namespace):
     )
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """Bind the server's socket before anything is loaded, so a port in use is reported at once (uvicorn
-    would find out only after the model has loaded). SystemExit with one line when it cannot be bound."""
+def check_port_free(host: str, port: int) -> None:
+    """Try binding the server's address before anything is loaded, so a port in use is reported at once
+    (uvicorn would find out only after the model has loaded); uvicorn then binds it itself. SystemExit with
+    one line when it cannot be bound."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -267,15 +268,14 @@ def listen_socket(host: str, port: int) -> socket.socket:
             else ""
         )
         raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror}{hint}") from None
-    sock.set_inheritable(True)
-    return sock
+    sock.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from server.app import ServerSettings, create_app
     from server.http_server import HTTPSettings, build_server
 
-    sock = listen_socket(args.host, args.port)
+    check_port_free(args.host, args.port)
     config = engine_config(args)
     names = args.served_model_name or [args.default_model_name if args.model is None else Path(args.model).name]
     settings = ServerSettings(
@@ -296,9 +296,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         header_timeout=args.header_timeout,
     )
     server = build_server(lambda on_fatal: create_app(settings, on_fatal), http)
-    # uvicorn binds the port itself (its own socket keeps the second-signal exit immediate); the probe
-    # above only made a port in use fail before the model loads.
-    sock.close()
     server.run()
     if server.exit_code:
         sys.exit(server.exit_code)
