@@ -51,6 +51,8 @@ class ChatTemplate:
         self.source = source
         self.special_tokens = special_tokens or {}
         self._template = _compile(source)
+        # Whether the template renders the ``tools`` it is given (Qwen3's does; SmolLM2's ignores them).
+        self.renders_tools = "tools" in source
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ChatTemplate | None:

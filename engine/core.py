@@ -16,10 +16,11 @@ from engine.request import FinishReason, Sequence
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
 from engine.stop import StopStringMatcher
-from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token
+from engine.structured_output import GrammarCompiler
+from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token, tokenizer_json
 from loaders.config import GenerationDefaults, load_generation_defaults, load_model_config
 from npu.client import WorkerClient
-from npu.messages import Ready, SpecDecodeStats, WorkerConfig
+from npu.messages import Ready, SpecDecodeStats, StepRequest, WorkerConfig
 
 # Priorities order requests in the scheduler; like vLLM's, they are 64-bit signed integers.
 PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
@@ -70,6 +71,10 @@ class EngineCore:
         self.text_bytes_per_token = max_text_bytes_per_token(self.tokenizer)
         self.eos_token_ids: tuple[int, ...] = tuple(
             dict.fromkeys(self.generation_defaults.eos_token_ids + self.model_config.eos_token_ids)
+        )
+        # Constrained decoding's grammars, against the model's vocabulary (the tokenizer's view built on first use).
+        self.grammars = GrammarCompiler(
+            lambda: tokenizer_json(self.tokenizer, model_dir), self.model_config.vocab_size, self.eos_token_ids
         )
         worker_cfg = config.worker
         if worker_cfg.sampleable_vocab_size is None:
@@ -175,6 +180,9 @@ class EngineCore:
                     detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
                     stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
                     eos_token_ids=self.eos_token_ids,
+                    grammar=params.structured.grammar.matcher(params.structured.start_after_token_id)
+                    if params.structured
+                    else None,
                 )
             )
         try:  # what goes to the worker must cross the pipe; checked here, not when a step carrying it is sent
@@ -202,6 +210,7 @@ class EngineCore:
         req = step.request
         if not req.chunks and not req.finished_seq_ids and not req.new_seqs:
             return []
+        self._attach_grammar_masks(req)
         result = self.worker.step(req)
         updates = self.scheduler.update(step, result)
         self.generation_tokens_total += len(result.tokens)
@@ -209,6 +218,16 @@ class EngineCore:
             self._add_spec(result.spec)
         self.last_step_compute_seconds = result.compute_seconds
         return updates
+
+    def _attach_grammar_masks(self, req: StepRequest) -> None:
+        """Each sampling chunk of a constrained sequence carries its allowed-token bitmask."""
+        seqs = self.scheduler.seqs
+        for i, ch in enumerate(req.chunks):
+            seq = seqs.get(ch.seq_id)
+            if ch.sample and seq is not None and seq.grammar is not None:
+                mask = seq.grammar.bitmask()
+                if mask is not None:
+                    req.chunks[i] = msgspec.structs.replace(ch, allowed_token_bitmask=mask)
 
     def _add_spec(self, step: SpecDecodeStats) -> None:
         t = self.spec_totals

@@ -10,6 +10,7 @@ from functools import cached_property
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 from engine.stop import StopStringMatcher
+from engine.structured_output import GrammarMatcher
 from npu.messages import SamplingOptions
 
 
@@ -67,6 +68,18 @@ class Sequence:
     num_preemptions: int = 0
     times: Timestamps = field(default_factory=Timestamps)
     admitted_once: bool = False
+    grammar: GrammarMatcher | None = None  # constrained decoding (structured output, forced tool calls)
+
+    def append_output(self, token_id: int) -> None:
+        """A sampled token: appended, and the grammar (if any) advanced past it."""
+        self.output_token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
+
+    @property
+    def allows_drafts(self) -> bool:
+        """Speculative drafts are verified without a grammar mask, so a constrained sequence gets none."""
+        return self.grammar is None
 
     @cached_property
     def worker_options(self) -> SamplingOptions:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.structured_output import CompiledGrammar
 from npu.messages import SamplingOptions
 
 # Upper bound of top_logprobs, as OpenAI's API allows.
@@ -67,6 +68,15 @@ class PromptTooLong(InvalidRequest):
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """Constrained decoding for a request: its compiled grammar, applied to the output after
+    ``start_after_token_id`` when one is given (a thinking model's ``</think>``), else from the first token."""
+
+    grammar: CompiledGrammar
+    start_after_token_id: int | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     max_tokens: int | None = None  # None: up to the model's maximum length
@@ -86,6 +96,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None
 
     def validate(self, vocab_size: int, max_model_len: int) -> None:
         """Range-check every field; token ids against ``vocab_size``. Raises InvalidRequest naming the field."""

@@ -116,7 +116,7 @@ class Scheduler:
         """Drafted tokens ``seq`` may get after a chunk of ``n``: only after a sampling chunk, never past the
         context, its max_tokens (the step returns up to draft + 1 tokens) or the step's token budget."""
         end = seq.num_computed_tokens + n
-        if not self.config.num_lookahead_tokens or end != seq.num_tokens:
+        if not self.config.num_lookahead_tokens or end != seq.num_tokens or not seq.allows_drafts:
             return 0
         if self.config.lookahead_max_running is not None and len(self.running) >= self.config.lookahead_max_running:
             return 0
@@ -221,7 +221,7 @@ class Scheduler:
             if t.seq_id in seen:  # a further token of a verified draft: the one before it was computed
                 seq.num_computed_tokens += 1
             seen.add(t.seq_id)
-            seq.output_token_ids.append(t.token_id)
+            seq.append_output(t.token_id)
             new_lp = []
             if t.logprob is not None:
                 new_lp.append(TokenLogprob(t.token_id, t.logprob, t.top_logprobs))

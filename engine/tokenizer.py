@@ -140,6 +140,10 @@ class HFTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The tokenizer in tokenizer.json form (what grammar engines build their vocabulary view from)."""
+        return self._tok.to_str()
+
 
 # ----------------------------------------------------------------------------------------------
 # Fallback: pure Python
@@ -336,6 +340,11 @@ def max_text_bytes_per_token(tok: Tokenizer) -> int:
     texts = decode_each(ids) if decode_each else [tok.decode([i]) for i in ids]
     longest = max(len(t.encode("utf-8", "surrogatepass")) for t in texts)
     return (longest + 1) * tok.normalizer_shrink
+
+
+def tokenizer_json(tok: Tokenizer, model_dir: str | Path) -> str:
+    """``tok`` as tokenizer.json text; the pure-Python fallback has none, so the model's is built for it."""
+    return tok.to_json() if isinstance(tok, HFTokenizer) else HFTokenizer(model_dir).to_json()
 
 
 def load_tokenizer(model_dir: str | Path, impl: TokenizerImpl | str = TokenizerImpl.AUTO) -> Tokenizer:

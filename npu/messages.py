@@ -55,6 +55,9 @@ class ScheduledChunk(msgspec.Struct, frozen=True):
     # Speculative decoding: the worker may draft and verify up to this many tokens after the chunk (the
     # block table already has room for them). It then returns 1 to max_draft + 1 tokens for the sequence.
     max_draft: int = 0
+    # Constrained decoding: the tokens the sampled one must be among, one bit per token id (little-endian
+    # int32 words: bit i % 32 of word i // 32); ids past the mask are not allowed. None: unconstrained.
+    allowed_token_bitmask: bytes | None = None
 
 
 class StepRequest(msgspec.Struct, tag="step"):

@@ -237,6 +237,7 @@ class ModelRunner:
         logits_rows: list[int] = []
         sample_seqs: list[int] = []
         drafts: list[list[int]] = []
+        masks: list[bytes | None] = []  # each sampled sequence's allowed-token bitmask (constrained decoding)
         for ch in chunks:
             ws = self.seqs[ch.seq_id]
             ws.block_table.extend(ch.new_block_ids)
@@ -260,6 +261,7 @@ class ModelRunner:
                 logits_rows.extend(range(len(token_ids) - 1 - len(draft), len(token_ids)))
                 sample_seqs.append(ch.seq_id)
                 drafts.append(draft)
+                masks.append(ch.allowed_token_bitmask)
         pos = torch.tensor(positions, dtype=torch.long)
         slot_mapping = torch.cat([span.context_slots[-span.q_len :] for span in spans])
         batch = ForwardBatch(
@@ -280,7 +282,7 @@ class ModelRunner:
         spec = None
         if logits_rows:
             tokens, sample_failures = self.sampler.sample(
-                logits, sample_seqs, [self.seqs[s].sampling for s in sample_seqs], drafts
+                logits, sample_seqs, [self.seqs[s].sampling for s in sample_seqs], drafts, masks
             )
             for f in sample_failures:
                 self._fail(failures, [f.seq_id], f.message)

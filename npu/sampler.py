@@ -78,6 +78,28 @@ def _is_plain_greedy(o: SamplingOptions, st: SequenceSamplingState) -> bool:
     )
 
 
+# Constrained decoding: the allowed-token bitmask packs 32 token ids per little-endian int32 word.
+BITS_PER_MASK_WORD = 32
+_BIT_POSITIONS = torch.arange(BITS_PER_MASK_WORD, dtype=torch.int32)
+
+
+def allowed_tokens(bitmask: bytes, vocab_size: int) -> torch.Tensor:
+    """The bool mask over ``vocab_size`` token ids that ``bitmask`` allows (ids past it are not allowed)."""
+    words = torch.frombuffer(bytearray(bitmask), dtype=torch.int32)
+    bits = ((words.unsqueeze(1) >> _BIT_POSITIONS) & 1).bool().flatten()
+    if bits.numel() >= vocab_size:
+        return bits[:vocab_size]
+    return torch.cat([bits, torch.zeros(vocab_size - bits.numel(), dtype=torch.bool)])
+
+
+def apply_grammar_masks(logits: torch.Tensor, rows: list[int], masks: list[bytes | None]) -> None:
+    """Forbidden tokens' logits become -inf in the rows that have a mask; other rows are not touched."""
+    vocab = logits.shape[-1]
+    for row, mask in zip(rows, masks):
+        if mask is not None:
+            logits[row].masked_fill_(~allowed_tokens(mask, vocab), float("-inf"))
+
+
 class Sampler:
     def __init__(
         self,
@@ -165,17 +187,22 @@ class Sampler:
         seq_ids: list[int],
         states: list[SequenceSamplingState],
         drafts: list[list[int]] | None = None,
+        masks: list[bytes | None] | None = None,
     ) -> tuple[list[SampledToken], list[SequenceFailure]]:
         """Sample one token per sequence and record it in each state. A sequence with a draft (speculative
         decoding) has ``len(draft) + 1`` consecutive rows of ``logits`` (the positions of its last known token
-        and of each drafted one) and gets the accepted drafts and one more token, in order. A sequence that
-        cannot be sampled (e.g. non-finite probabilities) fails alone."""
+        and of each drafted one) and gets the accepted drafts and one more token, in order. A sequence with a
+        mask (constrained decoding; never drafted) samples among the tokens it allows. Logprobs are those of
+        the model's distribution, before penalties and masks (vLLM's default). A sequence that cannot be
+        sampled (e.g. non-finite probabilities) fails alone."""
         if drafts is not None and any(drafts):
-            return self._sample_drafted(logits, seq_ids, states, drafts)
+            return self._sample_drafted(logits, seq_ids, states, drafts, masks)
         logits = logits.float()
         logits[:, self.sampleable_vocab_size :] = float("-inf")  # padding rows are never sampled
         want_logprobs = any(st.options.logprobs is not None for st in states)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if masks is not None and any(m is not None for m in masks):
+            apply_grammar_masks(logits, list(range(len(states))), masks)
         plain = [i for i, st in enumerate(states) if _is_plain_greedy(st.options, st)]
         greedy: dict[int, int] = {}
         if plain:
@@ -191,12 +218,21 @@ class Sampler:
         return out, failed
 
     def _sample_drafted(
-        self, logits: torch.Tensor, seq_ids: list[int], states: list[SequenceSamplingState], drafts: list[list[int]]
+        self,
+        logits: torch.Tensor,
+        seq_ids: list[int],
+        states: list[SequenceSamplingState],
+        drafts: list[list[int]],
+        masks: list[bytes | None] | None,
     ) -> tuple[list[SampledToken], list[SequenceFailure]]:
         logits = logits.float()
         logits[:, self.sampleable_vocab_size :] = float("-inf")
         want_logprobs = any(st.options.logprobs is not None for st in states)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if masks is not None and any(m is not None for m in masks):
+            first_rows = [sum(len(d) + 1 for d in drafts[:i]) for i in range(len(drafts))]
+            # (a constrained sequence has no draft: its one row is its first)
+            apply_grammar_masks(logits, first_rows, masks)
         out: list[SampledToken] = []
         failed: list[SequenceFailure] = []
         r = 0

@@ -223,6 +223,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
                     req.add_generation_prompt,
                     req.chat_template_kwargs,
                     req.continue_final_message,
+                    [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
                 )
             else:
                 tokens = await asyncio.to_thread(c.engine.core.encode_prompt, req.prompt)

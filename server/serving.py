@@ -17,12 +17,15 @@ from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import AsyncEngine, RequestOutput, RequestStream
 from engine.request import TokenLogprob
-from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
+from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams, StructuredOutput
+from engine.structured_output import GrammarError
+from server.constraints import OutputConstraint, answer_constraint, chat_constraint, tool_use
 from server.errors import APIError, error_body, to_api_error
 from server.guard import USAGE_STATE_KEY
 from server.metrics import ServerMetrics
-from server.reasoning import ReasoningParser
+from server.reasoning import THINK_END, ReasoningParser
 from server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+from server.tool_calls import CALL_CLOSE, CALL_OPEN, ToolCallDelta, ToolCallParser, messages_without_tool_support
 
 DONE = "[DONE]"
 
@@ -48,15 +51,19 @@ class ServingContext:
 # ------------------------------------------------------------------------------------------------
 # request -> sampling params
 # ------------------------------------------------------------------------------------------------
-def refuse_unsupported(req: _SamplingFields) -> None:
-    if req.tools:
-        raise APIError(400, "tools / function calling is not supported yet by this server", "tools")
-    if req.tool_choice not in (None, "none"):
-        raise APIError(400, "tool_choice is not supported yet by this server", "tool_choice")
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise APIError(
-            400, "response_format (json_object / json_schema) is not supported yet by this server", "response_format"
-        )
+async def structured_output(
+    ctx: ServingContext, constraint: OutputConstraint | None, after_think: bool
+) -> StructuredOutput | None:
+    """The constraint compiled (in a thread: the first one builds the vocabulary's view, about 2 s); a grammar
+    that does not compile is a 400 naming the field it came from."""
+    if constraint is None:
+        return None
+    try:
+        compiled = await asyncio.to_thread(ctx.engine.core.grammars.compile, constraint.grammar)
+    except GrammarError as e:
+        raise APIError(400, f"{constraint.param}: {e}", constraint.param) from None
+    tokenizer = ctx.engine.tokenizer
+    return StructuredOutput(compiled, tokenizer.token_to_id(THINK_END) if after_think else None)
 
 
 @contextlib.contextmanager
@@ -74,7 +81,11 @@ def refuse_stream_options_without_stream(req: _SamplingFields) -> None:
 
 
 def sampling_params(
-    ctx: ServingContext, req: _SamplingFields, max_tokens: int | None, logprobs: int | None
+    ctx: ServingContext,
+    req: _SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     """Model defaults (generation_config.json), then the request's fields."""
     defaults = ctx.engine.generation_defaults
@@ -105,6 +116,7 @@ def sampling_params(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        structured=structured,
     )
 
 
@@ -136,10 +148,12 @@ def chat_prompt_ids(
     add_generation_prompt: bool,
     kwargs: dict[str, Any] | None,
     continue_final_message: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Render the chat template and tokenize. CPU work in proportion to the input: run it in a thread.
     ``continue_final_message`` leaves the last message open for the model to continue (vLLM's and
-    transformers' meaning: no generation prompt after it, so it cannot be combined with one)."""
+    transformers' meaning: no generation prompt after it, so it cannot be combined with one). ``tools``
+    reach the template; a template that renders no tools gets them as system instructions instead."""
     template = ctx.engine.chat_template
     if template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
@@ -150,13 +164,23 @@ def chat_prompt_ids(
             "add_generation_prompt to false to continue the final message",
             "continue_final_message",
         )
+    dicts = message_dicts(messages)
+    if not template.renders_tools and (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in dicts)):
+        dicts, tools = messages_without_tool_support(dicts, tools), None
     text = template.render(
-        message_dicts(messages),
+        dicts,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
+        tools=tools,
         **(kwargs or {}),
     )
     return ctx.engine.core.encode_prompt(text)
+
+
+def call_token_ids(ctx: ServingContext) -> tuple[int | None, int | None]:
+    """The tokenizer's ``<tool_call>`` and ``</tool_call>`` tokens, where it has them (Qwen3 does)."""
+    tok = ctx.engine.tokenizer
+    return tok.token_to_id(CALL_OPEN), tok.token_to_id(CALL_CLOSE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,9 +304,10 @@ class ChoiceState:
     completion_tokens: int = 0
     cached_tokens: int = 0
     parser: ReasoningParser | None = None
+    tool_parser: ToolCallParser | None = None
 
-    def add(self, out: RequestOutput) -> tuple[str, str]:
-        """Record an output; returns its (reasoning, content) deltas."""
+    def add(self, out: RequestOutput) -> tuple[str, str, list[ToolCallDelta]]:
+        """Record an output; returns its (reasoning, content, tool call) deltas."""
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(out.new_logprobs)
         self.completion_tokens = out.completion_tokens
@@ -293,12 +318,20 @@ class ChoiceState:
             if out.finished:
                 r2, c2 = self.parser.finish()
                 reasoning, content = reasoning + r2, content + c2
+        calls: list[ToolCallDelta] = []
+        if self.tool_parser is not None:
+            content, calls = self.tool_parser.feed(content)
+            if out.finished:
+                c2, more = self.tool_parser.finish()
+                content, calls = content + c2, calls + more
         if out.finished:
             self.finish_reason = out.finish_reason
             self.stop_reason = out.stop_reason
+            if self.tool_parser is not None and self.tool_parser.calls and out.finish_reason == "stop":
+                self.finish_reason = "tool_calls"  # OpenAI's: the model stopped to have its calls run
         self.text += content
         self.reasoning += reasoning
-        return reasoning, content
+        return reasoning, content, calls
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,8 +344,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
 async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
     model = ctx.check_model(req.model)
-    refuse_unsupported(req)
     refuse_stream_options_without_stream(req)
+    use = tool_use(req)
+    thinking = ctx.reasoning and (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+    constraint = chat_constraint(req, use, call_token_ids(ctx), after_think=thinking)
+    structured = await structured_output(ctx, constraint, after_think=thinking)
     prompt_ids = await asyncio.to_thread(
         chat_prompt_ids,
         ctx,
@@ -320,15 +356,20 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
         req.add_generation_prompt,
         req.chat_template_kwargs,
         req.continue_final_message,
+        use.tools if use else None,
     )
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(ctx, req, req.max_completion_tokens or req.max_tokens, logprobs)
+    params = sampling_params(ctx, req, req.max_completion_tokens or req.max_tokens, logprobs, structured)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = ctx.engine.add_request(prompt_ids, params, request_id, priority=req.priority)
-    thinking = ctx.reasoning and (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
-    choices = [ChoiceState(parser=ReasoningParser() if thinking else None) for _ in range(params.n)]
+    choices = [
+        ChoiceState(
+            parser=ReasoningParser() if thinking else None, tool_parser=ToolCallParser() if use is not None else None
+        )
+        for _ in range(params.n)
+    ]
     prompt_tokens = len(prompt_ids)
 
     def base(**kw) -> dict[str, Any]:
@@ -354,13 +395,15 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
                     )
                 async for out in stream:
                     ch = choices[out.index]
-                    reasoning, content = ch.add(out)
+                    reasoning, content, calls = ch.add(out)
                     delta: dict[str, Any] = {}
                     if reasoning:
                         delta["reasoning_content"] = reasoning
                         delta["reasoning"] = reasoning
                     if content:
                         delta["content"] = content
+                    if calls:
+                        delta["tool_calls"] = [c.as_dict() for c in calls]
                     if out.finished:
                         ctx.metrics.observe_finished(out)
                     if not delta and not out.finished and not out.new_logprobs:
@@ -369,7 +412,7 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
                         "index": out.index,
                         "delta": delta,
                         "logprobs": chat_logprobs(ctx, out.new_logprobs) if logprobs is not None else None,
-                        "finish_reason": out.finish_reason if out.finished else None,
+                        "finish_reason": ch.finish_reason if out.finished else None,
                     }
                     if out.finished:
                         choice["stop_reason"] = out.stop_reason
@@ -403,6 +446,9 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
         result_choices = []
         for i, ch in enumerate(choices):
             message: dict[str, Any] = {"role": "assistant", "content": ch.text}
+            if ch.tool_parser is not None and ch.tool_parser.calls:
+                message["content"] = ch.text or None
+                message["tool_calls"] = [c.as_dict() for c in ch.tool_parser.calls]
             if ch.parser is not None and ch.parser.saw_reasoning:
                 message["reasoning_content"] = ch.reasoning
                 message["reasoning"] = ch.reasoning
@@ -466,14 +512,14 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, request
 
 async def _completion(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
     model = ctx.check_model(req.model)
-    refuse_unsupported(req)
     refuse_stream_options_without_stream(req)
+    structured = await structured_output(ctx, answer_constraint(req), after_think=False)
     if req.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported (only best_of equal to n, the default)", "best_of")
     prompts = await asyncio.to_thread(completion_prompts, ctx, req.prompt)
-    params = sampling_params(ctx, req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
+    params = sampling_params(ctx, req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs, structured)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams: list[RequestStream] = []
     try:
@@ -512,7 +558,7 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
                     idx = p * n + out.index
                     ch = choices[idx]
                     offset = len(ch.text)
-                    _, text = ch.add(out)
+                    _, text, _ = ch.add(out)
                     if out.finished:
                         ctx.metrics.observe_finished(out)
                     if not text and not out.finished and not out.new_logprobs:

@@ -240,17 +240,10 @@ def test_error_shapes(server):
     assert err["message"] == "The model `nope` does not exist."
     err = _error(httpx.post(url, json={"model": MODEL, "messages": msgs, "temperature": 5}), 400)
     assert "temperature" in err["message"]
-    err = _error(
-        httpx.post(
-            url, json={"model": MODEL, "messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}
-        ),
-        400,
-    )
-    assert "tools" in err["message"] and err["param"] == "tools"
-    err = _error(
-        httpx.post(url, json={"model": MODEL, "messages": msgs, "response_format": {"type": "json_object"}}), 400
-    )
-    assert err["param"] == "response_format"
+    err = _error(httpx.post(url, json={"model": MODEL, "messages": msgs, "tool_choice": "required"}), 400)
+    assert "tool" in err["message"] and err["param"] == "tool_choice"
+    err = _error(httpx.post(url, json={"model": MODEL, "messages": msgs, "response_format": {"type": "yaml"}}), 400)
+    assert err["param"] == "response_format.type"
     _error(httpx.post(url, json={"model": MODEL, "messages": msgs, "logit_bias": {"abc": 1}}), 400)
     _error(
         httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400

@@ -1,0 +1,478 @@
+"""Structured output and tool calls: grammars enforced by the worker's sampler, Hermes tool calls parsed from
+the output, through the real server with the official openai client (random demo model: whatever it says,
+the grammar must make it valid)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+from pydantic import BaseModel
+from servers import CliServer, ThreadServer
+from test_server import _settings
+
+from engine.structured_output import GrammarCompiler, GrammarError, json_schema_grammar
+from engine.tokenizer import HFTokenizer
+from loaders.assets import qwen3_tokenizer_dir
+from npu.messages import SamplingOptions
+from npu.sampler import Sampler, SequenceSamplingState, allowed_tokens
+from server.tool_calls import ToolCallParser
+
+MODEL = "test-model"
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+CHAT = [{"role": "user", "content": "Tell me about a person."}]
+# A random model writes long random strings: bounded lengths keep each answer inside max_tokens.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "role": {"type": "string", "enum": ["admin", "editor", "viewer"]},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 16},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "address", "tags", "active"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def server(serve_model):
+    s = CliServer(serve_model, "--served-model-name", MODEL, "--max-model-len", "2048", "--kv-cache-memory", "64MiB")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces
+# ------------------------------------------------------------------------------------------------
+def test_masks_touch_only_their_rows():
+    vocab = 1000
+    logits = torch.randn(3, vocab)
+    allowed = {5, 77, 999}
+    words = [0] * (vocab // 32 + 1)
+    for t in allowed:
+        words[t // 32] |= 1 << (t % 32)
+    mask = torch.tensor(words, dtype=torch.int64).to(torch.int32).numpy().tobytes()
+    assert set(allowed_tokens(mask, vocab).nonzero().flatten().tolist()) == allowed
+    greedy, hot = SamplingOptions(temperature=0.0), SamplingOptions(temperature=1.0, seed=7)
+    sampler = Sampler(vocab)
+
+    def run(masks):
+        states = [SequenceSamplingState(o, [1]) for o in (greedy, greedy, hot)]
+        return [t.token_id for t in sampler.sample(logits.clone(), [0, 1, 2], states, None, masks)[0]]
+
+    free = run(None)
+    constrained = run([None, mask, mask])
+    assert constrained[0] == free[0]  # a row without a mask is sampled exactly as before
+    assert constrained[1] in allowed and constrained[2] in allowed
+    assert constrained[1] == max(allowed, key=lambda t: logits[1, t])
+
+
+def test_grammar_waits_for_end_of_thinking_and_rejects_bad_schemas():
+    tok = HFTokenizer(qwen3_tokenizer_dir())
+    compiler = GrammarCompiler(tok.to_json, 151936, (151645,))
+    compiled = compiler.compile(json_schema_grammar({"type": "object"}))
+    assert compiler.compile(json_schema_grammar({"type": "object"})) is compiled  # cached by source
+    think_end = tok.token_to_id("</think>")
+    m = compiled.matcher(start_after_token_id=think_end)
+    for t in tok.encode("<think>\nhmm {"):
+        assert m.bitmask() is None  # reasoning is free text
+        m.accept(t)
+    m.accept(think_end)
+    allowed = allowed_tokens(m.bitmask(), 151936)
+    assert allowed[tok.token_to_id("{")] and not allowed[tok.token_to_id("hello")]
+    for bad in ({"type": "frobnicate"}, {"type": "string", "pattern": "("}, {"$ref": "#/nowhere"}):
+        with pytest.raises(GrammarError):
+            compiler.compile(json_schema_grammar(bad))
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 10_000])
+def test_tool_call_parser_is_the_same_however_the_text_arrives(step):
+    text = (
+        "Let me check both.\n\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Pa\\"ris {x}", "days": [1, {"a": 2}]}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    )
+    parser, content, streamed = ToolCallParser(), "", {}
+    for i in range(0, len(text), step):
+        c, deltas = parser.feed(text[i : i + step])
+        content += c
+        for d in deltas:
+            if d.started:
+                assert d.index == len(streamed)
+                streamed[d.index] = [d.call.name, ""]
+            streamed[d.index][1] += d.arguments
+    c, _ = parser.finish()
+    content += c
+    assert content == "Let me check both."  # no tag text leaks; text before the calls stays
+    assert streamed == {
+        0: ["get_weather", '{"city": "Pa\\"ris {x}", "days": [1, {"a": 2}]}'],
+        1: ["get_time", "{}"],
+    }
+    assert json.loads(streamed[0][1]) == {"city": 'Pa"ris {x}', "days": [1, {"a": 2}]}
+    assert [(c.name, c.arguments) for c in parser.calls] == [tuple(v) for v in streamed.values()]
+
+
+def test_tool_call_parser_gives_back_what_is_not_a_call():
+    for text in ("<tool_call>\nnot json at all\n</tool_call>", '<tool_call>\n{"name": "f", "argu'):
+        parser = ToolCallParser()
+        c1, d1 = parser.feed(text)
+        c2, d2 = parser.finish()
+        assert c1 + c2 == text and not d1 + d2 and not parser.calls
+
+
+# ------------------------------------------------------------------------------------------------
+# the server
+# ------------------------------------------------------------------------------------------------
+def test_json_schema_answers_validate(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        n=4,
+        temperature=1.0,
+        max_tokens=400,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+        extra_body=NO_THINKING,
+    )
+    assert len(r.choices) == 4
+    for ch in r.choices:
+        assert ch.finish_reason == "stop", ch.message.content
+        jsonschema.validate(json.loads(ch.message.content), PERSON)
+
+
+def test_json_object_answers_parse(client):
+    # Random strings only end when a quote is drawn: a bias toward closing tokens keeps answers short;
+    # whatever is drawn, the grammar must keep the text a JSON object.
+    closers = {'"': 4, '"}': 6, "}": 4, '",': 2}
+    tok = HFTokenizer(qwen3_tokenizer_dir())
+    bias = {str(tok.token_to_id(t)): b for t, b in closers.items()}
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        n=4,
+        temperature=1.0,
+        max_tokens=400,
+        logit_bias=bias,
+        response_format={"type": "json_object"},
+        extra_body=NO_THINKING,
+    )
+    for ch in r.choices:
+        assert ch.finish_reason == "stop", ch.message.content
+        assert isinstance(json.loads(ch.message.content), dict)
+
+
+def test_parse_with_a_pydantic_model(client):
+    class Address(BaseModel):
+        city: str
+        zip: str
+
+    class Person(BaseModel):
+        name: str
+        age: int
+        address: Address
+
+    bias = {str(HFTokenizer(qwen3_tokenizer_dir()).token_to_id('"')): 5}  # (random strings end sooner)
+    r = client.beta.chat.completions.parse(
+        model=MODEL,
+        messages=CHAT,
+        response_format=Person,
+        max_tokens=600,
+        seed=3,
+        logit_bias=bias,
+        extra_body=NO_THINKING,
+    )
+    person = r.choices[0].message.parsed
+    assert isinstance(person, Person) and isinstance(person.address, Address)
+
+
+def _check_calls(choice, allowed_names: set[str]) -> None:
+    calls = choice.message.tool_calls
+    assert calls, choice.message
+    for c in calls:
+        assert c.type == "function" and c.id.startswith("call_") and c.function.name in allowed_names
+        jsonschema.validate(json.loads(c.function.arguments), SCHEMAS[c.function.name])
+
+
+def test_tool_choice_required_and_named(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        n=4,
+        temperature=1.0,
+        max_tokens=300,
+        extra_body=NO_THINKING,
+    )
+    for ch in r.choices:
+        assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
+        assert ch.message.content is None
+        _check_calls(ch, {"get_weather", "get_time"})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What time is it?"}],
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        n=2,
+        temperature=1.0,
+        max_tokens=300,
+        extra_body=NO_THINKING,
+    )
+    for ch in r.choices:
+        assert ch.finish_reason == "tool_calls"
+        _check_calls(ch, {"get_time"})
+
+
+def test_streamed_tool_calls_equal_the_non_streamed_ones(client):
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather in Paris and the time?"}],
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=1.0,
+        seed=11,
+        max_tokens=300,
+        extra_body=NO_THINKING,
+    )
+    whole = client.chat.completions.create(**kw)
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        assert not delta.content  # no <tool_call> text leaks into content
+        for d in delta.tool_calls or []:
+            if d.id is not None:  # a call's first delta: index, id, type and name
+                assert d.index == len(calls) and d.type == "function" and d.function.name
+                calls[d.index] = {"name": d.function.name, "arguments": d.function.arguments or ""}
+            else:
+                assert d.function.name is None
+                calls[d.index]["arguments"] += d.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    expected = [
+        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.choices[0].message.tool_calls
+    ]
+    assert list(calls.values()) == expected
+    assert finish == whole.choices[0].finish_reason
+
+
+def test_constraint_errors_name_the_field(server):
+    url = f"{server.base}/v1/chat/completions"
+
+    def error(**body) -> dict:
+        r = httpx.post(url, json={"model": MODEL, "messages": CHAT, **body}, timeout=60)
+        assert r.status_code == 400, r.text
+        return r.json()["error"]
+
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}
+    assert error(response_format=bad_schema)["param"] == "response_format.json_schema.schema"
+    assert error(response_format={"type": "yaml"})["param"] == "response_format.type"
+    err = error(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert err["param"] == "tool_choice" and "nope" in err["message"]
+    assert error(tool_choice="required")["param"] == "tool_choice"
+    assert error(tools=[{"type": "function", "function": {"name": "bad name!"}}])["param"].startswith("tools")
+    assert error(response_format={"type": "json_object"}, guided_regex="a+")["param"] == "guided_regex"
+    # tool_choice "none" with tools is not an error: tools are ignored
+    r = httpx.post(url, json={"model": MODEL, "messages": CHAT, "tools": TOOLS, "tool_choice": "none", "max_tokens": 2})
+    assert r.status_code == 200 and not r.json()["choices"][0]["message"].get("tool_calls")
+
+
+def test_grammar_cut_by_max_tokens_ends_with_length(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+        extra_body=NO_THINKING,
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.content.startswith("{")
+
+
+def test_completions_guided_fields(client):
+    r = client.completions.create(
+        model=MODEL, prompt="Pick one:", max_tokens=20, extra_body={"guided_choice": ["yes", "no", "maybe"]}
+    )
+    assert r.choices[0].text in ("yes", "no", "maybe")
+    r = client.completions.create(
+        model=MODEL, prompt="A zip code:", max_tokens=20, extra_body={"guided_regex": "[0-9]{5}"}, temperature=1.0
+    )
+    assert len(r.choices[0].text) == 5 and r.choices[0].text.isdigit()
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    r = client.completions.create(
+        model=MODEL,
+        prompt="JSON:",
+        max_tokens=20,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}},
+    )
+    jsonschema.validate(json.loads(r.choices[0].text), schema)
+
+
+def test_constrained_and_free_requests_share_a_batch(server):
+    """8 at once: 4 constrained by different schemas, 4 free; the free ones equal their solo outputs."""
+    url = f"{server.base}/v1/chat/completions"
+    schemas = [
+        PERSON,
+        {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 4},
+        {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+            "additionalProperties": False,
+        },
+        {"type": "string", "enum": ["red", "green", "blue"]},
+    ]
+
+    def body(i: int, schema: dict | None) -> dict:
+        b = {"model": MODEL, "messages": [{"role": "user", "content": f"Item {i}"}], "max_tokens": 48, "seed": i,
+             "temperature": 1.0, **NO_THINKING}  # fmt: skip
+        if schema is not None:
+            b["max_tokens"] = 400
+            b["response_format"] = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
+        return b
+
+    solo = [
+        httpx.post(url, json=body(i, None), timeout=120).json()["choices"][0]["message"]["content"] for i in range(4)
+    ]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as http:
+            reqs = [http.post(url, json=body(i, None)) for i in range(4)]
+            reqs += [http.post(url, json=body(10 + i, s)) for i, s in enumerate(schemas)]
+            return await asyncio.gather(*reqs)
+
+    replies = [r.json()["choices"][0] for r in asyncio.run(main())]
+    assert [c["message"]["content"] for c in replies[:4]] == solo
+    for choice, schema in zip(replies[4:], schemas):
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+
+
+def test_tool_conversation_renders_as_transformers_does(server):
+    from transformers import AutoTokenizer
+
+    messages = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+        {"role": "user", "content": "And the time?"},
+    ]
+    r = httpx.post(f"{server.base}/tokenize", json={"model": MODEL, "messages": messages, "tools": TOOLS})
+    assert r.status_code == 200, r.text
+    hf = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()))
+    expected = hf.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert hf.decode(r.json()["tokens"]) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# a replayed model output: tool calls after reasoning (Qwen3 thinking on), tool_choice "auto"
+# ------------------------------------------------------------------------------------------------
+REPLAYED = (
+    "<think>\nThe user wants weather and time.\n</think>\n\nChecking.\n<tool_call>\n"
+    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+)
+
+
+@pytest.fixture(scope="module")
+def replay_server(serve_model):
+    ids = HFTokenizer(qwen3_tokenizer_dir()).encode(REPLAYED) + [151645]  # then <|im_end|>
+    s = ThreadServer(create_app_for_replay(serve_model, ids))
+    yield s
+    s.stop()
+
+
+def create_app_for_replay(serve_model, ids):
+    from server.app import create_app
+
+    return create_app(_settings(serve_model, worker={"replay_token_ids": ids}))
+
+
+def test_auto_tool_calls_after_reasoning(replay_server):
+    c = openai.OpenAI(base_url=f"{replay_server.base}/v1", api_key="x", max_retries=0)
+    r = c.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert msg.model_extra["reasoning_content"] == "\nThe user wants weather and time.\n"
+    assert msg.content == "Checking."
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"}),
+        ("get_time", {"zone": "CET"}),
+    ]
+    content, indices = "", []
+    for chunk in c.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, stream=True):
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+            indices += [d.index for d in chunk.choices[0].delta.tool_calls or [] if d.id]
+    assert content == "Checking." and indices == [0, 1]
+    # without tools, the same output is plain text
+    r = c.chat.completions.create(model=MODEL, messages=CHAT)
+    assert "<tool_call>" in r.choices[0].message.content and not r.choices[0].message.tool_calls
