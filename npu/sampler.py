@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from npu.messages import SampledToken, SamplingOptions, SequenceFailure
@@ -78,26 +79,30 @@ def _is_plain_greedy(o: SamplingOptions, st: SequenceSamplingState) -> bool:
     )
 
 
-# Constrained decoding: the allowed-token bitmask packs 32 token ids per little-endian int32 word.
-BITS_PER_MASK_WORD = 32
-_BIT_POSITIONS = torch.arange(BITS_PER_MASK_WORD, dtype=torch.int32)
-
-
-def allowed_tokens(bitmask: bytes, vocab_size: int) -> torch.Tensor:
-    """The bool mask over ``vocab_size`` token ids that ``bitmask`` allows (ids past it are not allowed)."""
-    words = torch.frombuffer(bytearray(bitmask), dtype=torch.int32)
-    bits = ((words.unsqueeze(1) >> _BIT_POSITIONS) & 1).bool().flatten()
-    if bits.numel() >= vocab_size:
-        return bits[:vocab_size]
-    return torch.cat([bits, torch.zeros(vocab_size - bits.numel(), dtype=torch.bool)])
+def allowed_tokens(bitmasks: list[bytes], vocab_size: int) -> torch.Tensor:
+    """[len(bitmasks), vocab_size] bools: the token ids each bitmask allows (ids past a mask are not allowed).
+    A bitmask packs token ``i`` into bit ``i % 32`` of little-endian int32 word ``i // 32``, which is bit
+    ``i % 8`` of byte ``i // 8``: numpy's little-endian ``unpackbits`` reads it in token order."""
+    packed = np.frombuffer(b"".join(bitmasks), dtype=np.uint8).reshape(len(bitmasks), -1)
+    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, :vocab_size]
+    allowed = torch.from_numpy(bits.view(np.bool_))
+    if allowed.shape[1] < vocab_size:
+        allowed = torch.cat([allowed, torch.zeros(len(bitmasks), vocab_size - allowed.shape[1], dtype=torch.bool)], 1)
+    return allowed
 
 
 def apply_grammar_masks(logits: torch.Tensor, rows: list[int], masks: list[bytes | None]) -> None:
-    """Forbidden tokens' logits become -inf in the rows that have a mask; other rows are not touched."""
-    vocab = logits.shape[-1]
-    for row, mask in zip(rows, masks):
-        if mask is not None:
-            logits[row].masked_fill_(~allowed_tokens(mask, vocab), float("-inf"))
+    """Forbidden tokens' logits become -inf in the rows that have a mask (all unpacked at once); other rows
+    are not touched."""
+    picked = [(row, mask) for row, mask in zip(rows, masks) if mask is not None]
+    if not picked:
+        return
+    forbidden = ~allowed_tokens([mask for _, mask in picked], logits.shape[-1])
+    if len(picked) == logits.shape[0]:
+        logits.masked_fill_(forbidden, float("-inf"))
+        return
+    index = torch.tensor([row for row, _ in picked], dtype=torch.long)
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(forbidden, float("-inf")))
 
 
 class Sampler:

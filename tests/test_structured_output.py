@@ -103,7 +103,7 @@ def test_masks_touch_only_their_rows():
     for t in allowed:
         words[t // 32] |= 1 << (t % 32)
     mask = torch.tensor(words, dtype=torch.int64).to(torch.int32).numpy().tobytes()
-    assert set(allowed_tokens(mask, vocab).nonzero().flatten().tolist()) == allowed
+    assert set(allowed_tokens([mask], vocab)[0].nonzero().flatten().tolist()) == allowed
     greedy, hot = SamplingOptions(temperature=0.0), SamplingOptions(temperature=1.0, seed=7)
     sampler = Sampler(vocab)
 
@@ -129,7 +129,7 @@ def test_grammar_waits_for_end_of_thinking_and_rejects_bad_schemas():
         assert m.bitmask() is None  # reasoning is free text
         m.accept(t)
     m.accept(think_end)
-    allowed = allowed_tokens(m.bitmask(), 151936)
+    allowed = allowed_tokens([m.bitmask()], 151936)[0]
     assert allowed[tok.token_to_id("{")] and not allowed[tok.token_to_id("hello")]
     for bad in ({"type": "frobnicate"}, {"type": "string", "pattern": "("}, {"$ref": "#/nowhere"}):
         with pytest.raises(GrammarError):
