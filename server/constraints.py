@@ -94,11 +94,15 @@ def answer_constraint(req: _SamplingFields, after_think: bool = False) -> Output
     schema = answer_schema(req)
     if schema is not None:
         return OutputConstraint(_json_grammar(schema[0], schema[1], after_think), schema[1])
+    gap = f"{_AFTER_THINK_GAP} " if after_think else ""
     if req.guided_regex is not None:
-        return OutputConstraint(regex_grammar(req.guided_regex), "guided_regex")
+        if not after_think:
+            return OutputConstraint(regex_grammar(req.guided_regex), "guided_regex")
+        pattern = req.guided_regex.replace("/", "\\/")  # (a Lark regex literal is delimited by slashes)
+        return OutputConstraint(lark_grammar(f"start: {gap}/{pattern}/\n"), "guided_regex")
     if req.guided_choice is not None:
         options = " | ".join(lark_literal(c) for c in req.guided_choice)
-        return OutputConstraint(lark_grammar(f"start: {options}\n"), "guided_choice")
+        return OutputConstraint(lark_grammar(f"start: {gap}({options})\n"), "guided_choice")
     return None
 
 

@@ -10,7 +10,7 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
@@ -48,7 +48,7 @@ class ReasoningParser:
         if self._state == "reasoning":
             end = text.find(THINK_END)
             if end < 0:
-                keep = _partial_suffix(text, THINK_END)
+                keep = partial_suffix(text, THINK_END)
                 self._held = text[len(text) - keep :] if keep else ""
                 return text[: len(text) - keep], ""
             reasoning = text[:end]

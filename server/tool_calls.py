@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.structured_output import Grammar, lark_grammar, lark_json, lark_literal
+from server.reasoning import partial_suffix
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -33,14 +34,6 @@ _GAP = r"/[ \n]{0,4}/"
 
 def new_tool_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 @dataclass
@@ -122,7 +115,7 @@ class ToolCallParser:
             if self._state == "text":
                 at = text.find(CALL_OPEN)
                 if at < 0:
-                    keep = _partial_suffix(text, CALL_OPEN)
+                    keep = partial_suffix(text, CALL_OPEN)
                     body, self._held = text[: len(text) - keep], text[len(text) - keep :]
                     stripped = body.rstrip()
                     content += stripped
@@ -165,7 +158,7 @@ class ToolCallParser:
             elif self._state == "tail":  # the call's closing brace and </tool_call>: not output
                 at = text.find(CALL_CLOSE)
                 if at < 0:
-                    keep = _partial_suffix(text, CALL_CLOSE)
+                    keep = partial_suffix(text, CALL_CLOSE)
                     self._held = text[len(text) - keep :] if keep else ""
                     return content, deltas
                 text = text[at + len(CALL_CLOSE) :].lstrip()

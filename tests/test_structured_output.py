@@ -476,3 +476,28 @@ def test_auto_tool_calls_after_reasoning(replay_server):
     # without tools, the same output is plain text
     r = c.chat.completions.create(model=MODEL, messages=CHAT)
     assert "<tool_call>" in r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(
+    "field, answer",
+    [
+        ({"guided_regex": "a/b[0-9]{2}"}, "a/b12"),
+        ({"guided_choice": ["yes", "no"]}, "no"),
+        ({"response_format": {"type": "json_object"}}, '{"a": 1}'),
+    ],
+)
+def test_answer_grammars_allow_the_blank_line_after_thinking(field, answer):
+    from server.constraints import answer_constraint
+    from server.schemas import ChatCompletionRequest
+
+    tok = HFTokenizer(qwen3_tokenizer_dir())
+    compiler = GrammarCompiler(tok.to_json, 151936, (151645,))
+    req = ChatCompletionRequest(messages=CHAT, **field)
+    for after_think, text in ((False, answer), (True, "\n\n" + answer)):
+        m = compiler.compile(answer_constraint(req, after_think).grammar).matcher()
+        for t in tok.encode(text):
+            assert allowed_tokens([m.bitmask()], 151936)[0, t]
+            m.accept(t)
+        assert m.error is None and m.finished
+    m = compiler.compile(answer_constraint(req, False).grammar).matcher()
+    assert not allowed_tokens([m.bitmask()], 151936)[0, tok.encode("\n\n")[0]]  # no blank line without thinking
