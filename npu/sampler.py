@@ -80,15 +80,15 @@ def _is_plain_greedy(o: SamplingOptions, st: SequenceSamplingState) -> bool:
 
 
 def allowed_tokens(bitmasks: list[bytes], vocab_size: int) -> torch.Tensor:
-    """[len(bitmasks), vocab_size] bools: the token ids each bitmask allows (ids past a mask are not allowed).
-    A bitmask packs token ``i`` into bit ``i % 32`` of little-endian int32 word ``i // 32``, which is bit
-    ``i % 8`` of byte ``i // 8``: numpy's little-endian ``unpackbits`` reads it in token order."""
-    packed = np.frombuffer(b"".join(bitmasks), dtype=np.uint8).reshape(len(bitmasks), -1)
-    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, :vocab_size]
-    allowed = torch.from_numpy(bits.view(np.bool_))
-    if allowed.shape[1] < vocab_size:
-        allowed = torch.cat([allowed, torch.zeros(len(bitmasks), vocab_size - allowed.shape[1], dtype=torch.bool)], 1)
-    return allowed
+    """[len(bitmasks), vocab_size] bools: the token ids each bitmask allows. A bitmask packs token ``i`` into
+    bit ``i % 32`` of little-endian int32 word ``i // 32``, which is bit ``i % 8`` of byte ``i // 8``: numpy's
+    little-endian ``unpackbits`` reads it in token order. Ids past a mask's end are not allowed (so a mask of
+    any length means one thing, and never fails the other rows of a step)."""
+    allowed = np.zeros((len(bitmasks), vocab_size), dtype=np.bool_)
+    for row, mask in enumerate(bitmasks):
+        bits = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")[:vocab_size]
+        allowed[row, : bits.size] = bits
+    return torch.from_numpy(allowed)
 
 
 def apply_grammar_masks(logits: torch.Tensor, rows: list[int], masks: list[bytes | None]) -> None:

@@ -501,3 +501,10 @@ def test_answer_grammars_allow_the_blank_line_after_thinking(field, answer):
         assert m.error is None and m.finished
     m = compiler.compile(answer_constraint(req, False).grammar).matcher()
     assert not allowed_tokens([m.bitmask()], 151936)[0, tok.encode("\n\n")[0]]  # no blank line without thinking
+
+
+def test_a_short_or_odd_mask_allows_only_what_it_covers():
+    vocab = 100
+    short = bytes([0b00000101])  # tokens 0 and 2, nothing past the first 8 ids
+    assert allowed_tokens([short], vocab)[0].nonzero().flatten().tolist() == [0, 2]
+    assert allowed_tokens([b"\xff" * 64], vocab)[0].all()  # a longer mask is cut at the vocabulary
