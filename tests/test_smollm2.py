@@ -128,43 +128,6 @@ def test_float_path_matches_transformers_logits(smol_float):
     assert load_tokenizer(smol_float).decode([int(ref[-1].argmax())]).strip() == "Rome"
 
 
-@pytest.fixture(scope="module")
-def smol_server(smol_a8w8):
-    server = CliServer(
-        smol_a8w8, "--served-model-name", "smollm2", "--max-model-len", "2048", "--kv-cache-memory", "256MiB"
-    )
-    yield server
-    server.stop()
-
-
-def test_real_answer_through_the_server_in_a8w8(smol_server):
-    client = openai.OpenAI(base_url=f"{smol_server.base}/v1", api_key="x", max_retries=0, timeout=120)
-    # SmolLM2-135M answers some phrasings of this question in French even in float32 (5 of 6 right in
-    # float), and which ones moves with ulp-level differences between kernels: the VNNI kernels answered
-    # the first two "The capital of France is Paris.", the oneDNN fallback (CPUs without AVX-512) the
-    # first, third and fourth.
-    questions = [
-        "Which city is the capital of France?",
-        "Tell me the capital of France.",
-        "What is the capital of France?",
-        "Name the capital of France.",
-    ]
-    answers = [
-        client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0
-        )
-        .choices[0]
-        .message.content
-        for q in questions
-    ]
-    assert sum("Paris" in a for a in answers) >= 2, answers
-    r = client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=24, temperature=0
-    )
-    assert "4" in r.choices[0].message.content
-    assert r.choices[0].finish_reason == "stop"  # it ends on <|im_end|> by itself
-
-
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -179,24 +142,62 @@ WEATHER_TOOL = {
 }
 
 
-def test_forced_tool_call_names_the_city(smol_server):
-    """SmolLM2's template knows no tools: they reach it as Hermes-style system instructions. Left to itself
-    ("auto") the 135M model does not write a call (README); forced by the grammar ("required") it fills the
-    arguments from the question."""
-    client = openai.OpenAI(base_url=f"{smol_server.base}/v1", api_key="x", max_retries=0, timeout=120)
-    for city in ("Paris", "Berlin"):
+@pytest.fixture(scope="class")
+def smol_server(smol_a8w8):
+    """One server for the tests of the class below (stopped after them, not kept for the whole module)."""
+    server = CliServer(
+        smol_a8w8, "--served-model-name", "smollm2", "--max-model-len", "2048", "--kv-cache-memory", "256MiB"
+    )
+    yield server
+    server.stop()
+
+
+class TestServedInA8W8:
+    def test_real_answer_through_the_server_in_a8w8(self, smol_server):
+        client = openai.OpenAI(base_url=f"{smol_server.base}/v1", api_key="x", max_retries=0, timeout=120)
+        # SmolLM2-135M answers some phrasings of this question in French even in float32 (5 of 6 right in
+        # float), and which ones moves with ulp-level differences between kernels: the VNNI kernels answered
+        # the first two "The capital of France is Paris.", the oneDNN fallback (CPUs without AVX-512) the
+        # first, third and fourth.
+        questions = [
+            "Which city is the capital of France?",
+            "Tell me the capital of France.",
+            "What is the capital of France?",
+            "Name the capital of France.",
+        ]
+        answers = [
+            client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0
+            )
+            .choices[0]
+            .message.content
+            for q in questions
+        ]
+        assert sum("Paris" in a for a in answers) >= 2, answers
         r = client.chat.completions.create(
-            model="smollm2",
-            messages=[{"role": "user", "content": f"What is the weather in {city}?"}],
-            tools=[WEATHER_TOOL],
-            tool_choice="required",
-            parallel_tool_calls=False,
-            max_tokens=60,
-            temperature=0,
+            model="smollm2", messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=24, temperature=0
         )
-        (call,) = r.choices[0].message.tool_calls
-        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
-        assert json.loads(call.function.arguments)["city"] == city
+        assert "4" in r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"  # it ends on <|im_end|> by itself
+
+    def test_forced_tool_call_names_the_city(self, smol_server):
+        """SmolLM2's template knows no tools: they reach it as Hermes-style system instructions. Left to itself
+        ("auto") the 135M model does not write a call (README); forced by the grammar ("required") it fills the
+        arguments from the question."""
+        client = openai.OpenAI(base_url=f"{smol_server.base}/v1", api_key="x", max_retries=0, timeout=120)
+        for city in ("Paris", "Berlin"):
+            r = client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": f"What is the weather in {city}?"}],
+                tools=[WEATHER_TOOL],
+                tool_choice="required",
+                parallel_tool_calls=False,
+                max_tokens=60,
+                temperature=0,
+            )
+            (call,) = r.choices[0].message.tool_calls
+            assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+            assert json.loads(call.function.arguments)["city"] == city
 
 
 def test_eval_quality_command_runs(smol_float, tmp_path):
