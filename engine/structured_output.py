@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 # How JSON is written under a grammar: the separators models are trained on (json.dumps' defaults), and no
 # other whitespace. Free whitespace would let a weak model pad forever and never close the object.
 JSON_FORMAT: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# Compiled grammars kept (by source): a client that repeats its schema compiles it once.
+# Compiled grammars kept (by source): a client that repeats its schema compiles it once. Sources longer than
+# the second bound are compiled every time instead of kept, so that clients cannot fill memory through the cache
+# (256 x 64 KiB at most).
 GRAMMAR_CACHE_SIZE = 256
+GRAMMAR_CACHE_MAX_SOURCE_CHARS = 64 * 1024
 
 
 class GrammarError(ValueError):
@@ -50,11 +53,6 @@ def json_schema_grammar(schema: dict[str, Any]) -> Grammar:
         return Grammar(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_FORMAT))
     except (ValueError, TypeError) as e:
         raise GrammarError(str(e)) from None
-
-
-def json_object_grammar() -> Grammar:
-    """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``)."""
-    return json_schema_grammar({"type": "object"})
 
 
 def lark_grammar(lark: str) -> Grammar:
@@ -161,6 +159,8 @@ class GrammarCompiler:
         if matcher.is_error():
             raise GrammarError(matcher.get_error().splitlines()[0])
         compiled = CompiledGrammar(matcher)
+        if len(grammar.source) > GRAMMAR_CACHE_MAX_SOURCE_CHARS:
+            return compiled
         with self._lock:
             self._cache[grammar.source] = compiled
             while len(self._cache) > GRAMMAR_CACHE_SIZE:

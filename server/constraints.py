@@ -131,19 +131,21 @@ def chat_constraint(
     req: ChatCompletionRequest, use: ToolUse | None, call_token_ids: tuple[int | None, int | None], after_think: bool
 ) -> OutputConstraint | None:
     """The one grammar of a chat request: forced tool calls, or calls-or-answer, or the answer format."""
-    if use is None or use.choice == "auto":
-        answer = answer_constraint(req, after_think)
-        if use is None or answer is None:
-            return answer
+    answer = answer_constraint(req, after_think)
+    if use is None:
+        return answer
+    if use.choice == "auto":
+        if answer is None:
+            return None  # free text; calls are parsed from it
         schema = answer_schema(req)
         if schema is None:
             raise APIError(400, "with tools, only a JSON response_format can constrain the answer", answer.param)
         # The model may call tools or answer in the format asked for.
         grammar = tool_call_grammar(use.tools, use.parallel, *call_token_ids, or_json_schema=schema[0])
         return OutputConstraint(grammar, schema[1])
-    if answer_constraint(req) is not None:
+    if answer is not None:
         raise APIError(
-            400, "a response_format cannot be combined with a tool_choice that forces a tool call", "response_format"
+            400, f"{answer.param} cannot be combined with a tool_choice that forces a tool call", answer.param
         )
     tools = use.tools if use.choice == "required" else [t for t in use.tools if t["function"]["name"] == use.choice]
     return OutputConstraint(tool_call_grammar(tools, use.parallel, *call_token_ids), "tools")
