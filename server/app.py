@@ -25,6 +25,7 @@ from server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeR
 from server.serving import ServingContext, chat_prompt_ids, create_chat_completion, create_completion, input_named
 from server.startup import startup_summary, startup_warnings
 from server.version import package_version
+from server.web_ui import mount_web_ui
 
 log = logging.getLogger("a8w8.server")
 
@@ -44,6 +45,7 @@ class ServerSettings:
     body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
     reasoning_parser: str = "auto"  # auto | qwen3 | none
     base_url: str | None = None  # where clients reach the server, for the startup summary
+    web_ui: bool = True  # the chat page at / (server/web_ui.py); off behind a gateway that wants only the API
 
 
 def _error_responses(statuses: tuple[int, ...] = ERROR_STATUSES, streams: bool = False) -> dict[int | str, dict]:
@@ -99,7 +101,12 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
         log.info(
             "%s",
             startup_summary(
-                engine, settings.served_model_names, settings.base_url, time.monotonic() - started, package_version()
+                engine,
+                settings.served_model_names,
+                settings.base_url,
+                time.monotonic() - started,
+                package_version(),
+                settings.web_ui,
             ),
         )
         # What startup built (app, tokenizer, template) lives as long as the process: keep it out of the
@@ -239,4 +246,6 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
             raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab})", "tokens")
         return {"prompt": await asyncio.to_thread(c.engine.tokenizer.decode, req.tokens)}
 
+    if settings.web_ui:
+        mount_web_ui(app)
     return app

@@ -287,6 +287,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         body_timeout_seconds=args.body_timeout,
         reasoning_parser=args.reasoning_parser,
         base_url=f"http://{_url_host(args.host)}:{args.port}",
+        web_ui=args.web_ui,
     )
     http = HTTPSettings(
         host=args.host,
@@ -410,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})"
     )
     h.add_argument("--cors-allow-origin", action="append", help="allowed CORS origin (repeatable; '*' for any)")
+    h.add_argument(
+        "--no-web-ui",
+        dest="web_ui",
+        action="store_false",
+        help="do not serve the chat page at / (and its files under /ui): the API only",
+    )
     h.add_argument(
         "--max-request-body-bytes",
         type=parse_size,

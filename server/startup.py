@@ -30,7 +30,12 @@ def startup_warnings(engine: AsyncEngine) -> list[str]:
 
 
 def startup_summary(
-    engine: AsyncEngine, served_model_names: list[str], base_url: str | None, seconds: float, version: str
+    engine: AsyncEngine,
+    served_model_names: list[str],
+    base_url: str | None,
+    seconds: float,
+    version: str,
+    web_ui: bool = False,
 ) -> str:
     """The block logged when the server starts serving."""
     info = engine.core.worker_info
@@ -58,5 +63,7 @@ def startup_summary(
             f'-d \'{{"model": "{served_model_names[0]}", "messages": [{{"role": "user", '
             '"content": "Hello!"}]}\''
         )
+        if web_ui:
+            lines.append(f"  chat page      {base_url}/")
         lines.append(f"  API docs       {base_url}/docs")
     return "\n".join(lines)
