@@ -177,6 +177,12 @@
   }
 
   async function streamAnswer(chat) {
+    let body = null, bodyError = null;
+    try {
+      body = JSON.stringify(requestBody(chat)); // the history as it is before the answer starts
+    } catch (e) {
+      bodyError = `Settings: the extra request fields are not valid JSON (${e.message})`;
+    }
     const message = { role: "assistant", content: "", reasoning: "", stats: null };
     chat.messages.push(message);
     const controller = new AbortController();
@@ -186,12 +192,7 @@
     const sent = performance.now();
     let firstAt = null, lastAt = null, reasoningStart = null, reasoningEnd = null, deltas = 0, usage = null;
     try {
-      let body;
-      try {
-        body = JSON.stringify(requestBody(chat));
-      } catch (e) {
-        throw new Error(`Settings: the extra request fields are not valid JSON (${e.message})`);
-      }
+      if (bodyError) throw new Error(bodyError);
       const response = await apiFetch("v1/chat/completions", { method: "POST", body, signal: controller.signal });
       if (!response.ok) {
         message.error = await errorText(response);
