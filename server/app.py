@@ -175,6 +175,14 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
         status = "unavailable" if state is EngineState.READY else state.value  # READY with a dead worker
         return JSONResponse({"status": status, "error": engine.state_detail}, status_code=503)
 
+    @app.get("/live", responses={503: {"description": "the engine is dead (the process is about to exit)"}})
+    async def live() -> Response:
+        # Liveness, apart from readiness (/health): 200 while this process's event loop answers, also while
+        # the model loads or the worker restarts by itself (an orchestrator must not kill the pod for that).
+        if ctx().engine.state is EngineState.DEAD:
+            return JSONResponse({"status": "dead", "error": ctx().engine.state_detail}, status_code=503)
+        return JSONResponse({"status": "alive", "engine": ctx().engine.state.value})
+
     @app.get("/version")
     async def get_version() -> dict:
         return {"version": package_version()}

@@ -24,7 +24,7 @@ log = logging.getLogger("a8w8.server")
 # this gets the 413 and a closed connection.
 DISCARD_SECONDS = 5.0
 # Probes and scrapes are logged at debug level: one a second would otherwise fill the log.
-QUIET_PATHS = frozenset({"/health", "/metrics"})
+QUIET_PATHS = frozenset({"/health", "/live", "/metrics"})
 # Where a generation route records (prompt_tokens, completion_tokens) in request.state for the request's log line.
 USAGE_STATE_KEY = "usage"
 

@@ -324,6 +324,9 @@ def test_killed_worker_is_restarted_without_restarting_the_api(serve_model):
         while (health := httpx.get(f"{base}/health")).status_code == 200:  # 200 only until the kernel has
             assert time.monotonic() - killed < 1.0  # torn the process down
         assert health.status_code == 503 and health.json()["status"] == "restarting"
+        live = httpx.get(f"{base}/live")  # liveness holds while the worker restarts (deploy/kubernetes probes it)
+        assert live.status_code == 200 and live.json()["status"] == "alive"
+        assert live.json()["engine"] in ("restarting", "ready")  # ready: the new worker was that quick
         for t in threads:
             t.join(30)
         for events in streams:  # each in-flight stream: an error event, then [DONE]; never a silent cut
