@@ -12,30 +12,17 @@ import argparse
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 from playwright.sync_api import sync_playwright
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from servers import wait_healthy  # noqa: E402  (the test suite's helper: the same setup as the browser tests)
 
 STARTUP_SECONDS = 600  # the very first start builds the default model (GGUF conversion, calibration)
 ANSWER_TIMEOUT_MS = 180_000
 VIEWPORT = {"width": 1100, "height": 760}
 QUESTION = "Which city is the capital of France? Answer in one sentence, then list two sights to see there."
-
-
-def wait_healthy(base: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{base} was not healthy after {STARTUP_SECONDS} s")
 
 
 def main() -> None:
@@ -49,7 +36,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(args.port)])
     try:
-        wait_healthy(base, proc)
+        wait_healthy(base, timeout=STARTUP_SECONDS, proc=proc)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport=VIEWPORT)
