@@ -139,7 +139,8 @@ def test_page_routes_headers_and_no_web_ui(serve_model, server):
     assert 'src="ui/app.js"' in page.text  # relative: the page also works behind a path prefix
     for path in ("ui/app.js", "ui/style.css", "ui/vendor/markdown-it-14.3.3.min.js", "ui/vendor/LICENSE-markdown-it"):
         assert httpx.get(f"{server.base}/{path}").status_code == 200, path
-    assert httpx.get(f"{server.base}/ui/../server/app.py").status_code == 404
+    for escape in ("ui/%2e%2e/web_ui.py", "ui/..%2fweb_ui.py"):  # encoded: httpx would fold a plain ".."
+        assert httpx.get(f"{server.base}/{escape}").status_code == 404, escape
 
     # the page adds exactly / and /ui, and --no-web-ui removes them
     with_ui = {r.path for r in create_app(_settings(serve_model)).routes}
@@ -359,3 +360,19 @@ def test_model_output_is_never_html(replayed_answer):
     assert answer.locator("a[href^='javascript']").count() == 0
     text = answer.locator(".content").inner_text()
     assert XSS_IN_ANSWER.split(" <script>")[0] in text and "<script>window.__pwned=3</script>" in text
+
+
+def test_full_browser_storage_is_reported_not_fatal(tab):
+    p = tab.page
+    # fill this origin's localStorage up to its quota
+    p.evaluate(
+        """() => { let i = 0;
+        for (let size = 1 << 20; size >= 1; size >>= 1) {  // big pieces, then smaller ones into what is left
+          const chunk = "x".repeat(size);
+          for (;;) { try { localStorage.setItem("filler" + i++, chunk); } catch (e) { break; } } } }"""
+    )
+    tab.settings(maxTokens="3")
+    tab.send("hello")
+    assert tab.wait_answer().locator(".stats").inner_text().startswith("3 tokens")
+    assert "not saved" in p.inner_text("#server-status")
+    p.evaluate("() => localStorage.clear()")

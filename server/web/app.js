@@ -46,9 +46,19 @@
     model: null,
     streaming: null, // {controller, message} while an answer streams
   };
+  // Every write to localStorage goes through here: a full quota (a few MB per origin) is reported, and the
+  // page goes on with what it holds in memory.
+  function store(key, value) {
+    try {
+      if (value === null) localStorage.removeItem(key);
+      else localStorage.setItem(key, value);
+    } catch (e) {
+      setStatus("not saved: browser storage full (delete old chats)", true);
+    }
+  }
   function saveChats() {
-    localStorage.setItem(STORAGE.chats, JSON.stringify(state.chats));
-    if (state.currentId) localStorage.setItem(STORAGE.current, state.currentId);
+    store(STORAGE.chats, JSON.stringify(state.chats));
+    store(STORAGE.current, state.currentId);
   }
   function currentChat() {
     return state.chats.find((c) => c.id === state.currentId) || null;
@@ -85,7 +95,7 @@
         if (!key) return;
         el.keyForm.removeEventListener("submit", onSubmit);
         state.apiKey = key;
-        localStorage.setItem(STORAGE.apiKey, key);
+        store(STORAGE.apiKey, key);
         el.keyDialog.close();
         resolve(key);
       };
@@ -253,6 +263,7 @@
         message.stats = {
           ttftMs: Math.round(firstAt - sent),
           tokens,
+          exact: !!usage, // without the usage chunk (a stopped answer) the count is of streamed deltas
           tokensPerSecond: tokens > 1 && span > 0 ? (tokens - 1) / span : null,
           promptTokens: usage ? usage.prompt_tokens : null,
         };
@@ -313,7 +324,7 @@
   function statsText(m) {
     const parts = [];
     if (m.stats) {
-      parts.push(`${m.stats.tokens} tokens`);
+      parts.push(`${m.stats.exact === false ? "≈" : ""}${m.stats.tokens} tokens`);
       if (m.stats.tokensPerSecond !== null) parts.push(`${m.stats.tokensPerSecond.toFixed(1)} tok/s`);
       parts.push(`TTFT ${m.stats.ttftMs} ms`);
     }
@@ -433,7 +444,6 @@
     if (state.streaming && currentChat() && currentChat().id === id) return;
     state.chats = state.chats.filter((c) => c.id !== id);
     if (state.currentId === id) state.currentId = state.chats.length ? state.chats[0].id : null;
-    if (!state.currentId) localStorage.removeItem(STORAGE.current);
     saveChats();
     renderChatList();
     render();
@@ -481,10 +491,9 @@
       }
     }
     state.settings = next;
-    localStorage.setItem(STORAGE.settings, JSON.stringify(next));
+    store(STORAGE.settings, JSON.stringify(next));
     state.apiKey = form.apiKey.value.trim();
-    if (state.apiKey) localStorage.setItem(STORAGE.apiKey, state.apiKey);
-    else localStorage.removeItem(STORAGE.apiKey);
+    store(STORAGE.apiKey, state.apiKey || null);
     el.settings.close();
   }
 
