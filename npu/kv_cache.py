@@ -26,6 +26,16 @@ class KVRead:
     v: torch.Tensor
 
 
+HOST = torch.device("cpu")
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed cache storage: on huge pages in host memory (npu/host_memory.py), plainly on a device."""
+    if device.type == "cpu":
+        return zeros_huge_pages(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class Int8KV:
     """INT8 K/V with one fp32 scale per (token, kv head)."""
 
@@ -34,12 +44,12 @@ class Int8KV:
         return 2 * num_kv_heads * (head_dim + 4)  # K and V: int8 values + one fp32 scale per head
 
     @staticmethod
-    def allocate(layers: int, slots: int, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+    def allocate(layers: int, slots: int, heads: int, head_dim: int, device: torch.device) -> dict[str, torch.Tensor]:
         return {
-            "k": zeros_huge_pages((layers, slots, heads, head_dim), torch.int8),
-            "v": zeros_huge_pages((layers, slots, heads, head_dim), torch.int8),
-            "k_scale": zeros_huge_pages((layers, slots, heads), torch.float32),
-            "v_scale": zeros_huge_pages((layers, slots, heads), torch.float32),
+            "k": _zeros((layers, slots, heads, head_dim), torch.int8, device),
+            "v": _zeros((layers, slots, heads, head_dim), torch.int8, device),
+            "k_scale": _zeros((layers, slots, heads), torch.float32, device),
+            "v_scale": _zeros((layers, slots, heads), torch.float32, device),
         }
 
     def write(
@@ -73,10 +83,12 @@ class FloatKV:
     def bytes_per_slot(self, num_kv_heads: int, head_dim: int) -> int:
         return 2 * num_kv_heads * head_dim * self.dtype.itemsize
 
-    def allocate(self, layers: int, slots: int, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+    def allocate(
+        self, layers: int, slots: int, heads: int, head_dim: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
         return {
-            "k": zeros_huge_pages((layers, slots, heads, head_dim), self.dtype),
-            "v": zeros_huge_pages((layers, slots, heads, head_dim), self.dtype),
+            "k": _zeros((layers, slots, heads, head_dim), self.dtype, device),
+            "v": _zeros((layers, slots, heads, head_dim), self.dtype, device),
         }
 
     def write(
@@ -111,10 +123,12 @@ class PagedKVCache:
         head_dim: int,
         num_blocks: int,
         block_size: int,
+        device: torch.device = HOST,
     ):
         self.format = kv_format(kv_dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.tensors = self.format.allocate(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.device = device
+        self.tensors = self.format.allocate(num_layers, num_blocks * block_size, num_kv_heads, head_dim, device)
 
     @staticmethod
     def blocks_for_budget(

@@ -117,6 +117,7 @@ class Ready(msgspec.Struct, tag="ready"):
     quantization: str
     backend: str
     weight_bytes: int
+    device: str = "cpu"  # the device in words, e.g. "cuda:0 (NVIDIA H100 80GB HBM3, 132 SMs, 79 GiB)"
     backend_note: str | None = None  # e.g. why a faster kernel is not in use
     # The model's max_position_embeddings when max_model_len was lowered to fit the KV cache (no explicit
     # --max-model-len); None when it was not.
@@ -194,7 +195,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     kv_cache_dtype: str = "int8"  # int8 | bf16
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
     block_size: int = 16
-    backend: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda (auto: cuda where PyTorch sees a GPU and Triton is installed)
     int8_kernel: str = "auto"  # cpu: auto | vnni (AVX-512 VNNI kernel) | onednn (torch._int_mm)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     sampleable_vocab_size: int | None = None  # tokens past this id are padding; None: the whole vocab

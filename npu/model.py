@@ -54,7 +54,11 @@ class DecodeGroup:
 
     def mask(self) -> torch.Tensor:
         """[S, 1, 1, L] True where a key is real (for the generic SDPA path)."""
-        return (torch.arange(self.slots.shape[1])[None, :] < self.lengths[:, None])[:, None, None, :]
+        keys = torch.arange(self.slots.shape[1], device=self.lengths.device)
+        return (keys[None, :] < self.lengths[:, None])[:, None, None, :]
+
+    def to(self, device: torch.device) -> DecodeGroup:
+        return DecodeGroup(self.rows.to(device), self.slots.to(device), self.lengths.to(device), self.covers_all_rows)
 
 
 def sdpa_decode_attention(
@@ -83,6 +87,19 @@ class ForwardBatch:
     logits_rows: torch.Tensor  # [S] rows whose next-token logits are needed
     decode: DecodeGroup | None = None  # set by :meth:`group_decodes`
 
+    def to(self, device: torch.device) -> ForwardBatch:
+        """The batch with its tensors on ``device`` (itself where they are there already)."""
+        if self.token_ids.device == device:
+            return self
+        return ForwardBatch(
+            token_ids=self.token_ids.to(device),
+            positions=self.positions.to(device),
+            slot_mapping=self.slot_mapping.to(device),
+            seqs=[SeqSpan(sp.q_start, sp.q_len, sp.context_slots.to(device)) for sp in self.seqs],
+            logits_rows=self.logits_rows.to(device),
+            decode=None if self.decode is None else self.decode.to(device),
+        )
+
     def group_decodes(self, min_group: int) -> None:
         """Attend decode tokens of at least ``min_group`` sequences together instead of one by one."""
         decodes = [sp for sp in self.seqs if sp.q_len == 1]
@@ -102,7 +119,7 @@ class _Layer:
         self.o = backend.prepare_linear(lin["self_attn.o_proj"])
         self.gate_up = backend.prepare_linear(concat([lin["mlp.gate_proj"], lin["mlp.up_proj"]]))
         self.down = backend.prepare_linear(lin["mlp.down_proj"])
-        norms = {k: v.to(dtype).contiguous() for k, v in weights.norms.items()}
+        norms = {k: v.to(device=backend.device, dtype=dtype).contiguous() for k, v in weights.norms.items()}
         self.input_norm = RMSNorm(norms["input_layernorm"], cfg.rms_norm_eps)
         self.post_norm = RMSNorm(norms["post_attention_layernorm"], cfg.rms_norm_eps)
         # Optional part of the attention block: Qwen3 has per-head q/k RMSNorm, Llama does not.
@@ -129,13 +146,16 @@ class DecoderModel:
         cfg = weights.config
         self.cfg, self.backend = cfg, backend
         self.dtype = backend.activation_dtype
-        self.embed = weights.embed_tokens
+        self.device = backend.device
+        self.embed = weights.embed_tokens.to(self.device)
         self.layers = []
         for i, lw in enumerate(weights.layers):
             weights.layers[i] = None  # type: ignore[call-overload]
             self.layers.append(_Layer(lw, cfg, backend, self.dtype))
             del lw
-        self.final_norm = RMSNorm(weights.final_norm.to(self.dtype).contiguous(), cfg.rms_norm_eps)
+        self.final_norm = RMSNorm(
+            weights.final_norm.to(device=self.device, dtype=self.dtype).contiguous(), cfg.rms_norm_eps
+        )
         lm_head, weights.lm_head = weights.lm_head, None  # type: ignore[assignment]
         self.lm_head = backend.prepare_linear(lm_head)
         del lm_head
@@ -145,11 +165,18 @@ class DecoderModel:
         cos, sin = rope_tables(cfg.rope, cfg.head_dim, max_positions)
         half = cfg.head_dim // 2
         # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin] (see TorchOps.qk_norm_rope)
-        self.cos = cos.to(self.dtype)
-        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)
+        self.cos = cos.to(device=self.device, dtype=self.dtype)
+        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(device=self.device, dtype=self.dtype)
         # the backend's one-call version of the layer loop for pure decode steps, where it has one
         self.decode_stack = backend.prepare_decoder_stack(
-            self.layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.cos, self.sin_signed, self.scale
+            self.layers,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.cos,
+            self.sin_signed,
+            self.scale,
+            layer_loop=lambda x, batch, cache: self._layer_loop(x, batch, cache, None),
         )
 
     def _attention(self, q: torch.Tensor, kv, span: SeqSpan) -> torch.Tensor:
@@ -182,10 +209,12 @@ class DecoderModel:
     def forward(
         self, batch: ForwardBatch, cache: PagedKVCache, layer_outputs: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """Compute the batch, writing its K/V into ``cache``; returns fp32 logits ``[S, vocab]``.
+        """Compute the batch, writing its K/V into ``cache``; returns fp32 logits ``[S, vocab]`` on the host
+        (the sampler's side), whatever the backend's device.
 
         ``layer_outputs``, when given, receives the residual stream after each layer (for tests).
         """
+        batch = batch.to(self.device)
         x = self.embed[batch.token_ids].to(self.dtype)
         group = batch.decode
         stacked = (
@@ -197,7 +226,7 @@ class DecoderModel:
         )
         if not stacked:
             x = self._layer_loop(x, batch, cache, layer_outputs)
-        return self.lm_head(x[batch.logits_rows], norm=self.final_norm).float()
+        return self.lm_head(x[batch.logits_rows], norm=self.final_norm).float().cpu()
 
     def _layer_loop(
         self, x: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache, layer_outputs: list[torch.Tensor] | None
@@ -210,8 +239,8 @@ class DecoderModel:
         qk_heads = cfg.num_heads + cfg.num_kv_heads
         # One buffer for each layer's q/k/v and gate/up outputs, which die within the layer: allocated
         # once per step, as fresh multi-MB allocations page-fault on every use.
-        qkv_buf = torch.empty(T, self.layers[0].qkv.out_features, dtype=self.dtype)
-        gate_up_buf = torch.empty(T, self.layers[0].gate_up.out_features, dtype=self.dtype)
+        qkv_buf = torch.empty(T, self.layers[0].qkv.out_features, dtype=self.dtype, device=self.device)
+        gate_up_buf = torch.empty(T, self.layers[0].gate_up.out_features, dtype=self.dtype, device=self.device)
         for li, layer in enumerate(self.layers):
             qkv = layer.qkv(x, norm=layer.input_norm, out=qkv_buf)
             qk = qkv[:, : q_size + kv_size].view(T, qk_heads, cfg.head_dim)
@@ -235,7 +264,7 @@ class DecoderModel:
         group = batch.decode
         if group is not None and group.covers_all_rows:
             return self._decode_attention(q, layer, group, cache)  # a pure decode step: no gather/scatter
-        attn = torch.empty(T, cfg.q_size, dtype=self.dtype)
+        attn = torch.empty(T, cfg.q_size, dtype=self.dtype, device=self.device)
         for span in batch.seqs:
             rows = slice(span.q_start, span.q_start + span.q_len)
             fused = self.backend.prefill_attention(q[rows], cache, layer, span.context_slots, self.scale)

@@ -66,7 +66,7 @@ def fit_max_model_len(
 class ModelRunner:
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.backend = get_backend(config.backend, config.num_threads, config.int8_kernel)
+        self.backend = get_backend(config.device, config.num_threads, config.int8_kernel)
         weights = load_model_weights(
             config.model_dir, config.quantization, quantize_lm_head=config.quantize_lm_head, dtype=config.dtype
         )
@@ -91,7 +91,13 @@ class ModelRunner:
         self.model = DecoderModel(weights, self.backend, self.max_model_len)  # (consumes the loaded layers)
         self.quantization = weights.quantization.value
         self.cache = PagedKVCache(
-            config.kv_cache_dtype, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, config.block_size
+            config.kv_cache_dtype,
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            num_blocks,
+            config.block_size,
+            self.backend.device,
         )
         self.sampler = Sampler(config.sampleable_vocab_size or cfg.vocab_size, config.seed, self.backend.argmax_rows)
         self.seqs: dict[int, WorkerSequence] = {}
@@ -106,6 +112,7 @@ class ModelRunner:
             quantization=self.quantization,
             backend=self.backend.name,
             weight_bytes=self.weight_bytes,
+            device=self.backend.device_name,
             backend_note=self.backend.note,
             max_model_len_capped_from=self.max_model_len_capped_from,
         )

@@ -185,7 +185,12 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
 
     @app.get("/version")
     async def get_version() -> dict:
-        return {"version": package_version()}
+        """The package version and, once the worker is up, where the model runs and on which kernels."""
+        info = ctx().engine.core.worker_info
+        body: dict = {"version": package_version()}
+        if info is not None:
+            body.update(device=info.device, backend=info.backend)
+        return body
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:

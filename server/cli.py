@@ -149,6 +149,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="hf: the tokenizers library; python: the dependency-free fallback; auto: hf if importable",
     )
     g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the model runs: cuda (Triton kernels on an NVIDIA GPU; needs pip install 'a8w8-serve[cuda]') "
+        "or cpu; auto = cuda when PyTorch sees a GPU and Triton is installed, else cpu",
+    )
+    g.add_argument(
         "--int8-kernel",
         choices=["auto", "vnni", "onednn"],
         default="auto",
@@ -226,6 +233,7 @@ def engine_config(args: argparse.Namespace):
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         num_threads=args.num_threads,
+        device=args.device,
         int8_kernel=args.int8_kernel,
         seed=args.seed,
         speculative=args.speculative_config,

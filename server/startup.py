@@ -17,7 +17,7 @@ def startup_warnings(engine: AsyncEngine) -> list[str]:
     if info is None:
         return out
     if info.backend_note:
-        out.append(f"{info.backend_note}; check the CPU (lscpu) or pass --int8-kernel onednn to silence this")
+        out.append(info.backend_note)
     if info.max_model_len_capped_from is not None:
         worker = engine.config.worker
         out.append(
@@ -52,7 +52,8 @@ def startup_summary(
         f"  quantization   {info.quantization}, linears {info.weight_bytes / MIB:.0f} MiB, "
         f"float parts {worker.dtype if worker.dtype != 'auto' else cfg.torch_dtype}"
         f"{', lm_head in INT8' if worker.quantize_lm_head else ''}",
-        f"  kernels        {info.backend}, {threads} threads",
+        f"  device         {info.device}",
+        f"  kernels        {info.backend}" + (f", {threads} threads" if info.device == "cpu" else ""),
         f"  KV cache       {info.kv_cache_dtype}, {info.num_blocks} blocks x {info.block_size} tokens = "
         f"{kv_tokens} tokens ({worker.kv_cache_memory_bytes / MIB:.0f} MiB)",
         f"  max_model_len  {engine.max_model_len}",

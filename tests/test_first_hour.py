@@ -173,12 +173,16 @@ def test_startup_summary_says_what_was_loaded_and_where(server, serve_model):
         "model          first-hour",
         "Qwen3ForCausalLM: 2 layers",
         "quantization   a8w8",
-        "kernels        cpu-",
         "KV cache       int8",
         "max_model_len  512",
         f"curl {server.base}/v1/chat/completions",
     ):
         assert field in block, field
+    # the device and its kernels: the CPU's VNNI or oneDNN path, or Triton on a GPU
+    assert re.search(r"device         (cpu|cuda:\d+ \(.+\))\n", block)
+    assert re.search(r"kernels        (cpu-(vnni|onednn), \d+ threads|cuda-triton)\n", block)
+    version = httpx.get(f"{server.base}/version").json()
+    assert version["device"] in block and version["backend"] in block
     if "kernels        cpu-onednn" in block:  # the slow fallback is a warning, with the reason
         assert re.search(r"WARNING .*VNNI kernels are not in use \(.+\)", log)
 

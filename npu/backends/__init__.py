@@ -2,15 +2,60 @@
 
 from __future__ import annotations
 
+import os
+
 from npu.backends.base import Backend
 
-BACKEND_NAMES = ("cpu",)
+# What --device takes: auto picks cuda where PyTorch sees a CUDA device and Triton is installed, else cpu.
+DEVICE_NAMES = ("auto", "cpu", "cuda")
 
 
-def get_backend(name: str, num_threads: int | None = None, int8_kernel: str = "auto") -> Backend:
-    """Instantiate the backend called ``name`` (``int8_kernel`` selects the CPU backend's INT8 GEMM)."""
-    if name == "cpu":
+def _triton_missing() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"the cuda backend needs Triton ({e}); install it with pip install 'a8w8-serve[cuda]'"
+    return None
+
+
+def triton_interpreter_on() -> bool:
+    """Triton's own documented switch: kernels run in its Python interpreter, on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` or ``cpu``; the others as given."""
+    if device not in DEVICE_NAMES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICE_NAMES)}")
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and _triton_missing() is None else "cpu"
+
+
+def get_backend(device: str, num_threads: int | None = None, int8_kernel: str = "auto") -> Backend:
+    """The backend for ``device`` (``int8_kernel`` selects the CPU backend's INT8 GEMM). ``cuda`` without a
+    CUDA device runs the Triton kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` (tests), else fails."""
+    import torch
+
+    device = resolve_device(device)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if device == "cpu":
         from npu.backends.cpu import CpuBackend
 
         return CpuBackend(num_threads=num_threads, int8_kernel=int8_kernel)
-    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKEND_NAMES)}")
+    missing = _triton_missing()
+    if missing:
+        raise RuntimeError(missing)
+    from npu.backends.cuda import CudaBackend
+
+    if torch.cuda.is_available():
+        return CudaBackend(torch.device("cuda", torch.cuda.current_device()))
+    if triton_interpreter_on():
+        return CudaBackend(torch.device("cpu"), decode_graphs=False)
+    raise RuntimeError(
+        "--device cuda: PyTorch sees no CUDA device (torch.cuda.is_available() is False; "
+        f"torch {torch.__version__}); use --device cpu"
+    )

@@ -9,7 +9,7 @@ tested against the eager op it replaces.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,6 +98,7 @@ class Backend(Protocol):
     name: str
     note: str | None = None  # what an operator should know about this backend's choice (logged at startup)
     device: torch.device
+    device_name: str  # the device in words, for the startup summary and /version
     # dtype of the residual stream and of attention math on this backend.
     activation_dtype: torch.dtype
 
@@ -137,11 +138,13 @@ class Backend(Protocol):
         cos: torch.Tensor,
         sin_signed: torch.Tensor,
         scale: float,
+        layer_loop: Callable[..., torch.Tensor] | None = None,
     ) -> Any | None:
         """Optional: an object whose ``decode(x, positions, slot_mapping, context_slots, lengths, cache) -> bool``
         runs all decoder layers of a pure decode step at once, with the same results as the model's layer loop
         over ``layers`` (each with ``qkv``, ``o``, ``gate_up``, ``down``, ``input_norm``, ``post_norm``,
-        ``qk_norm``); None to keep the loop."""
+        ``qk_norm``); None to keep the loop. ``layer_loop(x, batch, cache) -> x`` is that loop itself, for a
+        backend that captures it (CUDA graphs) rather than reimplementing it."""
         ...
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
@@ -161,6 +164,8 @@ class TorchOps:
     """Eager-PyTorch implementations of the :class:`Backend` operations (the reference)."""
 
     note: str | None = None
+    device = torch.device("cpu")
+    device_name = "cpu"
 
     def qk_norm_rope(
         self,
@@ -191,6 +196,7 @@ class TorchOps:
         cos: torch.Tensor,
         sin_signed: torch.Tensor,
         scale: float,
+        layer_loop: Callable[..., torch.Tensor] | None = None,
     ) -> Any | None:
         return None
 

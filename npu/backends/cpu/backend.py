@@ -19,7 +19,7 @@ VNNI and gcc is present (``int8_kernel="auto"``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -94,7 +94,8 @@ class CpuBackend(TorchOps):
             if lib is None:
                 self.note = (
                     f"the AVX-512 VNNI kernels are not in use ({why}): INT8 GEMMs run through "
-                    "torch._int_mm (oneDNN), several times slower"
+                    "torch._int_mm (oneDNN), several times slower; check the CPU (lscpu) or pass --int8-kernel "
+                    "onednn to silence this"
                 )
             self._vnni = lib
         self._workspace = Workspace()
@@ -126,6 +127,7 @@ class CpuBackend(TorchOps):
         cos: torch.Tensor,
         sin_signed: torch.Tensor,
         scale: float,
+        layer_loop: Callable[..., torch.Tensor] | None = None,
     ) -> DecoderStack | None:
         """All layers of a decode step in one C call, where every kernel of the loop is ours."""
         if self._vnni is None or not DecoderStack.applies_to(layers, cos, sin_signed):

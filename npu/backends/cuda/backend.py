@@ -1,0 +1,109 @@
+"""The CUDA backend: A8W8 linears, q/k norm + RoPE, the INT8 KV write and paged attention as Triton kernels,
+and pure decode steps replayed from CUDA graphs.
+
+Everything the model asks of a backend runs on the GPU; the worker moves a step's batch there and the logits
+back. The numerical contract is the CPU backend's (``tests/test_cuda_kernels.py`` checks every kernel against
+the eager :class:`~npu.backends.base.TorchOps` reference): the residual stream is fp32, INT8 GEMMs are exact in
+INT32, and a sequence's tokens do not depend on the rest of its batch.
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``, set before the kernels are imported) the same kernels run
+on CPU tensors, without a GPU: that is how the test suite runs them. Speed on a GPU: see the README
+(``scripts/gpu_check.sh`` measures it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from loaders.quantization import LinearWeight
+from npu.backends.base import RMSNorm, TorchOps
+from npu.backends.cuda import attention
+from npu.backends.cuda.decode_graphs import PaddedDecodeStack
+from npu.backends.cuda.linear import TritonLinear
+from npu.kv_cache import Int8KV, PagedKVCache
+
+# Split-K sizing needs the number of SMs; under the interpreter there is none, and a small number keeps
+# the interpreted grids (one Python pass per program) short.
+INTERPRETER_SMS = 4
+
+
+def _layer(cache: PagedKVCache, layer: int) -> dict[str, torch.Tensor]:
+    return {name: t[layer] for name, t in cache.tensors.items()}
+
+
+class CudaBackend(TorchOps):
+    """Triton kernels on ``device`` (a CUDA device, or the CPU under Triton's interpreter)."""
+
+    activation_dtype = torch.float32  # the residual stream, as on the CPU: norms and attention stay exact enough
+
+    def __init__(self, device: torch.device, decode_graphs: bool = True):
+        """``decode_graphs``: replay pure decode steps from CUDA graphs (on a CUDA device; under the interpreter
+        the same bucket-padded path runs eagerly, for the tests)."""
+        self.device = device
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            self.num_sms = props.multi_processor_count
+            self.name = "cuda-triton"
+            self.device_name = f"{device} ({props.name}, {self.num_sms} SMs, {props.total_memory / 2**30:.0f} GiB)"
+        else:
+            self.num_sms = INTERPRETER_SMS
+            self.name = "cuda-triton-interpreter"
+            self.device_name = "cpu (Triton interpreter: the CUDA kernels run in Python, for tests only)"
+            self.note = "the cuda backend runs under the Triton interpreter (TRITON_INTERPRET=1): very slow"
+        self.decode_graphs = decode_graphs
+
+    def prepare_linear(self, weight: LinearWeight) -> TritonLinear:
+        return TritonLinear(weight, self.device, self.num_sms)
+
+    def qk_norm_rope(
+        self,
+        qk: torch.Tensor,
+        norm: RMSNorm | None,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        if qk.dtype != torch.float32 or qk.stride(2) != 1 or not (cos.is_contiguous() and sin_signed.is_contiguous()):
+            return super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
+        weight = None if norm is None else norm.weight.contiguous()
+        return attention.qk_norm_rope(qk, weight, 0.0 if norm is None else norm.eps, cos, sin_signed, positions)
+
+    def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if isinstance(cache.format, Int8KV) and k.stride(2) == 1 and v.stride(2) == 1:
+            attention.write_kv_int8(_layer(cache, layer), slots, k, v)
+        else:
+            cache.write(layer, slots, k, v)
+
+    def prefill_attention(
+        self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        if not isinstance(cache.format, Int8KV) or q.stride(2) != 1:
+            return None  # other KV dtypes: the model's SDPA path
+        return attention.prefill_attention(q, _layer(cache, layer), slots.contiguous(), scale)
+
+    def decode_attention(
+        self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        if not isinstance(cache.format, Int8KV) or q.stride(2) != 1:
+            return None
+        return attention.decode_attention(q, _layer(cache, layer), slots, lengths, scale)
+
+    def prepare_decoder_stack(
+        self,
+        layers: Sequence[Any],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        scale: float,
+        layer_loop: Callable[..., torch.Tensor] | None = None,
+    ) -> PaddedDecodeStack | None:
+        """Pure decode steps through CUDA graphs of the model's own layer loop."""
+        if not self.decode_graphs or layer_loop is None:
+            return None
+        hidden = layers[0].qkv.in_features
+        return PaddedDecodeStack(layer_loop, hidden, cos.shape[0], self.device, capture=self.device.type == "cuda")
