@@ -4,7 +4,11 @@ pairs of a bandwidth reading and decode steps right after it, median of the pair
 its decoder linears (timed inside the real prefill, fused prologue/epilogue included) next to the INT8
 GEMM roof measured here (``torch._int_mm`` at M = the prefill length, on the same shapes).
 
-    python benchmarks/worker_bench.py [--shape 0.6b] [--out bench-results/worker.json]
+    python benchmarks/worker_bench.py [--shape 0.6b] [--device cpu|cuda] [--out bench-results/worker.json]
+
+With ``--device cuda`` the bandwidth is the GPU's (HBM), the roof is ``torch._int_mm`` on the GPU, decode
+also runs at batch 64, and the per-kernel breakdown is left out (GPU kernels run asynchronously: timing each
+call would need a synchronization that changes what is timed).
 
 A benchmark, not a test: it prints numbers and writes JSON; nothing is asserted.
 """
@@ -79,7 +83,8 @@ SHAPES = {
         max_position_embeddings=4096,
     ),
 }
-BANDWIDTH_BUFFER_BYTES = 512 * 1024**2  # far larger than L3, so this measures DRAM
+BANDWIDTH_BUFFER_BYTES = 512 * 1024**2  # far larger than L3 (and a GPU's L2), so this measures DRAM / HBM
+HOST = torch.device("cpu")
 KV_BUDGET_BYTES = 2 * 1024**3
 # Chunk of the sequential read that measures the disk (as the loader reads: into memory of its own).
 DISK_READ_CHUNK = 256 * 1024**2
@@ -160,19 +165,29 @@ class LoadReport:
 BLOCK = 16
 
 
-def measure_bandwidth(repeats: int = 9, copy: bool = True) -> dict[str, float]:
-    """Streaming read (sum) and copy bandwidth of DRAM, median of ``repeats``, in GB/s."""
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (GPU kernels run asynchronously; CPU ones have returned)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(repeats: int = 9, copy: bool = True, device: torch.device = HOST) -> dict[str, float]:
+    """Streaming read (sum) and copy bandwidth of the device's memory (DRAM, or a GPU's HBM), median of
+    ``repeats``, in GB/s."""
     n = BANDWIDTH_BUFFER_BYTES // 4
-    a = torch.ones(n, dtype=torch.float32)
+    a = torch.ones(n, dtype=torch.float32, device=device)
     b = torch.empty_like(a) if copy else None
     reads, copies = [], []
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         a.sum()
+        _sync(device)
         reads.append(BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t) / 1e9)
         if b is not None:
             t = time.perf_counter()
             b.copy_(a)
+            _sync(device)
             copies.append(2 * BANDWIDTH_BUFFER_BYTES / (time.perf_counter() - t) / 1e9)  # read + write
     return {"read_GBps": statistics.median(reads), **({"copy_GBps": statistics.median(copies)} if copies else {})}
 
@@ -188,7 +203,7 @@ def floor_ratio_pairs(runner: ModelRunner, weight_bytes: int, seq_base: int) -> 
     """Per pair: the read bandwidth, the batch-1 decode ms/step right after it, and their ratio to the floor."""
     pairs = []
     for i in range(FLOOR_PAIRS):
-        bw = measure_bandwidth(FLOOR_PAIR_BW_REPEATS, copy=False)["read_GBps"]
+        bw = measure_bandwidth(FLOOR_PAIR_BW_REPEATS, copy=False, device=runner.backend.device)["read_GBps"]
         ms = decode_ms(runner, 1, 128, FLOOR_PAIR_STEPS, seq_base + i)
         floor_ms = weight_bytes / (bw * 1e9) * 1000
         pairs.append({"read_GBps": bw, "decode_ms": ms, "floor_ms": floor_ms, "ratio": ms / floor_ms})
@@ -199,22 +214,26 @@ ROOF_REPEATS = 3
 
 
 def int8_gemm_roof(runner: ModelRunner, m: int) -> float:
-    """GOP/s of ``torch._int_mm`` (oneDNN VNNI) at M=m on the model's decoder linear shapes, best of repeats."""
+    """GOP/s of ``torch._int_mm`` (oneDNN VNNI; cuBLAS INT8 on a GPU) at M=m on the model's decoder linear shapes,
+    the weight column-major as the fast path wants it, best of repeats."""
+    device = runner.backend.device
     layer = runner.model.layers[0]
     shapes = [(op.out_features, op.in_features) for op in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     g = torch.Generator().manual_seed(0)
     mats = [
         (
-            torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g),
-            torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
+            torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g).to(device),
+            torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(device),
         )
         for n, k in shapes
     ]
     best = float("inf")
     for _ in range(ROOF_REPEATS):
+        _sync(device)
         t = time.perf_counter()
         for x, w in mats:
             torch._int_mm(x, w.t())
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return sum(2 * m * n * k for n, k in shapes) / best / 1e9
 
@@ -226,8 +245,9 @@ LAYER_LINEARS = ("qkv", "o", "gate_up", "down")
 class _Clock:
     """Wall time per part, counted only while ``on``."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device = HOST):
         self.on, self.seconds = False, {part: 0.0 for part in BREAKDOWN_PARTS}
+        self.device = device
 
     def wrap(self, fn, part: str):
         clock = self
@@ -237,9 +257,12 @@ class _Clock:
                 return getattr(fn, name)
 
             def __call__(self, *args, **kwargs):
+                if clock.on:
+                    _sync(clock.device)
                 t = time.perf_counter()
                 out = fn(*args, **kwargs)
                 if clock.on:
+                    _sync(clock.device)
                     clock.seconds[part] += time.perf_counter() - t
                 return out
 
@@ -308,7 +331,7 @@ def decode_breakdown(runner: ModelRunner, batch: int, context: int, steps: int, 
 
 def prefill_linear_gops(runner: ModelRunner, n: int, seq: int) -> float:
     """GOP/s of the decoder linears inside one n-token prefill (timed wrappers, removed after)."""
-    clock = _Clock()
+    clock = _Clock(runner.backend.device)
     originals = [{name: getattr(layer, name) for name in LAYER_LINEARS} for layer in runner.model.layers]
     for layer in runner.model.layers:
         for name in LAYER_LINEARS:
@@ -376,6 +399,7 @@ def prefill_tokens_per_s(runner: ModelRunner, n: int, seq: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--kv-cache-dtype", default="int8")
     ap.add_argument("--quantize-lm-head", action="store_true", help="run the lm_head in A8W8 too")
     ap.add_argument("--steps", type=int, default=16)
@@ -396,7 +420,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results/worker.json")
     args = ap.parse_args()
 
-    bw = measure_bandwidth()
+    device = torch.device(args.device)
+    bw = measure_bandwidth(device=device)
     with tempfile.TemporaryDirectory() as d:
         model_dir = args.model or d
         if args.model is None:
@@ -410,6 +435,7 @@ def main() -> None:
                     quantize_lm_head=args.quantize_lm_head,
                     kv_cache_memory_bytes=KV_BUDGET_BYTES,
                     max_model_len=4096,
+                    device=args.device,
                 )
             ),
         )
@@ -418,7 +444,8 @@ def main() -> None:
         weight_bytes = runner.weight_bytes
         decode_ms(runner, 1, 32, 4, 0)  # warm up the kernels at these shapes
         results = {}
-        for batch in (1, 16):
+        batches = (1, 16, 64) if device.type == "cuda" else (1, 16)
+        for batch in batches:
             ms = decode_ms(runner, batch, 128, args.steps, 1000 * batch)
             results[f"decode_batch{batch}_ms_per_step"] = ms
             results[f"decode_batch{batch}_tokens_per_s"] = batch * 1000 / ms
@@ -426,12 +453,17 @@ def main() -> None:
         results["prefill_tokens_per_s"] = prefill_tokens_per_s(runner, args.prefill_tokens, 99999)
         results["prefill_linear_GOPs"] = prefill_linear_gops(runner, args.prefill_tokens, 99998)
         results["int8_gemm_roof_GOPs"] = int8_gemm_roof(runner, args.prefill_tokens)
-        results["decode_breakdown_ms"] = {
-            str(batch): decode_breakdown(runner, batch, args.breakdown_context, args.steps, 2000 + 100 * batch)
-            for batch in (1, 16)
-        }
+        results["decode_breakdown_ms"] = (
+            {}
+            if device.type == "cuda"
+            else {
+                str(batch): decode_breakdown(runner, batch, args.breakdown_context, args.steps, 2000 + 100 * batch)
+                for batch in (1, 16)
+            }
+        )
         results["prefill_linear_share_of_roof"] = results["prefill_linear_GOPs"] / results["int8_gemm_roof_GOPs"]
         results["floor_pairs"] = floor_ratio_pairs(runner, weight_bytes, 5000)
+        runner_device, runner_backend = runner.backend.device_name, runner.backend.name
     floor_ms = weight_bytes / (bw["read_GBps"] * 1e9) * 1000
     report = {
         "shape": args.shape,
@@ -440,6 +472,8 @@ def main() -> None:
         "kv_cache_dtype": args.kv_cache_dtype,
         "quantize_lm_head": args.quantize_lm_head,
         "torch": torch.__version__,
+        "device": runner_device,
+        "backend": runner_backend,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "weight_bytes_per_step": weight_bytes,
@@ -459,7 +493,8 @@ def main() -> None:
         f"{args.shape}: {weight_bytes / 1e6:.0f} MB of linear weights (incl. lm_head) read per decode step; "
         f"floor at read bandwidth {floor_ms:.1f} ms/step"
     )
-    for batch in (1, 16):
+    print(f"device {runner_device}, kernels {runner_backend}")
+    for batch in batches:
         print(
             f"decode batch {batch:2d}: {results[f'decode_batch{batch}_ms_per_step']:.1f} ms/step, "
             f"{results[f'decode_batch{batch}_tokens_per_s']:.1f} tok/s, "

@@ -39,6 +39,7 @@ from npu.backends.cuda.decode_graphs import PaddedDecodeStack  # noqa: E402
 from npu.backends.cuda.linear import (  # noqa: E402
     DECODE_CONFIGS,
     FLOAT_CONFIG,
+    INTERPRETER_CONFIG,
     PREFILL_CONFIGS,
     PROLOGUE_BLOCK,
     SMALL_BATCH_CONFIGS,
@@ -53,7 +54,7 @@ from npu.model import DecodeGroup, ForwardBatch, SeqSpan, sdpa_decode_attention 
 from npu.runner import ModelRunner  # noqa: E402
 
 DEV = torch.device("cuda") if ON_GPU else torch.device("cpu")
-ALL_CONFIGS = DECODE_CONFIGS + SMALL_BATCH_CONFIGS + PREFILL_CONFIGS
+ALL_CONFIGS = DECODE_CONFIGS + SMALL_BATCH_CONFIGS + PREFILL_CONFIGS + (INTERPRETER_CONFIG,)
 # fp32 results of reordered sums (RMSNorm's mean, the attention dots): a few ulp of values of order 1-10
 FP32_ATOL = 1e-4
 # fp16 operands (prefill attention's dots): fp16's 11-bit mantissa on values of order 1
@@ -127,14 +128,15 @@ def test_int8_gemm_every_config_is_bit_exact(config, split_k):
             assert torch.equal(y.cpu(), int8_reference(q, s, weights, residual)), (m, weights.bias is None)
 
 
-def test_float_gemm_accumulates_in_fp32_and_refuses_a_split():
+@pytest.mark.parametrize("config", [FLOAT_CONFIG, INTERPRETER_CONFIG], ids=["float", "interpreter"])
+def test_float_gemm_accumulates_in_fp32_and_refuses_a_split(config):
     w = torch.randn(90, 130, generator=gen(6)).bfloat16()
     x = torch.randn(9, 130, generator=gen(7))
     res = torch.randn(9, 90, generator=gen(8))
-    y = gemm(x.to(DEV), w.to(DEV), residual=res.to(DEV), config=FLOAT_CONFIG)
+    y = gemm(x.to(DEV), w.to(DEV), residual=res.to(DEV), config=config)
     torch.testing.assert_close(y.cpu(), res + x @ w.float().t(), rtol=1e-5, atol=FP32_ATOL)
     with pytest.raises(ValueError, match="do not split"):
-        gemm(x.to(DEV), w.to(DEV), config=replace(FLOAT_CONFIG, split_k=2))
+        gemm(x.to(DEV), w.to(DEV), config=replace(config, split_k=2))
 
 
 # Qwen3 shapes (0.6B: hidden 1024, 14B: hidden 5120) at decode, small-batch and prefill row counts
@@ -146,6 +148,7 @@ def test_choose_config_picks_a_tested_config(m, n, k):
     assert tile in ALL_CONFIGS  # only configurations the tests above ran
     assert cfg.split_k == 1 or k // cfg.split_k >= 2 * cfg.block_k  # each split keeps whole K steps to do
     assert choose_config(m, n, k, False, 132) == FLOAT_CONFIG  # float: one config for every M
+    assert choose_config(m, n, k, True, 4, interpreted=True) == INTERPRETER_CONFIG
 
 
 def test_linear_op_matches_the_cpu_reference():
@@ -349,9 +352,9 @@ def test_a8w8_model_matches_the_cpu_backend_and_is_batch_invariant(model_factory
     spread = logits["cpu"].abs().max().item()
     assert (logits["cuda"] - logits["cpu"]).abs().max().item() < 0.05 * spread
     # each sequence decoded alone gives the tokens it gets decoded in a batch of three
-    together = _greedy(_runner(model_dir, "cuda"), prompts, 6)
-    for s, p in prompts.items():
-        assert _greedy(_runner(model_dir, "cuda"), {s: p}, 6)[s] == together[s], s
+    together = _greedy(_runner(model_dir, "cuda"), prompts, 5)
+    for s in (0, 2):  # the shortest and the longest prompt
+        assert _greedy(_runner(model_dir, "cuda"), {s: prompts[s]}, 5)[s] == together[s], s
 
 
 def test_padded_decode_stack_equals_the_layer_loop(model_factory):
@@ -404,3 +407,53 @@ def test_padded_decode_stack_equals_the_layer_loop(model_factory):
     for name, t in cache.tensors.items():  # only the three new slots changed
         changed = (t.cpu() != before[name].cpu()).flatten(2).any(-1).any(0)
         assert not changed[~written].any(), name
+
+
+# ---- the server on the backend --------------------------------------------------------------------------------
+INTERPRETER_ENV = {} if ON_GPU else {"TRITON_INTERPRET": "1"}
+
+
+def test_server_on_the_cuda_backend_answers_and_reports_its_device(serve_model):
+    """``serve --device cuda``: a real worker process on the Triton kernels (interpreted where no GPU is)
+    answers a chat completion through the openai client, and says where it runs in /version."""
+    import httpx
+    import openai
+    from servers import CliServer
+
+    server = CliServer(serve_model, "--device", "cuda", "--max-model-len", "256", env=INTERPRETER_ENV)
+    try:
+        version = httpx.get(f"{server.base}/version").json()
+        assert version["backend"] == ("cuda-triton" if ON_GPU else "cuda-triton-interpreter")
+        assert version["device"].startswith("cuda:0 (" if ON_GPU else "cpu (Triton interpreter")
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="none")
+        reply = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=4,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert reply.usage.completion_tokens == 4 and reply.choices[0].finish_reason == "length"
+        server.log.flush()
+        log = open(server.log.name).read()
+        assert f"device         {version['device']}" in log
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(ON_GPU, reason="needs a machine without a CUDA device")
+def test_device_cuda_without_a_gpu_is_a_clear_startup_error(serve_model, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(serve_model), "--device", "cuda", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "PyTorch sees no CUDA device" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr

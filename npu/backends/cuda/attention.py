@@ -40,27 +40,31 @@ def _qk_norm_rope_kernel(
     cos_ptr,
     sin_ptr,
     pos_ptr,
+    H,
     D,
     HAS_NORM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    t, h = tl.program_id(0), tl.program_id(1)
-    base = qk_ptr + t.to(tl.int64) * row_stride + h * head_stride
+    """One token's q and k heads ``[H, D]``: per-head RMSNorm, then RoPE at the token's position, in place."""
+    t = tl.program_id(0)
+    h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    inside = d < D
+    mask = (h < H)[:, None] & (d < D)[None, :]
     rolled = (d + D // 2) % D  # rotate_half(x) * sin == roll(x, D/2) * [-sin, sin] (see TorchOps.qk_norm_rope)
-    x = tl.load(base + d, mask=inside, other=0.0).to(tl.float32)
-    xr = tl.load(base + rolled, mask=inside, other=0.0).to(tl.float32)
+    base = qk_ptr + t.to(tl.int64) * row_stride + h[:, None] * head_stride
+    x = tl.load(base + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xr = tl.load(base + rolled[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
-        inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.sum(x * x, 0) / D + eps))
-        w = tl.load(norm_ptr + h * D + d, mask=inside, other=0.0)
-        wr = tl.load(norm_ptr + h * D + rolled, mask=inside, other=0.0)
+        inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.sum(x * x, 1) / D + eps))[:, None]
+        w = tl.load(norm_ptr + h[:, None] * D + d[None, :], mask=mask, other=0.0)
+        wr = tl.load(norm_ptr + h[:, None] * D + rolled[None, :], mask=mask, other=0.0)
         x = w * (x * inv_rms)
         xr = wr * (xr * inv_rms)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    c = tl.load(cos_ptr + pos * D + d, mask=inside, other=0.0)
-    s = tl.load(sin_ptr + pos * D + d, mask=inside, other=0.0)
-    tl.store(base + d, x * c + xr * s, mask=inside)
+    c = tl.load(cos_ptr + pos * D + d, mask=d < D, other=0.0)[None, :]
+    s = tl.load(sin_ptr + pos * D + d, mask=d < D, other=0.0)[None, :]
+    tl.store(base + d[None, :], x * c + xr * s, mask=mask)
 
 
 def qk_norm_rope(
@@ -69,20 +73,24 @@ def qk_norm_rope(
     """Per-head RMSNorm (``norm_weight`` ``[H, D]``, optional) then RoPE of fp32 ``qk`` ``[T, H, D]``, in place."""
     t, h, d = qk.shape
     if t:
-        _qk_norm_rope_kernel[(t, h)](
+        _qk_norm_rope_kernel[(t,)](
             qk, qk.stride(0), qk.stride(1), qk if norm_weight is None else norm_weight, eps,
-            cos, sin_signed, positions, d, HAS_NORM=norm_weight is not None, BLOCK_D=triton.next_power_of_2(d),
+            cos, sin_signed, positions, h, d, HAS_NORM=norm_weight is not None,
+            BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d),
         )  # fmt: skip
     return qk
 
 
 @triton.jit
-def _quantize_head(src, dst, dst_scale, d, inside):
-    x = tl.load(src + d, mask=inside, other=0.0).to(tl.float32)
-    scale = tl.math.div_rn(tl.max(tl.abs(x), 0), QMAX)
-    q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(x, tl.maximum(scale, DIVISOR_FLOOR))), -QMAX), QMAX)
-    tl.store(dst + d, q.to(tl.int8), mask=inside)
-    tl.store(dst_scale, scale)
+def _quantize_heads(src, dst, dst_scale, h, d, in_h, mask, D):
+    """Symmetric INT8 per head of ``[BLOCK_H, BLOCK_D]`` values at ``src``: codes to ``dst``, scales to
+    ``dst_scale`` (the Int8KV convention, as quantize_symmetric over head_dim)."""
+    x = tl.load(src + h[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.math.div_rn(tl.max(tl.abs(x), 1), QMAX)
+    divisor = tl.maximum(scale, DIVISOR_FLOOR)[:, None]
+    q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(x, divisor)), -QMAX), QMAX)
+    tl.store(dst + h[:, None] * D + d[None, :], q.to(tl.int8), mask=mask)
+    tl.store(dst_scale + h, scale, mask=in_h)
 
 
 @triton.jit
@@ -98,29 +106,33 @@ def _kv_write_int8_kernel(
     vs_ptr,
     HKV,
     D,
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    t, h = tl.program_id(0), tl.program_id(1)
+    t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
     if slot >= 0:  # a negative slot is a padding row (a captured CUDA graph's unused batch rows): no write
+        h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
-        inside = d < D
-        at = slot.to(tl.int64) * HKV + h
+        in_h = h < HKV
+        mask = in_h[:, None] & (d < D)[None, :]
+        at = slot.to(tl.int64) * HKV
         row = t.to(tl.int64)
-        _quantize_head(k_ptr + row * k_row_stride + h * D, kc_ptr + at * D, ks_ptr + at, d, inside)
-        _quantize_head(v_ptr + row * v_row_stride + h * D, vc_ptr + at * D, vs_ptr + at, d, inside)
+        _quantize_heads(k_ptr + row * k_row_stride, kc_ptr + at * D, ks_ptr + at, h, d, in_h, mask, D)
+        _quantize_heads(v_ptr + row * v_row_stride, vc_ptr + at * D, vs_ptr + at, h, d, in_h, mask, D)
 
 
 def write_kv_int8(
     layer_tensors: dict[str, torch.Tensor], slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> None:
-    """Quantize fp32 ``k``/``v`` ``[T, Hkv, D]`` per (token, head) and store them at ``slots`` of one layer."""
+    """Quantize fp32 ``k``/``v`` ``[T, Hkv, D]`` (heads contiguous) per (token, head) and store them at ``slots``
+    of one layer."""
     t, hkv, d = k.shape
     if t:
-        _kv_write_int8_kernel[(t, hkv)](
+        _kv_write_int8_kernel[(t,)](
             k, v, k.stride(0), v.stride(0), slots,
             layer_tensors["k"], layer_tensors["k_scale"], layer_tensors["v"], layer_tensors["v_scale"],
-            hkv, d, BLOCK_D=triton.next_power_of_2(d),
+            hkv, d, BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
         )  # fmt: skip
 
 

@@ -72,7 +72,8 @@ class CudaBackend(TorchOps):
         return attention.qk_norm_rope(qk, weight, 0.0 if norm is None else norm.eps, cos, sin_signed, positions)
 
     def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        if isinstance(cache.format, Int8KV) and k.stride(2) == 1 and v.stride(2) == 1:
+        heads_contiguous = (k.shape[2], 1)
+        if isinstance(cache.format, Int8KV) and k.stride()[1:] == heads_contiguous == v.stride()[1:]:
             attention.write_kv_int8(_layer(cache, layer), slots, k, v)
         else:
             cache.write(layer, slots, k, v)

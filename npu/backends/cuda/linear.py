@@ -282,6 +282,9 @@ PREFILL_CONFIGS = (  # M > 64: compute bound, square-ish tiles
 )
 # float weights: one configuration for every M, so the fp32 summation order never depends on the batch
 FLOAT_CONFIG = GemmConfig(16, 64, 64, num_warps=4, num_stages=3)
+# Under Triton's interpreter each program costs ~10 ms of Python whatever its size: one wide tile for every
+# shape (a 151936-row lm_head takes 0.9 s instead of 22 s with FLOAT_CONFIG's tiles).
+INTERPRETER_CONFIG = GemmConfig(16, 1024, 256, num_warps=4, num_stages=1)
 # Split K only while each split still covers this many BLOCK_K steps (fewer: the reduction costs more than
 # the extra programs gain).
 MIN_K_STEPS_PER_SPLIT = 2
@@ -290,9 +293,11 @@ PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 16
 
 
-def choose_config(m: int, n: int, k: int, int8: bool, num_sms: int) -> GemmConfig:
+def choose_config(m: int, n: int, k: int, int8: bool, num_sms: int, interpreted: bool = False) -> GemmConfig:
     """The configuration for an ``[m, k] x [n, k]^T`` GEMM: a fixed rule of the shape (no timing), so runs
     are reproducible and every choice is one the tests ran."""
+    if interpreted:
+        return INTERPRETER_CONFIG
     if not int8:
         return FLOAT_CONFIG
     if m > 64:
@@ -379,6 +384,7 @@ class TritonLinear:
         self.bias = None if weight.bias is None else weight.bias.float().contiguous().to(device)
         self.out_features, self.in_features = self.weight.shape
         self.num_sms = num_sms
+        self.interpreted = device.type == "cpu"  # the kernels run in Triton's interpreter
 
     def __call__(
         self,
@@ -390,7 +396,9 @@ class TritonLinear:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         a, a_scale = rows_prologue(x, self.in_features, norm, gated, self.int8)
-        config = choose_config(a.shape[0], self.out_features, self.in_features, self.int8, self.num_sms)
+        config = choose_config(
+            a.shape[0], self.out_features, self.in_features, self.int8, self.num_sms, self.interpreted
+        )
         return gemm(
             a,
             self.weight,
