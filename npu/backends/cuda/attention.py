@@ -226,8 +226,9 @@ def _decode_reduce_kernel(
     in_d = d < D
     length = tl.load(len_ptr + s)
     base = (s.to(tl.int64) * HQ + h) * NUM_SPLITS
-    m = float("-inf")
-    l_sum = 0.0
+    # the running max and sum kept as vectors (every lane equal): loop-carried values of one fixed type
+    m = tl.full((BLOCK_D,), float("-inf"), tl.float32)
+    l_sum = tl.zeros((BLOCK_D,), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for split in range(0, tl.cdiv(length, SPLIT_TOKENS)):
         m_s = tl.load(part_ml_ptr + (base + split) * 2)

@@ -353,13 +353,14 @@ def gemm(
         INT8=int8, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, SPLIT_K=config.split_k,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
+        enable_fp_fusion=False,  # no multiply-add contraction: the epilogue rounds as the eager reference does
     )  # fmt: skip
     if config.split_k > 1:
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n))
         _split_k_reduce_kernel[grid](
             partials, m, n, *epilogue_args,
             SPLIT_K=config.split_k, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, enable_fp_fusion=False,
         )  # fmt: skip
     return out
 
