@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the CUDA backend's Triton kernels run in Triton's interpreter (tests/test_cuda_kernels.py).
+# Triton reads the switch when it is first imported, and other modules (transformers) import it before the
+# kernels are: so it is set here, before any test module is imported.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from loaders.assets import qwen3_tokenizer_dir
 from loaders.writer import RandomModelSpec, write_random_qwen3
