@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from engine.core import EngineConfig, EngineCore
-from engine.request import Sequence, TokenLogprob
 from engine.sampling_params import InvalidRequest, SamplingParams
+from engine.sequence import Sequence, TokenLogprob
 from npu.client import WorkerDied, WorkerError
 
 log = logging.getLogger("a8w8.engine")

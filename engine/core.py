@@ -11,11 +11,10 @@ import msgspec
 
 from engine.block_manager import BlockManager
 from engine.chat_template import ChatTemplate
-from engine.detokenizer import IncrementalDetokenizer
-from engine.request import FinishReason, Sequence
+from engine.detokenizer import OutputText
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
-from engine.stop import StopStringMatcher
+from engine.sequence import FinishReason, Sequence
 from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token, tokenizer_json
 from loaders.config import GenerationDefaults, load_generation_defaults, load_model_config
@@ -177,9 +176,10 @@ class EngineCore:
                     seed=None if params.seed is None else params.seed + i,
                     max_tokens=max_tokens,
                     priority=priority,
-                    detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
-                    stop_matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
                     eos_token_ids=self.eos_token_ids,
+                    text=OutputText(
+                        self.tokenizer, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
+                    ),
                     grammar=params.structured.grammar.matcher(params.structured.start_after_token_id)
                     if params.structured
                     else None,
@@ -212,12 +212,37 @@ class EngineCore:
             return []
         self._attach_grammar_masks(req)
         result = self.worker.step(req)
-        updates = self.scheduler.update(step, result)
+        updates = self._add_text(self.scheduler.update(step, result))
         self.generation_tokens_total += len(result.tokens)
         if result.spec is not None:
             self._add_spec(result.spec)
         self.last_step_compute_seconds = result.compute_seconds
         return updates
+
+    def _add_text(self, updates: list[SequenceUpdate]) -> list[SequenceUpdate]:
+        """Postprocess: each token's text, and stop strings over it. A match finishes its sequence there; the
+        sequence's later tokens of the same step (verified drafts) are dropped."""
+        out = []
+        stopped: set[int] = set()
+        for u in updates:
+            seq = u.seq
+            if seq.seq_id in stopped:
+                continue
+            text = seq.text
+            if u.error is None and text is not None:
+                if u.text_hidden:  # EOS / stop token: its text is not output, text held back for stop strings is
+                    u.new_text = text.finish()
+                else:
+                    u.new_text, matched = text.add(u.new_token_ids[0], u.num_output_tokens >= seq.params.min_tokens)
+                    if matched is not None:
+                        self.scheduler.stop_at_string(seq, matched)
+                        seq.truncate_output(u.num_output_tokens)
+                        u.finished = True
+                        stopped.add(seq.seq_id)
+                    elif u.finished:
+                        u.new_text += text.finish()
+            out.append(u)
+        return out
 
     def _attach_grammar_masks(self, req: StepRequest) -> None:
         """Each sampling chunk of a constrained sequence carries its allowed-token bitmask."""

@@ -1,7 +1,12 @@
-"""Incremental detokenization: turn a growing list of token ids into text deltas."""
+"""A sequence's output text: incremental detokenization of its tokens, and stop strings over that text.
+
+Stop strings live here, with the text (as in vLLM), not in the scheduler: the scheduler's stop checks are
+token-level (EOS, stop token ids, lengths), so it never needs a tokenizer.
+"""
 
 from __future__ import annotations
 
+from engine.stop import StopStringMatcher
 from engine.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -47,3 +52,31 @@ class IncrementalDetokenizer:
             self.text = full
             return delta
         return ""
+
+
+class OutputText:
+    """Turns a sequence's sampled tokens into the text its client sees, ending it at a stop string."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        skip_special_tokens: bool = True,
+        stop: list[str] | None = None,
+        include_stop_str_in_output: bool = False,
+    ):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        self.stop_matcher = StopStringMatcher(stop or [], include_stop_str_in_output)
+
+    def add(self, token_id: int, match_stops: bool) -> tuple[str, str | None]:
+        """A token whose text is shown: (the text released, the stop string it completed or None). Before
+        ``min_tokens`` (``match_stops`` False) stop strings are not looked for."""
+        delta = self.detokenizer.add([token_id])
+        if not match_stops:
+            return delta, None
+        text, hit = self.stop_matcher.feed(delta)
+        return text, self.stop_matcher.matched if hit else None
+
+    def finish(self) -> str:
+        """At a finish other than a stop string: the text still held back (partial characters, and a tail that
+        could have begun a stop string)."""
+        return self.stop_matcher.feed(self.detokenizer.flush())[0] + self.stop_matcher.flush()

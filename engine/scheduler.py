@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
-from engine.request import FinishReason, Sequence, Status, TokenLogprob
+from engine.sequence import FinishReason, Sequence, Status, TokenLogprob
 from npu.messages import NewSequence, ScheduledChunk, StepRequest, StepResult
 
 
@@ -34,14 +34,18 @@ class SchedulerConfig:
 
 @dataclass
 class SequenceUpdate:
-    """What one step changed for one sequence."""
+    """What one step changed for one sequence: one sampled token (a verified draft gives several updates), or
+    the sequence's failure. ``new_text`` is filled in after the scheduler, with the stop strings
+    (:meth:`engine.core.EngineCore.step`)."""
 
     seq: Sequence
     new_token_ids: list[int]
-    new_text: str
     new_logprobs: list[TokenLogprob]
     finished: bool
     error: str | None = None  # the worker could not run this sequence (it is finished, its request failed)
+    new_text: str = ""
+    num_output_tokens: int = 0  # the sequence's output length counting this update's token
+    text_hidden: bool = False  # the token ended the sequence as EOS or a stop token id: its text is not shown
 
 
 @dataclass
@@ -208,8 +212,9 @@ class Scheduler:
 
     # ---- results ----------------------------------------------------------------------------
     def update(self, step: ScheduledStep, result: StepResult) -> list[SequenceUpdate]:
-        """Append sampled tokens, detokenize, apply stop conditions; finished sequences are released.
-        Sequences the worker could not run are finished with their error."""
+        """Append sampled tokens and apply the token-level stop conditions; finished sequences are released.
+        Sequences the worker could not run (``step`` says which of their tokens were not written) are finished
+        with their error."""
         now = time.monotonic()
         updates: list[SequenceUpdate] = [self._fail(step, f.seq_id, f.message) for f in result.failed]
         updates = [u for u in updates if u is not None]
@@ -230,8 +235,16 @@ class Scheduler:
             if seq.times.first_token is None:
                 seq.times.first_token = now
             seq.times.last_token = now
-            updates.append(self._apply_stops(seq, t.token_id, new_lp))
+            updates.append(self._check_stop(seq, t.token_id, new_lp))
         return updates
+
+    def stop_at_string(self, seq: Sequence, matched: str) -> None:
+        """A stop string completed in the text of ``seq``'s latest token (found after :meth:`update`): finish
+        it, or, where that token also reached a length limit, record that it stopped at the string."""
+        if seq.finished:
+            seq.finish_reason, seq.stop_reason = FinishReason.STOP, matched
+        else:
+            self.finish(seq, FinishReason.STOP, matched)
 
     def _fail(self, step: ScheduledStep, seq_id: int, message: str) -> SequenceUpdate | None:
         self._worker_known.discard(seq_id)  # the worker has already forgotten it: no release to send
@@ -242,31 +255,23 @@ class Scheduler:
         written = seq.num_computed_tokens - sum(n for s, n in step.scheduled if s is seq)
         self.bm.forget_unwritten(seq.seq_id, written)
         self.finish(seq, FinishReason.ABORT)
-        return SequenceUpdate(seq, [], "", [], finished=True, error=message)
+        return SequenceUpdate(seq, [], [], finished=True, error=message)
 
-    def _apply_stops(self, seq: Sequence, token: int, new_lp: list[TokenLogprob]) -> SequenceUpdate:
+    def _check_stop(self, seq: Sequence, token: int, new_lp: list[TokenLogprob]) -> SequenceUpdate:
+        """Token-level stops (vLLM's check_stop): EOS and stop token ids once min_tokens are out, then
+        max_tokens and max_model_len. Stop strings are matched in the text, after this."""
         p = seq.params
         n_out = len(seq.output_token_ids)
         reason: FinishReason | None = None
-        stop_reason: str | int | None = None
-        text = ""
+        stop_reason: int | None = None
         past_min = n_out >= p.min_tokens
         if past_min and not p.ignore_eos and token in seq.eos_token_ids:
             reason = FinishReason.STOP
         elif past_min and token in seq.stop_token_set:
             reason, stop_reason = FinishReason.STOP, token
-        if reason is None:
-            delta = seq.detokenizer.add([token])
-            text, hit = seq.stop_matcher.feed(delta) if past_min else (delta, False)
-            if hit:
-                reason, stop_reason = FinishReason.STOP, seq.stop_matcher.matched
-            elif n_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
-                reason = FinishReason.LENGTH
-            if reason is FinishReason.LENGTH:
-                text += seq.stop_matcher.feed(seq.detokenizer.flush())[0] + seq.stop_matcher.flush()
-        else:
-            # eos / stop token: its text is not output, but text held back for stop strings is.
-            text = seq.stop_matcher.feed(seq.detokenizer.flush())[0] + seq.stop_matcher.flush()
+        hidden = reason is not None
+        if reason is None and (n_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len):
+            reason = FinishReason.LENGTH
         if reason is not None:
             self.finish(seq, reason, stop_reason)
-        return SequenceUpdate(seq, [token], text, new_lp, reason is not None)
+        return SequenceUpdate(seq, [token], new_lp, reason is not None, num_output_tokens=n_out, text_hidden=hidden)

@@ -1,4 +1,4 @@
-"""A sequence being served: its tokens, progress, stop state and timestamps."""
+"""A sequence being served: its tokens, progress, output text, finish state and timestamps."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import OutputText
 from engine.sampling_params import SamplingParams
-from engine.stop import StopStringMatcher
 from engine.structured_output import GrammarMatcher
 from npu.messages import SamplingOptions
 
@@ -55,9 +54,8 @@ class Sequence:
     seed: int | None
     max_tokens: int
     priority: int
-    detokenizer: IncrementalDetokenizer
-    stop_matcher: StopStringMatcher
     eos_token_ids: tuple[int, ...]
+    text: OutputText | None = None  # None: token ids only (the scheduler's tests), no text is produced
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -75,6 +73,13 @@ class Sequence:
         self.output_token_ids.append(token_id)
         if self.grammar is not None:
             self.grammar.accept(token_id)
+
+    def truncate_output(self, num_tokens: int) -> None:
+        """Forget the output past its first ``num_tokens`` tokens (verified drafts after a stop string of the
+        same step). Constrained sequences get no drafts, so no grammar state is rolled back."""
+        del self.output_token_ids[num_tokens:]
+        del self.logprobs[num_tokens:]
+        del self.times.token_times[num_tokens:]
 
     @property
     def allows_drafts(self) -> bool:

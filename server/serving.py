@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import AsyncEngine, RequestOutput, RequestStream
-from engine.request import TokenLogprob
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams, StructuredOutput
+from engine.sequence import TokenLogprob
 from engine.structured_output import GrammarError
 from server.constraints import OutputConstraint, answer_constraint, chat_constraint, tool_use
 from server.errors import APIError, error_body, to_api_error

@@ -13,16 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.block_manager import BlockManager
-from engine.detokenizer import IncrementalDetokenizer
-from engine.request import FinishReason, Sequence
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
-from engine.stop import StopStringMatcher
-from engine.tokenizer import HFTokenizer
-from loaders.assets import qwen3_tokenizer_dir
+from engine.sequence import FinishReason, Sequence
 from npu.messages import SampledToken, SequenceFailure, StepRequest, StepResult
 
-TOK = HFTokenizer(qwen3_tokenizer_dir())
 EOS = (151645,)
 
 
@@ -80,8 +75,6 @@ class Harness:
             None,
             max_tokens,
             priority,
-            IncrementalDetokenizer(TOK),
-            StopStringMatcher(p.stop),
             EOS,
         )
         self.sched.add(seq)

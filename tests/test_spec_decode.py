@@ -125,3 +125,25 @@ def test_no_drafts_at_or_above_disable_by_batch_size(serve_model):
     assert totals.num_drafts == 0  # three running: never drafted
     _, totals = _generate(serve_model, prompts[:2], params, capped)
     assert totals.num_drafts > 0
+
+
+def test_a_stop_string_with_speculation_ends_the_output_where_plain_decoding_does(serve_model):
+    """Drafts are accepted several tokens a step here, so the stop string is usually completed by a token inside
+    a verified draft: the text, the tokens and the finish are those of plain decoding (the draft's later
+    tokens of that step are dropped)."""
+    prompt = [[11, 12, 13, 14, 15] * 12]
+    spec_cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=5, prompt_lookup_max=4, prompt_lookup_min=2)
+    with LLM(str(serve_model), kv_cache_memory_bytes=16 << 20, max_model_len=256) as llm:
+        full = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0].outputs[0]
+    stop = full.text[len(full.text) // 2 :][:4]
+    assert stop.strip() and full.text.index(stop) > 0, full.text
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    outs = []
+    for spec in (None, spec_cfg):
+        with LLM(str(serve_model), kv_cache_memory_bytes=16 << 20, max_model_len=256, speculative=spec) as llm:
+            o = llm.generate(prompt, params)[0].outputs[0]
+            outs.append((o.text, o.token_ids, o.finish_reason))
+            if spec is not None:
+                assert llm.core.spec_totals.num_accepted_tokens > 0
+    assert outs[0] == outs[1]
+    assert outs[0][0] == full.text[: full.text.index(stop)] and outs[0][2] == "stop"
