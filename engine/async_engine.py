@@ -186,7 +186,7 @@ class AsyncEngine:
                 self.state, self.state_detail = state, detail
 
     @property
-    def max_model_len(self) -> int:
+    def max_model_len(self) -> int | None:
         return self.core.max_model_len
 
     @property

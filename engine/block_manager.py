@@ -56,6 +56,14 @@ class BlockManager:
         have = len(self.tables.get(seq_id, ()))
         return max(0, -(-num_tokens // self.block_size) - have)
 
+    def can_admit(self, cached: list[int], num_tokens: int) -> bool:
+        """Whether a new sequence can get blocks for its first ``num_tokens`` tokens, starting from the cached
+        blocks ``cached`` (:meth:`find_cached_prefix`): the blocks beyond those must be free, and so must the
+        cached ones that sit in the free queue themselves (adopting them takes them out of it)."""
+        cached_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        need = -(-num_tokens // self.block_size) - len(cached)
+        return need + cached_free <= len(self._free)
+
     # ---- prefix cache ----------------------------------------------------------------------
     def find_cached_prefix(self, token_ids: list[int]) -> list[int]:
         """Block ids caching the longest run of leading full blocks, leaving at least one token to compute."""

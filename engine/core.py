@@ -83,8 +83,8 @@ class EngineCore:
         self.worker_config = worker_cfg
         self.worker: WorkerClient | None = None
         self.worker_info: Ready | None = None
-        self.scheduler: Scheduler | None = None
-        self.max_model_len = 0  # known once the first worker has started
+        self._scheduler: Scheduler | None = None  # built by start() from the worker's report, again at each restart
+        self.max_model_len: int | None = None  # known once the first worker has started
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -96,7 +96,8 @@ class EngineCore:
         scheduler from its report and queue ``carried`` (sequences that never reached a worker)."""
         self.worker = WorkerClient(self.worker_config)
         info = self.worker.wait_ready()
-        max_len = min(info.max_model_len, self.config.scheduler.max_model_len or info.max_model_len)
+        asked = self.config.scheduler.max_model_len
+        max_len = info.max_model_len if asked is None else min(info.max_model_len, asked)
         spec = self.worker_config.speculative
         sched_cfg = dataclasses.replace(
             self.config.scheduler,
@@ -108,14 +109,22 @@ class EngineCore:
         scheduler = Scheduler(sched_cfg, bm)
         for seq in carried:
             scheduler.add(seq)
-        self.worker_info, self.max_model_len, self.scheduler = info, max_len, scheduler
+        self.worker_info, self.max_model_len, self._scheduler = info, max_len, scheduler
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The current worker's scheduler. There is none before the first :meth:`start`: its block count and
+        max_model_len come from what the worker reports once it has loaded the model."""
+        if self._scheduler is None:
+            raise RuntimeError("EngineCore.start() has not run yet: no worker, so no scheduler")
+        return self._scheduler
 
     def take_unstarted(self) -> tuple[list[Sequence], list[Sequence]]:
         """After the worker is lost: (sequences that never reached it, which can run on the next one; every
         other unfinished sequence, whose computed state is gone). The scheduler is emptied."""
-        sched = self.scheduler
-        if sched is None:
+        if self._scheduler is None:
             return [], []
+        sched = self._scheduler
         keep, lost = [], []
         for seq in sched.waiting + sched.running:
             (lost if seq.admitted_once else keep).append(seq)
@@ -192,20 +201,18 @@ class EngineCore:
         return seqs
 
     def add(self, seqs: list[Sequence]) -> None:
-        assert self.scheduler is not None
         for seq in seqs:
             self.scheduler.add(seq)
         self.prompt_tokens_total += len(seqs[0].prompt_token_ids) if seqs else 0
 
     def abort(self, seqs: list[Sequence]) -> None:
-        assert self.scheduler is not None
         for seq in seqs:
             if not seq.finished and seq.seq_id in self.scheduler.seqs:
                 self.scheduler.finish(seq, FinishReason.ABORT)
 
     def step(self) -> list[SequenceUpdate]:
         """One schedule -> run -> postprocess cycle."""
-        assert self.scheduler is not None and self.worker is not None
+        assert self.worker is not None  # (start() made it, with the scheduler)
         step = self.scheduler.schedule()
         req = step.request
         if not req.chunks and not req.finished_seq_ids and not req.new_seqs:

@@ -24,7 +24,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     # Prompt chunks longer than this are split (0: only the token budget limits a chunk).
     long_prefill_token_threshold: int = 512
-    max_model_len: int = 0  # 0: the worker's (the model's, or --max-model-len)
+    max_model_len: int | None = None  # None: the worker's (the model's, or --max-model-len)
     enable_prefix_caching: bool = True
     # Speculative decoding: KV slots reserved after a running sequence's sampling chunk, for the worker to
     # draft into (its num_speculative_tokens; 0: off). They count against the token budget.
@@ -58,9 +58,23 @@ class ScheduledStep:
         return sum(n for _, n in self.scheduled)
 
 
+@dataclass
+class _StepBuilder:
+    """The step :meth:`Scheduler.schedule` is building: what is left of its token budget, and its parts."""
+
+    budget: int
+    now: float
+    new_seqs: list[NewSequence] = field(default_factory=list)
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        if config.max_model_len is None:
+            raise ValueError("the scheduler needs max_model_len (EngineCore sets it from the worker's report)")
         self.config = config
+        self.max_model_len: int = config.max_model_len
         self.bm = block_manager
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -125,42 +139,27 @@ class Scheduler:
         if self.config.lookahead_max_running is not None and len(self.running) >= self.config.lookahead_max_running:
             return 0
         left = seq.max_tokens - len(seq.output_token_ids) - 1
-        return max(0, min(self.config.num_lookahead_tokens, self.config.max_model_len - end, left, budget))
+        return max(0, min(self.config.num_lookahead_tokens, self.max_model_len - end, left, budget))
 
     def schedule(self) -> ScheduledStep:
-        budget = self.config.max_num_batched_tokens
+        """One step: running sequences first, then waiting ones admitted into what is left of the budget."""
         self._step_id += 1
-        new_seqs: list[NewSequence] = []
-        chunks: list[ScheduledChunk] = []
-        scheduled: list[tuple[Sequence, int]] = []
-        now = time.monotonic()
+        step = _StepBuilder(self.config.max_num_batched_tokens, time.monotonic())
+        self._schedule_running(step)
+        self._admit_waiting(step)
+        for seq, n in step.scheduled:
+            seq.num_computed_tokens += n
+        request = StepRequest(self._step_id, self._to_release, step.new_seqs, step.chunks)
+        self._to_release = []
+        return ScheduledStep(request, step.scheduled)
 
-        def emit(seq: Sequence, n: int, new_blocks: list[int], max_draft: int = 0) -> None:
-            if seq.seq_id not in self._worker_known:
-                # The worker learns the whole table, prefix-cache blocks included.
-                new_blocks = list(self.bm.tables[seq.seq_id])
-                self._worker_known.add(seq.seq_id)
-                new_seqs.append(
-                    NewSequence(
-                        seq_id=seq.seq_id,
-                        token_ids=seq.all_token_ids,
-                        num_prompt_tokens=len(seq.prompt_token_ids),
-                        num_cached_tokens=seq.num_computed_tokens,
-                        sampling=seq.worker_options,
-                    )
-                )
-            end = seq.num_computed_tokens + n
-            chunks.append(ScheduledChunk(seq.seq_id, n, new_blocks, sample=end == seq.num_tokens, max_draft=max_draft))
-            self.bm.cache_full_blocks(seq.seq_id, seq.all_token_ids, end)
-            scheduled.append((seq, n))
-            if seq.times.first_scheduled is None:
-                seq.times.first_scheduled = now
-
-        # 1. running sequences, best first; preempt from the back when blocks run out.
+    def _schedule_running(self, step: _StepBuilder) -> None:
+        """Running sequences, best first, each its next chunk (a decode: one token); when blocks run out the
+        worst running sequence is preempted, down to the one being scheduled."""
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and step.budget > 0:
             seq = self.running[i]
-            n = self._chunk_len(seq, seq.num_computed_tokens, budget)
+            n = self._chunk_len(seq, seq.num_computed_tokens, step.budget)
             new_blocks = self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n)
             while new_blocks is None:
                 victim = self.running[-1]
@@ -170,26 +169,23 @@ class Scheduler:
                 new_blocks = self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n)
             if new_blocks is None:
                 break  # seq itself was preempted: it was the last one
-            draft = self._lookahead(seq, n, budget - n)
+            draft = self._lookahead(seq, n, step.budget - n)
             if draft:  # room to draft into, where free blocks allow (never preempting for a guess)
                 more = self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n + draft)
                 draft = draft if more is not None else 0
                 new_blocks += more or []
-            emit(seq, n, new_blocks, draft)
-            budget -= n + draft
+            self._emit(step, seq, n, new_blocks, draft)
             i += 1
 
-        # 2. waiting sequences, while budget, sequence cap and blocks allow (never preempting for them).
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _admit_waiting(self, step: _StepBuilder) -> None:
+        """Waiting sequences, best first, while the budget, the sequence cap and free blocks allow (never
+        preempting for them); a prefix-cache hit starts a sequence's computed tokens past its cached blocks."""
+        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached = self.bm.find_cached_prefix(seq.all_token_ids)
             computed = len(cached) * self.bm.block_size
-            n = self._chunk_len(seq, computed, budget)
-            # Blocks needed beyond the cached ones must be free, counting cached blocks that are
-            # themselves in the free queue (adopting them takes them out of it).
-            cached_free = sum(1 for b in cached if self.bm.blocks[b].ref_count == 0)
-            need = -(-(computed + n) // self.bm.block_size) - len(cached)
-            if need + cached_free > self.bm.num_free_blocks:
+            n = self._chunk_len(seq, computed, step.budget)
+            if not self.bm.can_admit(cached, computed + n):
                 break
             self.waiting.pop(0)
             self.bm.adopt_cached(seq.seq_id, cached, seq.num_tokens)
@@ -201,14 +197,30 @@ class Scheduler:
             assert new_blocks is not None
             seq.status = Status.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)
-            emit(seq, n, new_blocks)
-            budget -= n
+            self._emit(step, seq, n, new_blocks)
 
-        for seq, n in scheduled:
-            seq.num_computed_tokens += n
-        request = StepRequest(self._step_id, self._to_release, new_seqs, chunks)
-        self._to_release = []
-        return ScheduledStep(request, scheduled)
+    def _emit(self, step: _StepBuilder, seq: Sequence, n: int, new_blocks: list[int], max_draft: int = 0) -> None:
+        """Add ``n`` tokens of ``seq`` (and ``max_draft`` drafted ones) to the step being built."""
+        if seq.seq_id not in self._worker_known:
+            # The worker learns the whole table, prefix-cache blocks included.
+            new_blocks = list(self.bm.tables[seq.seq_id])
+            self._worker_known.add(seq.seq_id)
+            step.new_seqs.append(
+                NewSequence(
+                    seq_id=seq.seq_id,
+                    token_ids=seq.all_token_ids,
+                    num_prompt_tokens=len(seq.prompt_token_ids),
+                    num_cached_tokens=seq.num_computed_tokens,
+                    sampling=seq.worker_options,
+                )
+            )
+        end = seq.num_computed_tokens + n
+        step.chunks.append(ScheduledChunk(seq.seq_id, n, new_blocks, sample=end == seq.num_tokens, max_draft=max_draft))
+        self.bm.cache_full_blocks(seq.seq_id, seq.all_token_ids, end)
+        step.scheduled.append((seq, n))
+        step.budget -= n + max_draft
+        if seq.times.first_scheduled is None:
+            seq.times.first_scheduled = step.now
 
     # ---- results ----------------------------------------------------------------------------
     def update(self, step: ScheduledStep, result: StepResult) -> list[SequenceUpdate]:
@@ -270,7 +282,7 @@ class Scheduler:
         elif past_min and token in seq.stop_token_set:
             reason, stop_reason = FinishReason.STOP, token
         hidden = reason is not None
-        if reason is None and (n_out >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len):
+        if reason is None and (n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = FinishReason.LENGTH
         if reason is not None:
             self.finish(seq, reason, stop_reason)

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from loaders.weights import ModelWeights
+from loaders.config import ModelConfig
+from loaders.weights import LayerWeights, ModelWeights
 from npu.backends.base import Backend, RMSNorm
-from npu.kv_cache import PagedKVCache
+from npu.kv_cache import KVRead, PagedKVCache
 from npu.rope import rope_tables
 
 
@@ -100,16 +101,17 @@ class ForwardBatch:
             decode=None if self.decode is None else self.decode.to(device),
         )
 
-    def group_decodes(self, min_group: int) -> None:
-        """Attend decode tokens of at least ``min_group`` sequences together instead of one by one."""
+    def group_decodes(self) -> None:
+        """Attend the step's single-token (decode) queries in one batched call instead of one by one (the
+        backend's paged decode kernel, else one padded SDPA call)."""
         decodes = [sp for sp in self.seqs if sp.q_len == 1]
-        if len(decodes) >= min_group:
+        if decodes:
             self.decode = DecodeGroup.build(decodes, self.token_ids.numel())
             self.seqs = [sp for sp in self.seqs if sp.q_len != 1]
 
 
 class _Layer:
-    def __init__(self, weights, cfg, backend: Backend, dtype: torch.dtype):
+    def __init__(self, weights: LayerWeights, cfg: ModelConfig, backend: Backend, dtype: torch.dtype):
         lin = weights.linears
         # FloatLinear and Int8Linear both concatenate along the output dimension exactly.
         concat = type(lin["self_attn.q_proj"]).concat
@@ -179,7 +181,7 @@ class DecoderModel:
             layer_loop=lambda x, batch, cache: self._layer_loop(x, batch, cache, None),
         )
 
-    def _attention(self, q: torch.Tensor, kv, span: SeqSpan) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, kv: KVRead, span: SeqSpan) -> torch.Tensor:
         """Causal GQA attention of one sequence's query rows over its context (fused SDPA kernel)."""
         cfg = self.cfg
         q_len, ctx = span.q_len, span.context_slots.numel()

@@ -30,11 +30,6 @@ from npu.spec_decode import NgramProposer
 log = logging.getLogger("a8w8.worker")
 
 
-# From this many single-token sequences in a step on, their attention runs as one batched call
-# (the backend's fused paged kernel where it has one, else a padded, masked SDPA).
-DECODE_GROUP_MIN = 1
-
-
 @dataclass
 class WorkerSequence:
     token_ids: list[int]
@@ -278,7 +273,7 @@ class ModelRunner:
             seqs=spans,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long),
         )
-        batch.group_decodes(DECODE_GROUP_MIN)
+        batch.group_decodes()
         try:
             logits = self.model.forward(batch, self.cache)
         except Exception as e:  # noqa: BLE001 - the batch's sequences are the only ones it can be blamed on

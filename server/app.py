@@ -205,7 +205,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
             "owned_by": "a8w8-serve",
             "root": c.served_model_names[0],
             "parent": None,
-            "max_model_len": c.engine.max_model_len or None,
+            "max_model_len": c.engine.max_model_len,
         }
 
     @app.get("/v1/models", responses=_error_responses((401,)))
@@ -247,7 +247,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
                 )
             else:
                 tokens = await asyncio.to_thread(c.engine.core.encode_prompt, req.prompt)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": c.engine.max_model_len or None}
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": c.engine.max_model_len}
 
     @app.post("/detokenize", responses=_error_responses(LOCAL_ERROR_STATUSES))
     async def detokenize(req: DetokenizeRequest) -> dict:

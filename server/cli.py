@@ -242,7 +242,7 @@ def engine_config(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
-        max_model_len=args.max_model_len or 0,
+        max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
     )
     return EngineConfig(

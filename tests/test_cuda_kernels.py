@@ -386,7 +386,7 @@ def test_padded_decode_stack_equals_the_layer_loop(model_factory):
             seqs=list(spans),
             logits_rows=torch.arange(3),
         )
-        b.group_decodes(1)
+        b.group_decodes()
         return b.to(model.device)
 
     before = {name: t.clone() for name, t in cache.tensors.items()}

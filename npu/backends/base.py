@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from loaders.quantization import LinearWeight
+from npu.kv_cache import PagedKVCache
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,12 @@ class Backend(Protocol):
         """Per-head RMSNorm (optional) then RoPE of ``qk`` ``[T, H, D]``; may work in place."""
         ...
 
-    def write_kv(self, cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` ``[T, Hkv, D]`` at ``slots`` of layer ``layer`` of the paged cache."""
         ...
 
     def prefill_attention(
-        self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, scale: float
+        self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
         """Optional fused kernel: causal attention of one sequence's chunk of queries ``q`` ``[n, Hq, D]`` (the
         last ``n`` of its ``len(slots)`` positions) over its context ``slots`` of layer ``layer``; returns
@@ -152,7 +153,7 @@ class Backend(Protocol):
         ...
 
     def decode_attention(
-        self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
+        self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
         """Optional fused kernel: attention of one query token per sequence (``q`` ``[S, Hq, D]``) over the
         padded slot lists ``slots`` ``[S, L]`` (``lengths`` ``[S]`` int32) of layer ``layer``. Return None
@@ -181,7 +182,7 @@ class TorchOps:
         # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin]: one roll instead of slice/neg/cat
         return qk * c + qk.roll(qk.shape[-1] // 2, dims=-1) * s
 
-    def write_kv(self, cache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         cache.write(layer, slots, k, v)
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
@@ -201,11 +202,11 @@ class TorchOps:
         return None
 
     def prefill_attention(
-        self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, scale: float
+        self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
         return None
 
     def decode_attention(
-        self, q: torch.Tensor, cache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
+        self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
         return None

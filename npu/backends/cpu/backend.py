@@ -1,19 +1,16 @@
 """CPU kernels.
 
-INT8 path choice, measured with ``benchmarks/kernels.py`` (2-core Zen 4, [3072 x 1024] weights cycled
-through 96 MiB so that they come from DRAM): ``torch._int_mm`` (oneDNN s8s8->s32 with AVX-512 VNNI,
-weight stored ``[N, K]`` and passed as ``.t()``, needs ``torch.backends.mkldnn`` enabled) is bit-exact
-in INT32, supports our symmetric per-token activation scales, and is the fastest GEMM at large M
-(837 GOP/s at M=2048). fbgemm's ``quantized.linear_dynamic`` is faster at M=1..16 (21 vs 18 GB/s at
-M=1) but quantizes activations per tensor, asymmetric uint8 (different math, and a deprecated API);
-oneDNN ``qlinear_pointwise`` likewise takes per-tensor uint8 activations. So ``_int_mm`` it is; the
-quantize and epilogue around it cost as much again at M=1.
+The INT8 path: ``torch._int_mm`` (oneDNN s8s8->s32 with AVX-512 VNNI, weight stored ``[N, K]`` and passed as
+``.t()``, needs ``torch.backends.mkldnn`` enabled) is bit-exact in INT32, takes our symmetric per-token
+activation scales, and is the fastest GEMM at large M. fbgemm's ``quantized.linear_dynamic`` and oneDNN's
+``qlinear_pointwise`` are faster at small M but quantize activations per tensor, asymmetric uint8: different
+math. So ``_int_mm`` is the portable path, with quantize and epilogue as separate ops around it, which cost
+as much again at decode sizes.
 
-Hence a second INT8 kernel, ``a8w8_vnni.c`` (see ``vnni.py``): per-token quantization, a VNNI GEMM over
-prepacked weights and the epilogue in one call, bit-identical to the ``_int_mm`` path. ``kernels.py``,
-same weights, against quantize + ``_int_mm`` + epilogue: M=1 112 vs 195 us (28 vs 16 GB/s), M=16 215 vs
-383 us, M=2048 767 vs 301 GOP/s (``_int_mm`` alone: 833). It is the default where the CPU has AVX-512
-VNNI and gcc is present (``int8_kernel="auto"``).
+Hence our own kernel, ``a8w8_vnni.c`` (see ``vnni.py``): per-token quantization, a VNNI GEMM over prepacked
+weights and the epilogue in one call, bit-identical to the ``_int_mm`` path; the default where the CPU has
+AVX-512 VNNI and gcc is present (``int8_kernel="auto"``). The two are measured side by side, decode and prefill
+shapes, by ``python benchmarks/kernels.py`` (figures in the README's Performance section).
 """
 
 from __future__ import annotations
@@ -33,6 +30,17 @@ from npu.host_memory import HugePageArena
 from npu.kv_cache import Int8KV, PagedKVCache
 
 log = logging.getLogger("a8w8.kernels")
+_reported_fallbacks: set[str] = set()
+
+
+def _kernel_failed(kernel: str, status: int) -> None:
+    """A C kernel refused its call (non-zero status) and the eager path runs instead: said once per kernel,
+    since it costs speed on every later call."""
+    if kernel not in _reported_fallbacks:
+        _reported_fallbacks.add(kernel)
+        log.warning(
+            "C kernel %s returned %d: the call (and any later one it refuses) runs through PyTorch", kernel, status
+        )
 
 
 class Int8GemmLinear(UnfusedLinear):
@@ -170,7 +178,10 @@ class CpuBackend(TorchOps):
             sin_signed.data_ptr(),
             positions.data_ptr(),
         )
-        return qk if status == 0 else super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
+        if status == 0:
+            return qk
+        _kernel_failed("qk_norm_rope", status)
+        return super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
 
     def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """INT8 caches through our C kernel (quantize + scatter in one pass); other dtypes as the cache does."""
@@ -203,6 +214,7 @@ class CpuBackend(TorchOps):
             )
             if status == 0:
                 return
+            _kernel_failed("kv_write_int8", status)
         cache.write(layer, slots, k, v)
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
@@ -244,6 +256,8 @@ class CpuBackend(TorchOps):
             scale,
             out.data_ptr(),
         )
+        if status != 0:
+            _kernel_failed("paged_attention_prefill_int8", status)
         return out if status == 0 else None
 
     def decode_attention(
@@ -279,4 +293,6 @@ class CpuBackend(TorchOps):
             scale,
             out.data_ptr(),
         )
+        if status != 0:
+            _kernel_failed("paged_attention_decode_int8", status)
         return out if status == 0 else None
