@@ -17,7 +17,7 @@ from engine.structured_output import (
     regex_grammar,
 )
 from server.errors import APIError
-from server.schemas import ChatCompletionRequest, NamedToolChoice, _SamplingFields
+from server.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
 from server.tool_calls import tool_call_grammar
 
 # Whitespace allowed before a constrained answer that follows "</think>" (models write a blank line there).
@@ -41,7 +41,7 @@ class ToolUse:
     parallel: bool
 
 
-def answer_schema(req: _SamplingFields) -> tuple[dict[str, Any], str] | None:
+def answer_schema(req: SamplingFields) -> tuple[dict[str, Any], str] | None:
     """The JSON schema the answer must satisfy, and the field that asked for it; None for free text."""
     rf = req.response_format
     if rf is not None and rf.type == "json_object":
@@ -61,7 +61,7 @@ def answer_schema(req: _SamplingFields) -> tuple[dict[str, Any], str] | None:
     return None
 
 
-def _count_constraints(req: _SamplingFields) -> None:
+def _count_constraints(req: SamplingFields) -> None:
     given = [
         name
         for name, value in (
@@ -88,7 +88,7 @@ def _json_grammar(schema: dict[str, Any], param: str, after_think: bool) -> Gram
         raise APIError(400, f"{param}: {e}", param) from None
 
 
-def answer_constraint(req: _SamplingFields, after_think: bool = False) -> OutputConstraint | None:
+def answer_constraint(req: SamplingFields, after_think: bool = False) -> OutputConstraint | None:
     """The constraint of ``response_format`` / ``guided_json`` / ``guided_regex`` / ``guided_choice``."""
     _count_constraints(req)
     schema = answer_schema(req)

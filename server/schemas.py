@@ -67,7 +67,7 @@ class ResponseFormat(_Request):
     json_schema: JsonSchemaFormat | None = None
 
 
-class _SamplingFields(_Request):
+class SamplingFields(_Request):
     """Fields shared by chat and completions. ``None`` means: use the model's default."""
 
     model: str | None = None
@@ -99,7 +99,7 @@ class _SamplingFields(_Request):
     guided_choice: list[str] | None = Field(default=None, min_length=1)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
@@ -112,7 +112,7 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool = True
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: str | list[Int64] | list[str] | list[list[Int64]]
     logprobs: Int64 | None = None
     echo: bool = False

@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from server.errors import APIError, error_body, to_api_error
 from server.guard import USAGE_STATE_KEY
 from server.metrics import ServerMetrics
 from server.reasoning import THINK_END, ReasoningParser
-from server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+from server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from server.tool_calls import CALL_CLOSE, CALL_OPEN, ToolCallDelta, ToolCallParser, messages_without_tool_support
 
 DONE = "[DONE]"
@@ -75,14 +75,14 @@ def input_named(name: str):
         raise APIError(400, e.describe(name), name) from None
 
 
-def refuse_stream_options_without_stream(req: _SamplingFields) -> None:
+def refuse_stream_options_without_stream(req: SamplingFields) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be given with stream=true", "stream_options")
 
 
 def sampling_params(
     ctx: ServingContext,
-    req: _SamplingFields,
+    req: SamplingFields,
     max_tokens: int | None,
     logprobs: int | None,
     structured: StructuredOutput | None = None,
@@ -263,6 +263,51 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
     }
 
 
+def sse_response(
+    ctx: ServingContext,
+    request_ids: list[str],
+    opening: list[dict[str, Any]],
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    chunk_of: Callable[[int, RequestOutput], dict[str, Any] | None],
+    closing: Callable[[], dict[str, Any] | None],
+) -> EventSourceResponse:
+    """The SSE skeleton both streaming endpoints share: the ``opening`` events, one chunk per output (``chunk_of``
+    of (prompt index, output); None: nothing to send), then ``closing()`` (the usage chunk, or None) and
+    ``[DONE]``. A client that goes away aborts ``request_ids``; an error after the stream started is one data
+    event (the status line has been sent)."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for event in opening:
+                yield json.dumps(event)
+            async for p, out in outputs:
+                if out.finished:
+                    ctx.metrics.observe_finished(out)
+                body = chunk_of(p, out)
+                if body is not None:
+                    yield json.dumps(body)
+            last = closing()
+            if last is not None:
+                yield json.dumps(last)
+        except (asyncio.CancelledError, GeneratorExit):
+            for rid in request_ids:
+                ctx.engine.abort(rid)
+            ctx.metrics.observe_aborted()
+            raise
+        except Exception as e:
+            err = to_api_error(e)
+            yield json.dumps(error_body(err.status, err.message, err.param))
+        yield DONE
+
+    return EventSourceResponse(events(), ping=15)
+
+
+async def _indexed(stream: RequestStream) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """One request's outputs as (prompt index 0, output), the shape :func:`merge_streams` gives."""
+    async for out in stream:
+        yield 0, out
+
+
 def _token_str(ctx: ServingContext, token_id: int) -> str:
     return ctx.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -377,66 +422,46 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opening = [
+            base(
+                choices=[
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ]
+            )
+            for i in range(params.n)
+        ]
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                for i in range(params.n):
-                    yield json.dumps(
-                        base(
-                            choices=[
-                                {
-                                    "index": i,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                    )
-                async for out in stream:
-                    ch = choices[out.index]
-                    reasoning, content, calls = ch.add(out)
-                    delta: dict[str, Any] = {}
-                    if reasoning:
-                        delta["reasoning_content"] = reasoning
-                        delta["reasoning"] = reasoning
-                    if content:
-                        delta["content"] = content
-                    if calls:
-                        delta["tool_calls"] = [c.as_dict() for c in calls]
-                    if out.finished:
-                        ctx.metrics.observe_finished(out)
-                    if not delta and not out.finished and not out.new_logprobs:
-                        continue
-                    choice = {
-                        "index": out.index,
-                        "delta": delta,
-                        "logprobs": chat_logprobs(ctx, out.new_logprobs) if logprobs is not None else None,
-                        "finish_reason": ch.finish_reason if out.finished else None,
-                    }
-                    if out.finished:
-                        choice["stop_reason"] = out.stop_reason
-                    yield json.dumps(base(choices=[choice]))
-                note_usage(request, prompt_tokens, choices)
-                if include_usage:
-                    yield json.dumps(
-                        base(
-                            choices=[],
-                            usage=usage_dict(
-                                prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens
-                            ),
-                        )
-                    )
-            except (asyncio.CancelledError, GeneratorExit):
-                ctx.engine.abort(request_id)
-                ctx.metrics.observe_aborted()
-                raise
-            except Exception as e:  # after the stream started, an error is one data event
-                err = to_api_error(e)
-                yield json.dumps(error_body(err.status, err.message, err.param))
-            yield DONE
+        def chunk_of(_: int, out: RequestOutput) -> dict[str, Any] | None:
+            ch = choices[out.index]
+            reasoning, content, calls = ch.add(out)
+            delta: dict[str, Any] = {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+                delta["reasoning"] = reasoning
+            if content:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = [c.as_dict() for c in calls]
+            if not delta and not out.finished and not out.new_logprobs:
+                return None
+            choice = {
+                "index": out.index,
+                "delta": delta,
+                "logprobs": chat_logprobs(ctx, out.new_logprobs) if logprobs is not None else None,
+                "finish_reason": ch.finish_reason if out.finished else None,
+            }
+            if out.finished:
+                choice["stop_reason"] = out.stop_reason
+            return base(choices=[choice])
 
-        return EventSourceResponse(events(), ping=15)
+        def closing() -> dict[str, Any] | None:
+            note_usage(request, prompt_tokens, choices)
+            if not include_usage:
+                return None
+            completion_tokens = sum(c.completion_tokens for c in choices)
+            return base(choices=[], usage=usage_dict(prompt_tokens, completion_tokens, choices[0].cached_tokens))
+
+        return sse_response(ctx, [request_id], opening, _indexed(stream), chunk_of, closing)
 
     async def collect() -> JSONResponse:
         async for out in stream:
@@ -541,62 +566,37 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opening = [
+            chunk(choices=[{"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None}])
+            for p, (text, _) in enumerate(prompts if req.echo else [])
+            for i in range(n)
+        ]
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                if req.echo:
-                    for p, (text, _) in enumerate(prompts):
-                        for i in range(n):
-                            yield json.dumps(
-                                chunk(
-                                    choices=[
-                                        {"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None}
-                                    ]
-                                )
-                            )
-                async for p, out in merge_streams(streams):
-                    idx = p * n + out.index
-                    ch = choices[idx]
-                    offset = len(ch.text)
-                    _, text, _ = ch.add(out)
-                    if out.finished:
-                        ctx.metrics.observe_finished(out)
-                    if not text and not out.finished and not out.new_logprobs:
-                        continue
-                    yield json.dumps(
-                        chunk(
-                            choices=[
-                                {
-                                    "index": idx,
-                                    "text": text,
-                                    "logprobs": completion_logprobs(ctx, out.new_logprobs, offset)
-                                    if req.logprobs is not None
-                                    else None,
-                                    "finish_reason": out.finish_reason if out.finished else None,
-                                    **({"stop_reason": out.stop_reason} if out.finished else {}),
-                                }
-                            ]
-                        )
-                    )
-                note_usage(request, prompt_tokens, choices)
-                if include_usage:
-                    yield json.dumps(
-                        chunk(
-                            choices=[],
-                            usage=usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), cached()),
-                        )
-                    )
-            except (asyncio.CancelledError, GeneratorExit):
-                for s in streams:
-                    ctx.engine.abort(s.request_id)
-                ctx.metrics.observe_aborted()
-                raise
-            except Exception as e:
-                err = to_api_error(e)
-                yield json.dumps(error_body(err.status, err.message, err.param))
-            yield DONE
+        def chunk_of(p: int, out: RequestOutput) -> dict[str, Any] | None:
+            idx = p * n + out.index
+            ch = choices[idx]
+            offset = len(ch.text)
+            _, text, _ = ch.add(out)
+            if not text and not out.finished and not out.new_logprobs:
+                return None
+            choice = {
+                "index": idx,
+                "text": text,
+                "logprobs": completion_logprobs(ctx, out.new_logprobs, offset) if req.logprobs is not None else None,
+                "finish_reason": out.finish_reason if out.finished else None,
+                **({"stop_reason": out.stop_reason} if out.finished else {}),
+            }
+            return chunk(choices=[choice])
 
-        return EventSourceResponse(events(), ping=15)
+        def closing() -> dict[str, Any] | None:
+            note_usage(request, prompt_tokens, choices)
+            if not include_usage:
+                return None
+            return chunk(
+                choices=[], usage=usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), cached())
+            )
+
+        return sse_response(ctx, [st.request_id for st in streams], opening, merge_streams(streams), chunk_of, closing)
 
     async def collect() -> JSONResponse:
         async for p, out in merge_streams(streams):
