@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from loaders.writer import RandomModelSpec, write_random_qwen3
+from npu.kv_cache import HOST
 from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
 from npu.runner import ModelRunner
 
@@ -84,7 +85,6 @@ SHAPES = {
     ),
 }
 BANDWIDTH_BUFFER_BYTES = 512 * 1024**2  # far larger than L3 (and a GPU's L2), so this measures DRAM / HBM
-HOST = torch.device("cpu")
 KV_BUDGET_BYTES = 2 * 1024**3
 # Chunk of the sequential read that measures the disk (as the loader reads: into memory of its own).
 DISK_READ_CHUNK = 256 * 1024**2

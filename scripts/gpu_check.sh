@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The CUDA backend's checks on a lent GPU machine, as one call per stage (each well inside the device tool's
-# 10-minute command limit; about 15 minutes of GPU time in all). Prepare here first: ./scripts/gpu_wheels.sh,
-# then run through the device tool with carry [".whl"], e.g.
-#     scripts/gpu_check.sh kernels bench     (~6 min: kernel tests on the GPU, worker_bench 0.6B and 14B shapes)
-#     scripts/gpu_check.sh suite             (~8 min: the test suite with the GPU visible: --device auto = cuda)
+# The CUDA backend's checks on a lent GPU machine, one stage per device-tool call, each stage's timeouts adding
+# up to less than the tool's 10-minute command limit. A session has 15 minutes of device time, machine start
+# included, so plan two calls (their timeouts are upper bounds): `kernels bench-small`, then `bench-14b`; `suite` needs a session of its own.
+# Prepare here first (./scripts/gpu_wheels.sh), then run through the device tool with carry [".whl"]:
+#     scripts/gpu_check.sh kernels bench-small   (kernel tests on the GPU; worker_bench on the 0.6B shape)
+#     scripts/gpu_check.sh bench-14b             (writes a 14B-shaped W8A8 model, then worker_bench on it)
+#     scripts/gpu_check.sh suite                 (the test suite with the GPU visible: --device auto = cuda)
 # Results (logs, JSON) go to $OUT (the device tool's folder) or ./gpu-results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +25,12 @@ stage_kernels() {  # every kernel and configuration on the GPU against the refer
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernel-tests.log"
 }
 
-stage_bench() {  # decode at batch 1/16/64, prefill, HBM bandwidth and the INT8 roof, on 0.6B and 14B shapes
+stage_bench-small() {  # decode at batch 1/16/64, prefill, HBM bandwidth and the INT8 roof on the 0.6B shape
   timeout 200 python3 benchmarks/worker_bench.py --device cuda --shape 0.6b --steps 32 \
     --out "$OUT/worker-0.6b.json" 2>&1 | tee "$OUT/worker-0.6b.log"
+}
+
+stage_bench-14b() {  # the same on a Qwen3-14B-shaped random W8A8 model (14.8 GB of INT8 linears)
   timeout 240 python3 benchmarks/make_bench_models.py --shape 14b --dir /tmp/bench-models 2>&1 | tail -2
   timeout 300 python3 benchmarks/worker_bench.py --device cuda --shape 14b --steps 32 \
     --model /tmp/bench-models/qwen3-14b-shaped-w8a8 --out "$OUT/worker-14b.json" 2>&1 | tee "$OUT/worker-14b.log"

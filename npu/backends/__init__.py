@@ -40,8 +40,6 @@ def get_backend(device: str, num_threads: int | None = None, int8_kernel: str = 
     import torch
 
     device = resolve_device(device)
-    if num_threads:
-        torch.set_num_threads(num_threads)
     if device == "cpu":
         from npu.backends.cpu import CpuBackend
 
