@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from npu.backends.base import TorchOps
 from npu.backends.cpu import CpuBackend
 from npu.kv_cache import PagedKVCache
-from npu.model import DecodeGroup, sdpa_decode_attention
+from npu.model import DecodeGroup
 
 # Qwen3-0.6B attention shape (FACTS.md section 2)
 LAYERS, HQ, HKV, D, BLOCK = 28, 16, 8, 128, 16
@@ -53,10 +54,10 @@ def measure(batch: int, context: int, backend: CpuBackend) -> dict:
     g = torch.Generator().manual_seed(0)
     cache, group = random_cache(batch, context, g)
     q = torch.randn(batch, HQ, D, generator=g)
-
+    reference = TorchOps()  # the eager path every backend falls back to: gather, dequantize, one SDPA call
     paths = {
         "ours": lambda layer: backend.decode_attention(q, cache, layer, group.slots, group.lengths, D**-0.5),
-        "sdpa": lambda layer: sdpa_decode_attention(q, cache, layer, group, D**-0.5, torch.float32),
+        "sdpa": lambda layer: reference.decode_attention(q, cache, layer, group.slots, group.lengths, D**-0.5),
     }
     max_diff = (paths["ours"](3).view(batch, -1) - paths["sdpa"](3)).abs().max().item()
     times: dict[str, list[float]] = {name: [] for name in paths}

@@ -11,13 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from loaders.config import ModelConfig
 from loaders.weights import LayerWeights, ModelWeights
 from npu.backends.base import Backend, RMSNorm
-from npu.kv_cache import KVRead, PagedKVCache
+from npu.kv_cache import PagedKVCache
 from npu.rope import rope_tables
 
 
@@ -34,7 +32,7 @@ class SeqSpan:
 class DecodeGroup:
     """Single-token (decode) sequences of a step, attended in one batched call.
 
-    Contexts are padded to the longest; padded keys read slot 0 and are masked out.
+    Contexts are padded to the longest; padded keys read slot 0 and are ignored (``lengths``).
     """
 
     rows: torch.Tensor  # [S] rows of the flattened batch
@@ -53,30 +51,8 @@ class DecodeGroup:
         covers = total_rows == len(spans) and starts == list(range(len(spans)))
         return DecodeGroup(torch.tensor(starts), slots, lengths, covers)
 
-    def mask(self) -> torch.Tensor:
-        """[S, 1, 1, L] True where a key is real (for the generic SDPA path)."""
-        keys = torch.arange(self.slots.shape[1], device=self.lengths.device)
-        return (keys[None, :] < self.lengths[:, None])[:, None, None, :]
-
     def to(self, device: torch.device) -> DecodeGroup:
         return DecodeGroup(self.rows.to(device), self.slots.to(device), self.lengths.to(device), self.covers_all_rows)
-
-
-def sdpa_decode_attention(
-    q: torch.Tensor, cache: PagedKVCache, layer: int, group: DecodeGroup, scale: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """Decode attention of ``q`` ``[S, Hq, D]`` over each sequence's cached context: the context gathered
-    and dequantized, one padded, masked SDPA call (backends without a decode kernel). Returns ``[S, Hq*D]``."""
-    n, hq, d = q.shape
-    longest = group.slots.shape[1]
-    kv = cache.read(layer, group.slots.reshape(-1), dtype)
-    hkv = kv.k.shape[1]
-    k = kv.k.view(n, longest, hkv, d).transpose(1, 2)  # [S, Hkv, L, D]
-    v = kv.v.view(n, longest, hkv, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=group.mask(), scale=scale, enable_gqa=hq != hkv
-    )
-    return out.reshape(n, hq * d)
 
 
 @dataclass
@@ -102,8 +78,8 @@ class ForwardBatch:
         )
 
     def group_decodes(self) -> None:
-        """Attend the step's single-token (decode) queries in one batched call instead of one by one (the
-        backend's paged decode kernel, else one padded SDPA call)."""
+        """Attend the step's single-token (decode) queries in one batched call (the backend's
+        ``decode_attention``) instead of one by one."""
         decodes = [sp for sp in self.seqs if sp.q_len == 1]
         if decodes:
             self.decode = DecodeGroup.build(decodes, self.token_ids.numel())
@@ -162,7 +138,6 @@ class DecoderModel:
         self.lm_head = backend.prepare_linear(lm_head)
         del lm_head
         self.scale = cfg.head_dim**-0.5
-        self.group = cfg.num_heads // cfg.num_kv_heads
         # RoPE tables of the checkpoint's RoPE type, computed exactly as transformers does (npu/rope.py).
         cos, sin = rope_tables(cfg.rope, cfg.head_dim, max_positions)
         half = cfg.head_dim // 2
@@ -180,32 +155,6 @@ class DecoderModel:
             self.scale,
             layer_loop=lambda x, batch, cache: self._layer_loop(x, batch, cache, None),
         )
-
-    def _attention(self, q: torch.Tensor, kv: KVRead, span: SeqSpan) -> torch.Tensor:
-        """Causal GQA attention of one sequence's query rows over its context (fused SDPA kernel)."""
-        cfg = self.cfg
-        q_len, ctx = span.q_len, span.context_slots.numel()
-        qh = q.transpose(0, 1)[None]  # [q_len, Hq, D] -> [1, Hq, q_len, D]
-        k = kv.k.transpose(0, 1)[None]  # [1, Hkv, ctx, D]
-        v = kv.v.transpose(0, 1)[None]
-        mask, causal = None, False
-        if q_len == ctx:
-            causal = q_len > 1
-        elif q_len > 1:
-            # query i sits at absolute position ctx - q_len + i: causal aligned to the lower right
-            mask = causal_lower_right(q_len, ctx)
-        out = F.scaled_dot_product_attention(
-            qh, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.group > 1
-        )
-        return out[0].transpose(0, 1).reshape(q_len, cfg.num_heads * cfg.head_dim)
-
-    def _decode_attention(self, q: torch.Tensor, layer: int, group: DecodeGroup, cache: PagedKVCache) -> torch.Tensor:
-        """All single-token sequences of the step: the backend's kernel, else one padded SDPA call."""
-        cfg = self.cfg
-        fused = self.backend.decode_attention(q, cache, layer, group.slots, group.lengths, self.scale)
-        if fused is not None:
-            return fused.reshape(q.shape[0], cfg.num_heads * cfg.head_dim)
-        return sdpa_decode_attention(q, cache, layer, group, self.scale, self.dtype)
 
     @torch.inference_mode()
     def forward(
@@ -260,19 +209,17 @@ class DecoderModel:
         return x
 
     def _attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
-        """Attention output ``[T, Hq * D]`` of every query row of the step."""
-        cfg = self.cfg
-        T = q.shape[0]
-        group = batch.decode
+        """Attention output ``[T, Hq * D]`` of every query row of the step: the one place that chooses the path.
+
+        Single-token (decode) rows go to the backend's decode attention in one call, each prompt chunk to its
+        prefill attention; a pure decode step needs no gather or scatter of rows."""
+        ops, group = self.backend, batch.decode
         if group is not None and group.covers_all_rows:
-            return self._decode_attention(q, layer, group, cache)  # a pure decode step: no gather/scatter
-        attn = torch.empty(T, cfg.q_size, dtype=self.dtype, device=self.device)
+            return ops.decode_attention(q, cache, layer, group.slots, group.lengths, self.scale)
+        attn = torch.empty(q.shape[0], self.cfg.q_size, dtype=self.dtype, device=self.device)
         for span in batch.seqs:
             rows = slice(span.q_start, span.q_start + span.q_len)
-            fused = self.backend.prefill_attention(q[rows], cache, layer, span.context_slots, self.scale)
-            if fused is None:
-                fused = self._attention(q[rows], cache.read(layer, span.context_slots, self.dtype), span)
-            attn[rows] = fused
+            attn[rows] = ops.prefill_attention(q[rows], cache, layer, span.context_slots, self.scale)
         if group is not None:
-            attn[group.rows] = self._decode_attention(q[group.rows], layer, group, cache)
+            attn[group.rows] = ops.decode_attention(q[group.rows], cache, layer, group.slots, group.lengths, self.scale)
         return attn

@@ -50,7 +50,7 @@ from npu.backends.cuda.linear import (  # noqa: E402
 )
 from npu.kv_cache import PagedKVCache  # noqa: E402
 from npu.messages import NewSequence, SamplingOptions, WorkerConfig  # noqa: E402
-from npu.model import DecodeGroup, ForwardBatch, SeqSpan, sdpa_decode_attention  # noqa: E402
+from npu.model import DecodeGroup, ForwardBatch, SeqSpan  # noqa: E402
 from npu.runner import ModelRunner  # noqa: E402
 
 DEV = torch.device("cuda") if ON_GPU else torch.device("cpu")
@@ -221,7 +221,7 @@ def test_decode_attention_matches_sdpa_and_is_batch_invariant(hq, hkv, d):
     q = torch.randn(len(lengths), hq, d, generator=gen(22)).to(DEV)
     scale = d**-0.5
     got = decode_attention(q, _layer(cache), group.slots, group.lengths, scale)
-    expect = sdpa_decode_attention(q, cache, 0, group, scale, torch.float32)
+    expect = TorchOps().decode_attention(q, cache, 0, group.slots, group.lengths, scale)
     torch.testing.assert_close(got.reshape(len(lengths), -1), expect, rtol=1e-5, atol=FP32_ATOL)
     # the 17-token sequence alone, padded to a different width: the same numbers bit for bit
     alone = DecodeGroup.build([SeqSpan(0, 1, slots[:17].to(DEV))], 1)

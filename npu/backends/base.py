@@ -1,8 +1,8 @@
 """The kernel interface every backend implements, and its plain-PyTorch reference implementation.
 
 A layer asks its backend for a handful of operations: linears with an optional RMSNorm or SiLU-gate
-prologue and a residual-add epilogue, q/k norm + RoPE, writing K/V into the paged cache and single-token
-attention. :class:`TorchOps` implements each of them with eager PyTorch ops; a backend subclasses it and
+prologue and a residual-add epilogue, q/k norm + RoPE, writing K/V into the paged cache, and attention
+over the paged cache (a prompt chunk, or one token per sequence). :class:`TorchOps` implements each of them with eager PyTorch ops; a backend subclasses it and
 replaces what it has faster kernels for, so every model runs on every backend and a fused kernel can be
 tested against the eager op it replaces.
 """
@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from loaders.quantization import LinearWeight
 from npu.kv_cache import PagedKVCache
@@ -124,10 +125,9 @@ class Backend(Protocol):
 
     def prefill_attention(
         self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
-    ) -> torch.Tensor | None:
-        """Optional fused kernel: causal attention of one sequence's chunk of queries ``q`` ``[n, Hq, D]`` (the
-        last ``n`` of its ``len(slots)`` positions) over its context ``slots`` of layer ``layer``; returns
-        ``[n, Hq * D]``, or None to let the model use its generic path."""
+    ) -> torch.Tensor:
+        """Causal attention of one sequence's chunk of queries ``q`` ``[n, Hq, D]`` (the last ``n`` of its
+        ``len(slots)`` positions) over its context ``slots`` of layer ``layer``; returns ``[n, Hq * D]``."""
         ...
 
     def prepare_decoder_stack(
@@ -154,10 +154,10 @@ class Backend(Protocol):
 
     def decode_attention(
         self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
-    ) -> torch.Tensor | None:
-        """Optional fused kernel: attention of one query token per sequence (``q`` ``[S, Hq, D]``) over the
-        padded slot lists ``slots`` ``[S, L]`` (``lengths`` ``[S]`` int32) of layer ``layer``. Return None
-        to let the model use its generic path."""
+    ) -> torch.Tensor:
+        """Attention of one query token per sequence (``q`` ``[S, Hq, D]``) over the padded slot lists
+        ``slots`` ``[S, L]`` (``lengths`` ``[S]`` int32; slots past a row's length are ignored) of layer
+        ``layer``; returns ``[S, Hq * D]``."""
         ...
 
 
@@ -203,10 +203,36 @@ class TorchOps:
 
     def prefill_attention(
         self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
-    ) -> torch.Tensor | None:
-        return None
+    ) -> torch.Tensor:
+        """The chunk's context gathered and dequantized in ``q``'s dtype, then one causal SDPA call."""
+        n, hq, d = q.shape
+        ctx = slots.numel()
+        kv = cache.read(layer, slots, q.dtype)
+        qh = q.transpose(0, 1)[None]  # [n, Hq, D] -> [1, Hq, n, D]
+        k = kv.k.transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+        v = kv.v.transpose(0, 1)[None]
+        mask, causal = None, False
+        if n == ctx:
+            causal = n > 1
+        elif n > 1:
+            # query i sits at absolute position ctx - n + i: causal aligned to the lower right
+            mask = causal_lower_right(n, ctx)
+        out = F.scaled_dot_product_attention(
+            qh, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=hq != k.shape[1]
+        )
+        return out[0].transpose(0, 1).reshape(n, hq * d)
 
     def decode_attention(
         self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
-    ) -> torch.Tensor | None:
-        return None
+    ) -> torch.Tensor:
+        """Every row's padded context gathered and dequantized in ``q``'s dtype, then one masked SDPA call."""
+        n, hq, d = q.shape
+        longest = slots.shape[1]
+        kv = cache.read(layer, slots.reshape(-1), q.dtype)
+        hkv = kv.k.shape[1]
+        k = kv.k.view(n, longest, hkv, d).transpose(1, 2)  # [S, Hkv, L, D]
+        v = kv.v.view(n, longest, hkv, d).transpose(1, 2)
+        keys = torch.arange(longest, device=lengths.device)
+        real = (keys[None, :] < lengths[:, None])[:, None, None, :]  # [S, 1, 1, L]: True where a key is real
+        out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=real, scale=scale, enable_gqa=hq != hkv)
+        return out.reshape(n, hq * d)

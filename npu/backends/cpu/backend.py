@@ -226,8 +226,9 @@ class CpuBackend(TorchOps):
 
     def prefill_attention(
         self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
-    ) -> torch.Tensor | None:
-        """Causal attention of a prompt chunk straight from an INT8 paged cache (our C kernel)."""
+    ) -> torch.Tensor:
+        """Causal attention of a prompt chunk straight from an INT8 paged cache (our C kernel); the reference
+        SDPA path where the kernel does not apply (other KV dtypes, no kernel)."""
         n, hq, d = q.shape
         if (
             self._vnni is None
@@ -237,7 +238,7 @@ class CpuBackend(TorchOps):
             or not slots.is_contiguous()
             or slots.dtype != torch.long
         ):
-            return None
+            return super().prefill_attention(q, cache, layer, slots, scale)
         t = cache.tensors
         out = torch.empty(n, hq * d, dtype=torch.float32)
         status = self._vnni.paged_attention_prefill_int8(
@@ -258,13 +259,14 @@ class CpuBackend(TorchOps):
         )
         if status != 0:
             _kernel_failed("paged_attention_prefill_int8", status)
-        return out if status == 0 else None
+            return super().prefill_attention(q, cache, layer, slots, scale)
+        return out
 
     def decode_attention(
         self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
-    ) -> torch.Tensor | None:
-        """Single-token attention of ``q`` ``[S, Hq, D]`` straight from an INT8 paged cache (our C kernel);
-        None where it does not apply (other KV dtypes, no kernel), and the model uses SDPA instead."""
+    ) -> torch.Tensor:
+        """Single-token attention of ``q`` ``[S, Hq, D]`` straight from an INT8 paged cache (our C kernel); the
+        reference SDPA path where the kernel does not apply (other KV dtypes, no kernel)."""
         s, hq, d = q.shape
         if (
             self._vnni is None
@@ -272,7 +274,7 @@ class CpuBackend(TorchOps):
             or q.dtype != torch.float32
             or q.stride()[1:] != (d, 1)
         ):
-            return None
+            return super().decode_attention(q, cache, layer, slots, lengths, scale)
         t = cache.tensors
         hkv = t["k"].shape[2]
         out = torch.empty(s, hq, d, dtype=torch.float32)
@@ -295,4 +297,5 @@ class CpuBackend(TorchOps):
         )
         if status != 0:
             _kernel_failed("paged_attention_decode_int8", status)
-        return out if status == 0 else None
+            return super().decode_attention(q, cache, layer, slots, lengths, scale)
+        return out.view(s, hq * d)

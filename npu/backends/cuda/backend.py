@@ -80,17 +80,17 @@ class CudaBackend(TorchOps):
 
     def prefill_attention(
         self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, scale: float
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor:
         if not isinstance(cache.format, Int8KV) or q.stride(2) != 1:
-            return None  # other KV dtypes: the model's SDPA path
+            return super().prefill_attention(q, cache, layer, slots, scale)  # other KV dtypes: the reference SDPA
         return attention.prefill_attention(q, _layer(cache, layer), slots.contiguous(), scale)
 
     def decode_attention(
         self, q: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor, lengths: torch.Tensor, scale: float
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor:
         if not isinstance(cache.format, Int8KV) or q.stride(2) != 1:
-            return None
-        return attention.decode_attention(q, _layer(cache, layer), slots, lengths, scale)
+            return super().decode_attention(q, cache, layer, slots, lengths, scale)
+        return attention.decode_attention(q, _layer(cache, layer), slots, lengths, scale).view(q.shape[0], -1)
 
     def prepare_decoder_stack(
         self,
