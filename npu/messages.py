@@ -202,5 +202,5 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     num_threads: int | None = None
     seed: int = 0
     speculative: SpeculativeConfig | None = None
-    # Test-only: replay these token ids instead of running the model (see npu/replay.py).
+    # Debugging (--replay-token-ids): every completion is these token ids instead of the model's (npu/replay.py).
     replay_token_ids: list[int] | None = None

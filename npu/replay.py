@@ -1,21 +1,33 @@
-"""Test-only runner that replays scripted token ids instead of running a model.
+"""A debugging runner that replays given token ids instead of running the model (``--replay-token-ids``).
 
-Selected by ``WorkerConfig.replay_token_ids``; used only to test text post-processing (reasoning
-splitting) through the whole server, where a random model cannot produce the needed tokens.
+Every sequence's completion is the script, one token per step, then its last token repeated until a stop
+condition ends it. It reproduces a text post-processing bug (reasoning split, tool-call parsing, stop
+strings, detokenization) through the whole server with the exact tokens a model produced, and lets the
+tests drive that post-processing where a random-weight model cannot produce the tokens it needs.
 """
 
 from __future__ import annotations
 
 from npu.messages import Ready, SampledToken, StepRequest, StepResult, WorkerConfig
 
+# No weights or KV cache are allocated, so the pool the scheduler accounts for costs nothing: sized for
+# plenty of concurrent requests at the default context.
 REPLAY_NUM_BLOCKS = 4096
 REPLAY_MAX_MODEL_LEN = 4096
 
 
 class ReplayRunner:
+    """The worker's runner for ``WorkerConfig.replay_token_ids``: the same messages as ``ModelRunner``."""
+
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.script = list(config.replay_token_ids or [])
+        if not self.script:
+            raise ValueError("replay_token_ids is empty: give at least one token id")
+        vocab = config.sampleable_vocab_size
+        beyond = [t for t in self.script if t < 0 or (vocab is not None and t >= vocab)]
+        if beyond:
+            raise ValueError(f"replay_token_ids: {beyond[:5]} outside the model's vocabulary (0..{vocab}-1)")
         self.generated: dict[int, int] = {}
 
     def ready_message(self) -> Ready:
@@ -28,6 +40,8 @@ class ReplayRunner:
             quantization="replay",
             backend="replay",
             weight_bytes=0,
+            backend_note=f"replaying {len(self.script)} token ids instead of running the model "
+            "(--replay-token-ids): every completion is that script",
         )
 
     def warmup(self) -> None:

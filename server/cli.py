@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import re
@@ -88,6 +89,17 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
         raise argparse.ArgumentTypeError(f"--speculative-config: {e}") from None
     return config
+
+
+def read_replay_token_ids(path: str) -> list[int]:
+    """The token ids of a ``--replay-token-ids`` file: a non-empty JSON list of non-negative integers."""
+    try:
+        ids = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: {e}") from e
+    if not isinstance(ids, list) or not ids or not all(type(i) is int and i >= 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"{path}: expected a non-empty JSON list of token ids (integers >= 0)")
+    return ids
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -172,6 +184,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="speculative decoding, as vLLM's flag; implemented: prompt lookup, e.g. "
         '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}\'',
     )
+    d = p.add_argument_group("debugging")
+    d.add_argument(
+        "--replay-token-ids",
+        type=read_replay_token_ids,
+        default=None,
+        metavar="FILE",
+        help="do not run the model: every completion is the token ids of FILE (a JSON list), one per step, "
+        "then the last one repeated; the model directory still gives the config, tokenizer and chat template. "
+        "For reproducing a text post-processing bug (reasoning split, tool-call parsing, stop strings, "
+        "detokenization) with the exact tokens a model produced",
+    )
     s = p.add_argument_group("scheduler")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
@@ -237,6 +260,7 @@ def engine_config(args: argparse.Namespace):
         int8_kernel=args.int8_kernel,
         seed=args.seed,
         speculative=args.speculative_config,
+        replay_token_ids=args.replay_token_ids,
     )
     sched = SchedulerConfig(
         max_num_seqs=args.max_num_seqs,

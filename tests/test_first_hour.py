@@ -106,6 +106,19 @@ def test_expected_errors_are_one_line_without_traceback(tmp_path, serve_model):
     assert_one_line_error(run_cli("eval-quality", "--model", str(empty), "--prompts", "0"), "--prompts")
 
 
+def test_bad_replay_token_ids_are_refused_naming_the_file(tmp_path, serve_model):
+    not_ids = tmp_path / "not-ids.json"
+    not_ids.write_text('[1, "two"]')
+    proc = run_cli("generate", "--model", str(serve_model), "--prompt", "hi", "--replay-token-ids", str(not_ids))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"argument --replay-token-ids: {not_ids}: expected a non-empty JSON list" in proc.stderr
+    # well-formed, but past the model's vocabulary: refused at startup, naming the ids
+    beyond = tmp_path / "beyond.json"
+    beyond.write_text("[1, 2, 999999]")
+    cmd = ("generate", "--model", str(serve_model), "--prompt", "hi", "--replay-token-ids", str(beyond))
+    assert_one_line_error(run_cli(*cmd), "[999999]", "outside the model's vocabulary")
+
+
 def test_truncated_gguf_is_named_not_an_index_error(tmp_path):
     from offline.default_model import smollm2_gguf_path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import httpx
 import openai
@@ -411,19 +412,29 @@ def test_overload_429_with_retry_after(serve_model):
 
 
 # ------------------------------------------------------------------------------------------------
-# Qwen3 reasoning split, with a test-only worker that replays given token ids
+# Qwen3 reasoning split, through a server started with --replay-token-ids (the debugging runner that
+# replays given token ids instead of running the model)
 # ------------------------------------------------------------------------------------------------
 THINKING_OUTPUT = "<think>\nThe user wants a number.\n</think>\n\nThe answer is 42."
 
 
 @pytest.fixture(scope="module")
-def replay_server(serve_model):
+def replay_server(serve_model, tmp_path_factory):
     from engine.tokenizer import HFTokenizer
 
     ids = HFTokenizer(qwen3_tokenizer_dir()).encode(THINKING_OUTPUT) + [151645]  # then <|im_end|>
-    s = ThreadServer(create_app(_settings(serve_model, worker={"replay_token_ids": ids})))
+    script = tmp_path_factory.mktemp("replay") / "tokens.json"
+    script.write_text(json.dumps(ids))
+    s = CliServer(serve_model, "--served-model-name", MODEL, "--replay-token-ids", str(script))
     yield s
     s.stop()
+
+
+def test_replay_server_says_it_does_not_run_the_model(replay_server):
+    replay_server.log.flush()
+    log = Path(replay_server.log.name).read_text()
+    assert re.search(r"WARNING .*replaying \d+ token ids instead of running the model", log), log[-2000:]
+    assert httpx.get(f"{replay_server.base}/version").json()["backend"] == "replay"
 
 
 def test_reasoning_split_non_streaming_and_streaming(replay_server):
