@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 
 from engine.async_engine import AsyncEngine
 from engine.core import EngineConfig
@@ -21,6 +22,7 @@ from server.errors import install_error_handlers
 from server.guard import RequestGuard
 from server.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
 from server.metrics import ServerMetrics
+from server.responses import STREAM_CHUNKS
 from server.routes import router
 from server.serving import ServingContext
 from server.startup import startup_summary, startup_warnings
@@ -43,16 +45,24 @@ class ServerSettings:
     web_ui: bool = True  # the chat page at / (server/web_ui.py); off behind a gateway that wants only the API
 
 
-def _openapi_with_400(app: FastAPI) -> dict:
-    """FastAPI documents request-validation failures as 422 with its own body; this server answers 400
-    with an OpenAI-style error body (clients and schema-driven testers compare the two)."""
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's OpenAPI document, with two corrections. Request-validation failures are documented as 400
+    with an OpenAI-style error body, which this server answers, not as FastAPI's 422 (clients and
+    schema-driven testers compare the two). And the streamed chunk models, which the event streams' item
+    schemas reference, join the component schemas (FastAPI collects only the models of JSON bodies)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            components.pop(name, None)
+        _, chunks = models_json_schema(
+            [(model, "serialization") for model in STREAM_CHUNKS], ref_template="#/components/schemas/{model}"
+        )
+        for name, definition in chunks.get("$defs", {}).items():
+            components.setdefault(name, definition)
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -126,7 +136,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
             await engine.stop()
 
     app = FastAPI(title="a8w8-serve", version=package_version(), lifespan=lifespan)
-    app.openapi = lambda: _openapi_with_400(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(

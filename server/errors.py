@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import EngineOverloaded, EngineUnavailable, RequestFailed
 from engine.chat_template import ChatTemplateError
 from engine.sampling_params import InvalidRequest
+from server.responses import ErrorBody, ErrorResponse
 
 log = logging.getLogger("a8w8.server")
 
@@ -46,7 +47,10 @@ def error_type(status: int) -> str:
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type(status), "param": param, "code": status}}
+    """The error's body as a dict (the plain-ASGI guard and the SSE error event serialize it themselves)."""
+    return ErrorResponse(
+        error=ErrorBody(message=message, type=error_type(status), param=param, code=status)
+    ).model_dump()
 
 
 def error_response(

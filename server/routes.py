@@ -10,12 +10,33 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel
 
 from engine.async_engine import EngineState
 from server.errors import ERROR_TYPES, APIError
-from server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest
-from server.serving import ServingContext, chat_prompt_ids, create_chat_completion, create_completion, input_named
+from server.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    DetokenizeResponse,
+    ErrorResponse,
+    HealthStatus,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+    VersionInfo,
+)
+from server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.serving import (
+    ServingContext,
+    chat_prompt_ids,
+    create_chat_completion,
+    create_completion,
+    input_named,
+    json_response,
+)
 from server.version import package_version
 
 # Statuses every POST route can answer with an OpenAI-style error body (documented in /openapi.json).
@@ -24,16 +45,38 @@ ERROR_STATUSES = (400, 401, 404, 408, 413, 429, 500, 503)
 LOCAL_ERROR_STATUSES = (400, 404, 408, 413, 503)
 
 
-def _error_responses(statuses: tuple[int, ...] = ERROR_STATUSES, streams: bool = False) -> dict[int | str, dict]:
-    """OpenAPI ``responses`` for a route: its error statuses with their body, and (``streams``) the
-    success answered either as JSON or as server-sent events."""
+def component_ref(model: type[BaseModel]) -> dict[str, str]:
+    """A JSON-schema reference to ``model`` among the OpenAPI document's component schemas."""
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _error_responses(
+    statuses: tuple[int, ...] = ERROR_STATUSES, streams: tuple[type[BaseModel], type[BaseModel]] | None = None
+) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` for a route: its error statuses with their body, and (``streams``: the response
+    and the chunk model) the success answered either as one JSON object or as server-sent events whose data
+    are chunks (OpenAPI 3.2's ``itemSchema``, as FastAPI documents its own event streams)."""
     responses: dict[int | str, dict] = {
         status: {"model": ErrorResponse, "description": ERROR_TYPES.get(status, "error")} for status in statuses
     }
-    if streams:
+    if streams is not None:
+        body, chunk = streams
+        event = {
+            "type": "object",
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"anyOf": [component_ref(chunk), component_ref(ErrorResponse)]},
+                }
+            },
+            "required": ["data"],
+        }
         responses[200] = {
-            "content": {"application/json": {}, "text/event-stream": {}},
-            "description": "a JSON object, or with stream=true server-sent events",
+            "model": body,
+            "content": {"text/event-stream": {"itemSchema": event}},
+            "description": f"a {body.__name__}; with stream=true, server-sent events whose data are each a "
+            f"{chunk.__name__} (an ErrorResponse if the request fails after the stream started), then [DONE]",
         }
     return responses
 
@@ -47,33 +90,37 @@ Serving = Annotated[ServingContext, Depends(serving_context)]
 router = APIRouter()
 
 
-@router.get("/health", responses={503: {"description": "loading, restarting its worker, draining, or dead"}})
+def _status(description: str) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` of a status route: 200 and 503, both with a :class:`HealthStatus`."""
+    return {200: {"model": HealthStatus}, 503: {"model": HealthStatus, "description": description}}
+
+
+@router.get("/health", responses=_status("loading, restarting its worker, draining, or dead"))
 async def health(c: Serving) -> Response:
     engine = c.engine
     if engine.healthy:
-        return JSONResponse({"status": "ok"})
+        return json_response(HealthStatus(status="ok"))
     state = engine.state
     status = "unavailable" if state is EngineState.READY else state.value  # READY with a dead worker
-    return JSONResponse({"status": status, "error": engine.state_detail}, status_code=503)
+    return json_response(HealthStatus(status=status, error=engine.state_detail), status_code=503)
 
 
-@router.get("/live", responses={503: {"description": "the engine is dead (the process is about to exit)"}})
+@router.get("/live", responses=_status("the engine is dead (the process is about to exit)"))
 async def live(c: Serving) -> Response:
     # Liveness, apart from readiness (/health): 200 while this process's event loop answers, also while
     # the model loads or the worker restarts by itself (an orchestrator must not kill the pod for that).
     if c.engine.state is EngineState.DEAD:
-        return JSONResponse({"status": "dead", "error": c.engine.state_detail}, status_code=503)
-    return JSONResponse({"status": "alive", "engine": c.engine.state.value})
+        return json_response(HealthStatus(status="dead", error=c.engine.state_detail), status_code=503)
+    return json_response(HealthStatus(status="alive", engine=c.engine.state.value))
 
 
 @router.get("/version")
-async def get_version(c: Serving) -> dict:
+async def get_version(c: Serving) -> VersionInfo:
     """The package version and, once the worker is up, where the model runs and on which kernels."""
     info = c.engine.core.worker_info
-    body: dict = {"version": package_version()}
-    if info is not None:
-        body.update(device=info.device, backend=info.backend)
-    return body
+    if info is None:
+        return VersionInfo(version=package_version())
+    return VersionInfo(version=package_version(), device=info.device, backend=info.backend)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
@@ -81,43 +128,41 @@ async def metrics(c: Serving) -> Response:
     return Response(c.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def model_card(c: ServingContext, name: str) -> dict:
+def model_card(c: ServingContext, name: str) -> ModelCard:
     # root names the model, not where it lies on this machine (a cache path says nothing to a client)
-    return {
-        "id": name,
-        "object": "model",
-        "created": c.created,
-        "owned_by": "a8w8-serve",
-        "root": c.served_model_names[0],
-        "parent": None,
-        "max_model_len": c.engine.max_model_len,
-    }
+    return ModelCard(
+        id=name,
+        created=c.created,
+        owned_by="a8w8-serve",
+        root=c.served_model_names[0],
+        max_model_len=c.engine.max_model_len,
+    )
 
 
 @router.get("/v1/models", responses=_error_responses((401,)))
-async def models(c: Serving) -> dict:
-    return {"object": "list", "data": [model_card(c, name) for name in c.served_model_names]}
+async def models(c: Serving) -> ModelList:
+    return ModelList(data=[model_card(c, name) for name in c.served_model_names])
 
 
 @router.get("/v1/models/{model_id:path}", responses=_error_responses((401, 404)))
-async def retrieve_model(model_id: str, c: Serving) -> dict:
+async def retrieve_model(model_id: str, c: Serving) -> ModelCard:
     if model_id not in c.served_model_names:
         raise APIError(404, f"The model `{model_id}` does not exist.", "model")
     return model_card(c, model_id)
 
 
-@router.post("/v1/chat/completions", responses=_error_responses(streams=True))
+@router.post("/v1/chat/completions", responses=_error_responses(streams=(ChatCompletion, ChatCompletionChunk)))
 async def chat(req: ChatCompletionRequest, request: Request, c: Serving) -> Response:
     return await create_chat_completion(c, req, request)
 
 
-@router.post("/v1/completions", responses=_error_responses(streams=True))
+@router.post("/v1/completions", responses=_error_responses(streams=(Completion, CompletionChunk)))
 async def completions(req: CompletionRequest, request: Request, c: Serving) -> Response:
     return await create_completion(c, req, request)
 
 
 @router.post("/tokenize", responses=_error_responses(LOCAL_ERROR_STATUSES))
-async def tokenize(req: TokenizeRequest, c: Serving) -> dict:
+async def tokenize(req: TokenizeRequest, c: Serving) -> TokenizeResponse:
     c.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", "prompt")
@@ -134,14 +179,14 @@ async def tokenize(req: TokenizeRequest, c: Serving) -> dict:
             )
         else:
             tokens = await asyncio.to_thread(c.engine.core.encode_prompt, req.prompt)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": c.engine.max_model_len}
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=c.engine.max_model_len)
 
 
 @router.post("/detokenize", responses=_error_responses(LOCAL_ERROR_STATUSES))
-async def detokenize(req: DetokenizeRequest, c: Serving) -> dict:
+async def detokenize(req: DetokenizeRequest, c: Serving) -> DetokenizeResponse:
     c.check_model(req.model)
     vocab = c.engine.tokenizer.vocab_size
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab})", "tokens")
-    return {"prompt": await asyncio.to_thread(c.engine.tokenizer.decode, req.tokens)}
+    return DetokenizeResponse(prompt=await asyncio.to_thread(c.engine.tokenizer.decode, req.tokens))

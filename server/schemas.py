@@ -1,4 +1,5 @@
-"""OpenAI request and response models (pydantic). Unknown request fields are accepted and ignored."""
+"""OpenAI request models (pydantic). Unknown request fields are accepted and ignored; the response bodies are in
+server/responses.py."""
 
 from __future__ import annotations
 
@@ -133,24 +134,3 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[Int64]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: dict[str, int] | None = None
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int | str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-FinishReason = Literal["stop", "length", "tool_calls", "abort"] | None

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import AsyncEngine, RequestOutput, RequestStream
@@ -24,10 +25,32 @@ from server.errors import APIError, error_body, to_api_error
 from server.guard import USAGE_STATE_KEY
 from server.metrics import ServerMetrics
 from server.reasoning import THINK_END, ReasoningParser
+from server.responses import (
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionMessage,
+    ChatCompletionTokenLogprob,
+    ChoiceDelta,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionUsage,
+    TopLogprob,
+)
 from server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from server.tool_calls import CALL_CLOSE, CALL_OPEN, ToolCallDelta, ToolCallParser, messages_without_tool_support
 
 DONE = "[DONE]"
+StreamChunk = ChatCompletionChunk | CompletionChunk
+
+
+def json_response(body: BaseModel, status_code: int = 200) -> Response:
+    """``body`` serialized by its model (compact JSON, UTF-8)."""
+    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
 @dataclass
@@ -254,22 +277,13 @@ def note_usage(request: Request, prompt_tokens: int, choices: list[ChoiceState])
     setattr(request.state, USAGE_STATE_KEY, (prompt_tokens, sum(c.completion_tokens for c in choices)))
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
 def sse_response(
     ctx: ServingContext,
     request_ids: list[str],
-    opening: list[dict[str, Any]],
+    opening: list[StreamChunk],
     outputs: AsyncIterator[tuple[int, RequestOutput]],
-    chunk_of: Callable[[int, RequestOutput], dict[str, Any] | None],
-    closing: Callable[[], dict[str, Any] | None],
+    chunk_of: Callable[[int, RequestOutput], StreamChunk | None],
+    closing: Callable[[], StreamChunk | None],
 ) -> EventSourceResponse:
     """The SSE skeleton both streaming endpoints share: the ``opening`` events, one chunk per output (``chunk_of``
     of (prompt index, output); None: nothing to send), then ``closing()`` (the usage chunk, or None) and
@@ -279,16 +293,16 @@ def sse_response(
     async def events() -> AsyncIterator[str]:
         try:
             for event in opening:
-                yield json.dumps(event)
+                yield event.model_dump_json()
             async for p, out in outputs:
                 if out.finished:
                     ctx.metrics.observe_finished(out)
                 body = chunk_of(p, out)
                 if body is not None:
-                    yield json.dumps(body)
+                    yield body.model_dump_json()
             last = closing()
             if last is not None:
-                yield json.dumps(last)
+                yield last.model_dump_json()
         except (asyncio.CancelledError, GeneratorExit):
             for rid in request_ids:
                 ctx.engine.abort(rid)
@@ -312,30 +326,30 @@ def _token_str(ctx: ServingContext, token_id: int) -> str:
     return ctx.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def chat_logprobs(ctx: ServingContext, lps: list[TokenLogprob]) -> dict[str, Any]:
-    def entry(tid: int, lp: float) -> dict[str, Any]:
+def chat_logprobs(ctx: ServingContext, lps: list[TokenLogprob]) -> ChoiceLogprobs:
+    def entry(tid: int, lp: float) -> TopLogprob:
         s = _token_str(ctx, tid)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return TopLogprob(token=s, logprob=lp, bytes=list(s.encode("utf-8")))
 
-    return {
-        "content": [
-            {**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in (x.top or [])]} for x in lps
-        ]
-    }
+    def chosen(x: TokenLogprob) -> ChatCompletionTokenLogprob:
+        top = [entry(t, lp) for t, lp in (x.top or [])]
+        return ChatCompletionTokenLogprob(**dict(entry(x.token_id, x.logprob)), top_logprobs=top)
+
+    return ChoiceLogprobs(content=[chosen(x) for x in lps])
 
 
-def completion_logprobs(ctx: ServingContext, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
+def completion_logprobs(ctx: ServingContext, lps: list[TokenLogprob], offset: int) -> CompletionLogprobs:
     tokens = [_token_str(ctx, x.token_id) for x in lps]
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [x.logprob for x in lps],
-        "top_logprobs": [{_token_str(ctx, t): lp for t, lp in (x.top or [])} for x in lps],
-        "text_offset": offsets,
-    }
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[x.logprob for x in lps],
+        top_logprobs=[{_token_str(ctx, t): lp for t, lp in (x.top or [])} for x in lps],
+        text_offset=offsets,
+    )
 
 
 @dataclass
@@ -417,86 +431,79 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
     ]
     prompt_tokens = len(prompt_ids)
 
-    def base(**kw) -> dict[str, Any]:
-        return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, **kw}
+    def usage() -> CompletionUsage:
+        return CompletionUsage.of(prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def base(**kw: Any) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=request_id, created=int(time.time()), model=model, **kw)
+
         opening = [
             base(
                 choices=[
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    ChatCompletionChunkChoice(
+                        index=i, delta=ChoiceDelta(role="assistant", content=""), logprobs=None, finish_reason=None
+                    )
                 ]
             )
             for i in range(params.n)
         ]
 
-        def chunk_of(_: int, out: RequestOutput) -> dict[str, Any] | None:
+        def chunk_of(_: int, out: RequestOutput) -> ChatCompletionChunk | None:
             ch = choices[out.index]
             reasoning, content, calls = ch.add(out)
-            delta: dict[str, Any] = {}
+            delta: dict[str, Any] = {}  # only the parts this output has (unset fields are left out)
             if reasoning:
-                delta["reasoning_content"] = reasoning
-                delta["reasoning"] = reasoning
+                delta.update(reasoning_content=reasoning, reasoning=reasoning)
             if content:
                 delta["content"] = content
             if calls:
-                delta["tool_calls"] = [c.as_dict() for c in calls]
+                delta["tool_calls"] = [c.as_model() for c in calls]
             if not delta and not out.finished and not out.new_logprobs:
                 return None
-            choice = {
-                "index": out.index,
-                "delta": delta,
-                "logprobs": chat_logprobs(ctx, out.new_logprobs) if logprobs is not None else None,
-                "finish_reason": ch.finish_reason if out.finished else None,
-            }
-            if out.finished:
-                choice["stop_reason"] = out.stop_reason
+            choice = ChatCompletionChunkChoice(
+                index=out.index,
+                delta=ChoiceDelta(**delta),
+                logprobs=chat_logprobs(ctx, out.new_logprobs) if logprobs is not None else None,
+                finish_reason=ch.finish_reason if out.finished else None,
+                **({"stop_reason": out.stop_reason} if out.finished else {}),  # only in the last chunk
+            )
             return base(choices=[choice])
 
-        def closing() -> dict[str, Any] | None:
+        def closing() -> ChatCompletionChunk | None:
             note_usage(request, prompt_tokens, choices)
-            if not include_usage:
-                return None
-            completion_tokens = sum(c.completion_tokens for c in choices)
-            return base(choices=[], usage=usage_dict(prompt_tokens, completion_tokens, choices[0].cached_tokens))
+            return base(choices=[], usage=usage()) if include_usage else None
 
         return sse_response(ctx, [request_id], opening, _indexed(stream), chunk_of, closing)
 
-    async def collect() -> JSONResponse:
+    async def collect() -> Response:
         async for out in stream:
             choices[out.index].add(out)
             if out.finished:
                 ctx.metrics.observe_finished(out)
         result_choices = []
         for i, ch in enumerate(choices):
-            message: dict[str, Any] = {"role": "assistant", "content": ch.text}
+            message: dict[str, Any] = {"content": ch.text}
             if ch.tool_parser is not None and ch.tool_parser.calls:
-                message["content"] = ch.text or None
-                message["tool_calls"] = [c.as_dict() for c in ch.tool_parser.calls]
+                message.update(content=ch.text or None, tool_calls=[c.as_model() for c in ch.tool_parser.calls])
             if ch.parser is not None and ch.parser.saw_reasoning:
-                message["reasoning_content"] = ch.reasoning
-                message["reasoning"] = ch.reasoning
+                message.update(reasoning_content=ch.reasoning, reasoning=ch.reasoning)
             result_choices.append(
-                {
-                    "index": i,
-                    "message": message,
-                    "logprobs": chat_logprobs(ctx, ch.logprobs) if logprobs is not None else None,
-                    "finish_reason": ch.finish_reason,
-                    "stop_reason": ch.stop_reason,
-                }
+                ChatCompletionChoice(
+                    index=i,
+                    message=ChatCompletionMessage(**message),
+                    logprobs=chat_logprobs(ctx, ch.logprobs) if logprobs is not None else None,
+                    finish_reason=ch.finish_reason,
+                    stop_reason=ch.stop_reason,
+                )
             )
         note_usage(request, prompt_tokens, choices)
-        return JSONResponse(
-            {
-                "id": request_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": result_choices,
-                "usage": usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), choices[0].cached_tokens),
-            }
+        body = ChatCompletion(
+            id=request_id, created=int(time.time()), model=model, choices=result_choices, usage=usage()
         )
+        return json_response(body)
 
     return await run_unless_disconnected(request, collect(), ctx.metrics)
 
@@ -558,47 +565,45 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
     choices = [ChoiceState() for _ in range(len(prompts) * n)]
     prompt_tokens = sum(len(ids) for _, ids in prompts)
 
-    def chunk(**kw) -> dict[str, Any]:
-        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model, **kw}
-
-    def cached() -> int:
-        return sum(choices[p * n].cached_tokens for p in range(len(prompts)))
+    def usage() -> CompletionUsage:
+        cached = sum(choices[p * n].cached_tokens for p in range(len(prompts)))
+        return CompletionUsage.of(prompt_tokens, sum(c.completion_tokens for c in choices), cached)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(**kw: Any) -> CompletionChunk:
+            return CompletionChunk(id=request_id, created=int(time.time()), model=model, **kw)
+
         opening = [
-            chunk(choices=[{"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None}])
+            chunk(choices=[CompletionChoice(index=p * n + i, text=text, logprobs=None, finish_reason=None)])
             for p, (text, _) in enumerate(prompts if req.echo else [])
             for i in range(n)
         ]
 
-        def chunk_of(p: int, out: RequestOutput) -> dict[str, Any] | None:
+        def chunk_of(p: int, out: RequestOutput) -> CompletionChunk | None:
             idx = p * n + out.index
             ch = choices[idx]
             offset = len(ch.text)
             _, text, _ = ch.add(out)
             if not text and not out.finished and not out.new_logprobs:
                 return None
-            choice = {
-                "index": idx,
-                "text": text,
-                "logprobs": completion_logprobs(ctx, out.new_logprobs, offset) if req.logprobs is not None else None,
-                "finish_reason": out.finish_reason if out.finished else None,
-                **({"stop_reason": out.stop_reason} if out.finished else {}),
-            }
+            choice = CompletionChoice(
+                index=idx,
+                text=text,
+                logprobs=completion_logprobs(ctx, out.new_logprobs, offset) if req.logprobs is not None else None,
+                finish_reason=out.finish_reason if out.finished else None,
+                **({"stop_reason": out.stop_reason} if out.finished else {}),  # only in the last chunk
+            )
             return chunk(choices=[choice])
 
-        def closing() -> dict[str, Any] | None:
+        def closing() -> CompletionChunk | None:
             note_usage(request, prompt_tokens, choices)
-            if not include_usage:
-                return None
-            return chunk(
-                choices=[], usage=usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), cached())
-            )
+            return chunk(choices=[], usage=usage()) if include_usage else None
 
         return sse_response(ctx, [st.request_id for st in streams], opening, merge_streams(streams), chunk_of, closing)
 
-    async def collect() -> JSONResponse:
+    async def collect() -> Response:
         async for p, out in merge_streams(streams):
             choices[p * n + out.index].add(out)
             if out.finished:
@@ -607,19 +612,17 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
         for idx, ch in enumerate(choices):
             prefix = prompts[idx // n][0] if req.echo else ""
             result.append(
-                {
-                    "index": idx,
-                    "text": prefix + ch.text,
-                    "logprobs": completion_logprobs(ctx, ch.logprobs, len(prefix))
-                    if req.logprobs is not None
-                    else None,
-                    "finish_reason": ch.finish_reason,
-                    "stop_reason": ch.stop_reason,
-                }
+                CompletionChoice(
+                    index=idx,
+                    text=prefix + ch.text,
+                    logprobs=completion_logprobs(ctx, ch.logprobs, len(prefix)) if req.logprobs is not None else None,
+                    finish_reason=ch.finish_reason,
+                    stop_reason=ch.stop_reason,
+                )
             )
         note_usage(request, prompt_tokens, choices)
-        return JSONResponse(
-            chunk(choices=result, usage=usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices), cached()))
+        return json_response(
+            Completion(id=request_id, created=int(time.time()), model=model, choices=result, usage=usage())
         )
 
     return await run_unless_disconnected(request, collect(), ctx.metrics)

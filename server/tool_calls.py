@@ -20,6 +20,12 @@ from typing import Any
 
 from engine.structured_output import Grammar, lark_grammar, lark_json, lark_literal
 from server.reasoning import partial_suffix
+from server.responses import (
+    ChatCompletionMessageToolCall,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+    Function,
+)
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -42,8 +48,8 @@ class ToolCall:
     name: str
     arguments: str = ""  # the JSON text of the arguments object, as the model wrote it
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+    def as_model(self) -> ChatCompletionMessageToolCall:
+        return ChatCompletionMessageToolCall(id=self.id, function=Function(name=self.name, arguments=self.arguments))
 
 
 @dataclass
@@ -55,13 +61,15 @@ class ToolCallDelta:
     started: bool = False
     arguments: str = ""
 
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"index": self.index}
+    def as_model(self) -> ChoiceDeltaToolCall:
         if self.started:
-            d.update(id=self.call.id, type="function", function={"name": self.call.name, "arguments": self.arguments})
-        else:
-            d["function"] = {"arguments": self.arguments}
-        return d
+            return ChoiceDeltaToolCall(
+                index=self.index,
+                id=self.call.id,
+                type="function",
+                function=ChoiceDeltaToolCallFunction(name=self.call.name, arguments=self.arguments),
+            )
+        return ChoiceDeltaToolCall(index=self.index, function=ChoiceDeltaToolCallFunction(arguments=self.arguments))
 
 
 class _ArgumentsScanner:

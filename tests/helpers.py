@@ -154,3 +154,35 @@ def corpus(n: int = 1200) -> list[str]:
             )
         )
     return out
+
+
+class DocumentedSchemas:
+    """Validates real response bodies against the component schemas of the server's own /openapi.json,
+    strictly: an object may carry only the properties its schema documents (pydantic's schemas allow any
+    others), so a field the handlers add without documenting it fails as much as a documented one that is
+    wrong."""
+
+    def __init__(self, openapi: dict):
+        import copy
+
+        self.components = copy.deepcopy(openapi["components"]["schemas"])
+        self._close(self.components)
+
+    @classmethod
+    def _close(cls, node) -> None:
+        if isinstance(node, dict):
+            if "properties" in node:
+                node.setdefault("additionalProperties", False)
+            for value in node.values():
+                cls._close(value)
+        elif isinstance(node, list):
+            for value in node:
+                cls._close(value)
+
+    def validate(self, name: str, body) -> None:
+        """Raises jsonschema's ValidationError where ``body`` does not match component ``name``."""
+        import jsonschema
+
+        assert name in self.components, f"{name} is not among the documented schemas"
+        root = {"$ref": f"#/components/schemas/{name}", "components": {"schemas": self.components}}
+        jsonschema.Draft202012Validator(root).validate(body)

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import DocumentedSchemas
 from servers import CliServer, ThreadServer
 
 from engine.core import EngineConfig
@@ -178,6 +179,55 @@ def test_logprobs(client):
     assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
     # greedy: the chosen token is the most likely one
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
+
+
+def _data_events(base: str, path: str, body: dict) -> list[dict]:
+    """The JSON data of a stream's server-sent events, up to its [DONE]."""
+    with httpx.stream("POST", f"{base}{path}", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_every_response_matches_its_documented_schema(server):
+    """Real bodies of every route, streamed or not, with logprobs, n and echo, against /openapi.json."""
+    base = server.base
+    doc = httpx.get(f"{base}/openapi.json").json()
+    paths = doc["paths"]
+    chat_200 = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert chat_200["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
+    event_data = chat_200["text/event-stream"]["itemSchema"]["properties"]["data"]
+    assert {"$ref": "#/components/schemas/ChatCompletionChunk"} in event_data["contentSchema"]["anyOf"]
+    assert paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ModelList"
+    )
+    schemas = DocumentedSchemas(doc)
+    chat = {"model": MODEL, "messages": CHAT, "max_tokens": 4, "logprobs": True, "top_logprobs": 2, "n": 2}
+    r = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=120)
+    schemas.validate("ChatCompletion", r.json())
+    events = _data_events(base, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}})
+    for event in events:
+        schemas.validate("ChatCompletionChunk", event)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 8
+    completion = {"model": MODEL, "prompt": ["Once", "upon a"], "max_tokens": 3, "logprobs": 2, "echo": True}
+    r = httpx.post(f"{base}/v1/completions", json=completion, timeout=120)
+    schemas.validate("Completion", r.json())
+    completion.pop("echo")  # echo with logprobs streams the prompt's text without them; both are documented
+    events = _data_events(base, "/v1/completions", {**completion, "stream_options": {"include_usage": True}})
+    for event in events:
+        schemas.validate("CompletionChunk", event)
+    schemas.validate("ModelList", httpx.get(f"{base}/v1/models").json())
+    schemas.validate("ModelCard", httpx.get(f"{base}/v1/models/{MODEL}").json())
+    tokens = httpx.post(f"{base}/tokenize", json={"prompt": "hello world"}).json()
+    schemas.validate("TokenizeResponse", tokens)
+    schemas.validate("DetokenizeResponse", httpx.post(f"{base}/detokenize", json={"tokens": tokens["tokens"]}).json())
+    for path in ("/health", "/live"):
+        schemas.validate("HealthStatus", httpx.get(f"{base}{path}").json())
+    schemas.validate("VersionInfo", httpx.get(f"{base}/version").json())
+    for bad in (httpx.get(f"{base}/v1/models/nope"), httpx.post(f"{base}/v1/completions", json={"prompt": 1})):
+        assert bad.status_code in (400, 404)
+        schemas.validate("ErrorResponse", bad.json())
 
 
 def test_tokenize_detokenize_round_trip(server):
@@ -441,6 +491,8 @@ def test_reasoning_split_non_streaming_and_streaming(replay_server):
     c = openai.OpenAI(base_url=f"{replay_server.base}/v1", api_key="x", max_retries=0)
     r = c.chat.completions.create(model=MODEL, messages=CHAT)
     msg = r.choices[0].message
+    raw = httpx.post(f"{replay_server.base}/v1/chat/completions", json={"model": MODEL, "messages": CHAT}).json()
+    DocumentedSchemas(httpx.get(f"{replay_server.base}/openapi.json").json()).validate("ChatCompletion", raw)
     assert msg.content == "The answer is 42."
     assert msg.model_extra["reasoning_content"] == "\nThe user wants a number.\n"
     assert msg.model_extra["reasoning"] == msg.model_extra["reasoning_content"]

@@ -12,9 +12,10 @@ import jsonschema
 import openai
 import pytest
 import torch
+from helpers import DocumentedSchemas
 from pydantic import BaseModel
 from servers import CliServer, ThreadServer
-from test_server import _settings
+from test_server import _data_events, _settings
 
 from engine.structured_output import GrammarCompiler, GrammarError, json_schema_grammar
 from engine.tokenizer import HFTokenizer
@@ -306,6 +307,30 @@ def test_streamed_tool_calls_equal_the_non_streamed_ones(client):
     ]
     assert list(calls.values()) == expected
     assert finish == whole.choices[0].finish_reason
+
+
+def test_tool_call_bodies_match_their_documented_schemas(server):
+    """Tool calls (whole and as streamed deltas) as the wire carries them, against /openapi.json."""
+    base = server.base
+    schemas = DocumentedSchemas(httpx.get(f"{base}/openapi.json").json())
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Weather in Paris and the time?"}],
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "temperature": 1.0,
+        "seed": 11,
+        "max_tokens": 300,
+        **NO_THINKING,
+    }
+    whole = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
+    schemas.validate("ChatCompletion", whole)
+    assert whole["choices"][0]["message"]["tool_calls"]
+    deltas = []
+    for event in _data_events(base, "/v1/chat/completions", body):
+        schemas.validate("ChatCompletionChunk", event)
+        deltas += [d for ch in event["choices"] for d in ch["delta"].get("tool_calls", [])]
+    assert deltas and "id" in deltas[0] and "name" in deltas[0]["function"]
 
 
 def test_constraint_errors_name_the_field(server):
