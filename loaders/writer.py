@@ -37,7 +37,15 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it where Linux reports it (os.umask can only be read by
+    setting it, which would briefly give files another thread creates meanwhile the wrong permissions)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)  # elsewhere: set and restore at once
     os.umask(mask)
     return mask
 

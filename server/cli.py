@@ -370,7 +370,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     dst = Path(args.dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.force:
+    if dst.exists() and not dst.is_dir():
+        raise SystemExit(f"error: {dst} is a file; the checkpoint is written as a directory (give a directory path)")
+    if dst.exists() and any(dst.iterdir()) and not args.force:
         raise SystemExit(
             f"error: {dst} exists and is not empty; give --force to write the checkpoint into it "
             "(its old safetensors files are removed)"

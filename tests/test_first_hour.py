@@ -145,12 +145,17 @@ def test_quantize_refuses_a_non_empty_destination_and_writes_shared_permissions(
         capture_output=True,
         text=True,
         check=False,
-        preexec_fn=lambda: os.umask(0o022),
+        preexec_fn=lambda: os.umask(0o027),  # not the usual 022: the mode must come from the umask
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in dst.iterdir()}
-    assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+    assert modes["model.safetensors"] == modes["config.json"] == 0o640, modes
     assert (dst / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "w8a8.safetensors"
+    a_file.write_text("not a directory")
+    for extra in ((), ("--force",)):  # a file is never a destination, forced or not
+        assert_one_line_error(run_cli("quantize", str(src), str(a_file), *extra), str(a_file), "is a file")
+    assert a_file.read_text() == "not a directory"
 
 
 def test_port_in_use_is_reported_before_loading(serve_model):
