@@ -270,14 +270,16 @@ class Scheduler:
         return SequenceUpdate(seq, [], [], finished=True, error=message)
 
     def _check_stop(self, seq: Sequence, token: int, new_lp: list[TokenLogprob]) -> SequenceUpdate:
-        """Token-level stops (vLLM's check_stop): EOS and stop token ids once min_tokens are out, then
-        max_tokens and max_model_len. Stop strings are matched in the text, after this."""
+        """Token-level stops (vLLM's check_stop): EOS and stop token ids once min_tokens are out (EOS before, where
+        a grammar has ended), then max_tokens and max_model_len. Stop strings are matched in the text, after this."""
         p = seq.params
         n_out = len(seq.output_token_ids)
         reason: FinishReason | None = None
         stop_reason: int | None = None
         past_min = n_out >= p.min_tokens
-        if past_min and not p.ignore_eos and token in seq.eos_token_ids:
+        # A grammar that accepted EOS is complete and allows nothing more: it ends the output before min_tokens.
+        grammar_done = seq.grammar is not None and seq.grammar.finished
+        if (past_min or grammar_done) and not p.ignore_eos and token in seq.eos_token_ids:
             reason = FinishReason.STOP
         elif past_min and token in seq.stop_token_set:
             reason, stop_reason = FinishReason.STOP, token

@@ -133,15 +133,26 @@ class GrammarCompiler:
         self._vocab_size = vocab_size
         self._eos = list(eos_token_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None
+        self._unavailable: str | None = None  # why this model's vocabulary has no grammar view (kept: not rebuilt)
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+        """The grammar engine's view of the vocabulary; GrammarError where it cannot be built for this model
+        (a checkpoint whose vocab_size is smaller than its tokenizer's vocabulary), which then stays the answer."""
         with self._lock:
+            if self._tokenizer is None and self._unavailable is None:
+                try:
+                    self._tokenizer = llguidance.LLTokenizer(
+                        self._tokenizer_json(), n_vocab=self._vocab_size, eos_token=self._eos
+                    )
+                except ValueError as e:
+                    self._unavailable = (
+                        f"structured output is not available for this model: its tokenizer does not fit the "
+                        f"model's vocabulary of {self._vocab_size} ids ({e})"
+                    )
             if self._tokenizer is None:
-                self._tokenizer = llguidance.LLTokenizer(
-                    self._tokenizer_json(), n_vocab=self._vocab_size, eos_token=self._eos
-                )
+                raise GrammarError(self._unavailable)
             return self._tokenizer
 
     def compile(self, grammar: Grammar) -> CompiledGrammar:

@@ -130,7 +130,12 @@ class Sampler:
         if o.logit_bias:
             row.index_add_(0, st.bias_ids, st.bias_values.to(row.dtype))
         if len(st.output_token_ids) < o.min_tokens and o.min_tokens_suppress_ids:
+            before = row[st.suppress_ids]
             row[st.suppress_ids] = float("-inf")
+            if not bool(torch.isfinite(row).any()):
+                # Nothing else is allowed: a grammar that is complete allows only end of sequence. The grammar
+                # wins (the output is whole and valid; it could not reach min_tokens anyway).
+                row[st.suppress_ids] = before
 
     def _generator(self, st: SequenceSamplingState) -> torch.Generator:
         if st.options.seed is None:

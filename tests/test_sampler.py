@@ -71,6 +71,27 @@ def test_min_tokens_suppresses_stop_ids():
     assert _sample(opts, logits, outputs=[5, 6]) == [2]
 
 
+def _mask(*allowed: int) -> bytes:
+    """A grammar bitmask (llguidance's layout: token i is bit i % 8 of byte i // 8) allowing ``allowed``."""
+    bits = bytearray(-(-VOCAB // 32) * 4)
+    for t in allowed:
+        bits[t // 8] |= 1 << (t % 8)
+    return bytes(bits)
+
+
+def test_min_tokens_gives_way_to_a_grammar_that_allows_only_eos():
+    """A complete grammar allows only end of sequence: sampling it is not a failure, whatever min_tokens says;
+    where the grammar allows something else, min_tokens still holds."""
+    sampler = Sampler(REAL, seed=0)
+    logits = torch.zeros(VOCAB)
+    for temperature in (0.0, 1.0):
+        opts = SamplingOptions(temperature=temperature, min_tokens=5, min_tokens_suppress_ids=[2])
+        for allowed, expected in (((2,), 2), ((2, 9), 9)):
+            st = SequenceSamplingState(opts, [1])
+            tokens, failed = sampler.sample(logits.clone()[None], [0], [st], masks=[_mask(*allowed)])
+            assert not failed and [t.token_id for t in tokens] == [expected], (temperature, allowed)
+
+
 def test_logprobs_of_chosen_and_top():
     logits = torch.tensor([2.0, 1.0, 0.0] + [-30.0] * (VOCAB - 3))
     st = SequenceSamplingState(SamplingOptions(temperature=0, logprobs=2), [1])

@@ -191,6 +191,35 @@ def test_json_schema_answers_validate(client):
         jsonschema.validate(json.loads(ch.message.content), PERSON)
 
 
+def test_a_grammar_that_ends_before_min_tokens_ends_the_output(server):
+    """min_tokens past the end of a grammar: the grammar wins, the answer is whole and valid, finish_reason
+    "stop" (it was a 500, "probability tensor contains inf", as the grammar allowed only the EOS min_tokens
+    suppressed)."""
+    boolean = {"type": "json_schema", "json_schema": {"name": "flag", "schema": {"type": "boolean"}}}
+    chat = {"model": MODEL, "messages": CHAT, "response_format": boolean, "min_tokens": 60, "max_tokens": 100}
+    r = httpx.post(f"{server.base}/v1/chat/completions", json={**chat, **NO_THINKING}, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and json.loads(choice["message"]["content"]) in (True, False)
+    assert r.json()["usage"]["completion_tokens"] < 60
+    prompt = {"model": MODEL, "prompt": "Answer:", "response_format": boolean, "min_tokens": 30, "max_tokens": 40}
+    events = _data_events(server.base, "/v1/completions", prompt)
+    assert json.loads("".join(e["choices"][0]["text"] for e in events)) in (True, False)
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_model_whose_vocabulary_the_tokenizer_outgrows_refuses_grammars_clearly():
+    """A checkpoint whose vocab_size is smaller than its tokenizer's vocabulary has no grammar view: a
+    GrammarError (a 400 naming the field) every time, not a ValueError (a 500), and not rebuilt each time."""
+    tok = HFTokenizer(qwen3_tokenizer_dir())
+    builds = []
+    compiler = GrammarCompiler(lambda: builds.append(1) or tok.to_json(), 1000, (151645,))
+    for _ in range(2):
+        with pytest.raises(GrammarError, match="not available for this model.*vocabulary of 1000 ids"):
+            compiler.compile(json_schema_grammar({"type": "boolean"}))
+    assert builds == [1]
+
+
 def test_json_object_answers_parse(client):
     # Random strings only end when a quote is drawn: a bias toward closing tokens keeps answers short;
     # whatever is drawn, the grammar must keep the text a JSON object.
