@@ -94,7 +94,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        # (keeps the exception's headers: a 405's Allow, which RFC 9110 requires, lists the route's methods)
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)

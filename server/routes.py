@@ -30,6 +30,7 @@ from server.responses import (
 )
 from server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.serving import (
+    DONE,
     ServingContext,
     chat_prompt_ids,
     create_chat_completion,
@@ -61,15 +62,15 @@ def _error_responses(
     }
     if streams is not None:
         body, chunk = streams
+        json_data = {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [component_ref(chunk), component_ref(ErrorResponse)]},
+        }
+        # the last event's data is the literal [DONE] (OpenAI's end of stream), not JSON
         event = {
             "type": "object",
-            "properties": {
-                "data": {
-                    "type": "string",
-                    "contentMediaType": "application/json",
-                    "contentSchema": {"anyOf": [component_ref(chunk), component_ref(ErrorResponse)]},
-                }
-            },
+            "properties": {"data": {"anyOf": [{"const": DONE}, json_data]}},
             "required": ["data"],
         }
         responses[200] = {

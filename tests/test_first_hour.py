@@ -295,6 +295,8 @@ def test_error_details(server):
     assert r.status_code == 400 and err["param"] is None and "not valid JSON" in err["message"], err
     r = httpx.delete(f"{server.base}/v1/chat/completions")
     assert r.status_code == 405 and r.json()["error"]["type"] == "MethodNotAllowedError"
+    assert r.headers["allow"] == "POST"  # RFC 9110: a 405 lists the methods the resource has
+    assert httpx.request("TRACE", f"{server.base}/version").headers["allow"] == "GET"
     body = {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}
     r = post("/v1/chat/completions", json.dumps(body))
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"

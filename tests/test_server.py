@@ -197,8 +197,9 @@ def test_every_response_matches_its_documented_schema(server):
     paths = doc["paths"]
     chat_200 = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
     assert chat_200["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
-    event_data = chat_200["text/event-stream"]["itemSchema"]["properties"]["data"]
-    assert {"$ref": "#/components/schemas/ChatCompletionChunk"} in event_data["contentSchema"]["anyOf"]
+    done, json_data = chat_200["text/event-stream"]["itemSchema"]["properties"]["data"]["anyOf"]
+    assert done == {"const": "[DONE]"} and json_data["contentMediaType"] == "application/json"
+    assert {"$ref": "#/components/schemas/ChatCompletionChunk"} in json_data["contentSchema"]["anyOf"]
     assert paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/ModelList"
     )
