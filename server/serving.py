@@ -144,9 +144,12 @@ def sampling_params(
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the template expects them; content parts must be text."""
+    """Messages as the template expects them; content parts must be text. Only an assistant message may lack
+    content (OpenAI's rule: its tool calls may be all it says)."""
     out = []
     for i, m in enumerate(messages):
+        if m.content is None and m.role != "assistant":
+            raise APIError(400, f"messages[{i}].content is required for a {m.role} message", "messages")
         d = m.model_dump(exclude_none=True)
         if m.role == "developer":
             d["role"] = "system"

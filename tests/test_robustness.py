@@ -137,6 +137,7 @@ CHAT_KILLERS = [
     ({"stop": ["x"] * 17}, "stop"),
     ({"stop": ["x" * 2000]}, "stop"),
     ({"messages": [{"role": "hacker", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "system"}, {"role": "user", "content": "hi"}]}, "messages"),  # content is required
 ]
 COMPLETION_KILLERS = [
     ({"prompt": [2**70]}, "prompt"),
