@@ -48,9 +48,7 @@ def error_type(status: int) -> str:
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     """The error's body as a dict (the plain-ASGI guard and the SSE error event serialize it themselves)."""
-    return ErrorResponse(
-        error=ErrorBody(message=message, type=error_type(status), param=param, code=status)
-    ).model_dump()
+    return ErrorResponse(error=ErrorBody(message=message, type=error_type(status), param=param, code=status)).as_dict()
 
 
 def error_response(

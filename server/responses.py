@@ -1,41 +1,43 @@
 """Response bodies as pydantic models: what the handlers build and serialize, and what /openapi.json documents.
 
 Names follow the OpenAI API's types (``ChatCompletion``, ``ChatCompletionChunk``, ``Completion`` ...) so that a
-client generated from our schema reads like the OpenAI SDK. Fields are always in the JSON, null or not, except
-those a model lists in ``omitted_unless_set``: those appear only when the handler set them, as OpenAI leaves
-out what does not apply (a delta's absent parts, a choice's ``stop_reason`` before it finished, usage on
-every chunk but the last).
+client generated from our schema reads like the OpenAI SDK. A field without a default is always in the JSON,
+null or not (and "required" in the schema); one with a default appears only where the handler set it, as OpenAI
+leaves out what does not apply (a delta's absent parts, a choice's ``stop_reason`` before it finished, usage on
+every chunk but the last). pydantic's own ``exclude_unset`` does that in its compiled serializer (a Python
+serializer hook per model, tried first, took 5.3 us to serialize a chunk against 1.2 us; benchmarks/api_bench.py
+measures the API process's CPU per streamed chunk).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
-from pydantic import BaseModel, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel
 
 FinishReason = Literal["stop", "length", "tool_calls", "abort"]
 
 
-class _Body(BaseModel):
-    omitted_unless_set: ClassVar[frozenset[str]] = frozenset()
+class ResponseBody(BaseModel):
+    """A response body or a part of one. A field without a default is always in the JSON (null or not); a field
+    with one appears only when the handler set it (pydantic's ``exclude_unset``), as OpenAI leaves out what does
+    not apply. Serialized only through :meth:`serialized` (or :meth:`as_dict`), which say so."""
 
-    # No return annotation on purpose: pydantic would take it as the serialized schema, and /openapi.json
-    # would document every body as "any".
-    @model_serializer(mode="wrap")
-    def _leave_out_unset(self, handler: SerializerFunctionWrapHandler):
-        data = handler(self)
-        for name in self.omitted_unless_set:
-            if name not in self.model_fields_set:
-                data.pop(name, None)
-        return data
+    def serialized(self) -> str:
+        """The JSON text of this body."""
+        return self.model_dump_json(exclude_unset=True)
+
+    def as_dict(self) -> dict:
+        """The body as JSON-ready Python values."""
+        return self.model_dump(mode="json", exclude_unset=True)
 
 
 # ---- shared parts ------------------------------------------------------------------------------------
-class PromptTokensDetails(_Body):
+class PromptTokensDetails(ResponseBody):
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache
 
 
-class CompletionUsage(_Body):
+class CompletionUsage(ResponseBody):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -51,19 +53,19 @@ class CompletionUsage(_Body):
         )
 
 
-class ErrorBody(_Body):
+class ErrorBody(ResponseBody):
     message: str
     type: str
-    param: str | None = None
-    code: int | str | None = None
+    param: str | None
+    code: int | str | None
 
 
-class ErrorResponse(_Body):
+class ErrorResponse(ResponseBody):
     error: ErrorBody
 
 
 # ---- logprobs ----------------------------------------------------------------------------------------
-class TopLogprob(_Body):
+class TopLogprob(ResponseBody):
     token: str
     logprob: float
     bytes: list[int]  # the token's UTF-8 bytes (a token may be part of a character)
@@ -73,11 +75,11 @@ class ChatCompletionTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
-class ChoiceLogprobs(_Body):
+class ChoiceLogprobs(ResponseBody):
     content: list[ChatCompletionTokenLogprob]
 
 
-class CompletionLogprobs(_Body):
+class CompletionLogprobs(ResponseBody):
     tokens: list[str]
     token_logprobs: list[float]
     top_logprobs: list[dict[str, float]]
@@ -85,25 +87,23 @@ class CompletionLogprobs(_Body):
 
 
 # ---- tool calls --------------------------------------------------------------------------------------
-class Function(_Body):
+class Function(ResponseBody):
     name: str
     arguments: str  # the JSON text of the arguments object, as the model wrote it
 
 
-class ChatCompletionMessageToolCall(_Body):
+class ChatCompletionMessageToolCall(ResponseBody):
     id: str
-    type: Literal["function"] = "function"
+    type: Literal["function"]
     function: Function
 
 
-class ChoiceDeltaToolCallFunction(_Body):
-    omitted_unless_set = frozenset({"name"})
+class ChoiceDeltaToolCallFunction(ResponseBody):
     name: str | None = None  # in the call's first delta only
     arguments: str
 
 
-class ChoiceDeltaToolCall(_Body):
-    omitted_unless_set = frozenset({"id", "type"})
+class ChoiceDeltaToolCall(ResponseBody):
     index: int
     id: str | None = None  # in the call's first delta only, with type
     type: Literal["function"] | None = None
@@ -111,9 +111,8 @@ class ChoiceDeltaToolCall(_Body):
 
 
 # ---- chat completions --------------------------------------------------------------------------------
-class ChatCompletionMessage(_Body):
-    omitted_unless_set = frozenset({"tool_calls", "reasoning_content", "reasoning"})
-    role: Literal["assistant"] = "assistant"
+class ChatCompletionMessage(ResponseBody):
+    role: Literal["assistant"]
     content: str | None  # None when the message is only tool calls
     tool_calls: list[ChatCompletionMessageToolCall] | None = None
     # the thinking block of a reasoning model, split off the content (both names, as vLLM gives them)
@@ -121,7 +120,7 @@ class ChatCompletionMessage(_Body):
     reasoning: str | None = None
 
 
-class ChatCompletionChoice(_Body):
+class ChatCompletionChoice(ResponseBody):
     index: int
     message: ChatCompletionMessage
     logprobs: ChoiceLogprobs | None
@@ -129,17 +128,16 @@ class ChatCompletionChoice(_Body):
     stop_reason: str | int | None  # the stop string or token id that ended the choice (vLLM's field)
 
 
-class ChatCompletion(_Body):
+class ChatCompletion(ResponseBody):
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: Literal["chat.completion"]
     created: int
     model: str
     choices: list[ChatCompletionChoice]
     usage: CompletionUsage
 
 
-class ChoiceDelta(_Body):
-    omitted_unless_set = frozenset({"role", "content", "reasoning_content", "reasoning", "tool_calls"})
+class ChoiceDelta(ResponseBody):
     role: Literal["assistant"] | None = None  # in each choice's first chunk only
     content: str | None = None
     reasoning_content: str | None = None
@@ -147,8 +145,7 @@ class ChoiceDelta(_Body):
     tool_calls: list[ChoiceDeltaToolCall] | None = None
 
 
-class ChatCompletionChunkChoice(_Body):
-    omitted_unless_set = frozenset({"stop_reason"})
+class ChatCompletionChunkChoice(ResponseBody):
     index: int
     delta: ChoiceDelta
     logprobs: ChoiceLogprobs | None
@@ -156,10 +153,9 @@ class ChatCompletionChunkChoice(_Body):
     stop_reason: str | int | None = None  # in the choice's last chunk only
 
 
-class ChatCompletionChunk(_Body):
-    omitted_unless_set = frozenset({"usage"})
+class ChatCompletionChunk(ResponseBody):
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    object: Literal["chat.completion.chunk"]
     created: int
     model: str
     choices: list[ChatCompletionChunkChoice]  # empty in the usage chunk
@@ -167,8 +163,7 @@ class ChatCompletionChunk(_Body):
 
 
 # ---- completions -------------------------------------------------------------------------------------
-class CompletionChoice(_Body):
-    omitted_unless_set = frozenset({"stop_reason"})
+class CompletionChoice(ResponseBody):
     index: int  # prompt index * n + sample index
     text: str
     logprobs: CompletionLogprobs | None
@@ -176,9 +171,9 @@ class CompletionChoice(_Body):
     stop_reason: str | int | None = None  # always in a response; in a stream, in the choice's last chunk
 
 
-class Completion(_Body):
+class Completion(ResponseBody):
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: Literal["text_completion"]
     created: int
     model: str
     choices: list[CompletionChoice]
@@ -188,46 +183,43 @@ class Completion(_Body):
 class CompletionChunk(Completion):
     """A streamed :class:`Completion` (OpenAI gives both one type): usage only in the last chunk."""
 
-    omitted_unless_set = frozenset({"usage"})
     choices: list[CompletionChoice]  # empty in the usage chunk
     usage: CompletionUsage | None = None  # in the last chunk only, with stream_options.include_usage
 
 
 # ---- models, tokenizer, status -----------------------------------------------------------------------
-class ModelCard(_Body):
+class ModelCard(ResponseBody):
     id: str
-    object: Literal["model"] = "model"
+    object: Literal["model"]
     created: int
     owned_by: str
     root: str  # the first served name, never a path on this machine
-    parent: str | None = None
+    parent: str | None
     max_model_len: int
 
 
-class ModelList(_Body):
-    object: Literal["list"] = "list"
+class ModelList(ResponseBody):
+    object: Literal["list"]
     data: list[ModelCard]
 
 
-class TokenizeResponse(_Body):
+class TokenizeResponse(ResponseBody):
     tokens: list[int]
     count: int
     max_model_len: int
 
 
-class DetokenizeResponse(_Body):
+class DetokenizeResponse(ResponseBody):
     prompt: str
 
 
-class HealthStatus(_Body):
-    omitted_unless_set = frozenset({"engine", "error"})
+class HealthStatus(ResponseBody):
     status: str  # /health: ok, or why not (loading, restarting, draining, dead, unavailable); /live: alive, dead
     engine: str | None = None  # /live: the engine's state
     error: str | None = None  # what went wrong, when it is not ok
 
 
-class VersionInfo(_Body):
-    omitted_unless_set = frozenset({"device", "backend"})
+class VersionInfo(ResponseBody):
     version: str
     device: str | None = None  # once the worker is up: where the model runs
     backend: str | None = None  # and on which kernels

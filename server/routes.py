@@ -115,13 +115,13 @@ async def live(c: Serving) -> Response:
     return json_response(HealthStatus(status="alive", engine=c.engine.state.value))
 
 
-@router.get("/version")
-async def get_version(c: Serving) -> VersionInfo:
+@router.get("/version", response_model=VersionInfo)
+async def get_version(c: Serving) -> Response:
     """The package version and, once the worker is up, where the model runs and on which kernels."""
     info = c.engine.core.worker_info
     if info is None:
-        return VersionInfo(version=package_version())
-    return VersionInfo(version=package_version(), device=info.device, backend=info.backend)
+        return json_response(VersionInfo(version=package_version()))
+    return json_response(VersionInfo(version=package_version(), device=info.device, backend=info.backend))
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
@@ -133,23 +133,25 @@ def model_card(c: ServingContext, name: str) -> ModelCard:
     # root names the model, not where it lies on this machine (a cache path says nothing to a client)
     return ModelCard(
         id=name,
+        object="model",
         created=c.created,
         owned_by="a8w8-serve",
         root=c.served_model_names[0],
+        parent=None,
         max_model_len=c.engine.max_model_len,
     )
 
 
-@router.get("/v1/models", responses=_error_responses((401,)))
-async def models(c: Serving) -> ModelList:
-    return ModelList(data=[model_card(c, name) for name in c.served_model_names])
+@router.get("/v1/models", response_model=ModelList, responses=_error_responses((401,)))
+async def models(c: Serving) -> Response:
+    return json_response(ModelList(object="list", data=[model_card(c, name) for name in c.served_model_names]))
 
 
-@router.get("/v1/models/{model_id:path}", responses=_error_responses((401, 404)))
-async def retrieve_model(model_id: str, c: Serving) -> ModelCard:
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_error_responses((401, 404)))
+async def retrieve_model(model_id: str, c: Serving) -> Response:
     if model_id not in c.served_model_names:
         raise APIError(404, f"The model `{model_id}` does not exist.", "model")
-    return model_card(c, model_id)
+    return json_response(model_card(c, model_id))
 
 
 @router.post("/v1/chat/completions", responses=_error_responses(streams=(ChatCompletion, ChatCompletionChunk)))
@@ -162,8 +164,8 @@ async def completions(req: CompletionRequest, request: Request, c: Serving) -> R
     return await create_completion(c, req, request)
 
 
-@router.post("/tokenize", responses=_error_responses(LOCAL_ERROR_STATUSES))
-async def tokenize(req: TokenizeRequest, c: Serving) -> TokenizeResponse:
+@router.post("/tokenize", response_model=TokenizeResponse, responses=_error_responses(LOCAL_ERROR_STATUSES))
+async def tokenize(req: TokenizeRequest, c: Serving) -> Response:
     c.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", "prompt")
@@ -180,14 +182,14 @@ async def tokenize(req: TokenizeRequest, c: Serving) -> TokenizeResponse:
             )
         else:
             tokens = await asyncio.to_thread(c.engine.core.encode_prompt, req.prompt)
-    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=c.engine.max_model_len)
+    return json_response(TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=c.engine.max_model_len))
 
 
-@router.post("/detokenize", responses=_error_responses(LOCAL_ERROR_STATUSES))
-async def detokenize(req: DetokenizeRequest, c: Serving) -> DetokenizeResponse:
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=_error_responses(LOCAL_ERROR_STATUSES))
+async def detokenize(req: DetokenizeRequest, c: Serving) -> Response:
     c.check_model(req.model)
     vocab = c.engine.tokenizer.vocab_size
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab})", "tokens")
-    return DetokenizeResponse(prompt=await asyncio.to_thread(c.engine.tokenizer.decode, req.tokens))
+    return json_response(DetokenizeResponse(prompt=await asyncio.to_thread(c.engine.tokenizer.decode, req.tokens)))

@@ -13,7 +13,6 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import AsyncEngine, RequestOutput, RequestStream
@@ -39,6 +38,7 @@ from server.responses import (
     CompletionChunk,
     CompletionLogprobs,
     CompletionUsage,
+    ResponseBody,
     TopLogprob,
 )
 from server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
@@ -48,9 +48,9 @@ DONE = "[DONE]"
 StreamChunk = ChatCompletionChunk | CompletionChunk
 
 
-def json_response(body: BaseModel, status_code: int = 200) -> Response:
+def json_response(body: ResponseBody, status_code: int = 200) -> Response:
     """``body`` serialized by its model (compact JSON, UTF-8)."""
-    return Response(body.model_dump_json(), status_code=status_code, media_type="application/json")
+    return Response(body.serialized(), status_code=status_code, media_type="application/json")
 
 
 @dataclass
@@ -296,16 +296,16 @@ def sse_response(
     async def events() -> AsyncIterator[str]:
         try:
             for event in opening:
-                yield event.model_dump_json()
+                yield event.serialized()
             async for p, out in outputs:
                 if out.finished:
                     ctx.metrics.observe_finished(out)
                 body = chunk_of(p, out)
                 if body is not None:
-                    yield body.model_dump_json()
+                    yield body.serialized()
             last = closing()
             if last is not None:
-                yield last.model_dump_json()
+                yield last.serialized()
         except (asyncio.CancelledError, GeneratorExit):
             for rid in request_ids:
                 ctx.engine.abort(rid)
@@ -441,7 +441,9 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def base(**kw: Any) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=request_id, created=int(time.time()), model=model, **kw)
+            return ChatCompletionChunk(
+                id=request_id, object="chat.completion.chunk", created=int(time.time()), model=model, **kw
+            )
 
         opening = [
             base(
@@ -488,7 +490,7 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
                 ctx.metrics.observe_finished(out)
         result_choices = []
         for i, ch in enumerate(choices):
-            message: dict[str, Any] = {"content": ch.text}
+            message: dict[str, Any] = {"role": "assistant", "content": ch.text}
             if ch.tool_parser is not None and ch.tool_parser.calls:
                 message.update(content=ch.text or None, tool_calls=[c.as_model() for c in ch.tool_parser.calls])
             if ch.parser is not None and ch.parser.saw_reasoning:
@@ -504,7 +506,12 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
             )
         note_usage(request, prompt_tokens, choices)
         body = ChatCompletion(
-            id=request_id, created=int(time.time()), model=model, choices=result_choices, usage=usage()
+            id=request_id,
+            object="chat.completion",
+            created=int(time.time()),
+            model=model,
+            choices=result_choices,
+            usage=usage(),
         )
         return json_response(body)
 
@@ -576,7 +583,7 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(**kw: Any) -> CompletionChunk:
-            return CompletionChunk(id=request_id, created=int(time.time()), model=model, **kw)
+            return CompletionChunk(id=request_id, object="text_completion", created=int(time.time()), model=model, **kw)
 
         opening = [
             chunk(choices=[CompletionChoice(index=p * n + i, text=text, logprobs=None, finish_reason=None)])
@@ -624,8 +631,14 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
                 )
             )
         note_usage(request, prompt_tokens, choices)
-        return json_response(
-            Completion(id=request_id, created=int(time.time()), model=model, choices=result, usage=usage())
+        body = Completion(
+            id=request_id,
+            object="text_completion",
+            created=int(time.time()),
+            model=model,
+            choices=result,
+            usage=usage(),
         )
+        return json_response(body)
 
     return await run_unless_disconnected(request, collect(), ctx.metrics)

@@ -49,7 +49,9 @@ class ToolCall:
     arguments: str = ""  # the JSON text of the arguments object, as the model wrote it
 
     def as_model(self) -> ChatCompletionMessageToolCall:
-        return ChatCompletionMessageToolCall(id=self.id, function=Function(name=self.name, arguments=self.arguments))
+        return ChatCompletionMessageToolCall(
+            id=self.id, type="function", function=Function(name=self.name, arguments=self.arguments)
+        )
 
 
 @dataclass
