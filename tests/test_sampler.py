@@ -49,6 +49,60 @@ def test_top_k_top_p_min_p_restrict_support():
     assert set(_sample(SamplingOptions(temperature=1.0, min_p=0.2, seed=3), logits, n=200)) == {0, 1}
 
 
+def _reference_probs(logits: torch.Tensor, o: SamplingOptions) -> torch.Tensor:
+    """The filtered distribution written plainly (full sort): temperature, top-k, top-p, then min-p."""
+    order = torch.argsort(logits, descending=True)
+    p = torch.softmax(logits[order].double() / o.temperature, dim=-1)
+    if o.top_k:
+        p[o.top_k :] = 0
+        p /= p.sum()
+    if o.top_p < 1.0:
+        p[(torch.cumsum(p, 0) - p) >= o.top_p] = 0
+    if o.min_p:
+        p[p < o.min_p * p[0]] = 0
+    out = torch.zeros_like(p)
+    out[order] = p / p.sum()
+    return out
+
+
+def test_draws_follow_the_filtered_distribution():
+    """Frequencies of many seeded draws against the exact filtered probabilities, for each filter, and top-p over
+    a flat vocabulary whose nucleus lies past the first NUCLEUS_CANDIDATES tokens (the whole row is sorted)."""
+    from npu.sampler import NUCLEUS_CANDIDATES
+
+    draws = 3000
+    g = torch.Generator().manual_seed(7)
+    peaked = torch.randn(REAL, generator=g) * 2
+    flat = torch.randn(3 * NUCLEUS_CANDIDATES, generator=g) * 0.01
+    cases = [
+        (peaked, SamplingOptions(temperature=0.8)),
+        (peaked, SamplingOptions(temperature=1.2, top_k=5)),
+        (peaked, SamplingOptions(temperature=1.0, top_p=0.7)),
+        (peaked, SamplingOptions(temperature=1.0, min_p=0.1)),
+        (peaked, SamplingOptions(temperature=0.9, top_k=8, top_p=0.8, min_p=0.05)),
+        (flat, SamplingOptions(temperature=1.0, top_p=0.5)),
+    ]
+    for case, (logits, opts) in enumerate(cases):
+        vocab = logits.numel()
+        sampler = Sampler(vocab, seed=case)
+        expected = _reference_probs(logits, opts)
+        counts = torch.zeros(vocab, dtype=torch.float64)
+        st = SequenceSamplingState(opts, [1])
+        for _ in range(draws):
+            counts[sampler.sample(logits.clone()[None], [0], [st])[0][0].token_id] += 1
+        seen = counts.nonzero().flatten()
+        assert bool((expected[seen] > 0).all()), (case, "a filtered-out token was drawn")
+        freq = counts / draws
+        # each frequency within 5 standard errors of its probability (plus the rounding of one draw)
+        tolerance = 5 * torch.sqrt(expected * (1 - expected) / draws) + 1 / draws
+        worst = float(((freq - expected).abs() - tolerance).max())
+        assert worst <= 0, (case, worst)
+        if logits is flat:  # tokens past the NUCLEUS_CANDIDATES most likely ones were drawn, as they should be
+            rank = torch.empty(vocab, dtype=torch.long)
+            rank[torch.argsort(logits, descending=True)] = torch.arange(vocab)
+            assert int((expected > 0).sum()) > NUCLEUS_CANDIDATES and int(rank[seen].max()) >= NUCLEUS_CANDIDATES
+
+
 def test_penalties_and_logit_bias():
     logits = torch.zeros(VOCAB)
     logits[3], logits[4] = 2.0, 1.9
@@ -119,7 +173,7 @@ def test_batch_rows_independent():
 def test_a_row_that_cannot_be_sampled_fails_alone():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(3, VOCAB, generator=g)
-    logits[1] = float("nan")  # e.g. a numerically broken row: multinomial refuses it
+    logits[1] = float("nan")  # e.g. a numerically broken row: its probabilities do not sum to a number
     opts = [
         SamplingOptions(temperature=0.8, seed=1),
         SamplingOptions(temperature=0.8, seed=2),
