@@ -62,7 +62,9 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(v), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
 
 
-async def one_request(http: httpx.AsyncClient, base: str, model: str, prompt: list[int], out_len: int) -> RequestRecord:
+async def one_request(
+    http: httpx.AsyncClient, base: str, model: str, prompt: list[int], out_len: int, sampling: dict | None = None
+) -> RequestRecord:
     rec = RequestRecord(start=time.perf_counter())
     body = {
         "model": model,
@@ -72,6 +74,7 @@ async def one_request(http: httpx.AsyncClient, base: str, model: str, prompt: li
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(sampling or {}),
     }
     try:
         async with http.stream("POST", f"{base}/v1/completions", json=body) as r:
@@ -95,7 +98,14 @@ async def one_request(http: httpx.AsyncClient, base: str, model: str, prompt: li
 
 
 async def run_load(
-    base: str, model: str, prompts: list[list[int]], out_len: int, concurrency: int, rate: float | None, seed: int
+    base: str,
+    model: str,
+    prompts: list[list[int]],
+    out_len: int,
+    concurrency: int,
+    rate: float | None,
+    seed: int,
+    sampling: dict | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """Fixed concurrency (rate None) or Poisson arrivals at ``rate`` req/s capped at ``concurrency``."""
     rng = random.Random(seed)
@@ -107,7 +117,7 @@ async def run_load(
 
         async def guarded(p):
             async with sem:
-                return await one_request(http, base, model, p, out_len)
+                return await one_request(http, base, model, p, out_len, sampling)
 
         t0 = time.perf_counter()
         tasks = []
@@ -298,7 +308,9 @@ def measure_level(
     ours = kind.startswith("ours")
     before = engine_overhead(base) if ours else {}
     api_cpu_before = process_cpu_seconds(proc.pid)
-    records, wall = asyncio.run(run_load(base, "bench", prompts, args.output_len, c, args.rate, args.seed))
+    records, wall = asyncio.run(
+        run_load(base, "bench", prompts, args.output_len, c, args.rate, args.seed, args.sampling)
+    )
     summary = summarize(records, wall)
     if ours:
         after = engine_overhead(base)
@@ -363,6 +375,13 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (req/s) instead of closed-loop")
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument(
+        "--sampling",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help='sampling fields of every request, e.g. \'{"temperature": 1, "top_k": -1}\' (default: greedy)',
+    )
     ap.add_argument("--num-prompts", type=int, default=None, help="per level (default: 2 x concurrency, at least 4)")
     ap.add_argument(
         "--rounds",
@@ -401,6 +420,7 @@ def main() -> None:
         "model_name": Path(args.model).name,
         "input_len": args.input_len,
         "output_len": args.output_len,
+        "sampling": args.sampling,
         "seed": args.seed,
         "rate": args.rate,
         "rounds": args.rounds,
