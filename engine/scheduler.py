@@ -277,9 +277,12 @@ class Scheduler:
         reason: FinishReason | None = None
         stop_reason: int | None = None
         past_min = n_out >= p.min_tokens
-        # A grammar that accepted EOS is complete and allows nothing more: it ends the output before min_tokens.
-        grammar_done = seq.grammar is not None and seq.grammar.finished
-        if (past_min or grammar_done) and not p.ignore_eos and token in seq.eos_token_ids:
+        if (
+            not p.ignore_eos
+            and token in seq.eos_token_ids
+            # a grammar that accepted EOS is complete and allows nothing more: it ends the output before min_tokens
+            and (past_min or (seq.grammar is not None and seq.grammar.finished))
+        ):
             reason = FinishReason.STOP
         elif past_min and token in seq.stop_token_set:
             reason, stop_reason = FinishReason.STOP, token

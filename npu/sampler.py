@@ -152,8 +152,8 @@ class Sampler:
         (token ids, their probabilities, unnormalized: filtered ones are 0). ``ids`` None means the whole
         vocabulary in id order. Only what a filter needs is sorted: top-k takes its k best; top-p sorts the
         ``NUCLEUS_CANDIDATES`` best and the whole row only when their mass falls short of ``top_p``; temperature
-        and min-p alone sort nothing (a full sort of a 152k vocabulary took 11 ms a row, measured on the 2-core
-        VM; benchmarks/sampler_bench.py measures both)."""
+        and min-p alone sort nothing (a whole-row sort of a 152k vocabulary costs more than a decode step on CPU:
+        ``python benchmarks/sampler_bench.py`` measures this path beside the sorting one)."""
         ids: torch.Tensor | None = None
         values = row
         if 0 < o.top_k < row.numel():
@@ -177,7 +177,7 @@ class Sampler:
     @staticmethod
     def _categorical(probs: torch.Tensor, generator: torch.Generator) -> int:
         """An index drawn with probability ``probs[i] / probs.sum()``: one uniform number against the running
-        sum (inverse CDF, in float64), instead of torch.multinomial (2.7 ms a row at this vocabulary size)."""
+        sum (inverse CDF, in float64): one pass, where torch.multinomial over a 152k row costs several."""
         cdf = torch.cumsum(probs, dim=0, dtype=torch.float64)
         total = float(cdf[-1])
         if not (math.isfinite(total) and total > 0.0):  # NaN/inf logits, or nothing left to sample

@@ -4,9 +4,9 @@ Names follow the OpenAI API's types (``ChatCompletion``, ``ChatCompletionChunk``
 client generated from our schema reads like the OpenAI SDK. A field without a default is always in the JSON,
 null or not (and "required" in the schema); one with a default appears only where the handler set it, as OpenAI
 leaves out what does not apply (a delta's absent parts, a choice's ``stop_reason`` before it finished, usage on
-every chunk but the last). pydantic's own ``exclude_unset`` does that in its compiled serializer (a Python
-serializer hook per model, tried first, took 5.3 us to serialize a chunk against 1.2 us; benchmarks/api_bench.py
-measures the API process's CPU per streamed chunk).
+every chunk but the last). pydantic's own ``exclude_unset`` does that in its compiled serializer, not a Python
+hook per model (which cost several times as much per chunk; ``python benchmarks/api_bench.py`` measures the API
+process's CPU per streamed chunk).
 """
 
 from __future__ import annotations
