@@ -417,8 +417,16 @@ def main() -> None:
         "benchmarks/make_bench_models.py writes them); the load is reported: time, cold disk read "
         "speed, peak resident memory",
     )
+    ap.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="compute threads of the worker (CPU), as serve's --num-threads; default all cores",
+    )
     ap.add_argument("--out", default="bench-results/worker.json")
     args = ap.parse_args()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)  # before the bandwidth reading, so it uses the same threads
 
     device = torch.device(args.device)
     bw = measure_bandwidth(device=device)
@@ -436,6 +444,7 @@ def main() -> None:
                     kv_cache_memory_bytes=KV_BUDGET_BYTES,
                     max_model_len=4096,
                     device=args.device,
+                    num_threads=args.num_threads,
                 )
             ),
         )

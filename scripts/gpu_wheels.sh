@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs=(fastapi starlette sse-starlette uvicorn msgspec llguidance openai pydantic pydantic_core typing-inspection
-      annotated-types annotated-doc gguf jiter httpx2 httpcore2 truststore opentelemetry-api)
+      annotated-types annotated-doc gguf jiter httpx2 httpcore2 truststore opentelemetry-api sniffio)
 spec=()
 for p in "${pkgs[@]}"; do
   v=$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$p")

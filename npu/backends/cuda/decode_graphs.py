@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npu.kv_cache import PagedKVCache
+from npu.kv_cache import Int8KV, PagedKVCache
 from npu.model import DecodeGroup, ForwardBatch
 
 # Batch buckets are powers of two up to this; larger decode steps run eagerly.
@@ -98,9 +98,12 @@ class PaddedDecodeStack:
         lengths: torch.Tensor,
         cache: PagedKVCache,
     ) -> bool:
-        """Run every layer on ``x`` ``[S, hidden]`` in place; False (nothing touched) past the largest bucket."""
+        """Run every layer on ``x`` ``[S, hidden]`` in place; False (nothing touched) past the largest bucket,
+        or for a KV dtype other than INT8: the padding rows rely on the Triton INT8 KV write skipping slot -1,
+        and the reference KV write of the other dtypes (``index_copy_``) does not (on an H200 its device-side
+        bounds assert fired on the first capture of an fp32-KV model)."""
         s, longest = context_slots.shape
-        if s > MAX_GRAPH_BATCH or longest > self.max_context_bucket:
+        if s > MAX_GRAPH_BATCH or longest > self.max_context_bucket or not isinstance(cache.format, Int8KV):
             return False
         key = (bucket(s), bucket(longest, MIN_CONTEXT_BUCKET), id(cache))
         step = self.steps.get(key)
