@@ -17,7 +17,7 @@ from engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
 from engine.sequence import FinishReason, Sequence
 from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token, tokenizer_json
-from loaders.config import GenerationDefaults, load_generation_defaults, load_model_config
+from loaders.config import GENERATION_CONFIG_AUTO, GenerationDefaults, load_generation_defaults, load_model_config
 from npu.client import WorkerClient
 from npu.messages import Ready, SpecDecodeStats, StepRequest, WorkerConfig
 
@@ -36,6 +36,10 @@ class EngineConfig:
     # gives up (and the server exits non-zero, so that an orchestrator restarts the whole process).
     max_worker_restarts: int = 5
     worker_restart_window_seconds: float = 600.0
+    # Request defaults (vLLM's flags): "auto" (the model's generation_config.json), "vllm" (none) or a
+    # directory holding a generation_config.json; then single fields overridden.
+    generation_config: str = GENERATION_CONFIG_AUTO
+    override_generation_config: dict = field(default_factory=dict)
 
 
 def check_text_length(max_model_len: int, num_bytes: int, bytes_per_token: int) -> None:
@@ -65,7 +69,9 @@ class EngineCore:
         self.model_config = load_model_config(model_dir)
         self.tokenizer: Tokenizer = load_tokenizer(model_dir, config.tokenizer_impl)
         self.chat_template = ChatTemplate.from_model_dir(model_dir)
-        self.generation_defaults: GenerationDefaults = load_generation_defaults(model_dir)
+        self.generation_defaults: GenerationDefaults = load_generation_defaults(
+            model_dir, config.generation_config, config.override_generation_config
+        )
         # Lets a prompt that cannot fit be refused by its size, before the tokenizer spends time on it.
         self.text_bytes_per_token = max_text_bytes_per_token(self.tokenizer)
         self.eos_token_ids: tuple[int, ...] = tuple(

@@ -283,35 +283,111 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     return cfg
 
 
+# The request defaults a model's generation_config.json (or --override-generation-config) may set: vLLM's list,
+# each key with the type it must have. ``max_new_tokens`` becomes a chat request's default ``max_tokens``.
+GENERATION_DEFAULT_FIELDS: dict[str, type] = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repetition_penalty": float,
+    "max_new_tokens": int,
+}
+# --generation-config values besides a directory: the model's own file, or none (vLLM's name for "the
+# server's own defaults": temperature 1, no top-p/top-k, no length limit).
+GENERATION_CONFIG_AUTO = "auto"
+GENERATION_CONFIG_NONE = "vllm"
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """Sampling defaults from ``generation_config.json`` (all optional)."""
+    """Sampling defaults of requests that leave a field out (from ``generation_config.json`` and the
+    overrides; all optional), and the end-of-sequence ids the model's file names."""
 
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    source: str = "none"  # where the sampling values came from, for the startup summary
+
+    def describe(self) -> str:
+        """One line for the startup summary: the effective defaults and where they came from."""
+        values = [f"{k} {getattr(self, k)}" for k in GENERATION_DEFAULT_FIELDS if getattr(self, k) is not None]
+        if not values:
+            return f"none from {self.source}: temperature 1.0, no top_p/top_k, no max_tokens"
+        return f"{', '.join(values)} (from {self.source})"
 
 
-def load_generation_defaults(model_dir: str | Path) -> GenerationDefaults:
-    """Read ``generation_config.json`` if present; an absent file means no defaults."""
-    path = Path(model_dir) / "generation_config.json"
-    if not path.is_file():
-        return GenerationDefaults()
-    cfg = read_json(path)
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    # do_sample=false in HF means greedy; express that as temperature 0.
-    temperature = cfg.get("temperature")
+def _sampling_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """The request defaults in a generation config, type-checked; ``do_sample: false`` (transformers' way of
+    saying greedy) is temperature 0."""
+    out = {}
+    for key, kind in GENERATION_DEFAULT_FIELDS.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ConfigError(f"{source}: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        out[key] = kind(value)
     if cfg.get("do_sample") is False:
-        temperature = 0.0
-    return GenerationDefaults(
-        temperature=temperature,
-        top_p=cfg.get("top_p"),
-        top_k=cfg.get("top_k"),
-        min_p=cfg.get("min_p"),
-        repetition_penalty=cfg.get("repetition_penalty"),
-        eos_token_ids=eos_ids,
-    )
+        out["temperature"] = 0.0
+    return out
+
+
+def _check_ranges(values: dict[str, Any], source: str) -> None:
+    checks = {
+        "temperature": (lambda v: v >= 0, "at least 0"),
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": (lambda v: v >= -1, "-1, 0 (off) or a positive count"),
+        "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "repetition_penalty": (lambda v: v > 0, "greater than 0"),
+        "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    }
+    for key, value in values.items():
+        ok, want = checks[key]
+        if not ok(value):
+            raise ConfigError(f"{source}: {key} must be {want}, got {value}")
+
+
+def load_generation_defaults(
+    model_dir: str | Path,
+    generation_config: str = GENERATION_CONFIG_AUTO,
+    overrides: dict[str, Any] | None = None,
+) -> GenerationDefaults:
+    """Request defaults as vLLM's ``--generation-config`` / ``--override-generation-config`` resolve them:
+    ``auto`` reads the model's ``generation_config.json`` (absent: no defaults), ``vllm`` none, anything else
+    names a directory holding a ``generation_config.json``; ``overrides`` then set or replace single fields
+    (an unknown key is an error). End-of-sequence ids always come from the model's own file."""
+    model_file = Path(model_dir) / "generation_config.json"
+    model_cfg = read_json(model_file) if model_file.is_file() else {}
+    eos = model_cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    if generation_config == GENERATION_CONFIG_AUTO:
+        cfg, source = model_cfg, (str(model_file) if model_file.is_file() else "the model (no generation_config.json)")
+    elif generation_config == GENERATION_CONFIG_NONE:
+        cfg, source = {}, "--generation-config vllm"
+    else:
+        path = Path(generation_config) / "generation_config.json"
+        if not path.is_file():
+            raise ConfigError(
+                f"--generation-config {generation_config}: no generation_config.json there (give auto, vllm or a "
+                "directory holding one)"
+            )
+        cfg, source = read_json(path), str(path)
+    values = _sampling_fields(cfg, source)
+    _check_ranges(values, source)
+    if overrides:
+        unknown = sorted(set(overrides) - set(GENERATION_DEFAULT_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"--override-generation-config: unknown field {', '.join(unknown)} (known: "
+                f"{', '.join(GENERATION_DEFAULT_FIELDS)})"
+            )
+        override_values = _sampling_fields(overrides, "--override-generation-config")
+        _check_ranges(override_values, "--override-generation-config")
+        values.update(override_values)
+        source = f"{source} + --override-generation-config" if cfg else "--override-generation-config"
+    return GenerationDefaults(**values, eos_token_ids=eos_ids, source=source)

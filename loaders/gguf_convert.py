@@ -58,6 +58,27 @@ def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# llama.cpp's sampling metadata (``general.sampling.*``, written by its converter from a model's own
+# generation_config.json) -> the generation_config.json field each one becomes.
+GGUF_SAMPLING_FIELDS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def gguf_sampling(reader) -> dict[str, Any]:
+    """The sampling defaults a GGUF file carries, as generation_config.json fields (none: empty)."""
+    out = {}
+    for key, name in GGUF_SAMPLING_FIELDS.items():
+        value = _field(reader, key)
+        if value is not None:
+            out[name] = int(value) if name == "top_k" else float(value)
+    return out
+
+
 def _field(reader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     return default if f is None else f.contents()
@@ -89,8 +110,15 @@ def build_tokenizer_json(tokens: list[str], types: list[int], merges: list[str],
     return tok
 
 
-def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``dst`` as a Hugging Face LlamaForCausalLM checkpoint from the GGUF file ``src``."""
+def convert_gguf(
+    src: str | Path,
+    dst: str | Path,
+    dtype: torch.dtype = torch.float32,
+    sampling_defaults: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``dst`` as a Hugging Face LlamaForCausalLM checkpoint from the GGUF file ``src``. Its
+    generation_config.json gets the file's sampling metadata; ``sampling_defaults`` (e.g. a model card's
+    recommendation) fill the fields the file does not set."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -195,7 +223,10 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     if template:
         tok_cfg["chat_template"] = template
     (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+    sampling = {**(sampling_defaults or {}), **gguf_sampling(reader)}
+    if sampling and sampling.get("temperature", 1.0) > 0:
+        sampling["do_sample"] = True  # transformers samples only with it; a temperature alone means greedy there
     (dst / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}, indent=2)
+        json.dumps({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, **sampling}, indent=2)
     )
     return dst

@@ -25,7 +25,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 RANDOM_MODEL_NAME = "qwen3-random-a8w8"
 # Bump when a spec, the converter or the writer changes, so stale caches are not reused.
-DEFAULT_MODEL_VERSION = "v3"
+# v4: generation_config.json carries the model card's sampling (below).
+DEFAULT_MODEL_VERSION = "v4"
+# The sampling SmolLM2-135M-Instruct's model card uses in its usage example (temperature 0.2, top_p 0.9):
+# requests that leave these fields out get them. At transformers' default (temperature 1, no filter) the
+# 135M model rambles ("What is the capital of France?" -> "Scellaire de Paris (lisage des bonds)...").
+SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # The default model's float parts (embedding = tied lm_head, norms), as SmolLM2 itself ships: the GGUF
 # conversion is float32, which doubles the largest matrix read per decode step for no measurable quality
 # (eval-quality: smoothquant_a8w8_int8kv vs smoothquant_a8w8_int8kv_bf16).
@@ -74,12 +79,17 @@ def ensure_random_model() -> Path:
     )
 
 
-def ensure_smollm2_float(gguf: Path) -> Path:
-    """SmolLM2-135M-Instruct converted from GGUF to a float32 Hugging Face checkpoint (the reference)."""
+def convert_smollm2(gguf: Path, dst: Path) -> Path:
+    """The packaged GGUF as a float32 Hugging Face checkpoint, with the model card's sampling defaults."""
     from loaders.gguf_convert import convert_gguf
 
+    return convert_gguf(gguf, dst, sampling_defaults=SMOLLM2_SAMPLING)
+
+
+def ensure_smollm2_float(gguf: Path) -> Path:
+    """SmolLM2-135M-Instruct converted from GGUF to a float32 Hugging Face checkpoint (the reference)."""
     return _build_atomically(
-        cache_dir() / f"{SMOLLM2_NAME}-float-{DEFAULT_MODEL_VERSION}", lambda d: convert_gguf(gguf, d)
+        cache_dir() / f"{SMOLLM2_NAME}-float-{DEFAULT_MODEL_VERSION}", lambda d: convert_smollm2(gguf, d)
     )
 
 

@@ -91,6 +91,17 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
     return config
 
 
+def parse_generation_overrides(text: str) -> dict:
+    """``--override-generation-config``: a JSON object (its fields are checked with the model's defaults)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"temperature\": 0.5}'")
+    return value
+
+
 def read_replay_token_ids(path: str) -> list[int]:
     """The token ids of a ``--replay-token-ids`` file: a non-empty JSON list of non-negative integers."""
     try:
@@ -236,6 +247,7 @@ def engine_config(args: argparse.Namespace):
     """The EngineConfig the flags describe; builds the default model first when --model is not given."""
     from engine.core import EngineConfig
     from engine.scheduler import SchedulerConfig
+    from loaders.config import load_generation_defaults
     from npu.messages import WorkerConfig
 
     model = args.model
@@ -262,6 +274,10 @@ def engine_config(args: argparse.Namespace):
         speculative=args.speculative_config,
         replay_token_ids=args.replay_token_ids,
     )
+    # Checked here, so a wrong value is one error line before anything loads (the engine reads them again).
+    load_generation_defaults(
+        model, getattr(args, "generation_config", "auto"), getattr(args, "override_generation_config", None)
+    )
     sched = SchedulerConfig(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -276,6 +292,8 @@ def engine_config(args: argparse.Namespace):
         max_queued_requests=args.max_queued_requests,
         max_worker_restarts=args.max_worker_restarts,
         worker_restart_window_seconds=args.worker_restart_window,
+        generation_config=getattr(args, "generation_config", "auto"),
+        override_generation_config=getattr(args, "override_generation_config", None) or {},
     )
 
 
@@ -491,6 +509,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["debug", "info", "warning", "error"],
         help="log lines below this level are dropped (debug adds one line per /health probe and scrape)",
+    )
+    sd = serve.add_argument_group("request defaults")
+    sd.add_argument(
+        "--generation-config",
+        default="auto",
+        metavar="{auto,vllm,DIR}",
+        help="sampling defaults of requests that leave a field out (temperature, top_p, top_k, min_p, "
+        "repetition_penalty, max_new_tokens as the default max_tokens of chat): auto = the model's "
+        "generation_config.json; vllm = none (temperature 1, no filters, no length limit); or a directory "
+        "holding a generation_config.json",
+    )
+    sd.add_argument(
+        "--override-generation-config",
+        type=parse_generation_overrides,
+        default=None,
+        metavar="JSON",
+        help='set or replace single defaults, e.g. \'{"temperature": 0.5, "max_new_tokens": 1024}\'',
     )
     serve.set_defaults(func=cmd_serve)
 

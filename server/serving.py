@@ -423,7 +423,14 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(ctx, req, req.max_completion_tokens or req.max_tokens, logprobs, structured)
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    default_max = ctx.engine.generation_defaults.max_new_tokens
+    if max_tokens is None and default_max is not None:
+        # the model's default length, cut to the context left (vLLM's rule); a prompt with no room left keeps
+        # None, so it is refused for its own length
+        room = ctx.engine.max_model_len - len(prompt_ids)
+        max_tokens = min(default_max, room) if room > 0 else None
+    params = sampling_params(ctx, req, max_tokens, logprobs, structured)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = ctx.engine.add_request(prompt_ids, params, request_id, priority=req.priority)
     choices = [

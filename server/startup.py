@@ -57,6 +57,7 @@ def startup_summary(
         f"  KV cache       {info.kv_cache_dtype}, {info.num_blocks} blocks x {info.block_size} tokens = "
         f"{kv_tokens} tokens ({worker.kv_cache_memory_bytes / MIB:.0f} MiB)",
         f"  max_model_len  {engine.max_model_len}",
+        f"  defaults       {engine.generation_defaults.describe()}",
     ]
     if base_url:
         lines.append(

@@ -351,3 +351,82 @@ def test_continue_final_message_renders_as_transformers(server, messages):
     # vLLM's rule: continuing the final message and opening a new one exclude each other.
     r = httpx.post(f"{server.base}/v1/chat/completions", json={"messages": messages, "continue_final_message": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
+# ---- request defaults (generation config) ----------------------------------------------------------------
+def test_generation_defaults_resolve_as_vllms_flags(tmp_path):
+    from loaders.config import ConfigError, load_generation_defaults
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [7, 9], "temperature": 0.6, "top_p": 0.95, "top_k": 20, "do_sample": True})
+    )
+    auto = load_generation_defaults(model)
+    assert (auto.temperature, auto.top_p, auto.top_k, auto.min_p, auto.eos_token_ids) == (0.6, 0.95, 20, None, (7, 9))
+    assert "temperature 0.6, top_p 0.95, top_k 20" in auto.describe() and "generation_config.json" in auto.describe()
+    # "vllm": no model defaults, but the model's end-of-sequence ids stay
+    none = load_generation_defaults(model, "vllm")
+    assert (none.temperature, none.top_p, none.top_k, none.eos_token_ids) == (None, None, None, (7, 9))
+    assert "temperature 1.0" in none.describe()
+    # a directory of its own, then single fields overridden
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"temperature": 0.2, "max_new_tokens": 300}))
+    d = load_generation_defaults(model, str(other), {"top_p": 0.5})
+    assert (d.temperature, d.top_p, d.max_new_tokens, d.eos_token_ids) == (0.2, 0.5, 300, (7, 9))
+    assert load_generation_defaults(model, "vllm", {"temperature": 0}).temperature == 0.0
+    # transformers' greedy flag
+    (other / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "do_sample": False}))
+    assert load_generation_defaults(model, str(other)).temperature == 0.0
+    for where, overrides, match in (
+        (str(tmp_path / "nowhere"), None, "no generation_config.json there"),
+        ("auto", {"temprature": 0.5}, "unknown field temprature"),
+        ("auto", {"top_p": 0}, "top_p must be in"),
+        ("auto", {"top_k": 2.5}, "top_k must be an integer"),
+        ("auto", {"temperature": "hot"}, "temperature must be a number"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_generation_defaults(model, where, overrides)
+
+
+def test_wrong_generation_config_flags_are_one_line_errors(serve_model, tmp_path):
+    port = str(free_port())
+    base = ("serve", "--model", str(serve_model), "--port", port)
+    line = assert_one_line_error(run_cli(*base, "--override-generation-config", '{"temprature": 0.5}'))
+    assert "--override-generation-config" in line and "temprature" in line
+    assert_one_line_error(run_cli(*base, "--generation-config", str(tmp_path)), str(tmp_path), "generation_config.json")
+    proc = run_cli(*base, "--override-generation-config", "{temperature: 0}")  # not JSON: argparse's usage error
+    assert proc.returncode == 2 and "--override-generation-config: not valid JSON" in proc.stderr
+
+
+def test_request_defaults_from_the_flags_apply_and_are_summarized(serve_model):
+    server = CliServer(
+        serve_model,
+        "--kv-cache-memory",
+        SMALL_KV,
+        "--override-generation-config",
+        '{"temperature": 0, "max_new_tokens": 5}',
+    )
+    try:
+        server.log.seek(0)
+        summary = server.log.read()
+        assert re.search(
+            r"defaults\s+temperature 0\.0, top_p 0\.95, top_k 20, max_new_tokens 5 "
+            r"\(from \S+/generation_config\.json \+ --override-generation-config\)",
+            summary,
+        )
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+        model = client.models.list().data[0].id
+        msgs = [{"role": "user", "content": "Hello there"}]
+        # no sampling fields: greedy (the same answer twice) and max_new_tokens as the default length
+        a, b = (
+            client.chat.completions.create(model=model, messages=msgs, extra_body={"ignore_eos": True}) for _ in "ab"
+        )
+        assert a.usage.completion_tokens == 5 and a.choices[0].finish_reason == "length"
+        assert a.choices[0].message.content == b.choices[0].message.content
+        # the request's own fields win
+        c = client.chat.completions.create(model=model, messages=msgs, max_tokens=7, extra_body={"ignore_eos": True})
+        assert c.usage.completion_tokens == 7
+    finally:
+        server.stop()

@@ -15,12 +15,12 @@ import torch
 from helpers import corpus
 from servers import CliServer
 
-from loaders.gguf_convert import convert_gguf, llama_cpp_permute, llama_cpp_unpermute
+from loaders.gguf_convert import llama_cpp_permute, llama_cpp_unpermute
 from loaders.weights import load_model_weights
 from npu.messages import WorkerConfig
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
-from offline.default_model import smollm2_gguf_path
+from offline.default_model import SMOLLM2_SAMPLING, convert_smollm2, smollm2_gguf_path
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,7 +34,8 @@ def gguf():
 
 @pytest.fixture(scope="module")
 def smol_float(gguf, tmp_path_factory):
-    return convert_gguf(gguf, tmp_path_factory.mktemp("smol-float"))
+    """As the default model is converted (with its model card's sampling defaults)."""
+    return convert_smollm2(gguf, tmp_path_factory.mktemp("smol-float"))
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +181,37 @@ class TestServedInA8W8:
         assert "4" in r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop"  # it ends on <|im_end|> by itself
 
+    def test_the_pages_request_answers_sensibly_by_default(self, smol_server):
+        """The chat page's own request (no sampling fields; stream, usage, its default max_tokens of 1024) gets
+        the model card's sampling from the default model's generation config: sensible answers in most seeded
+        runs (at transformers' default, temperature 1 and no top-p, this model answers "What is the capital
+        of France?" with "Scellaire de Paris (lisage des bonds)..." and rambles for thousands of tokens)."""
+        import httpx
+
+        def ask(question: str, seed: int) -> str:
+            body = {
+                "model": "smollm2",
+                "messages": [{"role": "user", "content": question}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": 1024,
+                "seed": seed,  # (not sent by the page: makes the runs repeatable)
+            }
+            text = ""
+            with httpx.stream("POST", f"{smol_server.base}/v1/chat/completions", json=body, timeout=120) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        if chunk["choices"]:
+                            text += chunk["choices"][0]["delta"].get("content") or ""
+            return text
+
+        paris = [ask("What is the capital of France?", seed) for seed in range(5)]
+        four = [ask("What is 2+2?", seed) for seed in range(5)]
+        assert sum("Paris" in a for a in paris) >= 3, paris
+        assert sum("4" in a and len(a) < 200 for a in four) >= 3, four
+
     def test_forced_tool_call_names_the_city(self, smol_server):
         """SmolLM2's template knows no tools: they reach it as Hermes-style system instructions. Left to itself
         ("auto") the 135M model does not write a call (README); forced by the grammar ("required") it fills the
@@ -266,6 +298,9 @@ def test_default_model_command_builds_the_smoothed_w8a8_model(tmp_path):
     cfg = json.loads((__import__("pathlib").Path(path) / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["quantization_config"]["format"] == "int-quantized"
+    # the model card's sampling, for requests that leave it out
+    gen = json.loads((__import__("pathlib").Path(path) / "generation_config.json").read_text())
+    assert {k: gen[k] for k in SMOLLM2_SAMPLING} == SMOLLM2_SAMPLING and gen["eos_token_id"] == 2
     # float parts in bfloat16, as SmolLM2 ships (the GGUF conversion is float32); INT8 scales untouched
     assert cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] == "bfloat16"
     from safetensors import safe_open
@@ -304,3 +339,31 @@ def test_speculative_greedy_output_identical_on_the_real_model(smol_a8w8):
             if spec is not None:
                 assert llm.core.spec_totals.num_accepted_tokens > 20  # lookup drafted and was right
     assert outs[0] == outs[1]
+
+
+def test_gguf_sampling_metadata_becomes_generation_config_fields(tmp_path):
+    """llama.cpp's general.sampling.* keys (its converter writes them from a model's generation_config.json)."""
+    import gguf
+
+    from loaders.gguf_convert import gguf_sampling
+
+    path = tmp_path / "sampling.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_float32(gguf.Keys.General.SAMPLING_TEMP, 0.6)
+    writer.add_int32(gguf.Keys.General.SAMPLING_TOP_K, 20)
+    writer.add_float32(gguf.Keys.General.SAMPLING_TOP_P, 0.95)
+    writer.add_float32(gguf.Keys.General.SAMPLING_PENALTY_REPEAT, 1.1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    got = gguf_sampling(gguf.GGUFReader(str(path)))
+    assert got == {
+        "temperature": pytest.approx(0.6),
+        "top_k": 20,
+        "top_p": pytest.approx(0.95),
+        "repetition_penalty": pytest.approx(1.1),
+    }
+    assert type(got["top_k"]) is int
+    # the packaged SmolLM2 GGUF carries none: its defaults come from the model card (SMOLLM2_SAMPLING)
+    assert gguf_sampling(gguf.GGUFReader(str(smollm2_gguf_path()))) == {}

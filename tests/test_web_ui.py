@@ -216,6 +216,37 @@ def test_streamed_answer_grows_in_the_page_and_matches_the_api(tab, server):
     assert p.locator("#chat-list li").count() == 1 and len(tab.stored_chats()) == 1
 
 
+def test_unset_sampling_is_left_to_the_server_and_answers_end_by_themselves(browser, server):
+    """A fresh page sends no sampling fields (the model's generation config decides) and max_tokens 1024, so a
+    runaway answer ends; settings saved by the page before that default (maxTokens "") get it too, and a
+    maxTokens emptied on purpose now is kept."""
+    old = Page(browser, server.base)
+    old.page.goto(f"{server.base}/ui/style.css")  # same origin: write the old page's saved settings first
+    old.page.evaluate(
+        """() => localStorage.setItem('a8w8.settings', JSON.stringify({systemPrompt: "", temperature: "",
+        topP: "", maxTokens: "", thinking: "default", extraBody: ""}))"""
+    )
+    fresh = Page(browser, server.base)
+    try:
+        for t in (fresh, old):
+            t.open()
+            t.send("Hello")
+            t.wait_answer()
+            body = t.requests[-1]
+            assert body["max_tokens"] == 1024, body
+            assert not {"temperature", "top_p", "top_k", "min_p"} & set(body), body
+        # (max_completion_tokens through the extra fields only keeps this answer short; it is not max_tokens)
+        fresh.settings(maxTokens="", extraBody='{"max_completion_tokens": 8}')
+        fresh.page.reload()
+        fresh.page.wait_for_function(f"() => document.getElementById('model-name').textContent === {MODEL!r}")
+        fresh.send("Again")
+        fresh.wait_answer(2)
+        assert "max_tokens" not in fresh.requests[-1], fresh.requests[-1]
+    finally:
+        fresh.close()
+        old.close()
+
+
 def test_stop_aborts_the_request_and_frees_the_server(tab, server):
     p = tab.page
     generated_before = metric(server.base, "vllm:generation_tokens_total")

@@ -9,7 +9,11 @@
   const HEALTH_RETRY_MS = 2000; // how often the page asks again while the server loads its model
   const TITLE_CHARS = 48; // a chat's title is the start of its first message
   const NEAR_BOTTOM_PX = 80; // follow the stream only while the reader is at the end of the conversation
-  const DEFAULT_SETTINGS = { systemPrompt: "", temperature: "", topP: "", maxTokens: "", thinking: "default", extraBody: "" };
+  // Sampling left empty is left out of the request: the server's defaults (the model's generation config) apply.
+  // Max tokens has a default so that a runaway answer ends by itself; empty means "until the model stops".
+  const DEFAULT_SETTINGS = { systemPrompt: "", temperature: "", topP: "", maxTokens: "1024", thinking: "default", extraBody: "" };
+  // 2: max tokens defaults to 1024. Settings saved before held maxTokens "" as the old default, not as a choice.
+  const SETTINGS_VERSION = 2;
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -38,9 +42,14 @@
       return fallback;
     }
   }
+  function loadSettings() {
+    const saved = load(STORAGE.settings, {});
+    if (saved && saved.version !== SETTINGS_VERSION && saved.maxTokens === "") delete saved.maxTokens;
+    return Object.assign({}, DEFAULT_SETTINGS, saved, { version: SETTINGS_VERSION });
+  }
   const state = {
     chats: load(STORAGE.chats, []),
-    settings: Object.assign({}, DEFAULT_SETTINGS, load(STORAGE.settings, {})),
+    settings: loadSettings(),
     apiKey: localStorage.getItem(STORAGE.apiKey) || "",
     currentId: localStorage.getItem(STORAGE.current),
     model: null,
@@ -477,6 +486,7 @@
     const form = el.settingsForm.elements;
     const next = {};
     for (const key of Object.keys(DEFAULT_SETTINGS)) next[key] = form[key].value;
+    next.version = SETTINGS_VERSION;
     if (next.extraBody.trim()) {
       let extra;
       try {
