@@ -33,7 +33,16 @@ class WorkerClient:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=worker_main, args=(child, config), name="a8w8-worker", daemon=True)
-        self.process.start()
+        # A terminal's Ctrl-C sends SIGINT to the whole process group: the worker must not die of it (the API
+        # process drains, then stops the worker). Spawned with SIGINT blocked in this thread, the child starts
+        # with it blocked (the mask survives fork and exec) until worker_main ignores it, so not even a Ctrl-C
+        # during the interpreter's start reaches it. Only this thread's mask changes: a SIGINT meanwhile goes
+        # to the main thread as usual.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()  # so that the worker's death closes the pipe and recv() raises at once
         self.info: m.Ready | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
 import traceback
 from multiprocessing.connection import Connection
 
@@ -24,6 +25,11 @@ def _make_runner(config: m.WorkerConfig):
 
 def worker_main(conn: Connection, config: m.WorkerConfig) -> None:
     """Entry point of the spawned process. Exits when told to, or when the parent's pipe closes."""
+    # Terminal signals are the API process's to handle (it drains, then stops this process): a Ctrl-C sent to
+    # the process group is ignored here. The parent spawned this process with SIGINT blocked; any SIGINT
+    # that arrived meanwhile is discarded when it is unblocked.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         runner = _make_runner(config)
         runner.warmup()

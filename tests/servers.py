@@ -40,7 +40,9 @@ def wait_healthy(base: str, timeout: float = STARTUP_TIMEOUT, proc: subprocess.P
 class CliServer:
     """``a8w8-serve serve`` as a subprocess on 127.0.0.1."""
 
-    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None, own_group: bool = False):
+        """``own_group``: start it in a process group of its own (a new session), as a shell starts a job, so
+        that a signal can be sent to the whole group (``os.killpg``) as a terminal's Ctrl-C does."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"a8w8-server-{self.port}.log", "w+")
@@ -49,6 +51,7 @@ class CliServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            start_new_session=own_group,
         )
         wait_healthy(self.base, proc=self.proc)
 

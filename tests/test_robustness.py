@@ -451,6 +451,32 @@ def test_sigterm_drains_and_never_cuts_a_stream_silently(serve_model):
         s.stop()
 
 
+def test_ctrl_c_in_a_terminal_drains_like_sigterm(serve_model):
+    """A terminal's Ctrl-C is SIGINT to the whole process group, the worker included: the worker ignores it,
+    the API process drains (the running stream completes) and stops the worker, exit 0, no traceback."""
+    s = CliServer(serve_model, "--max-model-len", "2048", "--kv-cache-memory", "64MiB", own_group=True)
+    worker = s.worker_pid()
+    events: list = []
+    body = {"prompt": "x", "max_tokens": 60, "ignore_eos": True, "stream": True}
+    reader = threading.Thread(target=_sse, args=(s.base, "/v1/completions", body, events))
+    reader.start()
+    while len(events) < 2:
+        time.sleep(0.01)
+    try:
+        os.killpg(s.proc.pid, signal.SIGINT)
+        reader.join(60)
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length", events[-2:]
+        assert s.proc.wait(30) == 0
+        assert worker is not None and not Path(f"/proc/{worker}").exists()
+        s.log.seek(0)
+        log = s.log.read()
+        assert "SIGINT: draining" in log, log[-3000:]
+        for bad in ("Traceback", "KeyboardInterrupt", "worker lost", "exited with code"):
+            assert bad not in log, log[-3000:]
+    finally:
+        s.stop()
+
+
 def test_second_signal_exits_at_once(serve_model):
     s = CliServer(serve_model, "--max-model-len", "2048", "--kv-cache-memory", "64MiB", "--shutdown-timeout", "60")
     worker = s.worker_pid()
