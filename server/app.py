@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 
 from engine.async_engine import AsyncEngine
 from engine.core import EngineConfig
+from server.api_docs import mount_api_docs
 from server.errors import install_error_handlers
 from server.guard import RequestGuard
 from server.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
@@ -135,7 +136,8 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
                 start.cancel()
             await engine.stop()
 
-    app = FastAPI(title="a8w8-serve", version=package_version(), lifespan=lifespan)
+    # FastAPI's /docs and /redoc load their scripts from a CDN: replaced by pages served from the package
+    app = FastAPI(title="a8w8-serve", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     if settings.cors_origins:
@@ -154,6 +156,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
     )
 
     app.include_router(router)
+    mount_api_docs(app)
     if settings.web_ui:
         mount_web_ui(app)
     return app

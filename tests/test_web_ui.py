@@ -407,3 +407,36 @@ def test_full_browser_storage_is_reported_not_fatal(tab):
     assert tab.wait_answer().locator(".stats").inner_text().startswith("3 tokens")
     assert "not saved" in p.inner_text("#server-status")
     p.evaluate("() => localStorage.clear()")
+
+
+# ---- the API documentation, offline ------------------------------------------------------------------
+def test_api_docs_render_without_network(browser, server):
+    """/docs and /redoc with every request that leaves the server refused (a self-hosted machine without
+    internet): the operations list renders from the packaged Swagger UI and ReDoc."""
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    outside: list[str] = []
+
+    def only_the_server(route) -> None:
+        if route.request.url.startswith(server.base):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_server)
+    errors: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{server.base}/docs")
+        page.wait_for_selector(".opblock-summary-path")
+        paths = set(page.locator(".opblock-summary-path").all_inner_texts())
+        assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= {p.strip() for p in paths}, paths
+        page.goto(f"{server.base}/redoc")
+        summary = httpx.get(f"{server.base}/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]["summary"]
+        page.locator("h2", has_text=summary).first.wait_for()  # an operation's section, rendered by ReDoc
+        assert not outside, f"the docs pages asked for files outside the server: {outside}"
+        assert not errors, errors
+    finally:
+        context.close()
