@@ -195,9 +195,7 @@ class EngineCore:
                     text=OutputText(
                         self.tokenizer, params.skip_special_tokens, params.stop, params.include_stop_str_in_output
                     ),
-                    grammar=params.structured.grammar.matcher(params.structured.start_after_token_id)
-                    if params.structured
-                    else None,
+                    grammar=params.structured.grammar.matcher() if params.structured else None,
                 )
             )
         try:  # what goes to the worker must cross the pipe; checked here, not when a step carrying it is sent

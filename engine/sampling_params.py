@@ -69,11 +69,10 @@ class PromptTooLong(InvalidRequest):
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """Constrained decoding for a request: its compiled grammar, applied to the output after
-    ``start_after_token_id`` when one is given (a thinking model's ``</think>``), else from the first token."""
+    """Constrained decoding for a request: its compiled grammar, applied from the first output token (a
+    thinking model's optional think block is part of the grammar)."""
 
     grammar: CompiledGrammar
-    start_after_token_id: int | None = None
 
 
 @dataclass(frozen=True)

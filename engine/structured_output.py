@@ -7,13 +7,26 @@ logits of that row only; the sampled token then advances the matcher. Rows witho
 
 A grammar is given as llguidance's serialized form: build it with :func:`json_schema_grammar`,
 :func:`lark_grammar` (Lark syntax, with ``%json {...}`` for embedded JSON schemas and ``<[id]>`` for special
-tokens) or :func:`regex_grammar`. :class:`GrammarCompiler` validates and caches them by source.
+tokens) or :func:`regex_grammar`. :class:`GrammarCompiler` validates and caches them.
+
+Two things the grammar engine does not do are added here:
+
+- **A thinking model** (Qwen3) may think first: :func:`optional_think` puts an optional ``<think>...</think>``
+  block before a grammar, so a model that does not think is constrained from its first token and one that
+  thinks is free until it closes the block.
+- **JSON numbers are bounded.** llguidance's JSON number is unbounded (``[0-9]+`` fraction digits), and a weak
+  model can write ``1.528888...`` until ``max_tokens``. In a grammar marked ``json_numbers``, each part of a
+  number (integer, fraction, exponent) gets at most :data:`MAX_NUMBER_PART_DIGITS` digits, as in llama.cpp's
+  JSON grammars: :class:`JsonNumberGuard` follows the JSON written outside strings and removes the tokens that
+  would add more digits from the step's mask (a number can always end after a digit, so the grammar still has
+  a way on; if a schema leaves no other way, the mask is left as the grammar made it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +46,11 @@ JSON_FORMAT: dict[str, Any] = {"whitespace_flexible": False, "item_separator": "
 # (256 x 64 KiB at most).
 GRAMMAR_CACHE_SIZE = 256
 GRAMMAR_CACHE_MAX_SOURCE_CHARS = 64 * 1024
+# Digits in each part of a JSON number (integer, fraction, exponent) under a JSON grammar: llama.cpp's bound
+# (16 significant digits is what a double holds).
+MAX_NUMBER_PART_DIGITS = 16
+# Whitespace allowed between "</think>" and the constrained answer (models write a blank line there).
+AFTER_THINK_GAP = r"/[ \n]{0,4}/"
 
 
 class GrammarError(ValueError):
@@ -39,10 +58,21 @@ class GrammarError(ValueError):
 
 
 @dataclass(frozen=True)
+class ThinkTokens:
+    """A reasoning model's ``<think>`` and ``</think>`` token ids."""
+
+    open_id: int
+    close_id: int
+
+
+@dataclass(frozen=True)
 class Grammar:
-    """A grammar in llguidance's serialized form."""
+    """A grammar in llguidance's serialized form. ``json_numbers``: its JSON parts get bounded numbers (see the
+    module's docstring); ``think``: it starts with :func:`optional_think`'s block (whose text is not JSON)."""
 
     source: str
+    json_numbers: bool = False
+    think: ThinkTokens | None = None
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> Grammar:
@@ -50,17 +80,37 @@ def json_schema_grammar(schema: dict[str, Any]) -> Grammar:
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
     try:
-        return Grammar(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_FORMAT))
+        return Grammar(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_FORMAT), json_numbers=True)
     except (ValueError, TypeError) as e:
         raise GrammarError(str(e)) from None
 
 
-def lark_grammar(lark: str) -> Grammar:
-    return Grammar(llguidance.LLMatcher.grammar_from_lark(lark))
+def lark_grammar(lark: str, json_numbers: bool = False, think: ThinkTokens | None = None) -> Grammar:
+    """A Lark grammar (``json_numbers``: its ``%json`` parts are JSON answers; ``think``: it was made by
+    :func:`optional_think`)."""
+    return Grammar(llguidance.LLMatcher.grammar_from_lark(lark), json_numbers, think)
 
 
 def regex_grammar(regex: str) -> Grammar:
     return Grammar(llguidance.LLMatcher.grammar_from_regex(regex))
+
+
+def optional_think(lark: str, think: ThinkTokens) -> str:
+    """``lark`` (whose first rule is ``start``) behind an optional ``<think>...</think>`` block and the blank
+    line after it: the grammar applies from the first token, and a model that opens the block writes freely
+    until it closes it."""
+    if not lark.startswith("start:"):
+        raise ValueError("the grammar's first rule must be start")
+    return (
+        f"start: (<[{think.open_id}]> /(.|\\n)*/ <[{think.close_id}]> {AFTER_THINK_GAP})? answer_start\n"
+        f"answer_start:{lark[len('start:') :]}"
+    )
+
+
+def lark_regex(pattern: str) -> str:
+    """A Lark regex literal (``/.../``) for the regular expression ``pattern``: a ``/`` that ``pattern`` does not
+    escape already is escaped (an escaped one, ``\\/``, stays as it is)."""
+    return "/" + re.sub(r"(?<!\\)((?:\\\\)*)/", r"\1\\/", pattern) + "/"
 
 
 def lark_json(schema: dict[str, Any]) -> str:
@@ -73,46 +123,135 @@ def lark_literal(text: str) -> str:
     return json.dumps(text)
 
 
+class VocabularyDigits:
+    """What :class:`JsonNumberGuard` needs of the vocabulary: each token's text (to follow the JSON written),
+    and for each count ``r`` of digits still allowed, the packed set of tokens that begin with more than ``r``
+    digits (in the bitmask's layout). Built once per vocabulary (about a second for 150k tokens)."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, vocab_size: int):
+        n = min(tokenizer.vocab_size, vocab_size)
+        # a special token is never part of a JSON value: a space stands for it (it ends a number)
+        self.texts = [
+            " " if tokenizer.is_special_token(i) else tokenizer.decode_bytes([i]).decode("utf-8", "replace")
+            for i in range(n)
+        ]
+        leading = np.zeros((vocab_size + 31) // 32 * 32, dtype=np.int32)
+        for i, text in enumerate(self.texts):
+            if text[:1].isdigit():
+                leading[i] = len(text) - len(text.lstrip("0123456789"))
+        self.too_many = [
+            np.packbits(leading > r, bitorder="little").view(np.uint32) for r in range(MAX_NUMBER_PART_DIGITS + 1)
+        ]
+
+    def text(self, token_id: int) -> str:
+        return self.texts[token_id] if token_id < len(self.texts) else " "
+
+
+class JsonNumberGuard:
+    """Follows the JSON a sequence writes (outside its optional think block) and, inside a number, bounds each
+    part to :data:`MAX_NUMBER_PART_DIGITS` digits by removing longer continuations from the grammar's mask."""
+
+    def __init__(self, vocabulary: VocabularyDigits, think: ThinkTokens | None):
+        self.vocabulary, self.think = vocabulary, think
+        self._thinking: bool | None = None if think is not None else False  # None: not known before token one
+        self._in_string = self._escaped = False
+        self._part: str | None = None  # "int" | "frac" | "exp" inside a number
+        self._digits = 0
+
+    def accept(self, token_id: int) -> None:
+        if self._thinking is None:
+            self._thinking = token_id == self.think.open_id
+            if self._thinking:
+                return
+        if self._thinking:
+            self._thinking = token_id != self.think.close_id
+            return
+        for ch in self.vocabulary.text(token_id):
+            self._step(ch)
+
+    def _step(self, ch: str) -> None:
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif ch == "\\":
+                self._escaped = True
+            elif ch == '"':
+                self._in_string = False
+            return
+        if ch.isdigit():
+            if self._part is None:
+                self._part, self._digits = "int", 0
+            self._digits += 1
+        elif ch == "-" and self._part is None:
+            self._part, self._digits = "int", 0
+        elif ch == "." and self._part == "int":
+            self._part, self._digits = "frac", 0
+        elif ch in "eE" and self._part in ("int", "frac"):
+            self._part, self._digits = "exp", 0
+        elif ch in "+-" and self._part == "exp" and self._digits == 0:
+            pass
+        else:
+            self._part = None
+            self._in_string = ch == '"'
+
+    def digits_left(self) -> int | None:
+        """How many more digits the current number part may take (None inside a string or a think block)."""
+        if self._thinking is not False or self._in_string:
+            return None
+        return MAX_NUMBER_PART_DIGITS - (self._digits if self._part is not None else 0)
+
+    def restrict(self, bitmask: bytes) -> bytes:
+        """``bitmask`` without the tokens that would write too many digits (unchanged if that leaves none)."""
+        left = self.digits_left()
+        if left is None:
+            return bitmask
+        allowed = np.frombuffer(bitmask, dtype=np.uint32)
+        too_many = self.vocabulary.too_many[max(left, 0)]
+        n = min(allowed.size, too_many.size)
+        kept = allowed.copy()
+        kept[:n] &= ~too_many[:n]
+        return kept.tobytes() if kept.any() else bitmask
+
+
 class CompiledGrammar:
     """A validated grammar; :meth:`matcher` starts a fresh matcher for one sequence."""
 
-    def __init__(self, prototype: llguidance.LLMatcher):
-        self._prototype = prototype
+    def __init__(self, prototype: llguidance.LLMatcher, grammar: Grammar, vocabulary: VocabularyDigits | None):
+        self._prototype, self.grammar, self._vocabulary = prototype, grammar, vocabulary
 
-    def matcher(self, start_after_token_id: int | None = None) -> GrammarMatcher:
-        return GrammarMatcher(self._prototype.deep_copy(), start_after_token_id)
+    def matcher(self) -> GrammarMatcher:
+        guard = JsonNumberGuard(self._vocabulary, self.grammar.think) if self._vocabulary is not None else None
+        return GrammarMatcher(self._prototype.deep_copy(), guard)
 
 
 class GrammarMatcher:
-    """One sequence's place in its grammar. With ``start_after_token_id`` (a reasoning model's ``</think>``),
-    the grammar applies only to what follows that token; before it, output is free."""
+    """One sequence's place in its grammar (from its first output token), and the number guard of a JSON one."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, start_after_token_id: int | None = None):
+    def __init__(self, matcher: llguidance.LLMatcher, guard: JsonNumberGuard | None = None):
         self._matcher = matcher
-        self._waiting_for = start_after_token_id
+        self._guard = guard
         self.error: str | None = None
 
     @property
     def active(self) -> bool:
-        return self._waiting_for is None and self.error is None
+        return self.error is None
 
     def bitmask(self) -> bytes | None:
         """The allowed next tokens, one bit per token id (little-endian int32 words, llguidance's layout);
-        None while the grammar does not apply yet (or after an error)."""
+        None after an error."""
         if not self.active:
             return None
-        return self._matcher.compute_bitmask()  # (releases the GIL while it computes)
+        mask = self._matcher.compute_bitmask()  # (releases the GIL while it computes)
+        return mask if self._guard is None else self._guard.restrict(mask)
 
     def accept(self, token_id: int) -> None:
         """Advance past a sampled token."""
-        if self._waiting_for is not None:
-            if token_id == self._waiting_for:
-                self._waiting_for = None
-            return
         if self.error is None and not self._matcher.consume_token(token_id):
             # Only possible when something other than the mask chose the token: stop constraining, say why.
             self.error = self._matcher.get_error() or f"token {token_id} is not allowed by the grammar"
             log.warning("grammar matcher stopped: %s", self.error.splitlines()[0])
+        if self._guard is not None:
+            self._guard.accept(token_id)
 
     @property
     def finished(self) -> bool:
@@ -135,7 +274,8 @@ class GrammarCompiler:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._unavailable: str | None = None  # why this model's vocabulary has no grammar view (kept: not rebuilt)
         self._lock = threading.Lock()
-        self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._cache: OrderedDict[Grammar, CompiledGrammar] = OrderedDict()
+        self._vocabulary: VocabularyDigits | None = None  # built with the first JSON grammar
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         """The grammar engine's view of the vocabulary; GrammarError where it cannot be built for this model
@@ -155,12 +295,18 @@ class GrammarCompiler:
                 raise GrammarError(self._unavailable)
             return self._tokenizer
 
+    def _vocabulary_digits(self, tokenizer: llguidance.LLTokenizer) -> VocabularyDigits:
+        with self._lock:
+            if self._vocabulary is None:
+                self._vocabulary = VocabularyDigits(tokenizer, self._vocab_size)
+            return self._vocabulary
+
     def compile(self, grammar: Grammar) -> CompiledGrammar:
         """Raises GrammarError with the grammar engine's reason when the grammar is invalid."""
         with self._lock:
-            hit = self._cache.get(grammar.source)
+            hit = self._cache.get(grammar)
             if hit is not None:
-                self._cache.move_to_end(grammar.source)
+                self._cache.move_to_end(grammar)
                 return hit
         tokenizer = self._llg_tokenizer()
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar.source, tokenizer)
@@ -169,11 +315,12 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(tokenizer, grammar.source, log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error().splitlines()[0])
-        compiled = CompiledGrammar(matcher)
+        vocabulary = self._vocabulary_digits(tokenizer) if grammar.json_numbers else None
+        compiled = CompiledGrammar(matcher, grammar, vocabulary)
         if len(grammar.source) > GRAMMAR_CACHE_MAX_SOURCE_CHARS:
             return compiled
         with self._lock:
-            self._cache[grammar.source] = compiled
+            self._cache[grammar] = compiled
             while len(self._cache) > GRAMMAR_CACHE_SIZE:
                 self._cache.popitem(last=False)
         return compiled

@@ -1,7 +1,9 @@
 """A debugging runner that replays given token ids instead of running the model (``--replay-token-ids``).
 
 Every sequence's completion is the script, one token per step, then its last token repeated until a stop
-condition ends it. It reproduces a text post-processing bug (reasoning split, tool-call parsing, stop
+condition ends it. Under a grammar, a scripted token the grammar does not allow is skipped, as a model's next
+choice would be: the first allowed token further on in the script is taken instead (else the lowest allowed
+id), so a test can script what a model wants to write and see what the grammar lets through. It reproduces a text post-processing bug (reasoning split, tool-call parsing, stop
 strings, detokenization) through the whole server with the exact tokens a model produced, and lets the
 tests drive that post-processing where a random-weight model cannot produce the tokens it needs.
 """
@@ -9,6 +11,7 @@ tests drive that post-processing where a random-weight model cannot produce the 
 from __future__ import annotations
 
 from npu.messages import Ready, SampledToken, StepRequest, StepResult, WorkerConfig
+from npu.sampler import allowed_tokens
 
 # No weights or KV cache are allocated, so the pool the scheduler accounts for costs nothing: sized for
 # plenty of concurrent requests at the default context.
@@ -55,8 +58,18 @@ class ReplayRunner:
         tokens = []
         for ch in req.chunks:
             if ch.sample:
-                i = self.generated[ch.seq_id]
-                token = self.script[min(i, len(self.script) - 1)]
+                i = min(self.generated[ch.seq_id], len(self.script) - 1)
+                token = self.script[i]
+                if ch.allowed_token_bitmask is not None:
+                    i, token = self._allowed(i, ch.allowed_token_bitmask)
                 self.generated[ch.seq_id] = i + 1
                 tokens.append(SampledToken(seq_id=ch.seq_id, token_id=token))
         return StepResult(step_id=req.step_id, tokens=tokens, compute_seconds=0.0)
+
+    def _allowed(self, i: int, bitmask: bytes) -> tuple[int, int]:
+        """The script position and token taken at position ``i`` under a grammar's mask."""
+        allowed = allowed_tokens([bitmask], self.config.sampleable_vocab_size or len(bitmask) * 8)[0]
+        for j in range(i, len(self.script)):
+            if allowed[self.script[j]]:
+                return j, self.script[j]
+        return i, int(allowed.nonzero()[0, 0]) if allowed.any() else self.script[i]

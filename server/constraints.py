@@ -10,18 +10,18 @@ from typing import Any
 from engine.structured_output import (
     Grammar,
     GrammarError,
+    ThinkTokens,
     json_schema_grammar,
     lark_grammar,
     lark_json,
     lark_literal,
+    lark_regex,
+    optional_think,
     regex_grammar,
 )
 from server.errors import APIError
 from server.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
 from server.tool_calls import tool_call_grammar
-
-# Whitespace allowed before a constrained answer that follows "</think>" (models write a blank line there).
-_AFTER_THINK_GAP = r"/[ \n]{0,4}/"
 
 
 @dataclass(frozen=True)
@@ -79,30 +79,39 @@ def _count_constraints(req: SamplingFields) -> None:
         raise APIError(400, f"only one of {', '.join(given)} can be given", given[1])
 
 
-def _json_grammar(schema: dict[str, Any], param: str, after_think: bool) -> Grammar:
+def thinking_grammar(lark: str, think: ThinkTokens | None, json_numbers: bool = False) -> Grammar:
+    """A Lark grammar, behind an optional think block when the model may think (``think``)."""
+    if think is None:
+        return lark_grammar(lark, json_numbers)
+    return lark_grammar(optional_think(lark, think), json_numbers, think)
+
+
+def _compiled_or_400(param: str, build) -> Grammar:
     try:
-        if after_think:
-            return lark_grammar(f"start: {_AFTER_THINK_GAP} answer\nanswer: {lark_json(schema)}\n")
-        return json_schema_grammar(schema)
+        return build()
     except GrammarError as e:
         raise APIError(400, f"{param}: {e}", param) from None
 
 
-def answer_constraint(req: SamplingFields, after_think: bool = False) -> OutputConstraint | None:
-    """The constraint of ``response_format`` / ``guided_json`` / ``guided_regex`` / ``guided_choice``."""
+def answer_constraint(req: SamplingFields, think: ThinkTokens | None = None) -> OutputConstraint | None:
+    """The constraint of ``response_format`` / ``guided_json`` / ``guided_regex`` / ``guided_choice``; with
+    ``think`` (a thinking model), an optional think block may come first."""
     _count_constraints(req)
     schema = answer_schema(req)
     if schema is not None:
-        return OutputConstraint(_json_grammar(schema[0], schema[1], after_think), schema[1])
-    gap = f"{_AFTER_THINK_GAP} " if after_think else ""
+        value, param = schema
+        if think is None:
+            return OutputConstraint(_compiled_or_400(param, lambda: json_schema_grammar(value)), param)
+        grammar = _compiled_or_400(param, lambda: thinking_grammar(f"start: {lark_json(value)}\n", think, True))
+        return OutputConstraint(grammar, param)
     if req.guided_regex is not None:
-        if not after_think:
+        if think is None:
             return OutputConstraint(regex_grammar(req.guided_regex), "guided_regex")
-        pattern = req.guided_regex.replace("/", "\\/")  # (a Lark regex literal is delimited by slashes)
-        return OutputConstraint(lark_grammar(f"start: {gap}/{pattern}/\n"), "guided_regex")
+        grammar = thinking_grammar(f"start: {lark_regex(req.guided_regex)}\n", think)
+        return OutputConstraint(grammar, "guided_regex")
     if req.guided_choice is not None:
         options = " | ".join(lark_literal(c) for c in req.guided_choice)
-        return OutputConstraint(lark_grammar(f"start: {gap}({options})\n"), "guided_choice")
+        return OutputConstraint(thinking_grammar(f"start: ({options})\n", think), "guided_choice")
     return None
 
 
@@ -128,10 +137,14 @@ def tool_use(req: ChatCompletionRequest) -> ToolUse | None:
 
 
 def chat_constraint(
-    req: ChatCompletionRequest, use: ToolUse | None, call_token_ids: tuple[int | None, int | None], after_think: bool
+    req: ChatCompletionRequest,
+    use: ToolUse | None,
+    call_token_ids: tuple[int | None, int | None],
+    think: ThinkTokens | None,
 ) -> OutputConstraint | None:
-    """The one grammar of a chat request: forced tool calls, or calls-or-answer, or the answer format."""
-    answer = answer_constraint(req, after_think)
+    """The one grammar of a chat request: forced tool calls, or calls-or-answer, or the answer format; with
+    ``think``, each behind an optional think block."""
+    answer = answer_constraint(req, think)
     if use is None:
         return answer
     if use.choice == "auto":
@@ -141,11 +154,11 @@ def chat_constraint(
         if schema is None:
             raise APIError(400, "with tools, only a JSON response_format can constrain the answer", answer.param)
         # The model may call tools or answer in the format asked for.
-        grammar = tool_call_grammar(use.tools, use.parallel, *call_token_ids, or_json_schema=schema[0])
+        grammar = tool_call_grammar(use.tools, use.parallel, *call_token_ids, or_json_schema=schema[0], think=think)
         return OutputConstraint(grammar, schema[1])
     if answer is not None:
         raise APIError(
             400, f"{answer.param} cannot be combined with a tool_choice that forces a tool call", answer.param
         )
     tools = use.tools if use.choice == "required" else [t for t in use.tools if t["function"]["name"] == use.choice]
-    return OutputConstraint(tool_call_grammar(tools, use.parallel, *call_token_ids), "tools")
+    return OutputConstraint(tool_call_grammar(tools, use.parallel, *call_token_ids, think=think), "tools")

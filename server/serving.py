@@ -18,12 +18,12 @@ from sse_starlette.sse import EventSourceResponse
 from engine.async_engine import AsyncEngine, RequestOutput, RequestStream
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams, StructuredOutput
 from engine.sequence import TokenLogprob
-from engine.structured_output import GrammarError
+from engine.structured_output import GrammarError, ThinkTokens
 from server.constraints import OutputConstraint, answer_constraint, chat_constraint, tool_use
 from server.errors import APIError, error_body, to_api_error
 from server.guard import USAGE_STATE_KEY
 from server.metrics import ServerMetrics
-from server.reasoning import THINK_END, ReasoningParser
+from server.reasoning import THINK_END, THINK_START, ReasoningParser
 from server.responses import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -74,9 +74,7 @@ class ServingContext:
 # ------------------------------------------------------------------------------------------------
 # request -> sampling params
 # ------------------------------------------------------------------------------------------------
-async def structured_output(
-    ctx: ServingContext, constraint: OutputConstraint | None, after_think: bool
-) -> StructuredOutput | None:
+async def structured_output(ctx: ServingContext, constraint: OutputConstraint | None) -> StructuredOutput | None:
     """The constraint compiled (in a thread: the first one builds the vocabulary's view, about 2 s); a grammar
     that does not compile is a 400 naming the field it came from."""
     if constraint is None:
@@ -85,8 +83,15 @@ async def structured_output(
         compiled = await asyncio.to_thread(ctx.engine.core.grammars.compile, constraint.grammar)
     except GrammarError as e:
         raise APIError(400, f"{constraint.param}: {e}", constraint.param) from None
+    return StructuredOutput(compiled)
+
+
+def think_tokens(ctx: ServingContext) -> ThinkTokens | None:
+    """The model's ``<think>`` / ``</think>`` token ids, if it thinks in them (else a constrained answer starts at
+    once)."""
     tokenizer = ctx.engine.tokenizer
-    return StructuredOutput(compiled, tokenizer.token_to_id(THINK_END) if after_think else None)
+    open_id, close_id = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
+    return ThinkTokens(open_id, close_id) if ctx.reasoning and None not in (open_id, close_id) else None
 
 
 @contextlib.contextmanager
@@ -409,8 +414,8 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
     refuse_stream_options_without_stream(req)
     use = tool_use(req)
     thinking = ctx.reasoning and (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
-    constraint = chat_constraint(req, use, call_token_ids(ctx), after_think=thinking)
-    structured = await structured_output(ctx, constraint, after_think=thinking)
+    constraint = chat_constraint(req, use, call_token_ids(ctx), think_tokens(ctx) if thinking else None)
+    structured = await structured_output(ctx, constraint)
     prompt_ids = await asyncio.to_thread(
         chat_prompt_ids,
         ctx,
@@ -562,7 +567,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, request
 async def _completion(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
     model = ctx.check_model(req.model)
     refuse_stream_options_without_stream(req)
-    structured = await structured_output(ctx, answer_constraint(req), after_think=False)
+    structured = await structured_output(ctx, answer_constraint(req))
     if req.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.structured_output import Grammar, lark_grammar, lark_json, lark_literal
+from engine.structured_output import Grammar, ThinkTokens, lark_grammar, lark_json, lark_literal, optional_think
 from server.reasoning import partial_suffix
 from server.responses import (
     ChatCompletionMessageToolCall,
@@ -213,11 +213,13 @@ def tool_call_grammar(
     open_token_id: int | None,
     close_token_id: int | None,
     or_json_schema: dict[str, Any] | None = None,
+    think: ThinkTokens | None = None,
 ) -> Grammar:
     """Output that is one tool call (or, ``parallel``, one or more) to one of ``tools``, in the Hermes format.
     ``open_token_id``/``close_token_id``: the tokenizer's ``<tool_call>``/``</tool_call>`` tokens (Qwen3 has
     them), else the tags are spelled in text. ``or_json_schema``: an answer valid against it is allowed
-    instead of calls (``tool_choice: "auto"`` with a ``response_format``)."""
+    instead of calls (``tool_choice: "auto"`` with a ``response_format``). ``think``: an optional think block
+    may come first."""
     open_tag = f"<[{open_token_id}]>" if open_token_id is not None else lark_literal(CALL_OPEN)
     close_tag = f"<[{close_token_id}]>" if close_token_id is not None else lark_literal(CALL_CLOSE)
     body = {"anyOf": [call_schema(t) for t in tools]} if len(tools) > 1 else call_schema(tools[0])
@@ -225,9 +227,10 @@ def tool_call_grammar(
     start = (
         f"start: calls | {_GAP} answer\nanswer: {lark_json(or_json_schema)}\n" if or_json_schema else "start: calls\n"
     )
-    return lark_grammar(
-        f'{start}calls: {calls}\ncall: {open_tag} "\\n" body "\\n" {close_tag}\nbody: {lark_json(body)}\n'
-    )
+    lark = f'{start}calls: {calls}\ncall: {open_tag} "\\n" body "\\n" {close_tag}\nbody: {lark_json(body)}\n'
+    if think is None:
+        return lark_grammar(lark, json_numbers=True)
+    return lark_grammar(optional_think(lark, think), json_numbers=True, think=think)
 
 
 # ------------------------------------------------------------------------------------------------

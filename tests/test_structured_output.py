@@ -17,7 +17,13 @@ from pydantic import BaseModel
 from servers import CliServer, ThreadServer
 from test_server import _data_events, _settings
 
-from engine.structured_output import GrammarCompiler, GrammarError, json_schema_grammar
+from engine.structured_output import (
+    MAX_NUMBER_PART_DIGITS,
+    GrammarCompiler,
+    GrammarError,
+    ThinkTokens,
+    json_schema_grammar,
+)
 from engine.tokenizer import HFTokenizer
 from loaders.assets import qwen3_tokenizer_dir
 from npu.messages import SamplingOptions
@@ -119,19 +125,82 @@ def test_masks_touch_only_their_rows():
     assert constrained[1] == max(allowed, key=lambda t: logits[1, t])
 
 
-def test_grammar_waits_for_end_of_thinking_and_rejects_bad_schemas():
+@pytest.fixture(scope="module")
+def qwen3_grammars():
+    """(tokenizer, GrammarCompiler, ThinkTokens) for the real Qwen3 vocabulary."""
     tok = HFTokenizer(qwen3_tokenizer_dir())
-    compiler = GrammarCompiler(tok.to_json, 151936, (151645,))
-    compiled = compiler.compile(json_schema_grammar({"type": "object"}))
-    assert compiler.compile(json_schema_grammar({"type": "object"})) is compiled  # cached by source
-    think_end = tok.token_to_id("</think>")
-    m = compiled.matcher(start_after_token_id=think_end)
-    for t in tok.encode("<think>\nhmm {"):
-        assert m.bitmask() is None  # reasoning is free text
-        m.accept(t)
-    m.accept(think_end)
-    allowed = allowed_tokens([m.bitmask()], 151936)[0]
-    assert allowed[tok.token_to_id("{")] and not allowed[tok.token_to_id("hello")]
+    think = ThinkTokens(tok.token_to_id("<think>"), tok.token_to_id("</think>"))
+    return tok, GrammarCompiler(tok.to_json, 151936, (151645,)), think
+
+
+def _walk(matcher, tok, text: str) -> None:
+    """Feed ``text``'s tokens, each of which the matcher's mask must allow."""
+    for t in tok.encode(text):
+        assert allowed_tokens([matcher.bitmask()], 151936)[0, t], (text, tok.decode([t]))
+        matcher.accept(t)
+
+
+def test_thinking_is_optional_and_free_until_it_closes(qwen3_grammars):
+    """A thinking model's constrained answer: the grammar applies from the first token, which may open a think
+    block (free text until it closes) or be the answer itself; a model that never thinks is constrained too."""
+    from server.constraints import answer_constraint
+    from server.schemas import ChatCompletionRequest
+
+    tok, compiler, think = qwen3_grammars
+    req = ChatCompletionRequest(messages=CHAT, response_format={"type": "json_object"})
+    compiled = compiler.compile(answer_constraint(req, think).grammar)
+    assert compiler.compile(answer_constraint(req, think).grammar) is compiled  # cached
+    first = allowed_tokens([compiled.matcher().bitmask()], 151936)[0]
+    assert first[think.open_id] and first[tok.token_to_id("{")]
+    assert not first[think.close_id] and not first[tok.token_to_id("hello")]  # no stray </think>, no free text
+    direct = compiled.matcher()
+    _walk(direct, tok, '{"a": 1}')
+    assert direct.finished and direct.error is None
+    thought = compiled.matcher()
+    _walk(thought, tok, "<think>\nhmm, {not json} 12345678901234567890123</think>\n\n")
+    assert not allowed_tokens([thought.bitmask()], 151936)[0, tok.token_to_id("hello")]
+    _walk(thought, tok, '{"a": 1}')
+    assert thought.finished and thought.error is None
+
+
+def test_json_numbers_are_bounded_but_strings_and_thoughts_are_not(qwen3_grammars):
+    from server.constraints import answer_constraint
+    from server.schemas import ChatCompletionRequest
+
+    tok, compiler, think = qwen3_grammars
+    schema = {
+        "type": "object",
+        "properties": {"v": {"type": "number"}, "s": {"type": "string"}, "big": {"type": "integer", "minimum": 10**17}},
+    }
+    req = ChatCompletionRequest(
+        messages=CHAT, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    )
+    digit, close = tok.token_to_id("7"), tok.token_to_id("}")
+    for constraint in (answer_constraint(req), answer_constraint(req, think)):
+        compiled = compiler.compile(constraint.grammar)
+        for prefix in ('{"v": ', '{"v": -', '{"v": 1.', '{"v": 1.5e', '{"v": 2E+'):
+            m = compiled.matcher()
+            _walk(m, tok, prefix + "7" * MAX_NUMBER_PART_DIGITS)
+            allowed = allowed_tokens([m.bitmask()], 151936)[0]
+            assert not allowed[digit] and allowed[close], prefix  # the number may end, not grow
+        m = compiled.matcher()
+        _walk(m, tok, '{"v": ' + "7" * MAX_NUMBER_PART_DIGITS + ".")
+        assert allowed_tokens([m.bitmask()], 151936)[0, digit]  # each part has its own bound: the fraction
+        _walk(m, tok, '5, "s": "' + "7" * 40)
+        assert allowed_tokens([m.bitmask()], 151936)[0, digit]  # a string is not a number
+        # a schema that needs more digits than the bound gets them (the grammar's mask, never a dead end), and
+        # not one more: 10**17 has 18 digits
+        m = compiled.matcher()
+        _walk(m, tok, '{"big": ' + "1" * 18)
+        allowed = allowed_tokens([m.bitmask()], 151936)[0]
+        assert not allowed[digit] and allowed[close]
+    m = compiler.compile(answer_constraint(req, think).grammar).matcher()
+    _walk(m, tok, "<think>" + "9" * 40 + "</think>" + '{"v": 1}')  # digits in a thought are free
+    assert m.finished
+
+
+def test_bad_schemas_are_refused(qwen3_grammars):
+    _, compiler, _ = qwen3_grammars
     for bad in ({"type": "frobnicate"}, {"type": "string", "pattern": "("}, {"$ref": "#/nowhere"}):
         with pytest.raises(GrammarError):
             compiler.compile(json_schema_grammar(bad))
@@ -189,6 +258,63 @@ def test_json_schema_answers_validate(client):
     for ch in r.choices:
         assert ch.finish_reason == "stop", ch.message.content
         jsonschema.validate(json.loads(ch.message.content), PERSON)
+
+
+def test_json_schema_binds_a_thinking_model_that_does_not_think(client):
+    """Thinking on (the template's default), a model that never opens <think>: the answer is constrained from its
+    first token, not left free while the grammar waits for a </think> that never comes."""
+    never_think = {"151667": -100}  # <think>
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        n=3,
+        temperature=1.0,
+        seed=3,
+        max_tokens=400,
+        logit_bias=never_think,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+    )
+    for ch in r.choices:
+        assert ch.finish_reason == "stop", ch.message.content
+        assert ch.message.model_extra.get("reasoning_content") is None
+        jsonschema.validate(json.loads(ch.message.content), PERSON)
+
+
+RUNAWAY_NUMBER = '{"city": "Paris", "population_millions": 1.52' + "8" * 60 + "}"
+
+
+@pytest.fixture(scope="module")
+def runaway_number_server(serve_model):
+    """A replayed model that keeps writing digits (the grammar's mask decides what it can write)."""
+    ids = HFTokenizer(qwen3_tokenizer_dir()).encode(RUNAWAY_NUMBER) + [151645]
+    s = ThreadServer(create_app_for_replay(serve_model, ids))
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_a_runaway_number_is_cut_and_the_json_completes(runaway_number_server, thinking):
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population_millions": {"type": "number"}},
+        "required": ["city", "population_millions"],
+    }
+    c = openai.OpenAI(base_url=f"{runaway_number_server.base}/v1", api_key="x", max_retries=0)
+    r = c.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        extra_body={"chat_template_kwargs": {"enable_thinking": thinking}},
+    )
+    content = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop", content
+    value = json.loads(content)
+    assert value["city"] == "Paris"
+    assert content == '{"city": "Paris", "population_millions": 1.52' + "8" * (MAX_NUMBER_PART_DIGITS - 2) + "}"
+    # free text is not bounded: the same script without a grammar writes every digit
+    r = c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=200, extra_body=NO_THINKING)
+    assert r.choices[0].message.content == RUNAWAY_NUMBER
 
 
 def test_a_grammar_that_ends_before_min_tokens_ends_the_output(server):
@@ -536,24 +662,22 @@ def test_auto_tool_calls_after_reasoning(replay_server):
     "field, answer",
     [
         ({"guided_regex": "a/b[0-9]{2}"}, "a/b12"),
+        ({"guided_regex": "a\\/b"}, "a/b"),  # a slash the pattern escapes itself
         ({"guided_choice": ["yes", "no"]}, "no"),
         ({"response_format": {"type": "json_object"}}, '{"a": 1}'),
     ],
 )
-def test_answer_grammars_allow_the_blank_line_after_thinking(field, answer):
+def test_answer_grammars_allow_the_blank_line_after_thinking(field, answer, qwen3_grammars):
     from server.constraints import answer_constraint
     from server.schemas import ChatCompletionRequest
 
-    tok = HFTokenizer(qwen3_tokenizer_dir())
-    compiler = GrammarCompiler(tok.to_json, 151936, (151645,))
+    tok, compiler, think = qwen3_grammars
     req = ChatCompletionRequest(messages=CHAT, **field)
-    for after_think, text in ((False, answer), (True, "\n\n" + answer)):
-        m = compiler.compile(answer_constraint(req, after_think).grammar).matcher()
-        for t in tok.encode(text):
-            assert allowed_tokens([m.bitmask()], 151936)[0, t]
-            m.accept(t)
+    for with_think, text in ((None, answer), (think, "<think>x</think>\n\n" + answer), (think, answer)):
+        m = compiler.compile(answer_constraint(req, with_think).grammar).matcher()
+        _walk(m, tok, text)
         assert m.error is None and m.finished
-    m = compiler.compile(answer_constraint(req, False).grammar).matcher()
+    m = compiler.compile(answer_constraint(req).grammar).matcher()
     assert not allowed_tokens([m.bitmask()], 151936)[0, tok.encode("\n\n")[0]]  # no blank line without thinking
 
 
