@@ -44,6 +44,17 @@ def _compile(source: str):
     return env.from_string(source)
 
 
+def read_template_override(value: str) -> tuple[str, str]:
+    """``--chat-template``'s value as (template source, where it came from): a file's text, or the value itself
+    when it is a template (it holds ``{{`` or ``{%``) rather than a path."""
+    path = Path(value)
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(path)
+    if "{{" in value or "{%" in value:
+        return value, "--chat-template"
+    raise ChatTemplateError(f"--chat-template {value}: no such file (give a Jinja file, or the template itself)")
+
+
 class ChatTemplate:
     """A compiled chat template plus the special-token strings it may reference."""
 
@@ -55,13 +66,18 @@ class ChatTemplate:
         self.renders_tools = "tools" in source
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> ChatTemplate | None:
-        """The template from ``chat_template.jinja`` or ``tokenizer_config.json``; None if the model has none."""
+    def from_model_dir(cls, model_dir: str | Path, override: str | None = None) -> ChatTemplate | None:
+        """The template from ``chat_template.jinja`` or ``tokenizer_config.json``, or ``override`` (vLLM's
+        ``--chat-template``: a file, or the template itself); None if there is none. A template that does not
+        compile is a ChatTemplateError naming where it came from."""
         model_dir = Path(model_dir)
         cfg_path = model_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-        source = None
-        if (model_dir / "chat_template.jinja").is_file():
+        source, where = None, str(cfg_path)
+        if override is not None:
+            source, where = read_template_override(override)
+        elif (model_dir / "chat_template.jinja").is_file():
+            where = str(model_dir / "chat_template.jinja")
             source = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
         elif isinstance(cfg.get("chat_template"), str):
             source = cfg["chat_template"]
@@ -76,7 +92,10 @@ class ChatTemplate:
                 value = value.get("content")
             if value is not None:
                 specials[key] = value
-        return cls(source, specials)
+        try:
+            return cls(source, specials)
+        except TemplateError as e:
+            raise ChatTemplateError(f"{where}: the chat template does not compile ({e})") from None
 
     def render(
         self,

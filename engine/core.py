@@ -40,6 +40,8 @@ class EngineConfig:
     # directory holding a generation_config.json; then single fields overridden.
     generation_config: str = GENERATION_CONFIG_AUTO
     override_generation_config: dict = field(default_factory=dict)
+    # vLLM's --chat-template: a Jinja file (or the template itself) instead of the model's own
+    chat_template: str | None = None
 
 
 def check_text_length(max_model_len: int, num_bytes: int, bytes_per_token: int) -> None:
@@ -68,7 +70,7 @@ class EngineCore:
         model_dir = Path(config.worker.model_dir)
         self.model_config = load_model_config(model_dir)
         self.tokenizer: Tokenizer = load_tokenizer(model_dir, config.tokenizer_impl)
-        self.chat_template = ChatTemplate.from_model_dir(model_dir)
+        self.chat_template = ChatTemplate.from_model_dir(model_dir, config.chat_template)
         self.generation_defaults: GenerationDefaults = load_generation_defaults(
             model_dir, config.generation_config, config.override_generation_config
         )

@@ -35,12 +35,17 @@ class LLM:
         worker: WorkerConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         tokenizer_impl: str = "auto",
+        chat_template: str | None = None,
         **worker_kwargs,
     ):
         worker = worker or WorkerConfig(model_dir=str(model), **worker_kwargs)
-        self.core = EngineCore(
-            EngineConfig(worker=worker, scheduler=scheduler or SchedulerConfig(), tokenizer_impl=tokenizer_impl)
+        config = EngineConfig(
+            worker=worker,
+            scheduler=scheduler or SchedulerConfig(),
+            tokenizer_impl=tokenizer_impl,
+            chat_template=chat_template,
         )
+        self.core = EngineCore(config)
         self.core.start()
         self.tokenizer = self.core.tokenizer
         self._next = 0

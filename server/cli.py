@@ -166,6 +166,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "error",
     )
     g.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template to use instead of the model's (its own is missing or wrong); the "
+        "template itself may be given instead of a file",
+    )
+    g.add_argument(
         "--tokenizer-impl",
         choices=[t.value for t in TokenizerImpl],
         default="auto",
@@ -221,6 +228,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="turn off automatic prefix caching (it is on by default)",
     )
+
+
+def _add_serving_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's flags that only a server uses (its request queue and worker restarts)."""
+    s = p.add_argument_group("serving engine")
     s.add_argument(
         "--max-queued-requests",
         type=int,
@@ -246,6 +258,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace):
     """The EngineConfig the flags describe; builds the default model first when --model is not given."""
     from engine.core import EngineConfig
+    from engine.preflight import check_model_dir
     from engine.scheduler import SchedulerConfig
     from loaders.config import load_generation_defaults
     from npu.messages import WorkerConfig
@@ -258,6 +271,9 @@ def engine_config(args: argparse.Namespace):
         model = str(model_dir)
     if not Path(model).is_dir():
         raise SystemExit(f"error: --model {model}: not a directory")
+    # Every file of the checkpoint, checked before anything loads: one error line naming the file.
+    for warning in check_model_dir(model, args.tokenizer_impl, args.chat_template):
+        log.warning("%s", warning)
     worker = WorkerConfig(
         model_dir=str(Path(model).resolve()),
         quantization=args.quantization,
@@ -285,15 +301,19 @@ def engine_config(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
     )
+    serving = {  # (serve's flags only; generate keeps EngineConfig's defaults)
+        "max_queued_requests": getattr(args, "max_queued_requests", None),
+        "max_worker_restarts": getattr(args, "max_worker_restarts", None),
+        "worker_restart_window_seconds": getattr(args, "worker_restart_window", None),
+        "generation_config": getattr(args, "generation_config", None),
+        "override_generation_config": getattr(args, "override_generation_config", None),
+    }
     return EngineConfig(
         worker=worker,
         scheduler=sched,
         tokenizer_impl=args.tokenizer_impl,
-        max_queued_requests=args.max_queued_requests,
-        max_worker_restarts=args.max_worker_restarts,
-        worker_restart_window_seconds=args.worker_restart_window,
-        generation_config=getattr(args, "generation_config", "auto"),
-        override_generation_config=getattr(args, "override_generation_config", None) or {},
+        chat_template=args.chat_template,
+        **{k: v for k, v in serving.items() if v is not None},
     )
 
 
@@ -362,6 +382,8 @@ def _url_host(host: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
@@ -374,27 +396,59 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.sample_seed,
         ignore_eos=args.ignore_eos,
     )
+    worker = config.worker
+    log.info(
+        "loading %s (quantization %s, KV cache %s): starting the worker, reading and packing the weights",
+        worker.model_dir,
+        worker.quantization,
+        worker.kv_cache_dtype,
+    )
+    started = time.monotonic()
     with LLM(
-        config.worker.model_dir, worker=config.worker, scheduler=config.scheduler, tokenizer_impl=config.tokenizer_impl
+        worker.model_dir,
+        worker=worker,
+        scheduler=config.scheduler,
+        tokenizer_impl=config.tokenizer_impl,
+        chat_template=config.chat_template,
     ) as llm:
-        for res in llm.generate(args.prompt, params):
+        template = llm.core.chat_template
+        if args.raw:
+            prompts: list = list(args.prompt)
+        elif template is None:
+            log.warning("the model has no chat template: the prompts go to it as plain text (as with --raw)")
+            prompts = list(args.prompt)
+        else:  # each prompt as a user message, as /v1/chat/completions sends it
+            prompts = [llm.tokenizer.encode(template.render([{"role": "user", "content": p}])) for p in args.prompt]
+        log.info(
+            "loaded in %.1f s; generating %d completion(s) of up to %d tokens%s",
+            time.monotonic() - started,
+            len(prompts),
+            args.max_tokens,
+            "" if args.raw or template is None else " (prompts in the chat template; --raw for plain text)",
+        )
+        for text, res in zip(args.prompt, llm.generate(prompts, params)):
             for out in res.outputs:
                 print(
-                    f"--- prompt: {res.prompt!r} ({len(res.prompt_token_ids)} tokens), "
+                    f"--- prompt: {text!r} ({len(res.prompt_token_ids)} tokens), "
                     f"{len(out.token_ids)} tokens, finish_reason={out.finish_reason}"
                 )
                 print(out.text)
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    dst = Path(args.dst)
+def check_destination(dst: Path, force: bool) -> None:
+    """A checkpoint is written into a directory: never into a file, and into one that holds files only with
+    ``--force`` (quantize and convert-gguf)."""
     if dst.exists() and not dst.is_dir():
         raise SystemExit(f"error: {dst} is a file; the checkpoint is written as a directory (give a directory path)")
-    if dst.exists() and any(dst.iterdir()) and not args.force:
+    if dst.exists() and any(dst.iterdir()) and not force:
         raise SystemExit(
             f"error: {dst} exists and is not empty; give --force to write the checkpoint into it "
             "(its old safetensors files are removed)"
         )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    check_destination(Path(args.dst), args.force)
     if args.smooth_quant is not None:
         from offline.smooth_quant import smooth_and_quantize
 
@@ -415,6 +469,7 @@ def cmd_default_model(args: argparse.Namespace) -> None:
 def cmd_convert_gguf(args: argparse.Namespace) -> None:
     from loaders.gguf_convert import convert_gguf
 
+    check_destination(Path(args.dst), args.force)
     convert_gguf(args.src, args.dst)
     print(f"wrote a LlamaForCausalLM checkpoint (float32 safetensors, tokenizer, chat template) to {args.dst}")
 
@@ -450,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="start the HTTP server", formatter_class=HelpFormatter)
     _add_model_args(serve)
+    _add_serving_engine_args(serve)
     h = serve.add_argument_group("http")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (use 0.0.0.0 to expose)")
     h.add_argument("--port", type=int, default=8000, help="TCP port to listen on (checked before the model loads)")
@@ -531,13 +587,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="offline generation, no server", formatter_class=HelpFormatter)
     _add_model_args(gen)
-    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: batched)")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--sample-seed", type=int, default=None)
-    gen.add_argument("--ignore-eos", action="store_true")
+    p = gen.add_argument_group("prompts and sampling")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="a user message, rendered in the model's chat template (repeatable: run as one batch)",
+    )
+    p.add_argument("--raw", action="store_true", help="send each --prompt as plain text, without the chat template")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens per completion")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--sample-seed", type=int, default=None, help="seed of this run's sampling (default: --seed's)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     gen.set_defaults(func=cmd_generate)
 
     q = sub.add_parser(
@@ -582,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert-gguf", help="convert a Llama-architecture GGUF file to a Hugging Face checkpoint")
     c.add_argument("src", help="the .gguf file")
-    c.add_argument("dst", help="directory to write")
+    c.add_argument("dst", help="directory to write (refused if it exists and is not empty, unless --force)")
+    c.add_argument("--force", action="store_true", help="write into an existing, non-empty dst")
     c.set_defaults(func=cmd_convert_gguf)
 
     e = sub.add_parser(

@@ -77,14 +77,28 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}")
 
 
+def _body_problem(error: dict, content_type: str | None) -> str:
+    """What is wrong with a request body that is not a JSON object, in the client's terms."""
+    if error.get("type") == "missing":
+        return "the request has no body: send a JSON object with Content-Type: application/json"
+    sent = (content_type or "").split(";")[0].strip()
+    if sent and sent != "application/json":
+        return (
+            f"the request body must be a JSON object sent with Content-Type: application/json (it was sent as {sent})"
+        )
+    return "the request body must be a JSON object"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":  # its loc is ("body", character offset): not a field
             offset = first.get("loc", ("body", None))[-1]
             reason = (first.get("ctx") or {}).get("error", "invalid JSON")
-            return error_response(400, f"the request body is not valid JSON: {reason} at character {offset}")
+            return error_response(400, f"the request body is not valid JSON: {reason} at character {offset}", "body")
+        if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: missing, or not a JSON object
+            return error_response(400, _body_problem(first, request.headers.get("content-type")), "body")
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")

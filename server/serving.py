@@ -95,12 +95,14 @@ def think_tokens(ctx: ServingContext) -> ThinkTokens | None:
 
 
 @contextlib.contextmanager
-def input_named(name: str):
-    """A too-long prompt raised inside names this endpoint's input ("messages" or "prompt") and is a 400."""
+def input_named(name: str, max_tokens_param: str = "max_tokens"):
+    """A too-long prompt raised inside is a 400 naming the field at fault: this endpoint's input ("messages"
+    or "prompt") when the prompt alone does not fit, else the field that asked for the completion's length."""
     try:
         yield
     except PromptTooLong as e:
-        raise APIError(400, e.describe(name), name) from None
+        fits_alone = not e.at_least and e.prompt_tokens < e.max_model_len
+        raise APIError(400, e.describe(name), max_tokens_param if fits_alone else name) from None
 
 
 def refuse_stream_options_without_stream(req: SamplingFields) -> None:
@@ -405,7 +407,7 @@ class ChoiceState:
 # chat
 # ------------------------------------------------------------------------------------------------
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
-    with input_named("messages"):
+    with input_named("messages", "max_completion_tokens" if req.max_completion_tokens else "max_tokens"):
         return await _chat_completion(ctx, req, request)
 
 

