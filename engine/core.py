@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
 from engine.block_manager import BlockManager
-from engine.chat_template import ChatTemplate
+from engine.chat_template import ChatTemplate, ChatTemplateError
 from engine.detokenizer import OutputText
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
@@ -21,6 +22,11 @@ from loaders.config import GENERATION_CONFIG_AUTO, GenerationDefaults, load_gene
 from npu.client import WorkerClient
 from npu.messages import Ready, SpecDecodeStats, StepRequest, WorkerConfig
 
+# Every worker serves one short request before the engine says it is ready, so that the first client does not pay
+# for what a first request sets up (kernel primitives for its shapes, the sampler's and the decode path's first
+# calls, the detokenizer): its prompt and its length.
+WARMUP_PROMPT = "Hello!"
+WARMUP_MAX_TOKENS = 4
 # Priorities order requests in the scheduler; like vLLM's, they are 64-bit signed integers.
 PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
 
@@ -101,7 +107,13 @@ class EngineCore:
 
     def start(self, carried: list[Sequence] = ()) -> None:
         """Spawn a worker, block until it has loaded the model, then build a fresh block manager and
-        scheduler from its report and queue ``carried`` (sequences that never reached a worker)."""
+        scheduler from its report, serve the warm-up request and queue ``carried`` (sequences that never
+        reached a worker). On the first start, the grammar engine's view of the vocabulary is built meanwhile,
+        in a thread (the first constrained request would otherwise wait for it)."""
+        grammars = None
+        if self.worker_info is None:
+            grammars = threading.Thread(target=self.grammars.warm_up, name="a8w8-grammar-warmup", daemon=True)
+            grammars.start()
         self.worker = WorkerClient(self.worker_config)
         info = self.worker.wait_ready()
         asked = self.config.scheduler.max_model_len
@@ -114,10 +126,32 @@ class EngineCore:
             lookahead_max_running=spec.disable_by_batch_size if spec else None,
         )
         bm = BlockManager(info.num_blocks, info.block_size, sched_cfg.enable_prefix_caching)
-        scheduler = Scheduler(sched_cfg, bm)
+        self.worker_info, self.max_model_len, self._scheduler = info, max_len, Scheduler(sched_cfg, bm)
+        self._warm_up()
         for seq in carried:
-            scheduler.add(seq)
-        self.worker_info, self.max_model_len, self._scheduler = info, max_len, scheduler
+            self._scheduler.add(seq)
+        if grammars is not None:
+            grammars.join()
+
+    def _warm_up(self) -> None:
+        """Serve :data:`WARMUP_PROMPT` (in the chat template, as a chat request sends it) for a few sampled
+        tokens through the whole step path; the token counters do not count it."""
+        ids = self.tokenizer.encode(WARMUP_PROMPT)
+        if self.chat_template is not None:
+            try:
+                ids = self.tokenizer.encode(self.chat_template.render([{"role": "user", "content": WARMUP_PROMPT}]))
+            except ChatTemplateError:
+                pass  # (a template that wants more than one user message: the plain prompt will do)
+        ids = ids[: max(1, self.max_model_len - WARMUP_MAX_TOKENS - 1)]
+        params = SamplingParams(max_tokens=WARMUP_MAX_TOKENS, temperature=1.0, top_p=0.9, seed=0, ignore_eos=True)
+        counters = self.prompt_tokens_total, self.generation_tokens_total, msgspec.structs.replace(self.spec_totals)
+        seqs = self.make_sequences("warmup", ids, params)
+        self.add(seqs)
+        while not all(seq.finished for seq in seqs):
+            self.step()
+        self.prompt_tokens_total, self.generation_tokens_total, self.spec_totals = counters
+        bm = self.scheduler.bm  # (this start's block manager: its prefix-cache counters start from here)
+        bm.prefix_queries = bm.prefix_hits = 0
 
     @property
     def scheduler(self) -> Scheduler:

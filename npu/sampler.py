@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from npu.messages import SampledToken, SamplingOptions, SequenceFailure
 
@@ -17,9 +18,18 @@ GREEDY_TEMPERATURE = 1e-5
 # reproducible across batching and preemption. A large odd constant spreads nearby seeds apart.
 SEED_STRIDE = 0x9E3779B97F4A7C15
 SEED_MASK = (1 << 63) - 1
-# top-p without top-k sorts this many of the most likely tokens first; their mass nearly always reaches top_p,
-# else the whole row is sorted (same result, only slower).
+# The nucleus (top-p) is the set of tokens whose more likely tokens hold less than top_p of the mass (tokens of
+# equal probability at its edge are all in it). Drawn without sorting: draw from the row, keep the draw if it is
+# in the nucleus, else drop it and every token not more likely than it and draw again (rejection sampling,
+# FlashInfer's method: the draws that are kept follow the nucleus's distribution exactly). After this many
+# rejections the few tokens left are sorted instead, which bounds the cost.
+NUCLEUS_MAX_REJECTIONS = 8
+# Where a distribution must be listed (a drafted token's probability, speculative decoding), top-p without
+# top-k sorts this many of the most likely tokens first; their mass nearly always reaches top_p, else the
+# whole row is sorted (same result, only slower).
 NUCLEUS_CANDIDATES = 1024
+# Block size of the two-level inverse CDF that draws a token (see Sampler._categorical).
+CATEGORICAL_BLOCK = 1024
 
 
 def options_error(o: SamplingOptions, vocab_size: int) -> str | None:
@@ -67,6 +77,15 @@ class SequenceSamplingState:
     def record(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+
+
+def _nucleus_edge(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest probability in the top-p nucleus of ``sorted_probs`` (most likely first): the last token
+    whose more likely tokens hold less than ``top_p``. Every token at least this likely is in the nucleus
+    (equal probabilities at the edge included), none less likely."""
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    last = int((before < top_p).sum()) - 1  # (a prefix; the first token always: nothing is before it)
+    return sorted_probs[max(last, 0)]
 
 
 def _is_plain_greedy(o: SamplingOptions, st: SequenceSamplingState) -> bool:
@@ -167,31 +186,64 @@ class Sampler:
                 if float(best.sum()) < o.top_p:
                     best, at = torch.sort(probs, descending=True)
                 probs, ids = best, at
-            keep = (torch.cumsum(probs, dim=-1) - probs) < o.top_p  # (sorted: a prefix)
-            keep[0] = True  # the most likely token always survives
-            probs = torch.where(keep, probs, torch.zeros_like(probs))
+            probs = probs.masked_fill(probs < _nucleus_edge(probs, o.top_p), 0.0)
         if o.min_p > 0.0:
-            probs = torch.where(probs >= o.min_p * probs.max(), probs, torch.zeros_like(probs))  # keeps the max
+            probs = probs.masked_fill(probs < o.min_p * probs.max(), 0.0)  # (keeps the max)
         return ids, probs
+
+    def _draw_nucleus(self, row: torch.Tensor, o: SamplingOptions, generator: torch.Generator) -> int:
+        """A token of the top-p nucleus of ``row`` (after temperature, and min-p), drawn by rejection: no sort
+        of the row (see :data:`NUCLEUS_MAX_REJECTIONS`)."""
+        probs = torch.softmax(row / o.temperature, dim=-1)
+        candidates = probs
+        if o.min_p > 0.0:  # (a token min-p keeps has only min-p-kept tokens above it: the masses below agree)
+            candidates = probs.masked_fill(probs < o.min_p * probs.max(), 0.0)
+        for _ in range(NUCLEUS_MAX_REJECTIONS):
+            token = self._categorical(candidates, generator)
+            p_token = float(probs[token])
+            # (F.threshold keeps what is above p_token, in one pass)
+            if float(F.threshold(probs, p_token, 0.0).sum()) < o.top_p:
+                return token
+            # not in the nucleus, and nor is any token not more likely: draw among the more likely ones
+            candidates = F.threshold(candidates, p_token, 0.0)
+        ids = torch.nonzero(candidates).flatten()
+        values, order = torch.sort(candidates[ids], descending=True)
+        kept = values.masked_fill(values < _nucleus_edge(values, o.top_p), 0.0)
+        return int(ids[order[self._categorical(kept, generator)]])
 
     @staticmethod
     def _categorical(probs: torch.Tensor, generator: torch.Generator) -> int:
         """An index drawn with probability ``probs[i] / probs.sum()``: one uniform number against the running
-        sum (inverse CDF, in float64): one pass, where torch.multinomial over a 152k row costs several."""
-        cdf = torch.cumsum(probs, dim=0, dtype=torch.float64)
+        sum (inverse CDF, in float64), in two levels: the sums of blocks of :data:`CATEGORICAL_BLOCK`, then the
+        running sum inside the block the number falls in. One pass over the row, where a float64 running sum
+        of all of it costs twice as much and torch.multinomial several passes."""
+        n = probs.numel()
+        cut = n - n % CATEGORICAL_BLOCK
+        sums = probs[:cut].view(-1, CATEGORICAL_BLOCK).sum(dim=1, dtype=torch.float64)
+        if cut < n:
+            sums = torch.cat([sums, probs[cut:].sum(dtype=torch.float64).view(1)])
+        cdf = torch.cumsum(sums, dim=0)
         total = float(cdf[-1])
         if not (math.isfinite(total) and total > 0.0):  # NaN/inf logits, or nothing left to sample
             raise ValueError(f"the probabilities sum to {total}: nothing can be sampled")
         u = torch.rand(1, generator=generator, dtype=torch.float64) * total
-        index = int(torch.searchsorted(cdf, u, right=True))  # the first index whose running sum passes u
-        if index >= probs.numel():  # u rounded up to the total: the last token with any probability
-            index = int(torch.nonzero(probs).max())
-        return index
+        block = min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+        while float(sums[block]) <= 0.0:  # u rounded up to the total: back to the last block with any mass
+            block -= 1
+        start = block * CATEGORICAL_BLOCK
+        inside = probs[start : start + CATEGORICAL_BLOCK]
+        rest = u - (cdf[block - 1] if block else 0.0)
+        index = int(torch.searchsorted(torch.cumsum(inside, dim=0, dtype=torch.float64), rest, right=True))
+        if index >= inside.numel():  # (the same rounding inside the block)
+            index = int(torch.nonzero(inside).max())
+        return start + index
 
     def _draw(self, row: torch.Tensor, st: SequenceSamplingState) -> int:
         o = st.options
         if o.temperature < GREEDY_TEMPERATURE:
             return int(torch.argmax(row))
+        if o.top_p < 1.0 and not 0 < o.top_k < row.numel():
+            return self._draw_nucleus(row, o, self._generator(st))
         ids, probs = self._distribution(row, o)
         choice = self._categorical(probs, self._generator(st))
         return choice if ids is None else int(ids[choice])

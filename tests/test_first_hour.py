@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from servers import CliServer, free_port
+from servers import CliServer, ThreadServer, free_port
 
 from loaders.assets import qwen3_tokenizer_dir
 from loaders.writer import RandomModelSpec, write_random_qwen3
@@ -573,3 +573,25 @@ def test_request_defaults_from_the_flags_apply_and_are_summarized(serve_model):
         assert c.usage.completion_tokens == 7
     finally:
         server.stop()
+
+
+def test_ready_means_warmed_up_and_the_warm_up_is_not_counted(serve_model):
+    """By the time /health answers 200 the engine has served its warm-up request and built the grammar
+    engine's view of the vocabulary (the first constrained request no longer waits ~1 s for it); the warm-up's
+    tokens are not in the metrics."""
+    from test_server import _settings
+
+    from server.app import create_app
+
+    app = create_app(_settings(serve_model))
+    s = ThreadServer(app)
+    try:
+        core = app.state.engine.core
+        assert core.grammars._tokenizer is not None and core.grammars._vocabulary is not None
+        assert core.scheduler.seqs == {}  # the warm-up request finished
+        metrics = httpx.get(f"{s.base}/metrics").text
+        for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+            (line,) = [x for x in metrics.splitlines() if x.startswith(name)]
+            assert float(line.split()[-1]) == 0.0, line
+    finally:
+        s.stop()

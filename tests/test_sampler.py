@@ -57,7 +57,12 @@ def _reference_probs(logits: torch.Tensor, o: SamplingOptions) -> torch.Tensor:
         p[o.top_k :] = 0
         p /= p.sum()
     if o.top_p < 1.0:
-        p[(torch.cumsum(p, 0) - p) >= o.top_p] = 0
+        # a token is in the nucleus when its strictly more likely tokens hold less than top_p (ties all in)
+        first_of_value = torch.unique_consecutive(p, return_inverse=True)[1]
+        starts = torch.zeros(int(first_of_value.max()) + 1, dtype=torch.long)
+        starts.scatter_reduce_(0, first_of_value, torch.arange(p.numel()), "amin", include_self=False)
+        above = (torch.cumsum(p, 0) - p)[starts[first_of_value]]
+        p[above >= o.top_p] = 0
     if o.min_p:
         p[p < o.min_p * p[0]] = 0
     out = torch.zeros_like(p)
@@ -81,6 +86,12 @@ def test_draws_follow_the_filtered_distribution():
         (peaked, SamplingOptions(temperature=1.0, min_p=0.1)),
         (peaked, SamplingOptions(temperature=0.9, top_k=8, top_p=0.8, min_p=0.05)),
         (flat, SamplingOptions(temperature=1.0, top_p=0.5)),
+        (flat, SamplingOptions(temperature=1.0, top_p=0.5, min_p=0.999)),
+        # a nucleus of ~2 % of a flat row: most draws are rejected several times, some past
+        # NUCLEUS_MAX_REJECTIONS (then what is left is sorted)
+        (flat, SamplingOptions(temperature=1.0, top_p=0.02)),
+        # equal probabilities at the nucleus's edge: all of them are in it
+        (torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]), SamplingOptions(temperature=1.0, top_p=0.8)),
     ]
     for case, (logits, opts) in enumerate(cases):
         vocab = logits.numel()
@@ -97,7 +108,9 @@ def test_draws_follow_the_filtered_distribution():
         tolerance = 5 * torch.sqrt(expected * (1 - expected) / draws) + 1 / draws
         worst = float(((freq - expected).abs() - tolerance).max())
         assert worst <= 0, (case, worst)
-        if logits is flat:  # tokens past the NUCLEUS_CANDIDATES most likely ones were drawn, as they should be
+        if (
+            logits is flat and opts.top_p == 0.5 and not opts.min_p
+        ):  # tokens past the NUCLEUS_CANDIDATES most likely ones were drawn, as they should be
             rank = torch.empty(vocab, dtype=torch.long)
             rank[torch.argsort(logits, descending=True)] = torch.arange(vocab)
             assert int((expected > 0).sum()) > NUCLEUS_CANDIDATES and int(rank[seen].max()) >= NUCLEUS_CANDIDATES
