@@ -471,7 +471,8 @@ def test_ctrl_c_in_a_terminal_drains_like_sigterm(serve_model):
         s.log.seek(0)
         log = s.log.read()
         assert "SIGINT: draining" in log, log[-3000:]
-        for bad in ("Traceback", "KeyboardInterrupt", "worker lost", "exited with code"):
+        # (nanobind's "leaked" lines: Triton's bindings at exit, once imported through torch._dynamo)
+        for bad in ("Traceback", "KeyboardInterrupt", "worker lost", "exited with code", "leaked"):
             assert bad not in log, log[-3000:]
     finally:
         s.stop()

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from loaders.quantization import LinearWeight
 from npu.kv_cache import PagedKVCache
@@ -215,8 +214,10 @@ class TorchOps:
         if n == ctx:
             causal = n > 1
         elif n > 1:
-            # query i sits at absolute position ctx - n + i: causal aligned to the lower right
-            mask = causal_lower_right(n, ctx)
+            # query i sits at absolute position ctx - n + i: causal aligned to the lower right. (A boolean mask,
+            # not torch.nn.attention.bias.causal_lower_right: importing that module imports torch._dynamo, which
+            # costs half a second at every start and imports Triton where it is installed.)
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
         out = F.scaled_dot_product_attention(
             qh, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=hq != k.shape[1]
         )
