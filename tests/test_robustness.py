@@ -550,4 +550,19 @@ def test_a_checkpoint_that_cannot_load_makes_serve_exit_nonzero(serve_model, tmp
         timeout=120,
     )
     assert proc.returncode == 1
-    assert "the engine failed to start" in proc.stderr and "safetensors" in proc.stderr
+    assert proc.stderr.startswith("error: ") and "safetensors" in proc.stderr  # found before loading
+    # files that are all there and readable, but a tensor of the wrong shape: the worker fails to load it
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(serve_model / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, str(broken / "model.safetensors"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "the engine failed to start" in proc.stderr and name in proc.stderr

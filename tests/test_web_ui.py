@@ -367,6 +367,8 @@ def replayed_answer(browser, replay_server):
 
 def test_reasoning_is_a_separate_collapsible_block(replayed_answer):
     t, answer = replayed_answer
+    # (this server's context is 1024 tokens: the page's default max tokens, 1024, was cut to the room left)
+    assert 900 < t.requests[-1]["max_tokens"] < 1024
     thinking = answer.locator("details.thinking")
     assert thinking.count() == 1
     assert thinking.locator("summary").inner_text().startswith("Thought for ")

@@ -53,6 +53,7 @@
     apiKey: localStorage.getItem(STORAGE.apiKey) || "",
     currentId: localStorage.getItem(STORAGE.current),
     model: null,
+    maxModelLen: null,
     streaming: null, // {controller, message} while an answer streams
   };
   // Every write to localStorage goes through here: a full quota (a few MB per origin) is reported, and the
@@ -145,6 +146,7 @@
       }
       const models = await response.json();
       state.model = models.data[0].id;
+      state.maxModelLen = models.data[0].max_model_len || null;
       el.modelName.textContent = state.model;
       el.modelName.title = models.data[0].max_model_len ? `context ${models.data[0].max_model_len} tokens` : "";
       setStatus("ready", false);
@@ -195,10 +197,27 @@
     }
   }
 
-  async function streamAnswer(chat) {
-    let body = null, bodyError = null;
+  // The max tokens setting is cut to the room the conversation leaves in the context (a server with a short
+  // context would refuse every request whose prompt and max_tokens do not fit): /tokenize counts the prompt.
+  async function fitMaxTokens(request) {
+    if (!request.max_tokens || !state.maxModelLen) return;
     try {
-      body = JSON.stringify(requestBody(chat)); // the history as it is before the answer starts
+      const ask = { model: request.model, messages: request.messages, add_generation_prompt: true };
+      if (request.chat_template_kwargs) ask.chat_template_kwargs = request.chat_template_kwargs;
+      if (request.tools) ask.tools = request.tools;
+      const response = await apiFetch("tokenize", { method: "POST", body: JSON.stringify(ask) });
+      if (!response.ok) return; // the chat request will say what is wrong
+      const room = state.maxModelLen - (await response.json()).count;
+      if (room >= 1 && room < request.max_tokens) request.max_tokens = room;
+    } catch (e) {
+      /* sent as it is */
+    }
+  }
+
+  async function streamAnswer(chat) {
+    let request = null, body = null, bodyError = null;
+    try {
+      request = requestBody(chat); // the history as it is before the answer starts
     } catch (e) {
       bodyError = `Settings: the extra request fields are not valid JSON (${e.message})`;
     }
@@ -208,10 +227,13 @@
     state.streaming = { controller, message };
     updateComposer();
     render();
-    const sent = performance.now();
+    let sent = performance.now();
     let firstAt = null, lastAt = null, reasoningStart = null, reasoningEnd = null, deltas = 0, usage = null;
     try {
       if (bodyError) throw new Error(bodyError);
+      await fitMaxTokens(request);
+      body = JSON.stringify(request);
+      sent = performance.now(); // (TTFT counts from the chat request)
       const response = await apiFetch("v1/chat/completions", { method: "POST", body, signal: controller.signal });
       if (!response.ok) {
         message.error = await errorText(response);
