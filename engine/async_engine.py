@@ -107,6 +107,7 @@ class EngineStats:
     step_seconds_total: float = 0.0
     compute_seconds_total: float = 0.0
     worker_restarts: int = 0
+    constraint_failures: int = 0
 
 
 class RequestStream:
@@ -400,7 +401,7 @@ class AsyncEngine:
         for u in updates:
             seq = u.seq
             if u.error is not None:
-                outs.append((seq.request_id, RequestFailed(f"the worker could not run this request: {u.error}")))
+                outs.append((seq.request_id, RequestFailed(u.error)))
                 continue
             t = seq.times
             outs.append(
@@ -446,6 +447,7 @@ class AsyncEngine:
         s.kv_usage = sched.bm.usage()
         s.num_free_blocks, s.num_blocks = sched.bm.num_free_blocks, sched.bm.num_blocks
         s.num_preemptions = sched.num_preemptions
+        s.constraint_failures = sched.num_constraint_failures
         s.prefix_queries, s.prefix_hits = sched.bm.prefix_queries, sched.bm.prefix_hits
         s.prompt_tokens_total = self.core.prompt_tokens_total
         s.generation_tokens_total = self.core.generation_tokens_total

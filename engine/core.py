@@ -257,9 +257,11 @@ class EngineCore:
         req = step.request
         if not req.chunks and not req.finished_seq_ids and not req.new_seqs:
             return []
-        self._attach_grammar_masks(req)
+        failed_grammars = self._attach_grammar_masks(req)
         result = self.worker.step(req)
-        updates = self._add_text(self.scheduler.update(step, result))
+        updates = self.scheduler.update(step, result)
+        updates += [self.scheduler.fail_constraint(seq) for seq in failed_grammars if not seq.finished]
+        updates = self._add_text(updates)
         self.generation_tokens_total += len(result.tokens)
         if result.spec is not None:
             self._add_spec(result.spec)
@@ -291,15 +293,22 @@ class EngineCore:
             out.append(u)
         return out
 
-    def _attach_grammar_masks(self, req: StepRequest) -> None:
-        """Each sampling chunk of a constrained sequence carries its allowed-token bitmask."""
+    def _attach_grammar_masks(self, req: StepRequest) -> list[Sequence]:
+        """Each sampling chunk of a constrained sequence carries its allowed-token bitmask. A grammar that fails
+        to give one (a resource limit of the grammar engine) samples nothing this step: its sequences are
+        returned, to be ended with that error after the step."""
         seqs = self.scheduler.seqs
+        failed = []
         for i, ch in enumerate(req.chunks):
             seq = seqs.get(ch.seq_id)
             if ch.sample and seq is not None and seq.grammar is not None:
                 mask = seq.grammar.bitmask()
-                if mask is not None:
+                if mask is None:
+                    failed.append(seq)
+                    req.chunks[i] = msgspec.structs.replace(ch, sample=False)
+                else:
                     req.chunks[i] = msgspec.structs.replace(ch, allowed_token_bitmask=mask)
+        return failed
 
     def _add_spec(self, step: SpecDecodeStats) -> None:
         t = self.spec_totals

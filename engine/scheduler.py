@@ -42,7 +42,7 @@ class SequenceUpdate:
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprob]
     finished: bool
-    error: str | None = None  # the worker could not run this sequence (it is finished, its request failed)
+    error: str | None = None  # why the sequence failed (the worker could not run it, or its grammar failed)
     new_text: str = ""
     num_output_tokens: int = 0  # the sequence's output length counting this update's token
     text_hidden: bool = False  # the token ended the sequence as EOS or a stop token id: its text is not shown
@@ -83,6 +83,7 @@ class Scheduler:
         self._to_release: list[int] = []  # sequences the worker must forget at the next step
         self._step_id = 0
         self.num_preemptions = 0
+        self.num_constraint_failures = 0  # sequences ended because their grammar failed mid-answer
 
     # ---- admission and removal -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -228,7 +229,9 @@ class Scheduler:
         Sequences the worker could not run (``step`` says which of their tokens were not written) are finished
         with their error."""
         now = time.monotonic()
-        updates: list[SequenceUpdate] = [self._fail(step, f.seq_id, f.message) for f in result.failed]
+        updates: list[SequenceUpdate] = [
+            self._fail(step, f.seq_id, f"the worker could not run this request: {f.message}") for f in result.failed
+        ]
         updates = [u for u in updates if u is not None]
         seen: set[int] = set()
         for t in result.tokens:
@@ -239,6 +242,9 @@ class Scheduler:
                 seq.num_computed_tokens += 1
             seen.add(t.seq_id)
             seq.append_output(t.token_id)
+            if seq.grammar is not None and seq.grammar.error is not None:
+                updates.append(self.fail_constraint(seq))
+                continue
             new_lp = []
             if t.logprob is not None:
                 new_lp.append(TokenLogprob(t.token_id, t.logprob, t.top_logprobs))
@@ -257,6 +263,18 @@ class Scheduler:
             seq.finish_reason, seq.stop_reason = FinishReason.STOP, matched
         else:
             self.finish(seq, FinishReason.STOP, matched)
+
+    def fail_constraint(self, seq: Sequence) -> SequenceUpdate:
+        """End a sequence whose grammar failed (a resource limit of the grammar engine met mid-answer): with an
+        error, never with the rest of the answer unconstrained. Its KV is whole; the worker is told to forget
+        it with the next step, as for any finished sequence."""
+        self.finish(seq, FinishReason.ABORT)
+        self.num_constraint_failures += 1
+        message = (
+            f"the output's grammar could not be enforced past token {len(seq.output_token_ids)} "
+            f"({seq.grammar.error}); the request's answer is not returned"
+        )
+        return SequenceUpdate(seq, [], [], finished=True, error=message)
 
     def _fail(self, step: ScheduledStep, seq_id: int, message: str) -> SequenceUpdate | None:
         self._worker_known.discard(seq_id)  # the worker has already forgotten it: no release to send

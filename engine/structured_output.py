@@ -49,6 +49,9 @@ GRAMMAR_CACHE_MAX_SOURCE_CHARS = 64 * 1024
 # Digits in each part of a JSON number (integer, fraction, exponent) under a JSON grammar: llama.cpp's bound
 # (16 significant digits is what a double holds).
 MAX_NUMBER_PART_DIGITS = 16
+# The compile-time probe of a grammar's first steps (see _probe): walks, and tokens per walk.
+PROBE_WALKS = 8
+PROBE_DEPTH = 3
 # Whitespace allowed between "</think>" and the constrained answer (models write a blank line there).
 AFTER_THINK_GAP = r"/[ \n]{0,4}/"
 
@@ -75,10 +78,41 @@ class Grammar:
     think: ThinkTokens | None = None
 
 
+def check_enforceable(schema: Any, path: str = "") -> None:
+    """GrammarError naming the first place of ``schema`` that the grammar engine would not enforce exactly:
+    a ``number`` whose ``exclusiveMinimum`` is a whole number L >= 0 and whose upper bound lies below L + 1
+    (llguidance 1.9 admits L itself there; found by testing every such pair of bounds). Everything else it
+    cannot enforce it refuses by itself."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            check_enforceable(item, f"{path}/{i}")
+        return
+    if not isinstance(schema, dict):
+        return
+    types = schema.get("type")
+    low = schema.get("exclusiveMinimum")
+    if (types == "number" or (isinstance(types, list) and "number" in types)) and _is_number(low):
+        for key in ("maximum", "exclusiveMaximum"):
+            high = schema.get(key)
+            if _is_number(high) and low >= 0 and float(low).is_integer() and low < high < low + 1:
+                raise GrammarError(
+                    f"at {path or '/'}: exclusiveMinimum {low} with {key} {high} is not enforced exactly by the "
+                    f"grammar engine (it would admit {low:g}); give minimum instead, or bounds that span a whole number"
+                )
+    for key, value in schema.items():
+        if isinstance(value, (dict, list)):
+            check_enforceable(value, f"{path}/{key}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def json_schema_grammar(schema: dict[str, Any]) -> Grammar:
     """Output that is one JSON value valid against ``schema``. Raises GrammarError if it is not an object."""
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    check_enforceable(schema)
     try:
         return Grammar(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_FORMAT), json_numbers=True)
     except (ValueError, TypeError) as e:
@@ -114,7 +148,9 @@ def lark_regex(pattern: str) -> str:
 
 
 def lark_json(schema: dict[str, Any]) -> str:
-    """``schema`` embedded in a Lark rule, written with :data:`JSON_FORMAT`."""
+    """``schema`` embedded in a Lark rule, written with :data:`JSON_FORMAT` (GrammarError where the grammar
+    engine would not enforce it exactly: :func:`check_enforceable`)."""
+    check_enforceable(schema)
     return "%json " + json.dumps({**schema, "x-guidance": JSON_FORMAT})
 
 
@@ -238,25 +274,71 @@ class GrammarMatcher:
 
     def bitmask(self) -> bytes | None:
         """The allowed next tokens, one bit per token id (little-endian int32 words, llguidance's layout);
-        None after an error."""
+        None once the grammar has failed (:attr:`error`): the sequence must then end with that error, never
+        go on unconstrained."""
         if not self.active:
             return None
         mask = self._matcher.compute_bitmask()  # (releases the GIL while it computes)
+        if self._matcher.is_error():  # a resource limit of the grammar engine, met in this step
+            self._failed(None)
+            return None
         return mask if self._guard is None else self._guard.restrict(mask)
 
     def accept(self, token_id: int) -> None:
-        """Advance past a sampled token."""
+        """Advance past a sampled token. A token the grammar engine cannot take (a resource limit it meets,
+        or a token something other than the mask chose) sets :attr:`error`."""
         if self.error is None and not self._matcher.consume_token(token_id):
-            # Only possible when something other than the mask chose the token: stop constraining, say why.
-            self.error = self._matcher.get_error() or f"token {token_id} is not allowed by the grammar"
-            log.warning("grammar matcher stopped: %s", self.error.splitlines()[0])
+            self._failed(token_id)
         if self._guard is not None:
             self._guard.accept(token_id)
+
+    def _failed(self, token_id: int | None) -> None:
+        reason = self._matcher.get_error() or f"token {token_id} is not allowed by the grammar"
+        self.error = reason.splitlines()[0]
+        log.warning("grammar matcher failed: %s", self.error)
 
     @property
     def finished(self) -> bool:
         """The grammar is complete and allows nothing more (only end of sequence)."""
         return self._matcher.is_stopped()
+
+
+def _allowed_ids(bitmask: bytes) -> np.ndarray:
+    return np.flatnonzero(np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little"))
+
+
+def _probe(matcher: llguidance.LLMatcher) -> str | None:
+    """Walk the first steps of a fresh matcher: its first mask, then :data:`PROBE_WALKS` short walks of
+    :data:`PROBE_DEPTH` tokens from first tokens spread over the allowed ones. The grammar engine meets its
+    limits (an Earley row past 2000 items, a lexer past its expression count) as it runs, not when it
+    compiles; most grammars that meet them do so at once (a choice of 2000 strings, an object of 550
+    optional properties, 2001 alternatives), and are refused here instead of failing mid-answer. Returns the
+    engine's error, or None."""
+    first = matcher.deep_copy()
+    mask = first.compute_bitmask()
+    if first.is_error():
+        error = first.get_error()
+        if error.startswith("NoExtensionBias"):  # nothing can be written that the grammar could ever finish
+            return "it allows no output that can be finished (a schema that refers to itself with no end?)"
+        return error
+    allowed = _allowed_ids(mask)
+    if allowed.size == 0:
+        return "the grammar allows no first token"
+    for start in allowed[np.linspace(0, allowed.size - 1, min(PROBE_WALKS, allowed.size)).astype(int)]:
+        walker, token = matcher.deep_copy(), int(start)
+        for _ in range(PROBE_DEPTH):
+            if not walker.consume_token(token) or walker.is_error():
+                return walker.get_error()
+            if walker.is_stopped():
+                break
+            mask = walker.compute_bitmask()
+            if walker.is_error():
+                return walker.get_error()
+            ids = _allowed_ids(mask)
+            if ids.size == 0:
+                break
+            token = int(ids[ids.size // 2])
+    return None
 
 
 class GrammarCompiler:
@@ -324,6 +406,9 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(tokenizer, grammar.source, log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error().splitlines()[0])
+        failure = _probe(matcher)
+        if failure is not None:
+            raise GrammarError(f"the grammar engine cannot follow this grammar: {failure.splitlines()[0]}")
         vocabulary = self._vocabulary_digits(tokenizer) if grammar.json_numbers else None
         compiled = CompiledGrammar(matcher, grammar, vocabulary)
         if len(grammar.source) > GRAMMAR_CACHE_MAX_SOURCE_CHARS:

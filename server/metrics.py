@@ -45,6 +45,11 @@ class _EngineCollector:
             ),
             ("a8w8:worker_compute_seconds", "Time the worker spent computing those steps.", s.compute_seconds_total),
             ("a8w8:worker_restarts", "Worker processes started again after the previous one died.", s.worker_restarts),
+            (
+                "a8w8:constraint_failures",
+                "Sequences ended with an error because their grammar failed mid-answer (a grammar engine limit).",
+                s.constraint_failures,
+            ),
         )
         for family, rows in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
             for name, doc, value in rows:

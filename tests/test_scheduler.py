@@ -247,7 +247,9 @@ def test_a_failed_sequence_is_finished_and_its_unwritten_blocks_are_not_cached()
         ),
     )
     failed = [u for u in updates if u.error is not None]
-    assert [(u.seq, u.finished, u.error) for u in failed] == [(bad, True, "boom")]
+    assert [(u.seq, u.finished, u.error) for u in failed] == [
+        (bad, True, "the worker could not run this request: boom")
+    ]
     assert bad.finished and bad.seq_id not in h.sched.seqs
     assert h.bm.find_cached_prefix(prompt) == []  # its blocks were scheduled, never written
     h.bm.check_invariants()

@@ -509,6 +509,90 @@ def test_constraint_errors_name_the_field(server):
     assert r.status_code == 200 and not r.json()["choices"][0]["message"].get("tool_calls")
 
 
+def _objects_with_one_key(count: int) -> list[dict]:
+    return [
+        {"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]} for i in range(count)
+    ]
+
+
+# Grammars the grammar engine cannot follow to the end (its limits, met as it runs) or would not enforce
+# exactly: each a 400 naming the field, at once, never a 200 whose answer goes on unconstrained.
+UNFOLLOWABLE = {
+    "choice of 2000": ({"guided_choice": [f"option{i}" for i in range(2000)]}, "guided_choice", "row has"),
+    "550 optional properties": (
+        {
+            "guided_json": {
+                "type": "object",
+                "properties": {f"p{i}": {"type": "string"} for i in range(550)},
+                "additionalProperties": False,
+            }
+        },
+        "guided_json",
+        "row has",
+    ),
+    "anyOf of 2001 objects": ({"guided_json": {"anyOf": _objects_with_one_key(2001)}}, "guided_json", "row has"),
+    "enum of 60k": ({"guided_json": {"type": "string", "enum": [f"v{i}" for i in range(60_000)]}}, "guided_json", ""),
+    "700 KB literal regex": ({"guided_regex": "ab" * 350_000}, "guided_regex", "lexer"),
+    "exclusive bounds it would not enforce": (
+        {
+            "guided_json": {
+                "type": "object",
+                "properties": {"v": {"type": "number", "exclusiveMinimum": 0, "maximum": 0.001}},
+            }
+        },
+        "guided_json",
+        "exclusiveMinimum 0 with maximum 0.001",
+    ),
+    "a $ref to itself": (
+        {"guided_json": {"$defs": {"n": {"$ref": "#/$defs/n"}}, "$ref": "#/$defs/n"}},
+        "guided_json",
+        "refers to itself",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNFOLLOWABLE))
+def test_a_grammar_the_engine_cannot_follow_is_a_400(server, case):
+    fields, param, fragment = UNFOLLOWABLE[case]
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 8, **fields, **NO_THINKING}
+    r = httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 400, r.text[:500]
+    err = r.json()["error"]
+    assert err["param"] == param and fragment in err["message"], err
+
+
+# A grammar that passes the compile-time probe and meets the engine's limit mid-answer: at the value of "b"
+LATE_LIMIT_SCHEMA = {
+    "type": "object",
+    "properties": {"a": {"type": "string"}, "b": {"anyOf": _objects_with_one_key(2001)}},
+    "required": ["a", "b"],
+}
+
+
+@pytest.fixture(scope="module")
+def late_limit_server(serve_model):
+    """A replayed model that writes a valid answer to LATE_LIMIT_SCHEMA (the grammar fails under it)."""
+    ids = HFTokenizer(qwen3_tokenizer_dir()).encode('{"a": "x", "b": {"k5": 1}}') + [151645]
+    s = ThreadServer(create_app_for_replay(serve_model, ids))
+    yield s
+    s.stop()
+
+
+def test_a_grammar_that_fails_mid_answer_ends_the_request_with_an_error(late_limit_server):
+    base = late_limit_server.base
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 40, "guided_json": LATE_LIMIT_SCHEMA, **NO_THINKING}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 500, r.text[:500]
+    assert "grammar could not be enforced" in r.json()["error"]["message"] and "row has" in r.json()["error"]["message"]
+    events = _data_events(base, "/v1/chat/completions", body)  # (up to [DONE])
+    assert "grammar could not be enforced" in events[-1]["error"]["message"], events[-3:]
+    assert not any(c.get("finish_reason") for e in events[:-1] for c in e.get("choices") or [])
+    (line,) = [
+        x for x in httpx.get(f"{base}/metrics").text.splitlines() if x.startswith("a8w8:constraint_failures_total")
+    ]
+    assert float(line.split()[-1]) == 2.0, line
+
+
 def test_grammar_cut_by_max_tokens_ends_with_length(client):
     r = client.chat.completions.create(
         model=MODEL,
