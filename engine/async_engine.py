@@ -234,6 +234,13 @@ class AsyncEngine:
             return EngineUnavailable("the server is shutting down")
         return EngineUnavailable(f"the engine is not available: {detail}")
 
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+        """What :meth:`add_request` would refuse of this request (EngineUnavailable, InvalidRequest), checked
+        without queueing it: the server asks before it compiles the request's grammar."""
+        if self.state is not EngineState.READY:
+            raise self._unavailable()
+        self.core.check_request(prompt_token_ids, params, priority)
+
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
     ) -> RequestStream:

@@ -13,6 +13,7 @@ import msgspec
 from engine.block_manager import BlockManager
 from engine.chat_template import ChatTemplate, ChatTemplateError
 from engine.detokenizer import OutputText
+from engine.grammar_limits import GrammarLimits
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
 from engine.sequence import FinishReason, Sequence
@@ -48,6 +49,8 @@ class EngineConfig:
     override_generation_config: dict = field(default_factory=dict)
     # vLLM's --chat-template: a Jinja file (or the template itself) instead of the model's own
     chat_template: str | None = None
+    # What one request's grammar may cost (structured output and forced tool calls)
+    grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
 
 
 def check_text_length(max_model_len: int, num_bytes: int, bytes_per_token: int) -> None:
@@ -87,7 +90,10 @@ class EngineCore:
         )
         # Constrained decoding's grammars, against the model's vocabulary (the tokenizer's view built on first use).
         self.grammars = GrammarCompiler(
-            lambda: tokenizer_json(self.tokenizer, model_dir), self.model_config.vocab_size, self.eos_token_ids
+            lambda: tokenizer_json(self.tokenizer, model_dir),
+            self.model_config.vocab_size,
+            self.eos_token_ids,
+            config.grammar_limits,
         )
         worker_cfg = config.worker
         if worker_cfg.sampleable_vocab_size is None:
@@ -203,10 +209,9 @@ class EngineCore:
         if bad:
             raise InvalidRequest(f"token id {bad[0]} is out of range [0, {vocab})", "prompt")
 
-    def make_sequences(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
-    ) -> list[Sequence]:
-        """Validate a request and build its ``n`` sequences (raises InvalidRequest)."""
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+        """Everything :meth:`make_sequences` checks of a request (InvalidRequest), without building it: the
+        server runs this before it spends time on the request's grammar."""
         params.validate(self.model_config.vocab_size, self.max_model_len)
         if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
             raise InvalidRequest(f"priority must be a 64-bit signed integer, got {priority}", "priority")
@@ -214,6 +219,12 @@ class EngineCore:
             raise InvalidRequest("the prompt is empty", "prompt")
         check_context_length(self.max_model_len, len(prompt_token_ids), params.max_tokens)
         self._check_vocab(prompt_token_ids)
+
+    def make_sequences(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> list[Sequence]:
+        """Validate a request and build its ``n`` sequences (raises InvalidRequest)."""
+        self.check_request(prompt_token_ids, params, priority)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         seqs = []
         for i in range(params.n):

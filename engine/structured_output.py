@@ -24,10 +24,13 @@ Two things the grammar engine does not do are added here:
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +38,8 @@ from typing import Any
 
 import llguidance
 import numpy as np
+
+from engine.grammar_limits import GrammarLimits
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,12 @@ AFTER_THINK_GAP = r"/[ \n]{0,4}/"
 
 
 class GrammarError(ValueError):
-    """A grammar that cannot be compiled (an invalid JSON schema, a Lark syntax error); the message says why."""
+    """A grammar that cannot be compiled (an invalid JSON schema, a Lark syntax error, over its budget); the
+    message says why."""
+
+
+class GrammarBusy(RuntimeError):
+    """Too many grammars are waiting to be compiled: the request should be retried later (HTTP 429)."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +313,10 @@ class GrammarMatcher:
         return self._matcher.is_stopped()
 
 
+def _digest(grammar: Grammar) -> str:
+    return hashlib.sha256(grammar.source.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _allowed_ids(bitmask: bytes) -> np.ndarray:
     return np.flatnonzero(np.unpackbits(np.frombuffer(bitmask, dtype=np.uint8), bitorder="little"))
 
@@ -349,7 +363,18 @@ class GrammarCompiler:
     in the first constrained request. Thread-safe; call :meth:`compile` off the event loop.
     """
 
-    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_ids: tuple[int, ...]):
+    def __init__(
+        self,
+        tokenizer_json: Callable[[], str],
+        vocab_size: int,
+        eos_token_ids: tuple[int, ...],
+        limits: GrammarLimits | None = None,
+    ):
+        self.limits = limits = limits or GrammarLimits()
+        self._pool = concurrent.futures.ThreadPoolExecutor(limits.compile_threads, thread_name_prefix="a8w8-grammar")
+        self.waiting = 0  # compiles submitted and not started
+        self.compiling = 0  # compiles running on the compile threads
+        self._refused: OrderedDict[str, str] = OrderedDict()  # source digest -> why it was refused (over budget)
         self._tokenizer_json = tokenizer_json
         self._vocab_size = vocab_size
         self._eos = list(eos_token_ids)
@@ -392,17 +417,87 @@ class GrammarCompiler:
         except GrammarError:
             pass
 
-    def compile(self, grammar: Grammar) -> CompiledGrammar:
-        """Raises GrammarError with the grammar engine's reason when the grammar is invalid."""
+    def submit(self, grammar: Grammar) -> concurrent.futures.Future[CompiledGrammar]:
+        """Compile ``grammar`` on the compile threads (a future; cancelling it before it starts drops it). A
+        grammar cached, refused before, or over the size budget is answered at once (GrammarError); past
+        :attr:`GrammarLimits.max_queued` waiting compiles, GrammarBusy."""
+        done: concurrent.futures.Future[CompiledGrammar] = concurrent.futures.Future()
+        hit = self._known(grammar)
+        if hit is not None:
+            done.set_result(hit)
+            return done
+        with self._lock:
+            if self.waiting >= self.limits.max_queued:
+                raise GrammarBusy(
+                    f"{self.waiting} grammars are waiting to be compiled (the limit is {self.limits.max_queued})"
+                )
+            self.waiting += 1
+
+        def run() -> CompiledGrammar:
+            with self._lock:
+                self.waiting -= 1
+                self.compiling += 1
+            try:
+                return self.compile(grammar)
+            finally:
+                with self._lock:
+                    self.compiling -= 1
+
+        future = self._pool.submit(run)
+        future.add_done_callback(lambda f: self._unqueue_cancelled(f))
+        return future
+
+    def _unqueue_cancelled(self, future: concurrent.futures.Future) -> None:
+        if future.cancelled():  # never started: it no longer waits
+            with self._lock:
+                self.waiting -= 1
+
+    def _known(self, grammar: Grammar) -> CompiledGrammar | None:
+        """The cached compile of ``grammar``; GrammarError for one over the size budget or refused before."""
+        size = len(grammar.source.encode("utf-8", "surrogatepass"))
+        if size > self.limits.max_source_bytes:
+            raise GrammarError(
+                f"the grammar is {size} bytes in the grammar engine's form, over the server's limit of "
+                f"{self.limits.max_source_bytes} (--max-grammar-bytes)"
+            )
         with self._lock:
             hit = self._cache.get(grammar)
             if hit is not None:
                 self._cache.move_to_end(grammar)
                 return hit
+            refused = self._refused.get(_digest(grammar))
+        if refused is not None:
+            raise GrammarError(refused)
+        return None
+
+    def compile(self, grammar: Grammar) -> CompiledGrammar:
+        """Compile in this thread. Raises GrammarError with the grammar engine's reason when the grammar is
+        invalid, or when it is over a budget of :attr:`limits`."""
+        hit = self._known(grammar)
+        if hit is not None:
+            return hit
         tokenizer = self._llg_tokenizer()
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar.source, tokenizer)
-        if is_error:
-            raise GrammarError(messages[0].splitlines()[0])
+        started = time.thread_time()  # (llguidance computes in this thread, with the GIL released)
+        compiled = self._compile(grammar, tokenizer)
+        spent = time.thread_time() - started
+        if spent > self.limits.max_compile_cpu_seconds:
+            reason = (
+                f"compiling the grammar took {spent:.1f} s of CPU, over the server's budget of "
+                f"{self.limits.max_compile_cpu_seconds:g} s per grammar (--grammar-compile-budget)"
+            )
+            with self._lock:  # a repeat is refused at once
+                self._refused[_digest(grammar)] = reason
+                while len(self._refused) > GRAMMAR_CACHE_SIZE:
+                    self._refused.popitem(last=False)
+            raise GrammarError(reason)
+        if len(grammar.source) <= GRAMMAR_CACHE_MAX_SOURCE_CHARS:
+            with self._lock:
+                self._cache[grammar] = compiled
+                while len(self._cache) > GRAMMAR_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, grammar: Grammar, tokenizer: llguidance.LLTokenizer) -> CompiledGrammar:
         matcher = llguidance.LLMatcher(tokenizer, grammar.source, log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error().splitlines()[0])
@@ -410,11 +505,4 @@ class GrammarCompiler:
         if failure is not None:
             raise GrammarError(f"the grammar engine cannot follow this grammar: {failure.splitlines()[0]}")
         vocabulary = self._vocabulary_digits(tokenizer) if grammar.json_numbers else None
-        compiled = CompiledGrammar(matcher, grammar, vocabulary)
-        if len(grammar.source) > GRAMMAR_CACHE_MAX_SOURCE_CHARS:
-            return compiled
-        with self._lock:
-            self._cache[grammar] = compiled
-            while len(self._cache) > GRAMMAR_CACHE_SIZE:
-                self._cache.popitem(last=False)
-        return compiled
+        return CompiledGrammar(matcher, grammar, vocabulary)

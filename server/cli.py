@@ -19,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 
+from engine.grammar_limits import GrammarLimits
 from engine.tokenizer import TokenizerImpl
 from loaders.options import FLOAT_DTYPE_NAMES, Quantization
 from npu.messages import DEFAULT_KV_CACHE_BYTES, KVCacheDtype, SpeculativeConfig
@@ -307,6 +308,9 @@ def engine_config(args: argparse.Namespace):
         "worker_restart_window_seconds": getattr(args, "worker_restart_window", None),
         "generation_config": getattr(args, "generation_config", None),
         "override_generation_config": getattr(args, "override_generation_config", None),
+        "grammar_limits": GrammarLimits(args.max_grammar_bytes, args.grammar_compile_budget)
+        if hasattr(args, "max_grammar_bytes")
+        else None,
     }
     return EngineConfig(
         worker=worker,
@@ -582,6 +586,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="JSON",
         help='set or replace single defaults, e.g. \'{"temperature": 0.5, "max_new_tokens": 1024}\'',
+    )
+    so = serve.add_argument_group("structured output (what one request's grammar may cost)")
+    so.add_argument(
+        "--max-grammar-bytes",
+        type=parse_size,
+        default=format_size(GrammarLimits.max_source_bytes),
+        metavar="SIZE",
+        help="larger grammars (a JSON schema, a regex, a choice list, in the grammar engine's form) get HTTP 400",
+    )
+    so.add_argument(
+        "--grammar-compile-budget",
+        type=float,
+        default=GrammarLimits.max_compile_cpu_seconds,
+        metavar="SECONDS",
+        help="CPU time one grammar may take to compile; past it the request gets HTTP 400 (and so does a repeat)",
     )
     serve.set_defaults(func=cmd_serve)
 

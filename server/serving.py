@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -18,9 +19,9 @@ from sse_starlette.sse import EventSourceResponse
 from engine.async_engine import AsyncEngine, RequestOutput, RequestStream
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams, StructuredOutput
 from engine.sequence import TokenLogprob
-from engine.structured_output import GrammarError, ThinkTokens
+from engine.structured_output import GrammarBusy, GrammarError, ThinkTokens
 from server.constraints import OutputConstraint, answer_constraint, chat_constraint, tool_use
-from server.errors import APIError, error_body, to_api_error
+from server.errors import RETRY_AFTER_SECONDS, APIError, error_body, to_api_error
 from server.guard import USAGE_STATE_KEY
 from server.metrics import ServerMetrics
 from server.reasoning import THINK_END, THINK_START, ReasoningParser
@@ -74,16 +75,38 @@ class ServingContext:
 # ------------------------------------------------------------------------------------------------
 # request -> sampling params
 # ------------------------------------------------------------------------------------------------
-async def structured_output(ctx: ServingContext, constraint: OutputConstraint | None) -> StructuredOutput | None:
-    """The constraint compiled (in a thread: the first one builds the vocabulary's view, about 2 s); a grammar
-    that does not compile is a 400 naming the field it came from."""
+class ClientDisconnected(Exception):
+    """The client left while its request was being prepared (its grammar compiled): nothing to answer."""
+
+
+async def structured_output(
+    ctx: ServingContext, constraint: OutputConstraint | None, request: Request
+) -> StructuredOutput | None:
+    """The constraint compiled on the grammar compiler's own threads (never the ones that tokenize other
+    requests). A grammar that does not compile, or is over its budget, is a 400 naming the field it came from;
+    too many grammars waiting is a 429. If the client leaves meanwhile, a compile that has not started is
+    dropped and ClientDisconnected raised."""
     if constraint is None:
         return None
     try:
-        compiled = await asyncio.to_thread(ctx.engine.core.grammars.compile, constraint.grammar)
+        future = ctx.engine.core.grammars.submit(constraint.grammar)
     except GrammarError as e:
         raise APIError(400, f"{constraint.param}: {e}", constraint.param) from None
-    return StructuredOutput(compiled)
+    except GrammarBusy as e:
+        raise APIError(429, f"{e}; retry later", constraint.param, {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+    compiled = asyncio.wrap_future(future)
+    listener = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({compiled, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+    if compiled not in done:
+        future.cancel()  # (a compile already running finishes, within its CPU budget, and is cached)
+        raise ClientDisconnected
+    try:
+        return StructuredOutput(compiled.result())
+    except GrammarError as e:
+        raise APIError(400, f"{constraint.param}: {e}", constraint.param) from None
 
 
 def think_tokens(ctx: ServingContext) -> ThinkTokens | None:
@@ -111,11 +134,7 @@ def refuse_stream_options_without_stream(req: SamplingFields) -> None:
 
 
 def sampling_params(
-    ctx: ServingContext,
-    req: SamplingFields,
-    max_tokens: int | None,
-    logprobs: int | None,
-    structured: StructuredOutput | None = None,
+    ctx: ServingContext, req: SamplingFields, max_tokens: int | None, logprobs: int | None
 ) -> SamplingParams:
     """Model defaults (generation_config.json), then the request's fields."""
     defaults = ctx.engine.generation_defaults
@@ -146,7 +165,6 @@ def sampling_params(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
-        structured=structured,
     )
 
 
@@ -408,7 +426,11 @@ class ChoiceState:
 # ------------------------------------------------------------------------------------------------
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
     with input_named("messages", "max_completion_tokens" if req.max_completion_tokens else "max_tokens"):
-        return await _chat_completion(ctx, req, request)
+        try:
+            return await _chat_completion(ctx, req, request)
+        except ClientDisconnected:
+            ctx.metrics.observe_aborted()
+            return Response(status_code=499)
 
 
 async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
@@ -417,7 +439,6 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
     use = tool_use(req)
     thinking = ctx.reasoning and (req.chat_template_kwargs or {}).get("enable_thinking", True) is not False
     constraint = chat_constraint(req, use, call_token_ids(ctx), think_tokens(ctx) if thinking else None)
-    structured = await structured_output(ctx, constraint)
     prompt_ids = await asyncio.to_thread(
         chat_prompt_ids,
         ctx,
@@ -437,7 +458,10 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
         # None, so it is refused for its own length
         room = ctx.engine.max_model_len - len(prompt_ids)
         max_tokens = min(default_max, room) if room > 0 else None
-    params = sampling_params(ctx, req, max_tokens, logprobs, structured)
+    params = sampling_params(ctx, req, max_tokens, logprobs)
+    # every cheap check first: the grammar is compiled only for a request that will run
+    ctx.engine.check_request(prompt_ids, params, req.priority)
+    params = dataclasses.replace(params, structured=await structured_output(ctx, constraint, request))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = ctx.engine.add_request(prompt_ids, params, request_id, priority=req.priority)
     choices = [
@@ -563,19 +587,26 @@ def completion_prompts(ctx: ServingContext, prompt) -> list[tuple[str, list[int]
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
     with input_named("prompt"):
-        return await _completion(ctx, req, request)
+        try:
+            return await _completion(ctx, req, request)
+        except ClientDisconnected:
+            ctx.metrics.observe_aborted()
+            return Response(status_code=499)
 
 
 async def _completion(ctx: ServingContext, req: CompletionRequest, request: Request) -> Response:
     model = ctx.check_model(req.model)
     refuse_stream_options_without_stream(req)
-    structured = await structured_output(ctx, answer_constraint(req))
+    constraint = answer_constraint(req)
     if req.suffix:
         raise APIError(400, "suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported (only best_of equal to n, the default)", "best_of")
     prompts = await asyncio.to_thread(completion_prompts, ctx, req.prompt)
-    params = sampling_params(ctx, req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs, structured)
+    params = sampling_params(ctx, req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
+    for _, ids in prompts:  # every cheap check first: the grammar is compiled only for a request that will run
+        ctx.engine.check_request(ids, params, req.priority)
+    params = dataclasses.replace(params, structured=await structured_output(ctx, constraint, request))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams: list[RequestStream] = []
     try:

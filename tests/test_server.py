@@ -424,6 +424,7 @@ def _settings(model_dir, **kw) -> ServerSettings:
         worker=WorkerConfig(model_dir=str(model_dir), kv_cache_memory_bytes=32 << 20, max_model_len=1024, **worker_kw),
         scheduler=SchedulerConfig(**sched_kw),
         max_queued_requests=kw.pop("max_queued_requests", 1024),
+        **kw.pop("engine", {}),
     )
     return ServerSettings(engine=engine, served_model_names=[MODEL], **kw)
 

@@ -1,0 +1,115 @@
+"""Hostile clients against a victim: what one client sends must not degrade service for another. Real servers
+on 127.0.0.1 (uvicorn in a thread where the test inspects the engine), real HTTP clients, bounded waits."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from servers import ThreadServer
+from test_server import MODEL, _settings
+
+from engine.grammar_limits import GrammarLimits
+from engine.structured_output import json_schema_grammar
+from server.app import create_app
+
+CHAT = [{"role": "user", "content": "Tell me about a person."}]
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def many_properties(count: int, prefix: str = "p") -> dict:
+    """An object schema with ``count`` optional properties: its grammar takes a while to compile (5000: about
+    2 s of CPU here), and the grammar engine cannot follow it (refused by the probe once compiled)."""
+    return {"type": "object", "properties": {f"{prefix}{i}": {"type": "string"} for i in range(count)}}
+
+
+def constrained(base: str, schema: dict, timeout: float = 120) -> httpx.Response:
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 8, "guided_json": schema, **NO_THINKING}
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=timeout)
+
+
+def plain(base: str) -> httpx.Response:
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2, "ignore_eos": True}
+    return httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+
+
+def server_with(serve_model, limits: GrammarLimits) -> tuple[ThreadServer, object]:
+    app = create_app(_settings(serve_model, engine={"grammar_limits": limits}))
+    return ThreadServer(app), app
+
+
+# ---- grammars --------------------------------------------------------------------------------------------
+def test_a_grammar_over_its_cpu_budget_is_a_400_and_so_is_a_repeat(serve_model):
+    s, _ = server_with(serve_model, GrammarLimits(max_compile_cpu_seconds=0.01))
+    try:
+        schema = many_properties(300)  # about 0.1 s to compile
+        r = constrained(s.base, schema)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "guided_json" and "over the server's budget" in err["message"], err
+        t0 = time.monotonic()
+        again = constrained(s.base, schema)
+        assert again.status_code == 400 and again.json()["error"]["message"] == err["message"]
+        assert time.monotonic() - t0 < 5
+        assert plain(s.base).status_code == 200  # the server is fine
+    finally:
+        s.stop()
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_compiles_run_apart_from_other_requests_and_their_queue_is_bounded(serve_model):
+    """One compile thread, one compile allowed to wait: while a slow grammar compiles, a plain request is
+    answered (it never waits behind the compile), a second grammar waits, a third is refused with 429."""
+    s, app = server_with(serve_model, GrammarLimits(max_compile_cpu_seconds=60, compile_threads=1, max_queued=1))
+    compiler = app.state.engine.core.grammars
+    results: dict[str, httpx.Response] = {}
+
+    def send(name: str, schema: dict) -> threading.Thread:
+        t = threading.Thread(target=lambda: results.__setitem__(name, constrained(s.base, schema)))
+        t.start()
+        return t
+
+    try:
+        slow = send("slow", many_properties(5000, "a"))
+        wait_until(lambda: compiler.compiling == 1)
+        waiting = send("waiting", many_properties(300, "b"))
+        wait_until(lambda: compiler.waiting == 1)
+        refused = constrained(s.base, many_properties(300, "c"))
+        assert refused.status_code == 429 and refused.json()["error"]["param"] == "guided_json", refused.text
+        assert "Retry-After" in refused.headers
+        assert plain(s.base).status_code == 200
+        assert "slow" not in results  # the plain request was answered while the slow grammar compiled
+        slow.join(120)
+        waiting.join(120)
+        assert results["slow"].status_code == 400  # (5000 optional properties: refused once compiled)
+        assert results["waiting"].status_code == 200, results["waiting"].text
+    finally:
+        s.stop()
+
+
+def test_a_compile_whose_client_left_is_dropped(serve_model):
+    s, app = server_with(serve_model, GrammarLimits(max_compile_cpu_seconds=60, compile_threads=1))
+    compiler = app.state.engine.core.grammars
+    left = {"type": "object", "properties": {"left_early": {"type": "string"}}}
+    try:
+        slow = threading.Thread(target=constrained, args=(s.base, many_properties(5000, "d")))
+        slow.start()
+        wait_until(lambda: compiler.compiling == 1)
+        with pytest.raises(httpx.TimeoutException):
+            constrained(s.base, left, timeout=0.5)  # the client gives up while its grammar waits
+        wait_until(lambda: compiler.waiting == 0)  # taken out of the queue, the slow compile still running
+        assert compiler.compiling == 1
+        slow.join(120)
+        assert json_schema_grammar(left) not in compiler._cache  # never compiled
+        assert constrained(s.base, left).status_code == 200  # (and it compiles when asked again)
+        assert json_schema_grammar(left) in compiler._cache
+    finally:
+        s.stop()
