@@ -5,12 +5,19 @@ A step first serves running sequences (a decode is 1 token, a long prompt the ne
 waiting ones while the budget, the sequence cap and the free KV blocks allow. Prefix-cache hits set
 a new sequence's computed count ahead, which is how cached prefixes skip prefill. When blocks run
 out, the lowest-priority, newest running sequence is preempted by recompute.
+
+Requests share the running batch fairly (within a priority): admission takes the waiting sequence whose request
+runs the fewest sequences (round robin between requests), and when the batch is full while a request runs fewer
+than its share (``max_num_seqs`` / the number of requests), one sequence of the request running the most, above
+its share, is preempted to make room. So a request's ``n`` cannot hold the batch: four requests of
+``n = 16`` no longer keep a fifth client waiting until one of them ends.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -143,9 +150,11 @@ class Scheduler:
         return max(0, min(self.config.num_lookahead_tokens, self.max_model_len - end, left, budget))
 
     def schedule(self) -> ScheduledStep:
-        """One step: running sequences first, then waiting ones admitted into what is left of the budget."""
+        """One step: a fair share made where the batch is full, running sequences first, then waiting ones
+        admitted into what is left of the budget."""
         self._step_id += 1
         step = _StepBuilder(self.config.max_num_batched_tokens, time.monotonic())
+        self._make_room_for_a_fair_share()
         self._schedule_running(step)
         self._admit_waiting(step)
         for seq, n in step.scheduled:
@@ -178,17 +187,51 @@ class Scheduler:
             self._emit(step, seq, n, new_blocks, draft)
             i += 1
 
+    def _next_waiting(self) -> int:
+        """The index in ``waiting`` of the sequence to admit next: of the best priority waiting, the one whose
+        request runs the fewest sequences, then the earliest."""
+        running = Counter(s.request_id for s in self.running)
+        best, chosen, fewest = self.waiting[0].priority, 0, None
+        for i, seq in enumerate(self.waiting):  # (sorted: the best priority first, earliest first within it)
+            if seq.priority != best:
+                break
+            count = running[seq.request_id]
+            if fewest is None or count < fewest:
+                chosen, fewest = i, count
+                if count == 0:
+                    break  # nobody can be ahead of an earliest sequence whose request runs nothing
+        return chosen
+
+    def _make_room_for_a_fair_share(self) -> None:
+        """With the batch full: if the next waiting sequence's request runs fewer sequences than its share,
+        preempt the newest sequence of the request that runs the most (above its share, and no more important
+        than the waiting one). One per step: the room goes to that sequence when waiting ones are admitted."""
+        if not self.waiting or len(self.running) < self.config.max_num_seqs:
+            return
+        waiting = self.waiting[self._next_waiting()]
+        running = Counter(s.request_id for s in self.running)
+        requests = set(running) | {s.request_id for s in self.waiting}
+        share = max(1, self.config.max_num_seqs // len(requests))
+        if running[waiting.request_id] >= share:
+            return
+        heavy = Counter(s.request_id for s in self.running if s.priority >= waiting.priority).most_common(1)
+        if not heavy or heavy[0][1] <= share:
+            return
+        self._preempt(max((s for s in self.running if s.request_id == heavy[0][0]), key=lambda s: s.sort_key))
+
     def _admit_waiting(self, step: _StepBuilder) -> None:
-        """Waiting sequences, best first, while the budget, the sequence cap and free blocks allow (never
-        preempting for them); a prefix-cache hit starts a sequence's computed tokens past its cached blocks."""
+        """Waiting sequences, in :meth:`_next_waiting`'s order, while the budget, the sequence cap and free blocks
+        allow (never preempting for them); a prefix-cache hit starts a sequence's computed tokens past its
+        cached blocks."""
         while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+            index = self._next_waiting()
+            seq = self.waiting[index]
             cached = self.bm.find_cached_prefix(seq.all_token_ids)
             computed = len(cached) * self.bm.block_size
             n = self._chunk_len(seq, computed, step.budget)
             if not self.bm.can_admit(cached, computed + n):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(index)
             self.bm.adopt_cached(seq.seq_id, cached, seq.num_tokens)
             seq.num_computed_tokens = computed
             if not seq.admitted_once:

@@ -113,3 +113,30 @@ def test_a_compile_whose_client_left_is_dropped(serve_model):
         assert json_schema_grammar(left) in compiler._cache
     finally:
         s.stop()
+
+
+# ---- the running batch -------------------------------------------------------------------------------
+def test_requests_with_large_n_cannot_hold_the_batch(serve_model):
+    """Four requests of n = 16 fill the 64 sequence slots for hundreds of steps; a fifth client's request is
+    admitted at once (one of their sequences is preempted for it) and answered while they still run."""
+    s = ThreadServer(create_app(_settings(serve_model)))
+    done: list[str] = []
+
+    def attack(i: int) -> None:
+        body = {"model": MODEL, "prompt": f"attack {i}", "n": 16, "max_tokens": 300, "ignore_eos": True}
+        assert httpx.post(f"{s.base}/v1/completions", json=body, timeout=600).status_code == 200
+        done.append(f"attacker {i}")
+
+    try:
+        attackers = [threading.Thread(target=attack, args=(i,)) for i in range(4)]
+        for t in attackers:
+            t.start()
+        engine = s.server.config.app.state.engine
+        wait_until(lambda: engine.stats.num_running == 64)
+        assert plain(s.base).status_code == 200
+        done.append("victim")
+        for t in attackers:
+            t.join(600)
+        assert done[0] == "victim", done
+    finally:
+        s.stop()
