@@ -119,8 +119,7 @@ class ChatTemplate:
                 messages=messages,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-                **kwargs,
+                **{**self.special_tokens, **kwargs},  # (a request may set bos_token and the like)
             )
         except ChatTemplateError:
             raise

@@ -25,6 +25,7 @@ from server.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BY
 from server.metrics import ServerMetrics
 from server.responses import STREAM_CHUNKS
 from server.routes import router
+from server.schemas import REQUEST_BODIES
 from server.serving import ServingContext
 from server.startup import startup_summary, startup_warnings
 from server.version import package_version
@@ -47,10 +48,11 @@ class ServerSettings:
 
 
 def _openapi(app: FastAPI) -> dict:
-    """FastAPI's OpenAPI document, with two corrections. Request-validation failures are documented as 400
+    """FastAPI's OpenAPI document, with three corrections. Request-validation failures are documented as 400
     with an OpenAI-style error body, which this server answers, not as FastAPI's 422 (clients and
     schema-driven testers compare the two). And the streamed chunk models, which the event streams' item
-    schemas reference, join the component schemas (FastAPI collects only the models of JSON bodies)."""
+    schemas reference, join the component schemas (FastAPI collects only the models of JSON bodies). And so do the
+    request bodies, which the routes read themselves (off the event loop when large)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         for operations in schema.get("paths", {}).values():
@@ -63,6 +65,12 @@ def _openapi(app: FastAPI) -> dict:
             [(model, "serialization") for model in STREAM_CHUNKS], ref_template="#/components/schemas/{model}"
         )
         for name, definition in chunks.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        # the request bodies, which the routes validate themselves (server/request_body.py)
+        _, bodies = models_json_schema(
+            [(model, "validation") for model in REQUEST_BODIES], ref_template="#/components/schemas/{model}"
+        )
+        for name, definition in bodies.get("$defs", {}).items():
             components.setdefault(name, definition)
         app.openapi_schema = schema
     return app.openapi_schema

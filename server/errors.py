@@ -93,10 +93,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":  # its loc is ("body", character offset): not a field
-            offset = first.get("loc", ("body", None))[-1]
+        if first.get("type") == "json_invalid":  # (pydantic's JSON parser: the reason says where)
             reason = (first.get("ctx") or {}).get("error", "invalid JSON")
-            return error_response(400, f"the request body is not valid JSON: {reason} at character {offset}", "body")
+            if "surrogate" in reason or "hex escape" in reason:
+                reason = f"a \\uD800-\\uDFFF escape that is not half of a surrogate pair is not text ({reason})"
+            return error_response(400, f"the request body is not valid JSON: {reason}", "body")
         if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: missing, or not a JSON object
             return error_response(400, _body_problem(first, request.headers.get("content-type")), "body")
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]

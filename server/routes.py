@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from engine.async_engine import EngineState
 from server.errors import ERROR_TYPES, APIError
+from server.request_body import documented_body, json_body
 from server.responses import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -154,18 +155,31 @@ async def retrieve_model(model_id: str, c: Serving) -> Response:
     return json_response(model_card(c, model_id))
 
 
-@router.post("/v1/chat/completions", responses=_error_responses(streams=(ChatCompletion, ChatCompletionChunk)))
-async def chat(req: ChatCompletionRequest, request: Request, c: Serving) -> Response:
+@router.post(
+    "/v1/chat/completions",
+    responses=_error_responses(streams=(ChatCompletion, ChatCompletionChunk)),
+    openapi_extra=documented_body(ChatCompletionRequest),
+)
+async def chat(req: json_body(ChatCompletionRequest), request: Request, c: Serving) -> Response:
     return await create_chat_completion(c, req, request)
 
 
-@router.post("/v1/completions", responses=_error_responses(streams=(Completion, CompletionChunk)))
-async def completions(req: CompletionRequest, request: Request, c: Serving) -> Response:
+@router.post(
+    "/v1/completions",
+    responses=_error_responses(streams=(Completion, CompletionChunk)),
+    openapi_extra=documented_body(CompletionRequest),
+)
+async def completions(req: json_body(CompletionRequest), request: Request, c: Serving) -> Response:
     return await create_completion(c, req, request)
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=_error_responses(LOCAL_ERROR_STATUSES))
-async def tokenize(req: TokenizeRequest, c: Serving) -> Response:
+@router.post(
+    "/tokenize",
+    response_model=TokenizeResponse,
+    responses=_error_responses(LOCAL_ERROR_STATUSES),
+    openapi_extra=documented_body(TokenizeRequest),
+)
+async def tokenize(req: json_body(TokenizeRequest), c: Serving) -> Response:
     c.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", "prompt")
@@ -185,9 +199,17 @@ async def tokenize(req: TokenizeRequest, c: Serving) -> Response:
     return json_response(TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=c.engine.max_model_len))
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=_error_responses(LOCAL_ERROR_STATUSES))
-async def detokenize(req: DetokenizeRequest, c: Serving) -> Response:
+@router.post(
+    "/detokenize",
+    response_model=DetokenizeResponse,
+    responses=_error_responses(LOCAL_ERROR_STATUSES),
+    openapi_extra=documented_body(DetokenizeRequest),
+)
+async def detokenize(req: json_body(DetokenizeRequest), c: Serving) -> Response:
     c.check_model(req.model)
+    limit = c.engine.max_model_len or 0  # (no sequence of this model holds more tokens)
+    if len(req.tokens) > limit:
+        raise APIError(400, f"{len(req.tokens)} tokens: at most {limit} (the model's context) per call", "tokens")
     vocab = c.engine.tokenizer.vocab_size
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:

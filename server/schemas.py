@@ -134,3 +134,7 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[Int64]
+
+
+# The request bodies of the routes (documented in /openapi.json by server.app).
+REQUEST_BODIES = (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest)

@@ -128,6 +128,30 @@ def input_named(name: str, max_tokens_param: str = "max_tokens"):
         raise APIError(400, e.describe(name), max_tokens_param if fits_alone else name) from None
 
 
+# Logprob entries (a token's own and its top_logprobs) one non-streamed response may hold: at about 80 bytes
+# each in JSON, 262144 make a body of some 20 MB. n = 16 answers of 3000 tokens with top_logprobs 20 made one of
+# 85 MB, built and sent as one piece. A streamed response sends them as they come, so it is not bounded.
+MAX_LOGPROB_ENTRIES = 262_144
+
+
+def refuse_a_huge_logprobs_body(
+    ctx: ServingContext, stream: bool, n: int, prompt_lengths: list[int], max_tokens: int | None, top: int | None
+) -> None:
+    """A 400 naming ``param`` for a non-streamed request whose logprobs could exceed :data:`MAX_LOGPROB_ENTRIES`."""
+    if stream or top is None:
+        return
+    tokens = sum(max_tokens or max(ctx.engine.max_model_len - p, 0) for p in prompt_lengths)
+    entries = n * tokens * (1 + top)
+    if entries > MAX_LOGPROB_ENTRIES:
+        raise APIError(
+            400,
+            f"this request could return {entries} logprob entries in one response (n {n} x {tokens} tokens x "
+            f"{1 + top}), over the limit of {MAX_LOGPROB_ENTRIES} for a response that is not streamed: stream "
+            "it (stream: true), or ask for fewer tokens, choices or top logprobs",
+            "logprobs",
+        )
+
+
 def refuse_stream_options_without_stream(req: SamplingFields) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options can only be given with stream=true", "stream_options")
@@ -193,6 +217,10 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+# What the template gets from the request's own fields: chat_template_kwargs may not set these.
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt", "continue_final_message"})
+
+
 def chat_prompt_ids(
     ctx: ServingContext,
     messages: list[ChatMessage],
@@ -208,6 +236,14 @@ def chat_prompt_ids(
     template = ctx.engine.chat_template
     if template is None:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    reserved = sorted(set(kwargs or ()) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise APIError(
+            400,
+            f"chat_template_kwargs cannot set {', '.join(reserved)}: the request's own fields set "
+            f"{'it' if len(reserved) == 1 else 'them'}",
+            f"chat_template_kwargs.{reserved[0]}",
+        )
     if continue_final_message and add_generation_prompt:
         raise APIError(
             400,
@@ -461,6 +497,7 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
     params = sampling_params(ctx, req, max_tokens, logprobs)
     # every cheap check first: the grammar is compiled only for a request that will run
     ctx.engine.check_request(prompt_ids, params, req.priority)
+    refuse_a_huge_logprobs_body(ctx, req.stream, params.n, [len(prompt_ids)], max_tokens, logprobs)
     params = dataclasses.replace(params, structured=await structured_output(ctx, constraint, request))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = ctx.engine.add_request(prompt_ids, params, request_id, priority=req.priority)
@@ -526,6 +563,11 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
             choices[out.index].add(out)
             if out.finished:
                 ctx.metrics.observe_finished(out)
+        note_usage(request, prompt_tokens, choices)
+        # (built and serialized in a thread: n long answers with logprobs make a body of many MB)
+        return await asyncio.to_thread(answer)
+
+    def answer() -> Response:
         result_choices = []
         for i, ch in enumerate(choices):
             message: dict[str, Any] = {"role": "assistant", "content": ch.text}
@@ -542,7 +584,6 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
                     stop_reason=ch.stop_reason,
                 )
             )
-        note_usage(request, prompt_tokens, choices)
         body = ChatCompletion(
             id=request_id,
             object="chat.completion",
@@ -606,6 +647,8 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
     params = sampling_params(ctx, req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
     for _, ids in prompts:  # every cheap check first: the grammar is compiled only for a request that will run
         ctx.engine.check_request(ids, params, req.priority)
+    lengths = [len(ids) for _, ids in prompts]
+    refuse_a_huge_logprobs_body(ctx, req.stream, params.n, lengths, params.max_tokens, req.logprobs)
     params = dataclasses.replace(params, structured=await structured_output(ctx, constraint, request))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams: list[RequestStream] = []
@@ -663,6 +706,10 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
             choices[p * n + out.index].add(out)
             if out.finished:
                 ctx.metrics.observe_finished(out)
+        note_usage(request, prompt_tokens, choices)
+        return await asyncio.to_thread(answer)  # (built and serialized in a thread, as for chat)
+
+    def answer() -> Response:
         result = []
         for idx, ch in enumerate(choices):
             prefix = prompts[idx // n][0] if req.echo else ""
@@ -675,7 +722,6 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
                     stop_reason=ch.stop_reason,
                 )
             )
-        note_usage(request, prompt_tokens, choices)
         body = Completion(
             id=request_id,
             object="text_completion",

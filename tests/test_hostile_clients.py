@@ -3,6 +3,7 @@ on 127.0.0.1 (uvicorn in a thread where the test inspects the engine), real HTTP
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -140,3 +141,57 @@ def test_requests_with_large_n_cannot_hold_the_batch(serve_model):
         assert done[0] == "victim", done
     finally:
         s.stop()
+
+
+# ---- bodies ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(serve_model):
+    s = ThreadServer(create_app(_settings(serve_model)))
+    yield s
+    s.stop()
+
+
+def error_of(r: httpx.Response, status: int = 400) -> dict:
+    assert r.status_code == status, r.text[:500]
+    return r.json()["error"]
+
+
+def test_a_logprobs_body_too_large_to_build_at_once_is_refused_unless_streamed(server):
+    # (this server's context is 1024 tokens: 16 x 1000 x 21 entries)
+    body = {"model": MODEL, "messages": CHAT, "n": 16, "max_tokens": 1000, "logprobs": True, "top_logprobs": 20}
+    err = error_of(httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=60))
+    assert err["param"] == "logprobs" and "stream" in err["message"], err
+    small = {**body, "n": 2, "max_tokens": 4, "ignore_eos": True}
+    r = httpx.post(f"{server.base}/v1/chat/completions", json=small, timeout=120)
+    assert r.status_code == 200 and len(r.json()["choices"][1]["logprobs"]["content"][3]["top_logprobs"]) == 20
+    body = {"model": MODEL, "prompt": "hi", "n": 16, "max_tokens": 1000, "logprobs": 20}
+    assert error_of(httpx.post(f"{server.base}/v1/completions", json=body, timeout=60))["param"] == "logprobs"
+    with httpx.stream(
+        "POST", f"{server.base}/v1/completions", json={**body, "n": 1, "max_tokens": 3, "stream": True}, timeout=120
+    ) as r:
+        assert r.status_code == 200  # streamed: sent as it comes, not bounded
+
+
+def test_detokenize_takes_at_most_a_context_of_ids(server):
+    big = {"model": MODEL, "tokens": [1] * 1_000_000}  # a 3 MB body: validated in a thread
+    err = error_of(httpx.post(f"{server.base}/detokenize", json=big, timeout=60))
+    assert err["param"] == "tokens" and "at most 1024" in err["message"], err
+    ok = httpx.post(f"{server.base}/detokenize", json={"model": MODEL, "tokens": [9707] * 1024}, timeout=60)
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("field", ["guided_regex", "model", "stop"])
+def test_a_lone_surrogate_in_any_string_field_is_a_400(server, field):
+    raw = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: "a\ud800b"})
+    assert "\\ud800" in raw  # (json.dumps writes the lone surrogate as an escape)
+    r = httpx.post(f"{server.base}/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    err = error_of(r)
+    assert err["param"] == "body" and "surrogate" in err["message"], err
+
+
+@pytest.mark.parametrize("key", ["messages", "tools", "add_generation_prompt", "continue_final_message"])
+def test_chat_template_kwargs_cannot_set_what_the_request_sets(server, key):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "chat_template_kwargs": {key: []}}
+    for path in ("/v1/chat/completions", "/tokenize"):
+        err = error_of(httpx.post(f"{server.base}{path}", json=body, timeout=60))
+        assert err["param"] == f"chat_template_kwargs.{key}", err
