@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Every integer a request carries is a 64-bit signed integer (what the engine and the worker pipe hold);
 # the meaning of each value (its allowed range, token ids against the vocabulary) is checked by the engine.
@@ -37,6 +37,16 @@ class FunctionDefinition(_Request):
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A call's arguments are a JSON object (OpenAI's rule, and the Hermes format's): parameters of
+        another type could never be called."""
+        kind = (parameters or {}).get("type", "object")
+        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+            raise ValueError(f'the parameters of a function must be a JSON schema of type "object", not {kind!r}')
+        return parameters
 
 
 class ToolDefinition(_Request):

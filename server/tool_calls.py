@@ -195,16 +195,49 @@ class ToolCallParser:
 # ------------------------------------------------------------------------------------------------
 # grammar for forced calls
 # ------------------------------------------------------------------------------------------------
-def call_schema(tool: dict[str, Any]) -> dict[str, Any]:
-    """The JSON schema of one call's body: the tool's name, and arguments valid against its parameters."""
+def call_schema(tool: dict[str, Any], index: int = 0, defs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON schema of one call's body: the tool's name, and arguments valid against its parameters.
+    Parameters that use ``$ref`` (pydantic's and the OpenAI SDK's ``$defs``) refer to their own root: they go to
+    ``defs`` (the root ``$defs`` of the schema this one is part of) with their references rebased there."""
     function = tool["function"]
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    if defs is not None and _has_ref(parameters):
+        key = f"arguments_of_tool_{index}"
+        defs[key] = _rebased(parameters, f"#/$defs/{key}")
+        parameters = {"$ref": f"#/$defs/{key}"}
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, "arguments": parameters},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+def calls_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """The schema of a call to any one of ``tools``, with the ``$defs`` their parameters refer to."""
+    defs: dict[str, Any] = {}
+    calls = [call_schema(t, i, defs) for i, t in enumerate(tools)]
+    schema = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    return {**schema, "$defs": defs} if defs else schema
+
+
+def _has_ref(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        return "$ref" in schema or any(_has_ref(v) for v in schema.values())
+    return isinstance(schema, list) and any(_has_ref(v) for v in schema)
+
+
+def _rebased(schema: Any, root: str) -> Any:
+    """``schema`` with its local references (``#...``) made relative to ``root`` instead of its own root."""
+    if isinstance(schema, list):
+        return [_rebased(v, root) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _rebased(v, root) for k, v in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = root + ref[1:]
+    return out
 
 
 def tool_call_grammar(
@@ -222,7 +255,7 @@ def tool_call_grammar(
     may come first."""
     open_tag = f"<[{open_token_id}]>" if open_token_id is not None else lark_literal(CALL_OPEN)
     close_tag = f"<[{close_token_id}]>" if close_token_id is not None else lark_literal(CALL_CLOSE)
-    body = {"anyOf": [call_schema(t) for t in tools]} if len(tools) > 1 else call_schema(tools[0])
+    body = calls_schema(tools)
     calls = f"{_GAP} call ({_GAP} call)*" if parallel else f"{_GAP} call"
     start = (
         f"start: calls | {_GAP} answer\nanswer: {lark_json(or_json_schema)}\n" if or_json_schema else "start: calls\n"

@@ -195,3 +195,59 @@ def test_chat_template_kwargs_cannot_set_what_the_request_sets(server, key):
     for path in ("/v1/chat/completions", "/tokenize"):
         err = error_of(httpx.post(f"{server.base}{path}", json=body, timeout=60))
         assert err["param"] == f"chat_template_kwargs.{key}", err
+
+
+# ---- tools -----------------------------------------------------------------------------------------------
+def test_tool_parameters_with_defs_and_refs_are_enforced(server):
+    """Parameters as pydantic (and the OpenAI SDK's pydantic_function_tool) write them: $defs and $ref."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Location(BaseModel):  # (short strings and no other keys: a random model's answer fits in max_tokens)
+        model_config = ConfigDict(extra="forbid")
+        city: str = Field(max_length=8)
+        country: str = Field(max_length=8)
+
+    class Weather(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        location: Location
+        days: int = Field(ge=1, le=14)
+
+    weather = {"type": "function", "function": {"name": "weather", "parameters": Weather.model_json_schema()}}
+    assert "$defs" in weather["function"]["parameters"]
+    other = {"type": "function", "function": {"name": "other", "parameters": Location.model_json_schema()}}
+    for tools, choice in (
+        ([weather], "required"),
+        ([weather, other], "required"),
+        ([weather], {"type": "function", "function": {"name": "weather"}}),
+    ):
+        body = {
+            "model": MODEL,
+            "messages": CHAT,
+            "tools": tools,
+            "tool_choice": choice,
+            "max_tokens": 120,
+            "parallel_tool_calls": False,
+            **NO_THINKING,
+        }
+        r = httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        (call,) = r.json()["choices"][0]["message"]["tool_calls"] or [None]
+        args = json.loads(call["function"]["arguments"])
+        model = Weather if call["function"]["name"] == "weather" else Location
+        model.model_validate(args)  # the random model's arguments, valid through the $refs
+    body = {
+        "model": MODEL,
+        "messages": CHAT,
+        "tools": [weather],
+        "max_tokens": 60,
+        "response_format": {"type": "json_object"},
+        **NO_THINKING,
+    }
+    assert httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=120).status_code == 200
+
+
+def test_tool_parameters_that_are_not_an_object_are_refused(server):
+    tool = {"type": "function", "function": {"name": "echo", "parameters": {"type": "string"}}}
+    body = {"model": MODEL, "messages": CHAT, "tools": [tool], "tool_choice": "required", **NO_THINKING}
+    err = error_of(httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=60))
+    assert err["param"] == "tools.0.function.parameters" and 'type "object"' in err["message"], err

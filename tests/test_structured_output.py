@@ -770,3 +770,22 @@ def test_a_short_or_odd_mask_allows_only_what_it_covers():
     short = bytes([0b00000101])  # tokens 0 and 2, nothing past the first 8 ids
     assert allowed_tokens([short], vocab)[0].nonzero().flatten().tolist() == [0, 2]
     assert allowed_tokens([b"\xff" * 64], vocab)[0].all()  # a longer mask is cut at the vocabulary
+
+
+@pytest.fixture(scope="module")
+def stray_close_server(serve_model):
+    """A replayed model that writes </think> first, never having opened a think block, then an answer."""
+    ids = HFTokenizer(qwen3_tokenizer_dir()).encode('</think>\n\n{"a": 1}') + [151645]
+    s = ThreadServer(create_app_for_replay(serve_model, ids))
+    yield s
+    s.stop()
+
+
+def test_the_grammar_and_the_reasoning_split_agree_on_where_the_answer_starts(stray_close_server):
+    """Thinking on, a JSON answer: a </think> the model writes without a <think> is not allowed by the grammar
+    (so it never reaches the content, which parses)."""
+    c = openai.OpenAI(base_url=f"{stray_close_server.base}/v1", api_key="x", max_retries=0)
+    r = c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=20, response_format={"type": "json_object"})
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop" and json.loads(msg.content) == {"a": 1}, msg
+    assert "</think>" not in msg.content and msg.model_extra.get("reasoning_content") is None
