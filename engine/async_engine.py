@@ -193,7 +193,16 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         worker = self.core.worker
-        return self.state is EngineState.READY and worker is not None and worker.alive
+        return (
+            self.state is EngineState.READY
+            and worker is not None
+            and worker.alive
+            and self.core.step_watch.stalled() is None
+        )
+
+    def stalled(self) -> str | None:
+        """Why the worker counts as stalled (a step past its deadline), or None."""
+        return self.core.step_watch.stalled() if self.state is EngineState.READY else None
 
     @property
     def num_open_requests(self) -> int:

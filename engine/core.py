@@ -17,6 +17,7 @@ from engine.grammar_limits import GrammarLimits
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
 from engine.sequence import FinishReason, Sequence
+from engine.step_watch import StepDeadlines, StepWatch
 from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token, tokenizer_json
 from loaders.config import GENERATION_CONFIG_AUTO, GenerationDefaults, load_generation_defaults, load_model_config
@@ -51,6 +52,8 @@ class EngineConfig:
     chat_template: str | None = None
     # What one request's grammar may cost (structured output and forced tool calls)
     grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
+    # How long one worker step may take before /health says stalled, and before the worker is restarted
+    step_deadlines: StepDeadlines = field(default_factory=StepDeadlines)
 
 
 def check_text_length(max_model_len: int, num_bytes: int, bytes_per_token: int) -> None:
@@ -110,6 +113,7 @@ class EngineCore:
         self.generation_tokens_total = 0
         self.last_step_compute_seconds = 0.0
         self.spec_totals = SpecDecodeStats()  # summed over all steps
+        self.step_watch = StepWatch(config.step_deadlines)
 
     def start(self, carried: list[Sequence] = ()) -> None:
         """Spawn a worker, block until it has loaded the model, then build a fresh block manager and
@@ -120,6 +124,7 @@ class EngineCore:
         if self.worker_info is None:
             grammars = threading.Thread(target=self.grammars.warm_up, name="a8w8-grammar-warmup", daemon=True)
             grammars.start()
+        self.step_watch.reset()
         self.worker = WorkerClient(self.worker_config)
         info = self.worker.wait_ready()
         asked = self.config.scheduler.max_model_len
@@ -269,7 +274,9 @@ class EngineCore:
         if not req.chunks and not req.finished_seq_ids and not req.new_seqs:
             return []
         failed_grammars = self._attach_grammar_masks(req)
-        result = self.worker.step(req)
+        self.step_watch.begin(step.num_tokens)
+        result = self.worker.step(req, self.step_watch.hang_after())
+        self.step_watch.end(result.compute_seconds)
         updates = self.scheduler.update(step, result)
         updates += [self.scheduler.fail_constraint(seq) for seq in failed_grammars if not seq.finished]
         updates = self._add_text(updates)

@@ -80,13 +80,22 @@ class WorkerClient:
         self.info = msg
         return msg
 
-    def step(self, req: m.StepRequest) -> m.StepResult:
-        """Send one step and wait for its result; raises WorkerError on a rejected step."""
+    def step(self, req: m.StepRequest, timeout: float | None = None) -> m.StepResult:
+        """Send one step and wait for its result; raises WorkerError on a rejected step. A worker that has not
+        answered within ``timeout`` seconds is hung: it is killed, and WorkerDied raised (as for a crash)."""
         try:
             self._conn.send_bytes(m.encode(req))
         except (BrokenPipeError, OSError):
             raise WorkerDied(f"the worker process {self.exit_description()}") from None
-        reply = self._recv()
+        try:
+            reply = self._recv(timeout)
+        except WorkerDied:
+            raise
+        except WorkerError:  # no answer in time
+            self.process.kill()
+            raise WorkerDied(
+                f"the worker did not finish a step within {timeout:.0f} s (hung or stopped): it was killed"
+            ) from None
         if isinstance(reply, m.StepError):
             raise WorkerError(f"worker rejected step {reply.step_id}: {reply.message}")
         assert isinstance(reply, m.StepResult) and reply.step_id == req.step_id, reply

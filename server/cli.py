@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 
 from engine.grammar_limits import GrammarLimits
+from engine.step_watch import StepDeadlines
 from engine.tokenizer import TokenizerImpl
 from loaders.options import FLOAT_DTYPE_NAMES, Quantization
 from npu.messages import DEFAULT_KV_CACHE_BYTES, KVCacheDtype, SpeculativeConfig
@@ -254,6 +255,35 @@ def _add_serving_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="the window in which worker restarts are counted",
     )
+    s.add_argument(
+        "--step-stall-timeout",
+        type=parse_seconds_or_auto,
+        default="auto",
+        metavar="SECONDS",
+        help="a worker step taking longer than this makes /health answer 503 stalled; auto: 20 x the step's "
+        "expected time (its tokens x the slowest time per token seen lately), at least 10 s",
+    )
+    s.add_argument(
+        "--step-timeout",
+        type=parse_seconds_or_auto,
+        default="auto",
+        metavar="SECONDS",
+        help="a worker step taking longer than this is taken for a hung worker: it is killed and restarted "
+        "(requests in flight fail as after a crash); auto: 5 x the stall timeout, at least 60 s",
+    )
+
+
+def parse_seconds_or_auto(text: str) -> float | None:
+    """``auto`` (None: learned) or a positive number of seconds."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number of seconds or auto, not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
 
 
 def engine_config(args: argparse.Namespace):
@@ -310,6 +340,9 @@ def engine_config(args: argparse.Namespace):
         "override_generation_config": getattr(args, "override_generation_config", None),
         "grammar_limits": GrammarLimits(args.max_grammar_bytes, args.grammar_compile_budget)
         if hasattr(args, "max_grammar_bytes")
+        else None,
+        "step_deadlines": StepDeadlines(args.step_stall_timeout, args.step_timeout)
+        if hasattr(args, "step_timeout")
         else None,
     }
     return EngineConfig(

@@ -214,7 +214,9 @@ class DetokenizeResponse(ResponseBody):
 
 
 class HealthStatus(ResponseBody):
-    status: str  # /health: ok, or why not (loading, restarting, draining, dead, unavailable); /live: alive, dead
+    status: (
+        str  # /health: ok, or why not (loading, restarting, stalled, draining, dead, unavailable); /live: alive, dead
+    )
     engine: str | None = None  # /live: the engine's state
     error: str | None = None  # what went wrong, when it is not ok
 

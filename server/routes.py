@@ -97,11 +97,14 @@ def _status(description: str) -> dict[int | str, dict]:
     return {200: {"model": HealthStatus}, 503: {"model": HealthStatus, "description": description}}
 
 
-@router.get("/health", responses=_status("loading, restarting its worker, draining, or dead"))
+@router.get("/health", responses=_status("loading, restarting its worker, its worker stalled, draining, or dead"))
 async def health(c: Serving) -> Response:
     engine = c.engine
     if engine.healthy:
         return json_response(HealthStatus(status="ok"))
+    stalled = engine.stalled()
+    if stalled is not None:
+        return json_response(HealthStatus(status="stalled", error=stalled), status_code=503)
     state = engine.state
     status = "unavailable" if state is EngineState.READY else state.value  # READY with a dead worker
     return json_response(HealthStatus(status=status, error=engine.state_detail), status_code=503)

@@ -251,3 +251,97 @@ def test_tool_parameters_that_are_not_an_object_are_refused(server):
     body = {"model": MODEL, "messages": CHAT, "tools": [tool], "tool_choice": "required", **NO_THINKING}
     err = error_of(httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=60))
     assert err["param"] == "tools.0.function.parameters" and 'type "object"' in err["message"], err
+
+
+# ---- a worker that stops answering -----------------------------------------------------------------------
+def _stream_events(base: str, body: dict, events: list) -> None:
+    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+
+
+def _health(base: str) -> tuple[int, dict]:
+    r = httpx.get(f"{base}/health", timeout=5)
+    return r.status_code, r.json()
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["resumed", "hung"])
+def test_a_stopped_worker_is_reported_stalled_then_restarted(serve_model, resume):
+    """SIGSTOP of the worker mid-stream: /health answers 503 stalled past the step's stall deadline; resumed
+    (SIGCONT) before the step deadline, everything goes on; left stopped, the worker is killed and restarted as
+    after a crash (the stream in flight gets an error event) and the server serves again."""
+    import os
+    import signal
+
+    from servers import CliServer
+
+    s = CliServer(
+        serve_model,
+        "--served-model-name",
+        MODEL,
+        "--kv-cache-memory",
+        "64MiB",
+        "--step-stall-timeout",
+        "1",
+        "--step-timeout",
+        "6",
+    )
+    worker = s.worker_pid()
+    events: list = []
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1500, "ignore_eos": True}
+    reader = threading.Thread(target=_stream_events, args=(s.base, body, events))
+    try:
+        reader.start()
+        wait_until(lambda: len(events) > 3)
+        os.kill(worker, signal.SIGSTOP)
+        wait_until(lambda: _health(s.base)[0] == 503, timeout=10)
+        status, health = _health(s.base)
+        assert health["status"] == "stalled" and "past its deadline of 1 s" in health["error"], health
+        if resume:
+            os.kill(worker, signal.SIGCONT)
+            wait_until(lambda: _health(s.base)[0] == 200, timeout=10)
+            reader.join(120)
+            assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+            assert s.worker_pid() == worker
+        else:
+            reader.join(60)  # the step deadline (6 s) kills it; the stream ends with an error event
+            assert events[-1] == "[DONE]" and "did not finish a step within 6 s" in events[-2]["error"]["message"]
+            wait_until(lambda: _health(s.base)[0] == 200, timeout=60)  # a new worker
+            assert s.worker_pid() not in (None, worker)
+            assert plain(s.base).status_code == 200
+    finally:
+        if resume is False:
+            try:
+                os.kill(worker, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        s.stop()
+
+
+def test_step_deadlines_follow_what_steps_took():
+    """The auto deadlines: floors for a fast model, and a prompt-sized step held to its tokens' time, not to a
+    decode step's."""
+    from engine.step_watch import HANG_FLOOR_SECONDS, STALL_FLOOR_SECONDS, StepDeadlines, StepWatch
+
+    watch = StepWatch()
+    watch.begin(16)
+    watch.end(0.02)  # a fast decode step
+    watch.begin(16)
+    assert (watch.stall_after(), watch.hang_after()) == (STALL_FLOOR_SECONDS, HANG_FLOOR_SECONDS)
+    watch.end(0.02)
+    watch.begin(4)
+    watch.end(2.0)  # a slow model's decode step: 2 s
+    watch.begin(2048)  # a prompt chunk, before any was measured: a token is taken as 1/8 of that step
+    assert watch.stall_after() >= 20 * 2048 * 2.0 / 8
+    watch.end(60.0)  # it took 60 s: 29 ms a token
+    watch.begin(4)
+    assert 20 * 2.0 < watch.stall_after() < 20 * 2.2  # a decode step is held to a decode step's time
+    watch.end(2.0)
+    watch.begin(512)
+    assert 20 * 512 * 0.029 < watch.stall_after() < 20 * 512 * 0.03 + 2
+    assert watch.hang_after() == 5 * watch.stall_after()
+    assert watch.stalled() is None
+    fixed = StepWatch(StepDeadlines(stall_seconds=3, hang_seconds=9))
+    fixed.begin(100_000)
+    assert (fixed.stall_after(), fixed.hang_after()) == (3, 9)
