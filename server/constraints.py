@@ -23,6 +23,10 @@ from server.errors import APIError
 from server.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
 from server.tool_calls import tool_call_grammar
 
+# The most options a guided_choice can have: the grammar engine keeps all of them in one Earley row, which it
+# caps at 2000 items (the option count + 1).
+MAX_CHOICES = 1999
+
 
 @dataclass(frozen=True)
 class OutputConstraint:
@@ -110,6 +114,12 @@ def answer_constraint(req: SamplingFields, think: ThinkTokens | None = None) -> 
         grammar = thinking_grammar(f"start: {lark_regex(req.guided_regex)}\n", think)
         return OutputConstraint(grammar, "guided_regex")
     if req.guided_choice is not None:
+        if len(req.guided_choice) > MAX_CHOICES:  # (refused before the grammar text is even built)
+            raise APIError(
+                400,
+                f"{len(req.guided_choice)} options: at most {MAX_CHOICES} (the grammar engine's limit)",
+                "guided_choice",
+            )
         options = " | ".join(lark_literal(c) for c in req.guided_choice)
         return OutputConstraint(thinking_grammar(f"start: ({options})\n", think), "guided_choice")
     return None

@@ -202,13 +202,25 @@ async def tokenize(req: json_body(TokenizeRequest), c: Serving) -> Response:
     return json_response(TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=c.engine.max_model_len))
 
 
+# A token id takes at most this many bytes in a JSON list (digits, a comma, a space); the rest of the body this.
+DETOKENIZE_BYTES_PER_ID = 12
+DETOKENIZE_BODY_SLACK_BYTES = 4096
+
+
+def detokenize_body_limit(request: Request) -> tuple[int, str, str]:
+    """The most bytes a /detokenize body of a context's worth of ids takes."""
+    ids = request.app.state.serving.engine.max_model_len or 0
+    limit = ids * DETOKENIZE_BYTES_PER_ID + DETOKENIZE_BODY_SLACK_BYTES
+    return limit, "tokens", f"enough for {ids} token ids, the model's context, the most one call takes"
+
+
 @router.post(
     "/detokenize",
     response_model=DetokenizeResponse,
     responses=_error_responses(LOCAL_ERROR_STATUSES),
     openapi_extra=documented_body(DetokenizeRequest),
 )
-async def detokenize(req: json_body(DetokenizeRequest), c: Serving) -> Response:
+async def detokenize(req: json_body(DetokenizeRequest, detokenize_body_limit), c: Serving) -> Response:
     c.check_model(req.model)
     limit = c.engine.max_model_len or 0  # (no sequence of this model holds more tokens)
     if len(req.tokens) > limit:

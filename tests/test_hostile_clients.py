@@ -173,8 +173,11 @@ def test_a_logprobs_body_too_large_to_build_at_once_is_refused_unless_streamed(s
 
 
 def test_detokenize_takes_at_most_a_context_of_ids(server):
-    big = {"model": MODEL, "tokens": [1] * 1_000_000}  # a 3 MB body: validated in a thread
-    err = error_of(httpx.post(f"{server.base}/detokenize", json=big, timeout=60))
+    big = {"model": MODEL, "tokens": [1] * 1_000_000}  # a 3 MB body: refused by its size, before it is read
+    err = error_of(httpx.post(f"{server.base}/detokenize", json=big, timeout=60), 413)
+    assert err["param"] == "tokens" and "1024 token ids" in err["message"], err
+    chunked = httpx.post(f"{server.base}/detokenize", content=iter([json.dumps(big).encode()]), timeout=60)
+    err = error_of(chunked)  # (no declared length: read, then refused by its count)
     assert err["param"] == "tokens" and "at most 1024" in err["message"], err
     ok = httpx.post(f"{server.base}/detokenize", json={"model": MODEL, "tokens": [9707] * 1024}, timeout=60)
     assert ok.status_code == 200
