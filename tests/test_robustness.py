@@ -537,18 +537,19 @@ def test_small_soak_run_is_clean(serve_model):
     assert report.clean
 
 
+def serve_once(model: Path) -> subprocess.CompletedProcess:
+    """``serve`` on ``model``, expected to end by itself."""
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", "0"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 def test_a_checkpoint_that_cannot_load_makes_serve_exit_nonzero(serve_model, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in serve_model.iterdir():
         if not f.name.endswith(".safetensors"):
             (broken / f.name).write_bytes(f.read_bytes())
-    proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = serve_once(broken)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and "safetensors" in proc.stderr  # found before loading
     # files that are all there and readable, but a tensor of the wrong shape: the worker fails to load it
@@ -558,11 +559,6 @@ def test_a_checkpoint_that_cannot_load_makes_serve_exit_nonzero(serve_model, tmp
     name = "model.layers.0.mlp.down_proj.weight"
     tensors[name] = tensors[name][:, :-1].contiguous()
     save_file(tensors, str(broken / "model.safetensors"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(broken), "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = serve_once(broken)
     assert proc.returncode == 1
     assert "the engine failed to start" in proc.stderr and name in proc.stderr

@@ -244,40 +244,30 @@ def test_tool_call_parser_gives_back_what_is_not_a_call():
 # ------------------------------------------------------------------------------------------------
 # the server
 # ------------------------------------------------------------------------------------------------
-def test_json_schema_answers_validate(client):
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+
+def person_answers(client, **kw) -> list:
+    """The choices of a PERSON-constrained chat request, each finished and valid against the schema."""
     r = client.chat.completions.create(
-        model=MODEL,
-        messages=CHAT,
-        n=4,
-        temperature=1.0,
-        max_tokens=400,
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
-        extra_body=NO_THINKING,
+        model=MODEL, messages=CHAT, temperature=1.0, max_tokens=400, response_format=PERSON_FORMAT, **kw
     )
-    assert len(r.choices) == 4
     for ch in r.choices:
         assert ch.finish_reason == "stop", ch.message.content
         jsonschema.validate(json.loads(ch.message.content), PERSON)
+    return r.choices
+
+
+def test_json_schema_answers_validate(client):
+    assert len(person_answers(client, n=4, extra_body=NO_THINKING)) == 4
 
 
 def test_json_schema_binds_a_thinking_model_that_does_not_think(client):
     """Thinking on (the template's default), a model that never opens <think>: the answer is constrained from its
     first token, not left free while the grammar waits for a </think> that never comes."""
     never_think = {"151667": -100}  # <think>
-    r = client.chat.completions.create(
-        model=MODEL,
-        messages=CHAT,
-        n=3,
-        temperature=1.0,
-        seed=3,
-        max_tokens=400,
-        logit_bias=never_think,
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
-    )
-    for ch in r.choices:
-        assert ch.finish_reason == "stop", ch.message.content
+    for ch in person_answers(client, n=3, seed=3, logit_bias=never_think):
         assert ch.message.model_extra.get("reasoning_content") is None
-        jsonschema.validate(json.loads(ch.message.content), PERSON)
 
 
 RUNAWAY_NUMBER = '{"city": "Paris", "population_millions": 1.52' + "8" * 60 + "}"
@@ -286,10 +276,7 @@ RUNAWAY_NUMBER = '{"city": "Paris", "population_millions": 1.52' + "8" * 60 + "}
 @pytest.fixture(scope="module")
 def runaway_number_server(serve_model):
     """A replayed model that keeps writing digits (the grammar's mask decides what it can write)."""
-    ids = HFTokenizer(qwen3_tokenizer_dir()).encode(RUNAWAY_NUMBER) + [151645]
-    s = ThreadServer(create_app_for_replay(serve_model, ids))
-    yield s
-    s.stop()
+    yield from replayed(serve_model, RUNAWAY_NUMBER)
 
 
 @pytest.mark.parametrize("thinking", [False, True])
@@ -572,10 +559,7 @@ LATE_LIMIT_SCHEMA = {
 @pytest.fixture(scope="module")
 def late_limit_server(serve_model):
     """A replayed model that writes a valid answer to LATE_LIMIT_SCHEMA (the grammar fails under it)."""
-    ids = HFTokenizer(qwen3_tokenizer_dir()).encode('{"a": "x", "b": {"k5": 1}}') + [151645]
-    s = ThreadServer(create_app_for_replay(serve_model, ids))
-    yield s
-    s.stop()
+    yield from replayed(serve_model, '{"a": "x", "b": {"k5": 1}}')
 
 
 def test_a_grammar_that_fails_mid_answer_ends_the_request_with_an_error(late_limit_server):
@@ -708,8 +692,12 @@ REPLAYED = (
 
 @pytest.fixture(scope="module")
 def replay_server(serve_model):
-    ids = HFTokenizer(qwen3_tokenizer_dir()).encode(REPLAYED) + [151645]  # then <|im_end|>
-    s = ThreadServer(create_app_for_replay(serve_model, ids))
+    yield from replayed(serve_model, REPLAYED)
+
+
+def replayed(serve_model, text: str):
+    """A server whose worker replays ``text``'s tokens, then <|im_end|> (for a fixture to yield from)."""
+    s = ThreadServer(create_app_for_replay(serve_model, HFTokenizer(qwen3_tokenizer_dir()).encode(text) + [151645]))
     yield s
     s.stop()
 
@@ -775,10 +763,7 @@ def test_a_short_or_odd_mask_allows_only_what_it_covers():
 @pytest.fixture(scope="module")
 def stray_close_server(serve_model):
     """A replayed model that writes </think> first, never having opened a think block, then an answer."""
-    ids = HFTokenizer(qwen3_tokenizer_dir()).encode('</think>\n\n{"a": 1}') + [151645]
-    s = ThreadServer(create_app_for_replay(serve_model, ids))
-    yield s
-    s.stop()
+    yield from replayed(serve_model, '</think>\n\n{"a": 1}')
 
 
 def test_the_grammar_and_the_reasoning_split_agree_on_where_the_answer_starts(stray_close_server):
