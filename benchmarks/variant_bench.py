@@ -6,7 +6,7 @@ every variant alike; medians over rounds and each variant's ratio to the first.
         [--variant float-down-bf16=DIR2:bfloat16] [--rounds 5] [--out bench-results/variants.json]
 
 Without ``--variant`` it builds the two SmolLM2 variants that eval-quality compares: the default model
-(SmoothQuant, every decoder linear A8W8) and the same with down_proj kept in float (compressed-tensors
+(rotated and GPTQ-rounded, every decoder linear A8W8) and the SmoothQuant model with down_proj kept in float (compressed-tensors
 ``ignore: re:.*mlp.down_proj``), each also with ``--dtype bfloat16``. A benchmark, not a test: nothing is
 asserted.
 """

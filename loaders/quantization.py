@@ -167,6 +167,8 @@ class CompressedTensorsW8A8:
         qc = next((cfg[k] for k in CT_QUANT_CONFIG_KEYS if cfg.get(k)), None)
         if qc is None:
             return None
+        if not qc.get("config_groups") and qc.get("transform_config"):
+            return None  # rotated but float (offline/rotate.py): loaders/transforms.py reads the transforms
         method = qc.get("quant_method")
         if method != "compressed-tensors":
             raise ConfigError(

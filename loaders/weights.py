@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from loaders.checkpoint import CheckpointError, CheckpointReader
 from loaders.config import ConfigError, ModelConfig, load_model_config, read_json
+from loaders.hadamard import sylvester
 from loaders.options import Quantization
 from loaders.quantization import (
     FLOAT_DTYPES,
@@ -20,6 +21,7 @@ from loaders.quantization import (
     LinearWeight,
     quantize_linear,
 )
+from loaders.transforms import R4_TENSOR, OnlineTransforms
 
 FLOAT_TENSOR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Tensors a checkpoint may carry that the model does not need: old transformers saved the RoPE inverse
@@ -66,6 +68,8 @@ class ModelWeights:
     final_norm: torch.Tensor
     lm_head: LinearWeight
     quantization: Quantization
+    # what runs on activations beyond the linears (R4's Hadamard on down_proj's input, loaders/transforms.py)
+    online: OnlineTransforms = OnlineTransforms()
 
     def linear_bytes(self) -> int:
         """Bytes of linear weights (including lm_head) read once per decode step."""
@@ -131,6 +135,21 @@ def _cast_float_parts(weights: ModelWeights, dtype: torch.dtype) -> None:
     weights.lm_head = FloatLinear(weights.embed_tokens) if tied else cast(weights.lm_head)
 
 
+def _check_r4_matrix(reader: CheckpointReader, module: str, block: int) -> None:
+    """A checkpoint's stored R4 matrix must be the deterministic Hadamard the kernels apply (entries +-1, or
+    normalized by 1/sqrt(block)): the kernels compute the transform, they do not read the matrix."""
+    name = f"{module}.{R4_TENSOR}"
+    if not reader.has(name):
+        return  # (optional: the config says what it is)
+    m = reader.get(name, (block, block), FLOAT_TENSOR_DTYPES).double()
+    h = sylvester(block)
+    if not (torch.equal(m, h) or torch.allclose(m, h / block**0.5, rtol=1e-2, atol=0.0)):
+        raise CheckpointError(
+            f"{reader.file_of(name)}: tensor {name!r} is not Sylvester's Hadamard matrix of order {block} "
+            "(the transform_config's deterministic 'hadamard', which the kernels compute)"
+        )
+
+
 def load_model_weights(
     model_dir: str | Path,
     quantization: Quantization | str = Quantization.AUTO,
@@ -155,7 +174,9 @@ def load_model_weights(
     if mode is Quantization.AUTO:
         mode = Quantization.A8W8
     cfg = load_model_config(model_dir)
-    scheme = CompressedTensorsW8A8.from_config(read_json(model_dir / "config.json"))
+    raw_config = read_json(model_dir / "config.json")
+    scheme = CompressedTensorsW8A8.from_config(raw_config)
+    online = OnlineTransforms.from_config(raw_config, cfg.intermediate_size)
     reader = CheckpointReader(model_dir)
     reader.preload()
     loader = _LinearLoader(reader, scheme, mode)
@@ -173,6 +194,8 @@ def load_model_weights(
             name: loader.load(f"{prefix}.{name}", shape, name in cfg.linear_biases)
             for name, shape in linear_shapes(cfg).items()
         }
+        if online.down_proj_input_block:
+            _check_r4_matrix(reader, f"{prefix}.mlp.down_proj", online.down_proj_input_block)
         layers.append(LayerWeights(norms=norms, linears=linears))
     final_norm = reader.get("model.norm.weight", (cfg.hidden_size,), FLOAT_TENSOR_DTYPES)
     if reader.has("lm_head.weight") and not cfg.tie_word_embeddings:
@@ -188,7 +211,7 @@ def load_model_weights(
     reader.close()
     if quantize_lm_head and mode is Quantization.A8W8 and isinstance(lm_head, FloatLinear):
         lm_head = quantize_linear(lm_head.weight)
-    weights = ModelWeights(cfg, embed, layers, final_norm, lm_head, mode)
+    weights = ModelWeights(cfg, embed, layers, final_norm, lm_head, mode, online)
     if dtype != "auto":
         _cast_float_parts(weights, FLOAT_DTYPES[dtype])
     return weights

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ def quantize_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     ignore: tuple[str, ...] = (),
     float_dtype: str = "auto",
+    rounding: Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
     """Write a float checkpoint as compressed-tensors W8A8 in llm-compressor's layout.
 
@@ -108,7 +110,8 @@ def quantize_checkpoint(
     from the start of the name, e.g. ``re:.*mlp.down_proj``); they join ``lm_head`` in the config's
     ``ignore`` list, which vLLM reads the same way. ``float_dtype``: ``auto`` writes the float tensors
     (everything but the INT8 weights and their scales) as they are in ``src``, a dtype name converts them
-    (e.g. a float32 conversion shipped in bfloat16, as the model was trained).
+    (e.g. a float32 conversion shipped in bfloat16, as the model was trained). ``rounding(module, weight)``:
+    (int8 weight, scale) in place of :func:`quantize_weight`'s round-to-nearest (offline/gptq.py's GPTQ).
     """
     src, dst = Path(src), Path(dst)
     raw = read_json(src / "config.json")
@@ -134,7 +137,7 @@ def quantize_checkpoint(
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in linear_modules:
             w = reader.get(name, linear_modules[module], tuple(set(FLOAT_DTYPES.values())))
-            q, scale = quantize_weight(w)
+            q, scale = quantize_weight(w) if rounding is None else rounding(module, w)
             out[name] = q
             out[f"{module}.weight_scale"] = scale.reshape(-1, 1)
         else:
@@ -144,7 +147,10 @@ def quantize_checkpoint(
     if missing:
         raise ConfigError(f"{src}: missing linear weights, e.g. {missing[0]}.weight")
     save_tensors(out, dst, max_shard_bytes)
+    transforms = (raw.get("quantization_config") or {}).get("transform_config")
     raw["quantization_config"] = CompressedTensorsW8A8.config_block(ignore=ignore_list)
+    if transforms:  # a rotated checkpoint (offline/rotate.py) keeps saying what runs online
+        raw["quantization_config"]["transform_config"] = transforms
     if float_dtype != "auto":
         raw["torch_dtype" if "torch_dtype" in raw else "dtype"] = float_dtype
     (dst / "config.json").write_text(json.dumps(raw, indent=2))

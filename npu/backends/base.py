@@ -9,6 +9,7 @@ tested against the eager op it replaces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,11 +42,33 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :inter]) * x[..., inter:]
 
 
+def hadamard_scale(block: int) -> float:
+    """The fp32 factor that normalizes a Sylvester block of order ``block`` (one constant, in every backend)."""
+    return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float64).to(torch.float32))
+
+
+def hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` ``[M, K]`` (fp32) times the block-diagonal normalized Sylvester matrix with blocks of ``block``
+    (R4's online rotation of down_proj's input): the fast Walsh-Hadamard transform, butterfly stages of stride
+    1, 2, 4, ... (``a + b``, ``a - b`` in fp32), then one multiplication by :func:`hadamard_scale`. Every
+    backend computes exactly these operations in this order, so all give the same bits."""
+    m, k = x.shape
+    y = x.float().reshape(m, k // block, block)
+    h = 1
+    while h < block:
+        y = y.reshape(m, k // block, block // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return (y.reshape(m, k) * hadamard_scale(block)).to(x.dtype)
+
+
 class LinearOp(Protocol):
     """A prepared linear layer: ``[M, K]`` activations (backend dtype) -> ``[M, N]`` activations.
 
     ``norm`` applies an RMSNorm to the input first, ``gated`` takes an ``[M, 2K]`` input and applies
-    :func:`silu_and_mul` first, ``residual`` (``[M, N]``) is added to the output. ``out``, when given, is
+    :func:`silu_and_mul` first (then the op's own ``input_hadamard`` rotation, R4's, where it has one),
+    ``residual`` (``[M, N]``) is added to the output. ``out``, when given, is
     an ``[M, N]`` fp32 buffer the result is written to (the caller reuses it: large fresh allocations
     page-fault on every use).
     """
@@ -70,6 +93,7 @@ class UnfusedLinear:
 
     out_features: int
     in_features: int
+    input_hadamard: int = 0  # block of the online Hadamard on the (gated) input (R4); 0: none
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -87,6 +111,8 @@ class UnfusedLinear:
             x = rms_norm(x, norm.weight, norm.eps)
         if gated:
             x = silu_and_mul(x)
+        if self.input_hadamard:
+            x = hadamard_rows(x, self.input_hadamard)
         y = self.gemm(x)
         if residual is not None:
             y = residual + y
@@ -103,8 +129,9 @@ class Backend(Protocol):
     # dtype of the residual stream and of attention math on this backend.
     activation_dtype: torch.dtype
 
-    def prepare_linear(self, weight: LinearWeight) -> LinearOp:
-        """Move/prepack one linear weight (INT8 or float) and return the op that applies it."""
+    def prepare_linear(self, weight: LinearWeight, input_hadamard: int = 0) -> LinearOp:
+        """Move/prepack one linear weight (INT8 or float) and return the op that applies it; ``input_hadamard``
+        (a power of two): its input is rotated by the block-diagonal Hadamard first (:func:`hadamard_rows`)."""
         ...
 
     def qk_norm_rope(

@@ -46,7 +46,8 @@ def _kernel_failed(kernel: str, status: int) -> None:
 class Int8GemmLinear(UnfusedLinear):
     """A8W8 linear: per-token activation quantization, INT8 x INT8 -> INT32, fp32 epilogue."""
 
-    def __init__(self, weight: Int8Linear):
+    def __init__(self, weight: Int8Linear, input_hadamard: int = 0):
+        self.input_hadamard = input_hadamard
         self.qweight = weight.qweight.contiguous()  # [N, K]
         self.scale = weight.scale.float().contiguous()  # [N]
         self.bias = None if weight.bias is None else weight.bias.float().contiguous()
@@ -63,7 +64,8 @@ class Int8GemmLinear(UnfusedLinear):
 class FloatGemmLinear(UnfusedLinear):
     """Float linear in the weight's own dtype (the reference path and float lm_head)."""
 
-    def __init__(self, weight: FloatLinear, activation_dtype: torch.dtype):
+    def __init__(self, weight: FloatLinear, activation_dtype: torch.dtype, input_hadamard: int = 0):
+        self.input_hadamard = input_hadamard
         self.weight = weight.weight.contiguous()
         self.bias = None if weight.bias is None else weight.bias.to(self.weight.dtype).contiguous()
         self.out_features, self.in_features = self.weight.shape
@@ -110,12 +112,12 @@ class CpuBackend(TorchOps):
         self._weight_arena = HugePageArena()  # packed weights on huge pages (npu/host_memory.py)
         self.name = "cpu-vnni" if self._vnni is not None else "cpu-onednn"
 
-    def prepare_linear(self, weight: LinearWeight):
+    def prepare_linear(self, weight: LinearWeight, input_hadamard: int = 0):
         if isinstance(weight, Int8Linear):
             return (
-                VnniLinear(weight, self._vnni, self._workspace, self._weight_arena)
+                VnniLinear(weight, self._vnni, self._workspace, self._weight_arena, input_hadamard)
                 if self._vnni is not None
-                else Int8GemmLinear(weight)
+                else Int8GemmLinear(weight, input_hadamard)
             )
         if (
             weight.weight.dtype == torch.bfloat16
@@ -123,8 +125,8 @@ class CpuBackend(TorchOps):
             and self._vnni is not None
             and self._vnni.has_bf16
         ):  # (a float linear with a bias: the reference path)
-            return Bf16Linear(weight.weight, self._vnni, self._workspace, self._weight_arena)
-        return FloatGemmLinear(weight, self.activation_dtype)
+            return Bf16Linear(weight.weight, self._vnni, self._workspace, self._weight_arena, input_hadamard)
+        return FloatGemmLinear(weight, self.activation_dtype, input_hadamard)
 
     def prepare_decoder_stack(
         self,

@@ -23,6 +23,7 @@ typedef struct {
     const float *sw;
     const float *bias;  // NULL, or [Np] like sw
     int n, k;
+    int input_hadamard_log2;  // R4's rotation of the input after its prologue (row_prologue.h); 0: none
 } packed_linear;
 
 typedef struct {
@@ -60,6 +61,7 @@ int decoder_stack_check(const decoder_stack *d) {
 
 static void linear(const packed_linear *w, const float *x, int T, int prologue, const float *norm_w, float eps,
                    const float *residual, float *out, uint8_t *xq, float *sx) {
+    prologue |= w->input_hadamard_log2 << PROLOGUE_HADAMARD_SHIFT;
     a8w8_gemm(x, T, w->k, prologue, norm_w, eps, w->wp, w->wsum, w->sw, w->bias, w->n, residual, out, xq, sx);
 }
 

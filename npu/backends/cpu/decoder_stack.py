@@ -16,14 +16,22 @@ from typing import Any
 import torch
 
 from npu.backends.base import RMSNorm
-from npu.backends.cpu.vnni import SCRATCH_ALIGN, VnniLinear, Workspace
+from npu.backends.cpu.vnni import SCRATCH_ALIGN, VnniLinear, Workspace, hadamard_log2
 from npu.kv_cache import Int8KV, PagedKVCache
 
 _p, _i, _f, _l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
 
 
 class _PackedLinear(ctypes.Structure):
-    _fields_ = [("wp", _p), ("wsum", _p), ("sw", _p), ("bias", _p), ("n", _i), ("k", _i)]
+    _fields_ = [
+        ("wp", _p),
+        ("wsum", _p),
+        ("sw", _p),
+        ("bias", _p),
+        ("n", _i),
+        ("k", _i),
+        ("input_hadamard_log2", _i),
+    ]
 
 
 class _StackLayer(ctypes.Structure):
@@ -95,6 +103,7 @@ def _packed(op: VnniLinear) -> _PackedLinear:
         None if op.bias is None else op.bias.data_ptr(),
         op.out_features,
         op.in_features,
+        hadamard_log2(op.input_hadamard),
     )
 
 

@@ -48,8 +48,16 @@ CFLAGS = [
 # bf16_gemm is only called where the CPU also has this (the rest of the library does not use it)
 BF16_CPU_FLAG = "avx512_bf16"
 SCRATCH_ALIGN = 64  # cache line: activation panels start on one
-# a8w8_gemm prologue codes (a8w8_vnni.c)
+# a8w8_gemm prologue codes (row_prologue.h): the kind in the low byte, log2 of R4's Hadamard block above it
 PROLOGUE_NONE, PROLOGUE_RMSNORM, PROLOGUE_SILU_MUL = 0, 1, 2
+PROLOGUE_HADAMARD_SHIFT = 8
+
+
+def hadamard_log2(block: int) -> int:
+    """log2 of an online Hadamard block (a power of two), 0 for none (block 0 or 1: the identity)."""
+    if block and block & (block - 1):
+        raise ValueError(f"an online Hadamard block must be a power of two, not {block}")
+    return max(block, 1).bit_length() - 1
 
 
 def _cpu_flags() -> set[str]:
@@ -126,10 +134,11 @@ def _empty(arena: HugePageArena | None, numel: int, dtype: torch.dtype) -> torch
     return torch.empty(numel, dtype=dtype) if arena is None else arena.empty(numel, dtype)
 
 
-def _prologue_args(norm: RMSNorm | None, gated: bool) -> tuple[int, int | None, float]:
+def _prologue_args(norm: RMSNorm | None, gated: bool, input_hadamard: int) -> tuple[int, int | None, float]:
+    rotation = hadamard_log2(input_hadamard) << PROLOGUE_HADAMARD_SHIFT
     if norm is not None:
-        return PROLOGUE_RMSNORM, norm.weight.data_ptr(), norm.eps
-    return (PROLOGUE_SILU_MUL if gated else PROLOGUE_NONE), None, 0.0
+        return PROLOGUE_RMSNORM | rotation, norm.weight.data_ptr(), norm.eps
+    return (PROLOGUE_SILU_MUL if gated else PROLOGUE_NONE) | rotation, None, 0.0
 
 
 def _check_out(out: torch.Tensor | None, m: int, n: int) -> torch.Tensor:
@@ -153,9 +162,15 @@ class Bf16Linear:
     accumulation, output rounded to BF16 as ``F.linear`` in BF16 leaves it, optional residual."""
 
     def __init__(
-        self, weight: torch.Tensor, lib: ctypes.CDLL, workspace: Workspace, arena: HugePageArena | None = None
+        self,
+        weight: torch.Tensor,
+        lib: ctypes.CDLL,
+        workspace: Workspace,
+        arena: HugePageArena | None = None,
+        input_hadamard: int = 0,
     ):
         self.lib, self.workspace = lib, workspace
+        self.input_hadamard = input_hadamard  # R4's block (npu/backends/base.py hadamard_rows); 0: none
         n, k = weight.shape
         self.out_features, self.in_features = n, k
         self.kp, np_ = lib.bf16_packed_k(k), lib.bf16_packed_n(n)
@@ -174,7 +189,7 @@ class Bf16Linear:
     ) -> torch.Tensor:
         x = _input(x, self.in_features, gated)
         m = x.shape[0]
-        prologue, norm_ptr, eps = _prologue_args(norm, gated)
+        prologue, norm_ptr, eps = _prologue_args(norm, gated, self.input_hadamard)
         if residual is not None:
             residual = residual.float().contiguous()
         out = _check_out(out, m, self.out_features)
@@ -203,8 +218,16 @@ class VnniLinear:
     sums, same epilogue order).
     """
 
-    def __init__(self, weight: Int8Linear, lib: ctypes.CDLL, workspace: Workspace, arena: HugePageArena | None = None):
+    def __init__(
+        self,
+        weight: Int8Linear,
+        lib: ctypes.CDLL,
+        workspace: Workspace,
+        arena: HugePageArena | None = None,
+        input_hadamard: int = 0,
+    ):
         self.lib, self.workspace = lib, workspace
+        self.input_hadamard = input_hadamard  # R4's block (npu/backends/base.py hadamard_rows); 0: none
         n, k = weight.qweight.shape
         self.out_features, self.in_features = n, k
         self.kp, np_ = lib.a8w8_packed_k(k), lib.a8w8_packed_n(n)
@@ -230,7 +253,7 @@ class VnniLinear:
     ) -> torch.Tensor:
         x = _input(x, self.in_features, gated)
         m = x.shape[0]
-        prologue, norm_ptr, eps = _prologue_args(norm, gated)
+        prologue, norm_ptr, eps = _prologue_args(norm, gated, self.input_hadamard)
         res_ptr = None
         if residual is not None:
             residual = residual.float().contiguous()

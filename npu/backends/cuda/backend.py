@@ -55,8 +55,8 @@ class CudaBackend(TorchOps):
             self.note = "the cuda backend runs under the Triton interpreter (TRITON_INTERPRET=1): very slow"
         self.decode_graphs = decode_graphs
 
-    def prepare_linear(self, weight: LinearWeight) -> TritonLinear:
-        return TritonLinear(weight, self.device, self.num_sms)
+    def prepare_linear(self, weight: LinearWeight, input_hadamard: int = 0) -> TritonLinear:
+        return TritonLinear(weight, self.device, self.num_sms, input_hadamard)
 
     def qk_norm_rope(
         self,

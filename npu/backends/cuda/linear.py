@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from loaders.quantization import ACTIVATION_QMAX, MIN_DIVISOR, FloatLinear, Int8Linear, LinearWeight
-from npu.backends.base import RMSNorm
+from npu.backends.base import RMSNorm, hadamard_scale
 
 # x + 1.5 * 2**23 - 1.5 * 2**23 rounds an fp32 |x| < 2**22 to the nearest integer, ties to even: torch.round's
 # rule, exact on every target (the quantized values are at most 127 in magnitude).
@@ -41,8 +41,30 @@ def round_half_even(x):
 
 
 @triton.jit
-def _prologue_values(x_row, norm_ptr, cols, K, inv_rms, HAS_NORM: tl.constexpr, GATED: tl.constexpr):
-    """The linear's input at ``cols`` of one row after its prologue, in fp32."""
+def _butterfly(v, BLOCK: tl.constexpr, H: tl.constexpr):
+    """One stage of the fast Walsh-Hadamard transform over ``v`` [BLOCK]: each pair (i, i + H) of every
+    2H-run becomes (a + b, a - b), as npu/backends/base.py hadamard_rows computes it."""
+    y = tl.permute(tl.reshape(v, (BLOCK // (2 * H), 2, H)), (0, 2, 1))  # [runs, H, 2]: the pairs last
+    a, b = tl.split(y)
+    y = tl.permute(tl.join(a + b, a - b), (0, 2, 1))
+    return tl.reshape(y, (BLOCK,))
+
+
+@triton.jit
+def _prologue_values(
+    x_row,
+    norm_ptr,
+    cols,
+    K,
+    inv_rms,
+    hadamard_scale,
+    HAS_NORM: tl.constexpr,
+    GATED: tl.constexpr,
+    HADAMARD_LOG2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The linear's input at ``cols`` of one row after its prologue, in fp32 (then R4's block-diagonal Hadamard
+    of blocks of ``2**HADAMARD_LOG2``, which divide BLOCK: a pass holds whole blocks)."""
     inside = cols < K
     v = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
     if GATED:  # x = [gate | up]: silu(gate) * up
@@ -51,6 +73,10 @@ def _prologue_values(x_row, norm_ptr, cols, K, inv_rms, HAS_NORM: tl.constexpr, 
     if HAS_NORM:
         w = tl.load(norm_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         v = w * (v * inv_rms)
+    if HADAMARD_LOG2 > 0:
+        for s in tl.static_range(HADAMARD_LOG2):
+            v = _butterfly(v, BLOCK, 1 << s)
+        v = v * hadamard_scale
     return v
 
 
@@ -63,8 +89,10 @@ def _rows_prologue_kernel(
     out_ptr,
     scale_ptr,
     K,
+    hadamard_scale,
     HAS_NORM: tl.constexpr,
     GATED: tl.constexpr,
+    HADAMARD_LOG2: tl.constexpr,
     QUANTIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -83,29 +111,46 @@ def _rows_prologue_kernel(
         amax = tl.zeros((BLOCK,), tl.float32)
         for k0 in range(0, K, BLOCK):
             cols = k0 + tl.arange(0, BLOCK)
-            v = _prologue_values(x_row, norm_ptr, cols, K, inv_rms, HAS_NORM, GATED)
+            v = _prologue_values(
+                x_row, norm_ptr, cols, K, inv_rms, hadamard_scale, HAS_NORM, GATED, HADAMARD_LOG2, BLOCK
+            )
             amax = tl.maximum(amax, tl.abs(v))
         scale = tl.math.div_rn(tl.max(amax, 0), QMAX)
         divisor = tl.maximum(scale, DIVISOR_FLOOR)
         for k0 in range(0, K, BLOCK):
             cols = k0 + tl.arange(0, BLOCK)
-            v = _prologue_values(x_row, norm_ptr, cols, K, inv_rms, HAS_NORM, GATED)
+            v = _prologue_values(
+                x_row, norm_ptr, cols, K, inv_rms, hadamard_scale, HAS_NORM, GATED, HADAMARD_LOG2, BLOCK
+            )
             q = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(v, divisor)), -QMAX), QMAX)
             tl.store(out_row + cols, q.to(tl.int8), mask=cols < K)
         tl.store(scale_ptr + row, scale)
     else:
         for k0 in range(0, K, BLOCK):
             cols = k0 + tl.arange(0, BLOCK)
-            v = _prologue_values(x_row, norm_ptr, cols, K, inv_rms, HAS_NORM, GATED)
+            v = _prologue_values(
+                x_row, norm_ptr, cols, K, inv_rms, hadamard_scale, HAS_NORM, GATED, HADAMARD_LOG2, BLOCK
+            )
             tl.store(out_row + cols, v, mask=cols < K)
 
 
+def check_input_hadamard(block: int, in_features: int) -> None:
+    """ValueError unless ``block`` (R4's online Hadamard; 0: none) is one :func:`rows_prologue` can apply."""
+    if block and (block & (block - 1) or PROLOGUE_BLOCK % block or in_features % block):
+        raise ValueError(
+            f"an online Hadamard block of {block} on {in_features} features: needs a power of two that divides "
+            f"both and {PROLOGUE_BLOCK}"
+        )
+
+
 def rows_prologue(
-    x: torch.Tensor, in_features: int, norm: RMSNorm | None, gated: bool, quantize: bool
+    x: torch.Tensor, in_features: int, norm: RMSNorm | None, gated: bool, quantize: bool, input_hadamard: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the GEMM's input ``[M, in_features]``: INT8 when ``quantize``, else fp32; the per-row scales or None)."""
+    """(the GEMM's input ``[M, in_features]``: INT8 when ``quantize``, else fp32; the per-row scales or None).
+    ``input_hadamard``: R4's block-diagonal Hadamard after the prologue (:func:`check_input_hadamard`)."""
     if norm is not None and gated:
         raise ValueError("a linear takes an RMSNorm or a SwiGLU gate in front, not both")
+    check_input_hadamard(input_hadamard, in_features)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m = x.shape[0]
@@ -120,8 +165,10 @@ def rows_prologue(
             out,
             out if scales is None else scales,
             in_features,
+            hadamard_scale(input_hadamard) if input_hadamard else 1.0,
             HAS_NORM=norm is not None,
             GATED=gated,
+            HADAMARD_LOG2=max(input_hadamard, 1).bit_length() - 1,
             QUANTIZE=quantize,
             BLOCK=PROLOGUE_BLOCK,
         )
@@ -372,7 +419,7 @@ class TritonLinear:
     accumulate in fp32. Output is fp32, the residual stream's dtype.
     """
 
-    def __init__(self, weight: LinearWeight, device: torch.device, num_sms: int):
+    def __init__(self, weight: LinearWeight, device: torch.device, num_sms: int, input_hadamard: int = 0):
         self.int8 = isinstance(weight, Int8Linear)
         if self.int8:
             assert isinstance(weight, Int8Linear)
@@ -384,6 +431,8 @@ class TritonLinear:
             self.w_scale = None
         self.bias = None if weight.bias is None else weight.bias.float().contiguous().to(device)
         self.out_features, self.in_features = self.weight.shape
+        check_input_hadamard(input_hadamard, self.in_features)
+        self.input_hadamard = input_hadamard  # R4's block (rows_prologue); 0: none
         self.num_sms = num_sms
         self.interpreted = device.type == "cpu"  # the kernels run in Triton's interpreter
 
@@ -396,7 +445,7 @@ class TritonLinear:
         residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        a, a_scale = rows_prologue(x, self.in_features, norm, gated, self.int8)
+        a, a_scale = rows_prologue(x, self.in_features, norm, gated, self.int8, self.input_hadamard)
         config = choose_config(
             a.shape[0], self.out_features, self.in_features, self.int8, self.num_sms, self.interpreted
         )
