@@ -18,15 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from engine.tokenizer import load_tokenizer
-from loaders.assets import calibration_text_path
 from loaders.quantization import INT8_MAX, INT8_MIN, quantize_weight
 from npu.backends.base import UnfusedLinear
-from npu.messages import WorkerConfig
-from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
+from offline.calibration import calibration_pass
 
 # The fused ops of a layer and the checkpoint modules each one's input feeds.
 FUSED_INPUTS = {
@@ -35,7 +31,6 @@ FUSED_INPUTS = {
     "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
     "down": ("mlp.down_proj",),
 }
-CALIBRATION_CHUNK = 512  # tokens per calibration forward
 DAMPING = 0.01  # of the mean diagonal, added to H's diagonal (GPTQ's percdamp)
 COLUMN_BLOCK = 128  # columns updated lazily together (GPTQ's block size; the result does not depend on it)
 
@@ -57,32 +52,16 @@ class _HessianRecorder:
         return self.gemm(x)
 
 
-def calibration_hessians(model_dir: Path, ids: list[int] | None = None) -> dict[str, torch.Tensor]:
+def calibration_hessians(model_dir: Path) -> dict[str, torch.Tensor]:
     """``H`` (float64, ``[in, in]``, averaged over tokens) of every decoder linear's input, by module name
     (``model.layers.N.self_attn.q_proj``, ...), from the float model over the calibration text."""
-    if ids is None:
-        ids = load_tokenizer(model_dir).encode(calibration_text_path().read_text(encoding="utf-8"))
-    runner = ModelRunner(
-        WorkerConfig(
-            model_dir=str(model_dir),
-            quantization="none",
-            kv_cache_dtype="fp32",
-            dtype="float32",
-            kv_cache_memory_bytes=256 << 20,
-            max_model_len=CALIBRATION_CHUNK + 16,
-        )
-    )
-    runner.model.decode_stack = None
-    recorders = [
-        {name: _HessianRecorder(getattr(layer, name)) for name in FUSED_INPUTS} for layer in runner.model.layers
-    ]
-    for start in tqdm(range(0, len(ids), CALIBRATION_CHUNK), desc="GPTQ calibration", unit="chunk", disable=None):
-        chunk = ids[start : start + CALIBRATION_CHUNK]
-        n = len(chunk)
-        pos = torch.arange(n)
-        runner.model.forward(
-            ForwardBatch(torch.tensor(chunk), pos, pos, [SeqSpan(0, n, pos)], torch.tensor([n - 1])), runner.cache
-        )
+    recorders: list[dict[str, _HessianRecorder]] = []
+
+    def hook(runner: ModelRunner) -> None:
+        for layer in runner.model.layers:
+            recorders.append({name: _HessianRecorder(getattr(layer, name)) for name in FUSED_INPUTS})
+
+    calibration_pass(model_dir, hook, "GPTQ calibration")
     out = {}
     for i, rec in enumerate(recorders):
         for fused, modules in FUSED_INPUTS.items():

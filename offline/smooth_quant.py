@@ -15,23 +15,18 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from engine.tokenizer import load_tokenizer
-from loaders.assets import calibration_text_path
 from loaders.checkpoint import CheckpointReader
 from loaders.config import ConfigError, load_model_config, read_json
 from loaders.writer import DEFAULT_MAX_SHARD_BYTES, copy_side_files, quantize_checkpoint, save_tensors
 from npu.backends.base import UnfusedLinear
-from npu.messages import WorkerConfig
-from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
+from offline.calibration import calibration_pass
 
 # Migration strength: 0.5 is the SmoothQuant paper's default; on SmolLM2-135M 0.7 did better in a
 # development comparison of the two (eval-quality reports the 0.7 result against unsmoothed A8W8).
 DEFAULT_ALPHA = 0.7
 MIN_FACTOR = 1e-5  # keeps factors of dead channels finite
-CALIBRATION_CHUNK = 512  # tokens per calibration forward
 
 
 class _Recorder:
@@ -51,33 +46,13 @@ class _Recorder:
 
 def activation_ranges(model_dir: Path) -> list[dict[str, torch.Tensor]]:
     """Per layer: max |x| per input channel of the qkv, gate_up and down projections (float model)."""
-    ids = load_tokenizer(model_dir).encode(calibration_text_path().read_text(encoding="utf-8"))
-    runner = ModelRunner(
-        WorkerConfig(
-            model_dir=str(model_dir),
-            quantization="none",
-            kv_cache_dtype="fp32",
-            dtype="float32",
-            kv_cache_memory_bytes=256 << 20,
-            max_model_len=max(CALIBRATION_CHUNK, 64) + 16,
-        )
-    )
-    recorders = []
-    for layer in runner.model.layers:
-        recorders.append({name: _Recorder(getattr(layer, name)) for name in ("qkv", "gate_up", "down")})
-    for start in tqdm(
-        range(0, len(ids), CALIBRATION_CHUNK), desc="SmoothQuant calibration", unit="chunk", disable=None
-    ):
-        chunk = ids[start : start + CALIBRATION_CHUNK]
-        n = len(chunk)
-        batch = ForwardBatch(
-            torch.tensor(chunk),
-            torch.arange(n),
-            torch.arange(n),
-            [SeqSpan(0, n, torch.arange(n))],
-            torch.tensor([n - 1]),
-        )
-        runner.model.forward(batch, runner.cache)
+    recorders: list[dict[str, _Recorder]] = []
+
+    def hook(runner: ModelRunner) -> None:
+        for layer in runner.model.layers:
+            recorders.append({name: _Recorder(getattr(layer, name)) for name in ("qkv", "gate_up", "down")})
+
+    calibration_pass(model_dir, hook, "SmoothQuant calibration")
     return [{name: r.absmax for name, r in rec.items()} for rec in recorders]
 
 
