@@ -176,7 +176,7 @@ def load_model_weights(
     cfg = load_model_config(model_dir)
     raw_config = read_json(model_dir / "config.json")
     scheme = CompressedTensorsW8A8.from_config(raw_config)
-    online = OnlineTransforms.from_config(raw_config, cfg.intermediate_size)
+    online = OnlineTransforms.from_config(raw_config, cfg)
     reader = CheckpointReader(model_dir)
     reader.preload()
     loader = _LinearLoader(reader, scheme, mode)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from loaders.config import ModelConfig
+from loaders.transforms import OnlineTransforms
 from loaders.weights import LayerWeights, ModelWeights
 from npu.backends.base import Backend, RMSNorm
 from npu.kv_cache import PagedKVCache
@@ -88,7 +89,12 @@ class ForwardBatch:
 
 class _Layer:
     def __init__(
-        self, weights: LayerWeights, cfg: ModelConfig, backend: Backend, dtype: torch.dtype, down_hadamard: int = 0
+        self,
+        weights: LayerWeights,
+        cfg: ModelConfig,
+        backend: Backend,
+        dtype: torch.dtype,
+        online: OnlineTransforms,
     ):
         lin = weights.linears
         # FloatLinear and Int8Linear both concatenate along the output dimension exactly.
@@ -99,7 +105,9 @@ class _Layer:
         self.o = backend.prepare_linear(lin["self_attn.o_proj"])
         self.gate_up = backend.prepare_linear(concat([lin["mlp.gate_proj"], lin["mlp.up_proj"]]))
         # (a rotated checkpoint's R4: silu(gate) * up times a block-diagonal Hadamard, in the linear's prologue)
-        self.down = backend.prepare_linear(lin["mlp.down_proj"], input_hadamard=down_hadamard)
+        self.down = backend.prepare_linear(lin["mlp.down_proj"], input_hadamard=online.down_proj_input_block or 0)
+        # (and its R3: q and k times a per-head Hadamard after RoPE, in the q/k norm + RoPE kernel)
+        self.qk_hadamard = online.qk_head_hadamard
         norms = {k: v.to(device=backend.device, dtype=dtype).contiguous() for k, v in weights.norms.items()}
         self.input_norm = RMSNorm(norms["input_layernorm"], cfg.rms_norm_eps)
         self.post_norm = RMSNorm(norms["post_attention_layernorm"], cfg.rms_norm_eps)
@@ -132,7 +140,7 @@ class DecoderModel:
         self.layers = []
         for i, lw in enumerate(weights.layers):
             weights.layers[i] = None  # type: ignore[call-overload]
-            self.layers.append(_Layer(lw, cfg, backend, self.dtype, weights.online.down_proj_input_block or 0))
+            self.layers.append(_Layer(lw, cfg, backend, self.dtype, weights.online))
             del lw
         self.final_norm = RMSNorm(
             weights.final_norm.to(device=self.device, dtype=self.dtype).contiguous(), cfg.rms_norm_eps
@@ -199,8 +207,8 @@ class DecoderModel:
             qkv = layer.qkv(x, norm=layer.input_norm, out=qkv_buf)
             qk = qkv[:, : q_size + kv_size].view(T, qk_heads, cfg.head_dim)
             v = qkv[:, q_size + kv_size :].view(T, cfg.num_kv_heads, cfg.head_dim)
-            # per-head q/k norm (Qwen3; absent in Llama) and RoPE on q and k heads at once
-            qk = ops.qk_norm_rope(qk, layer.qk_norm, self.cos, self.sin_signed, batch.positions)
+            # per-head q/k norm (Qwen3; absent in Llama) and RoPE on q and k heads at once (then R3, if any)
+            qk = ops.qk_norm_rope(qk, layer.qk_norm, self.cos, self.sin_signed, batch.positions, layer.qk_hadamard)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             ops.write_kv(cache, li, batch.slot_mapping, k, v)
             attn = self._attend(q, li, batch, cache)

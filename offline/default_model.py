@@ -31,7 +31,8 @@ RANDOM_MODEL_NAME = "qwen3-random-a8w8"
 # v4: generation_config.json carries the model card's sampling (below).
 # v5: rotated (R1, R2, online R4) and GPTQ-rounded instead of SmoothQuant-smoothed (eval-quality's
 # rotated_gptq_a8w8_int8kv_bf16 row against smoothquant_a8w8_int8kv_bf16: README "Quality").
-DEFAULT_MODEL_VERSION = "v5"
+# v6: R3 too, queries and keys rotated per head after RoPE (rotated_gptq_a8w8_int8kv_bf16_r3).
+DEFAULT_MODEL_VERSION = "v6"
 # The sampling SmolLM2-135M-Instruct's model card uses in its usage example (temperature 0.2, top_p 0.9):
 # requests that leave these fields out get them. At transformers' default (temperature 1, no filter) the
 # 135M model rambles ("What is the capital of France?" -> "Scellaire de Paris (lisage des bonds)...").
@@ -41,7 +42,7 @@ SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # (eval-quality: smoothquant_a8w8_int8kv vs smoothquant_a8w8_int8kv_bf16).
 DEFAULT_MODEL_FLOAT_DTYPE = "bfloat16"
 # What is done to the float weights before INT8 (offline/quantize.py); eval-quality's DEFAULT_ROW measures it.
-DEFAULT_MODEL_RECIPE = QuantizeRecipe(rotation=RotationPlan(r1="kron"), gptq=True)
+DEFAULT_MODEL_RECIPE = QuantizeRecipe(rotation=RotationPlan(r1="kron", r3=True), gptq=True)
 DEFAULT_MODEL_SPEC = RandomModelSpec(
     hidden_size=256,
     num_layers=4,

@@ -73,11 +73,12 @@ class EvalConfig:
     dtype: str = "auto"  # --dtype of the float parts (embedding, norms, lm_head)
     rotation: str | None = None  # offline/rotate.py's R1 kind (with R2 and the online R4), after any smoothing
     gptq: bool = False  # INT8 weights rounded by GPTQ (offline/gptq.py), not to nearest
+    r3: bool = False  # with a rotation: R3 too, queries and keys rotated per head after RoPE (online)
 
     @property
-    def source(self) -> tuple[bool, str | None]:
-        """Which float checkpoint the row runs (or quantizes): smoothed or not, rotated how."""
-        return self.smoothed, self.rotation
+    def source(self) -> tuple[bool, str | None, bool]:
+        """Which float checkpoint the row runs (or quantizes): smoothed or not, rotated how, with R3 or not."""
+        return self.smoothed, self.rotation, self.r3
 
 
 # The first is the reference the others are scored against.
@@ -107,9 +108,14 @@ CONFIGS = {
     "rotated_gptq_a8w8_int8kv_bf16_int8head": EvalConfig(
         "a8w8", "int8", True, rotation="kron", gptq=True, dtype="bfloat16"
     ),
+    # R3 (the online rotation of queries and keys per head): the INT8 KV cache's share
+    "rotated_gptq_a8w8_int8kv_r3": EvalConfig("a8w8", "int8", rotation="kron", gptq=True, r3=True),
+    "rotated_gptq_a8w8_int8kv_bf16_r3": EvalConfig(
+        "a8w8", "int8", rotation="kron", gptq=True, dtype="bfloat16", r3=True
+    ),
 }
 # The row that is the built-in default model's recipe (offline/default_model.py; a test holds them together).
-DEFAULT_ROW = "rotated_gptq_a8w8_int8kv_bf16"
+DEFAULT_ROW = "rotated_gptq_a8w8_int8kv_bf16_r3"
 BLOCK = 16
 # llama.cpp's llama-perplexity protocol (-c 512, as in its --kl-divergence mode): the text in chunks of this many
 # tokens, each evaluated with a fresh context, and only the second half of each chunk scored (every scored
@@ -127,6 +133,9 @@ class Scores:
     p99_kld: float
     same_top: float  # share of positions whose most likely token is the float model's
     positions: int
+    # standard error of ln(perplexity / the float model's) over the positions (llama-perplexity prints it as
+    # "Mean ln(PPL(Q)/PPL(base))" +- this): how far a perplexity difference is from noise at this text length
+    ln_ppl_ratio_stderr: float = 0.0
 
 
 @dataclass
@@ -143,12 +152,14 @@ class QualityResult:
     def table(self) -> str:
         base = self.scores["float"].perplexity
         lines = [
-            "| configuration | perplexity | vs float | mean KLD | p99 KLD | same top token | greedy agreement (free-running) |",
+            "| configuration | perplexity | vs float (+- 1 s.e.) | mean KLD | p99 KLD | same top token "
+            "| greedy agreement (free-running) |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, sc in self.scores.items():
             lines.append(
-                f"| {name} | {sc.perplexity:.3f} | {100 * (sc.perplexity / base - 1):+.2f} % | "
+                f"| {name} | {sc.perplexity:.3f} | {100 * (sc.perplexity / base - 1):+.2f} % "
+                f"+- {100 * sc.ln_ppl_ratio_stderr:.2f} % | "
                 f"{sc.mean_kld:.4f} | {sc.p99_kld:.4f} | {100 * sc.same_top:.1f} % | "
                 f"{100 * self.greedy_agreement[name]:.1f} % |"
             )
@@ -207,12 +218,15 @@ def score(base: torch.Tensor, logprobs: torch.Tensor, targets: torch.Tensor) -> 
     """llama-perplexity --kl-divergence's figures for ``logprobs`` against the float model's ``base``."""
     positions = torch.arange(len(targets))
     kld = (base.exp() * (base - logprobs)).sum(-1)
+    # per position, ln p_float(token) - ln p_this(token): its mean is ln(perplexity / the float model's)
+    nll_gap = (base[positions, targets] - logprobs[positions, targets]).double()
     return Scores(
         perplexity=math.exp(-logprobs[positions, targets].mean().item()),
         mean_kld=kld.mean().item(),
         p99_kld=torch.quantile(kld, P99).item(),
         same_top=(base.argmax(-1) == logprobs.argmax(-1)).float().mean().item(),
         positions=len(targets),
+        ln_ppl_ratio_stderr=(nll_gap.std() / math.sqrt(len(targets))).item() if len(targets) > 1 else 0.0,
     )
 
 
@@ -298,40 +312,25 @@ def _simulated(model_dir: str, max_len: int, quantization: str, group: int | Non
     )
 
 
-def _rotate_qk(runner: ModelRunner) -> ModelRunner:
-    """QuaRot's R3 simulated: queries and keys times a normalized Hadamard per head after RoPE (their dot
-    products unchanged, the keys' INT8 cache rows spread)."""
-    from npu.backends.base import hadamard_rows
-
-    runner.model.decode_stack = None
-    ops = runner.model.backend
-    qk_norm_rope = ops.qk_norm_rope
-
-    def rotated(qk, norm, cos, sin_signed, positions):
-        y = qk_norm_rope(qk, norm, cos, sin_signed, positions)
-        t, h, d = y.shape
-        return hadamard_rows(y.reshape(t * h, d).float(), d).reshape(t, h, d).to(y.dtype)
-
-    ops.qk_norm_rope = rotated
-    return runner
-
-
 def diagnose(model_dir: str, ids: list[int], context: int = KLD_CONTEXT) -> dict[str, Scores]:
     """Where the default recipe's loss comes from, on its rotated float model (fp32 float parts, fp32 KV unless
     named): INT8-rounded weights alone (to nearest, and GPTQ's), per-token INT8 activations alone, INT8
     activations per group of 32 channels with INT8 weights (llama.cpp's Q8 granularity on the activation side),
-    the INT8 KV cache alone and with R3 (simulated); then the A8W8 GPTQ model with each kind of linear kept in
-    float in turn, its lm_head's weights rounded to bfloat16 (fp32 activations), and with R3 on its INT8 KV
-    cache."""
+    the INT8 KV cache alone without and with R3; then the A8W8 GPTQ model without and with R3, and (with R3)
+    with each kind of linear kept in float in turn and with its lm_head's weights rounded to bfloat16 (fp32
+    activations)."""
     from offline.rotate import RotationPlan, rotate_checkpoint
 
     max_len = context + BLOCK
     base, targets = scored_logprobs(_runner(model_dir, "none", "fp32", max_len), ids, context)
     with tempfile.TemporaryDirectory() as tmp:
-        rotation = CONFIGS[DEFAULT_ROW].rotation or "kron"
-        rotated = str(rotate_checkpoint(model_dir, Path(tmp) / "rotated", RotationPlan(r1=rotation)))
-        gptq = str(Path(tmp) / "gptq")
-        quantize_checkpoint(rotated, gptq, rounding=gptq_rounding(Path(rotated)))
+        kind = CONFIGS[DEFAULT_ROW].rotation or "kron"
+        rotated = str(rotate_checkpoint(model_dir, Path(tmp) / "rotated", RotationPlan(r1=kind)))
+        rotated_r3 = str(rotate_checkpoint(model_dir, Path(tmp) / "rotated-r3", RotationPlan(r1=kind, r3=True)))
+        gptq, gptq_r3 = str(Path(tmp) / "gptq"), str(Path(tmp) / "gptq-r3")
+        rounding = gptq_rounding(Path(rotated))
+        quantize_checkpoint(rotated, gptq, rounding=rounding)
+        quantize_checkpoint(rotated_r3, gptq_r3, rounding=rounding)  # the same weights, R3 in its config
         runners = {
             "rotated_int8_weights_only": lambda: _simulated(rotated, max_len, "a8w8", None),
             "rotated_gptq_int8_weights_only": lambda: _simulated(gptq, max_len, "auto", None),
@@ -340,16 +339,18 @@ def diagnose(model_dir: str, ids: list[int], context: int = KLD_CONTEXT) -> dict
                 rotated, max_len, "a8w8", ACTIVATION_GROUP
             ),
             "rotated_int8_kv_only": lambda: _runner(rotated, "none", "int8", max_len),
-            "rotated_int8_kv_only_r3": lambda: _rotate_qk(_runner(rotated, "none", "int8", max_len)),
+            "rotated_int8_kv_only_r3": lambda: _runner(rotated_r3, "none", "int8", max_len),
             "rotated_gptq_a8w8_fp32kv": lambda: _runner(gptq, "auto", "fp32", max_len),
             "rotated_gptq_a8w8_int8kv": lambda: _runner(gptq, "auto", "int8", max_len),
-            "rotated_gptq_a8w8_int8kv_r3": lambda: _rotate_qk(_runner(gptq, "auto", "int8", max_len)),
-            "rotated_gptq_a8w8_int8kv_bf16_head_weights": lambda: _bf16_head(_runner(gptq, "auto", "int8", max_len)),
+            "rotated_gptq_a8w8_int8kv_r3": lambda: _runner(gptq_r3, "auto", "int8", max_len),
+            "rotated_gptq_a8w8_int8kv_r3_bf16_head_weights": lambda: _bf16_head(
+                _runner(gptq_r3, "auto", "int8", max_len)
+            ),
         }
         floats = _linear_weights(rotated, "none")
-        for kind in LINEAR_KINDS:
-            runners[f"rotated_gptq_a8w8_int8kv_{kind}_float"] = lambda kind=kind: _replace_linears(
-                _runner(gptq, "auto", "int8", max_len), floats, None, (kind,)
+        for linear in LINEAR_KINDS:
+            runners[f"rotated_gptq_a8w8_int8kv_r3_{linear}_float"] = lambda linear=linear: _replace_linears(
+                _runner(gptq_r3, "auto", "int8", max_len), floats, None, (linear,)
             )
         out = {}
         for name, make in tqdm(runners.items(), desc="diagnosis", unit="row", disable=None):
@@ -369,19 +370,20 @@ def _bf16_head(runner: ModelRunner) -> ModelRunner:
     return runner
 
 
-def float_sources(model_dir: str | Path, tmp: Path, wanted: set[tuple[bool, str | None]]) -> dict:
+def float_sources(model_dir: str | Path, tmp: Path, wanted: set[tuple[bool, str | None, bool]]) -> dict:
     """The float checkpoints the rows run, by :attr:`EvalConfig.source`: the model itself, its SmoothQuant-folded
     copy, and rotated copies of either (rotation after smoothing: smoothing's factors fold into the norms,
-    which the rotation folds into the linears)."""
+    which the rotation folds into the linears), with R3 or without (the same weights, another config)."""
     from offline.rotate import RotationPlan, rotate_checkpoint
 
-    out: dict[tuple[bool, str | None], Path] = {(False, None): Path(model_dir)}
-    if any(smoothed for smoothed, _ in wanted):
-        out[(True, None)] = smooth_checkpoint(model_dir, tmp / "smoothed")
-    for smoothed, rotation in sorted(wanted, key=str):
+    out: dict[tuple[bool, str | None, bool], Path] = {(False, None, False): Path(model_dir)}
+    if any(smoothed for smoothed, _, _ in wanted):
+        out[(True, None, False)] = smooth_checkpoint(model_dir, tmp / "smoothed")
+    for smoothed, rotation, r3 in sorted(wanted, key=str):
         if rotation is not None:
-            dst = tmp / f"{'smoothed-' if smoothed else ''}rotated-{rotation}"
-            out[(smoothed, rotation)] = rotate_checkpoint(out[(smoothed, None)], dst, RotationPlan(r1=rotation))
+            dst = tmp / f"{'smoothed-' if smoothed else ''}rotated-{rotation}{'-r3' if r3 else ''}"
+            plan = RotationPlan(r1=rotation, r3=r3)
+            out[(smoothed, rotation, r3)] = rotate_checkpoint(out[(smoothed, None, False)], dst, plan)
     return out
 
 
@@ -419,15 +421,17 @@ def evaluate(
     base = targets = None
     with tempfile.TemporaryDirectory() as tmp:
         sources = float_sources(model_dir, Path(tmp), {c.source for c in configs.values()})
-        roundings: dict[tuple[bool, str | None], Any] = {}  # GPTQ's, per float source (Hessians computed once)
+        # GPTQ's, per float weights (Hessians computed once; R3 changes the config, not the weights)
+        roundings: dict[tuple[bool, str | None], Any] = {}
         # (a run takes minutes: progress over the configurations, on a terminal)
         for name, c in tqdm(configs.items(), desc="eval-quality configurations", unit="config", disable=None):
             source = sources[c.source]
             if c.keep_float or c.gptq:
                 source = Path(tmp) / f"{name}-w8a8"
-                if c.gptq and c.source not in roundings:
-                    roundings[c.source] = gptq_rounding(sources[c.source])
-                rounding = roundings[c.source] if c.gptq else None
+                weights = c.source[:2]
+                if c.gptq and weights not in roundings:
+                    roundings[weights] = gptq_rounding(sources[c.source])
+                rounding = roundings[weights] if c.gptq else None
                 quantize_checkpoint(sources[c.source], source, ignore=c.keep_float, rounding=rounding)
             runner = _runner(str(source), c.quantization, c.kv, max_len, c.int8_head, c.dtype)
             logprobs, targets = scored_logprobs(runner, ids, context)
@@ -476,7 +480,8 @@ def main(
         print(f"where the default recipe's loss comes from ({DEFAULT_ROW}'s parts, float parts in fp32):")
         for name, sc in diag.items():
             print(
-                f"  {name}: perplexity {sc.perplexity:.3f} ({100 * (sc.perplexity / base - 1):+.2f} %), "
+                f"  {name}: perplexity {sc.perplexity:.3f} ({100 * (sc.perplexity / base - 1):+.2f} % "
+                f"+- {100 * sc.ln_ppl_ratio_stderr:.2f} %), "
                 f"mean KLD {sc.mean_kld:.4f}, p99 KLD {sc.p99_kld:.4f}, same top {100 * sc.same_top:.1f} %"
             )
         report["diagnosis"] = {k: asdict(v) for k, v in diag.items()}

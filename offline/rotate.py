@@ -16,7 +16,11 @@ checkpoint (float64 arithmetic, then the checkpoint's dtype):
 - **R4**, on down_proj's input: the offline half (its weight times the block-diagonal Sylvester matrix) here,
   the online half (``silu(gate) * up`` times the same matrix, before it is quantized) in the runtime's kernels,
   as compressed-tensors' deterministic ``hadamard`` transform with ``head_dim`` = the block. Its matrices are
-  written as ``model.layers.N.mlp.down_proj.R4_input.weight`` (entries +-1, as vLLM loads them).
+  written as ``model.layers.N.mlp.down_proj.R4_input.weight`` (entries +-1, as vLLM loads them);
+- **R3** (optional), on queries and keys after RoPE: online only (nothing changes in the weights), a Sylvester
+  matrix per head applied to both, so every attention score is unchanged while the keys' per-head INT8 cache
+  rounding spreads over the head; compressed-tensors' ``hadamard`` at locations ``q_attn`` and ``k_cache``
+  of the attention modules, as llm-compressor's SpinQuant writes it.
 
 The checkpoint's ``quantization_config.transform_config`` says all of this in compressed-tensors' schema.
 """
@@ -32,7 +36,7 @@ import torch
 
 from loaders.checkpoint import CheckpointReader
 from loaders.config import ConfigError, ModelConfig, load_model_config, read_json
-from loaders.hadamard import block_diagonal, hadamard, largest_power_of_two_block, sylvester
+from loaders.hadamard import block_diagonal, hadamard, is_power_of_two, largest_power_of_two_block, sylvester
 from loaders.transforms import R4_TENSOR, transform_config
 from loaders.writer import copy_side_files, save_tensors
 
@@ -50,6 +54,7 @@ class RotationPlan:
     r2: bool = True
     r4_block_limit: int = DEFAULT_R4_BLOCK_LIMIT
     seed: int = 0
+    r3: bool = False  # the online per-head rotation of queries and keys (the INT8 KV cache's share)
 
 
 def _signs(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -133,6 +138,8 @@ def rotate_state_dict(t: dict[str, torch.Tensor], cfg: ModelConfig, plan: Rotati
 
 def _check_widths(cfg: ModelConfig, plan: RotationPlan, source: Path) -> None:
     """A ConfigError naming config.json's field where the plan needs a Hadamard matrix this module cannot build."""
+    if plan.r3 and not is_power_of_two(cfg.head_dim):
+        raise ConfigError(f"{source}: head_dim {cfg.head_dim}: R3's online rotation needs a power of two")
     checks = [("hidden_size", cfg.hidden_size, plan.r1 == "kron"), ("head_dim", cfg.head_dim, plan.r2)]
     for field, n, needed in checks:
         if needed:
@@ -162,7 +169,9 @@ def rotate_checkpoint(src: str | Path, dst: str | Path, plan: RotationPlan = Rot
     raw["quantization_config"] = {
         "quant_method": "compressed-tensors",
         "format": "dense",  # float weights: only the transforms are described
-        "transform_config": transform_config(plan.r1, cfg.head_dim if plan.r2 else None, block),
+        "transform_config": transform_config(
+            plan.r1, cfg.head_dim if plan.r2 else None, block, cfg.head_dim if plan.r3 else None
+        ),
     }
     (dst / "config.json").write_text(json.dumps(raw, indent=2))
     copy_side_files(src, dst)
@@ -175,4 +184,5 @@ def describe(plan: RotationPlan, cfg: ModelConfig) -> dict[str, Any]:
         "r1": plan.r1,
         "r2_head_dim": cfg.head_dim if plan.r2 else None,
         "r4_block": r4_block(cfg, plan.r4_block_limit) if plan.r4_block_limit else None,
+        "r3_head_dim": cfg.head_dim if plan.r3 else None,
     }

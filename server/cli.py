@@ -488,10 +488,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from offline.quantize import QuantizeRecipe, quantize_with_recipe
     from offline.rotate import RotationPlan
 
+    if args.no_r3 and args.rotate is None:
+        raise SystemExit("error: --no-r3 applies only with --rotate (R3 is one of the rotations)")
     check_destination(Path(args.dst), args.force)
     recipe = QuantizeRecipe(
         smooth_alpha=args.smooth_quant,
-        rotation=None if args.rotate is None else RotationPlan(r1=args.rotate),
+        rotation=None if args.rotate is None else RotationPlan(r1=args.rotate, r3=not args.no_r3),
         gptq=args.gptq,
     )
     quantize_with_recipe(args.src, args.dst, recipe, args.max_shard_size, tuple(args.ignore), args.dtype)
@@ -687,7 +689,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["kron", "blocks"],
         help="fold Hadamard rotations into the weights first (QuaRot/SpinQuant's R1 on the residual stream, R2 "
         "per head, R4 on down_proj's input, applied online by the kernels), written as a compressed-tensors "
-        "transform_config: R1 as one Kronecker Hadamard matrix (kron, the default) or power-of-two blocks",
+        "transform_config: R1 as one Kronecker Hadamard matrix (kron, the default) or power-of-two blocks; "
+        "R3 (queries and keys per head after RoPE, online) too unless --no-r3",
+    )
+    q.add_argument(
+        "--no-r3",
+        action="store_true",
+        help="with --rotate: leave out R3, the online rotation of queries and keys (for a runtime that does "
+        "not apply compressed-tensors' q_attn / k_cache transforms); the INT8 KV cache then costs more quality",
     )
     q.add_argument(
         "--gptq",

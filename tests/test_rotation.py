@@ -1,6 +1,7 @@
 """Hadamard rotations (QuaRot / SpinQuant): offline/rotate.py folds R1, R2 and R4's offline half into a
 checkpoint, loaders/transforms.py reads its compressed-tensors ``transform_config``, and every backend applies
-R4's online half (a fast Walsh-Hadamard transform of down_proj's input) in the linear's prologue.
+R4's online half (a fast Walsh-Hadamard transform of down_proj's input) in the linear's prologue and R3 (the
+same transform per head of the queries and keys) in its q/k norm + RoPE kernel.
 
 The rotated float model is the unrotated one (against transformers, for Qwen3, Qwen2 and Llama, tied and
 untied); the online transform gives the same bits on every backend; ``quantize --rotate`` round-trips through
@@ -23,7 +24,7 @@ from loaders.quantization import quantize_activations, quantize_linear
 from loaders.transforms import R4_TENSOR, OnlineTransforms
 from loaders.weights import load_model_weights
 from loaders.writer import RandomModelSpec, write_random_qwen3
-from npu.backends.base import hadamard_rows, silu_and_mul
+from npu.backends.base import RMSNorm, TorchOps, hadamard_rows, silu_and_mul
 from npu.backends.cpu.backend import Int8GemmLinear
 from npu.messages import NewSequence, SamplingOptions, WorkerConfig
 from npu.runner import ModelRunner
@@ -45,8 +46,9 @@ HIDDEN, HEADS, INTERMEDIATE, VOCAB = 96, 4, 160, 320
 INIT_STD = 0.08
 
 
-def _save_random(tmp_path, arch: str, tied: bool):
+def _save_random(tmp_path, arch: str, tied: bool, **overrides):
     cls, extra = ARCHS[arch]
+    extra = {**extra, **overrides}
     cfg = cls(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
@@ -70,7 +72,7 @@ def _save_random(tmp_path, arch: str, tied: bool):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
         # a few outlier channels in the residual stream, as real models have
         model.model.embed_tokens.weight[:, :3] *= 8
-    d = tmp_path / f"{arch}-{'tied' if tied else 'untied'}"
+    d = tmp_path / f"{arch}-{'tied' if tied else 'untied'}{''.join(f'-{k}{v}' for k, v in overrides.items())}"
     model.save_pretrained(d)
     return model, d
 
@@ -168,6 +170,51 @@ def test_block_rotation_and_no_r4_are_the_model_too(tmp_path):
         assert (logits - ref_logits).abs().max().item() < LOGIT_ATOL, name
 
 
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "LlamaForCausalLM"])
+def test_r3_keeps_the_float_model(tmp_path, arch):
+    """R3 rotates queries and keys alike after RoPE: every attention score, so the model, stays the same."""
+    hf, model_dir = _save_random(tmp_path, arch, False, head_dim=32)  # (R3's online transform: a power of two)
+    rotated = rotate_checkpoint(model_dir, tmp_path / "rotated", RotationPlan(r1="kron", r3=True))
+    groups = json.loads((rotated / "config.json").read_text())["quantization_config"]["transform_config"]
+    r3 = groups["config_groups"]["R3"]
+    assert (r3["type"], r3["head_dim"], r3["randomize"]) == ("hadamard", 32, False)
+    assert [(a["targets"], a["location"]) for a in r3["apply"]] == [
+        (["re:.*self_attn$"], "q_attn"),
+        (["re:.*self_attn$"], "k_cache"),
+    ]
+    assert load_model_weights(rotated, "none").online == OnlineTransforms(32, qk_head_hadamard=True)
+    prompt = list(range(9, 9 + PROMPT_LEN))
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([prompt])).logits[0, -1]
+        ref = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=GREEDY_STEPS, do_sample=False, min_new_tokens=GREEDY_STEPS
+        )[0, PROMPT_LEN:].tolist()
+    runner = _runner(rotated)
+    assert all(layer.qk_hadamard for layer in runner.model.layers)
+    logits, got = _logits_and_greedy(runner, prompt)
+    assert (logits - ref_logits).abs().max().item() < LOGIT_ATOL and got == ref
+    # the rotation is on the path: on only one of q and k it changes the scores, and so the model
+    runner = _runner(rotated)
+    ops = runner.model.backend
+    plain = ops.qk_norm_rope
+
+    def keys_only(qk, norm, cos, sin_signed, positions, head_hadamard=False):
+        out = plain(qk.clone(), norm, cos, sin_signed, positions, False)
+        out[:, HEADS:] = plain(qk.clone(), norm, cos, sin_signed, positions, head_hadamard)[:, HEADS:]
+        return out
+
+    ops.qk_norm_rope = keys_only
+    runner.model.decode_stack = None
+    wrong, _ = _logits_and_greedy(runner, prompt)
+    assert (wrong - ref_logits).abs().max().item() > 100 * LOGIT_ATOL
+
+
+def test_r3_needs_a_power_of_two_head_dim(tmp_path):
+    _, model_dir = _save_random(tmp_path, "Qwen3ForCausalLM", True)  # head_dim 24
+    with pytest.raises(ConfigError, match="head_dim 24: R3"):
+        rotate_checkpoint(model_dir, tmp_path / "rotated", RotationPlan(r3=True))
+
+
 # ---- the online transform: the same bits on every backend --------------------------------------------------
 def _vnni():
     from npu.backends.cpu.vnni import load_vnni_library
@@ -222,6 +269,47 @@ def test_online_hadamard_is_bit_exact_in_the_triton_prologue(block):
         TritonLinear(lw, dev, 4, 24)
 
 
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_r3_is_bit_exact_in_the_c_kernel(d):
+    from npu.backends.cpu import CpuBackend
+
+    backend = CpuBackend()
+    if backend.name != "cpu-vnni":
+        pytest.skip("C kernels unavailable here")
+    g = torch.Generator().manual_seed(d)
+    t, h = 7, 6
+    qk = torch.randn(t, h + 2, d, generator=g)[:, :h] * 4  # a strided view, as the model's qkv slice is
+    cos, sin = torch.randn(64, d, generator=g), torch.randn(64, d, generator=g)
+    pos = torch.randint(0, 64, (t,), generator=g)
+    want = TorchOps().qk_norm_rope(qk.clone(), None, cos, sin, pos, head_hadamard=True)
+    assert torch.equal(backend.qk_norm_rope(qk.clone(), None, cos, sin, pos, head_hadamard=True), want)
+    assert not torch.equal(want, TorchOps().qk_norm_rope(qk.clone(), None, cos, sin, pos))  # (it rotates)
+    # with the norm (whose sum's order differs) the rotation of the kernel's own RoPE output is still exact
+    norm = RMSNorm(torch.rand(h, d, generator=g) + 0.5, 1e-6)
+    plain = backend.qk_norm_rope(qk.clone(), norm, cos, sin, pos)
+    got = backend.qk_norm_rope(qk.clone(), norm, cos, sin, pos, head_hadamard=True)
+    assert torch.equal(got, hadamard_rows(plain.reshape(t * h, d), d).reshape(t, h, d))
+
+
+@pytest.mark.parametrize("d", [32, 64])
+def test_r3_is_bit_exact_in_the_triton_kernel(d):
+    from npu.backends.cuda.attention import qk_norm_rope
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # (interpreter on CPU)
+    g = torch.Generator().manual_seed(d)
+    t, h = 3, 6  # 6 heads: a padded block of 8 rows
+    qk = torch.randn(t, h, d, generator=g) * 4
+    cos, sin = torch.randn(16, d, generator=g), torch.randn(16, d, generator=g)
+    pos = torch.tensor([0, 5, 15])
+    w = torch.rand(h, d, generator=g) + 0.5
+    plain = qk_norm_rope(qk.clone().to(dev), w.to(dev), 1e-6, cos.to(dev), sin.to(dev), pos.to(dev)).cpu()
+    got = qk_norm_rope(qk.clone().to(dev), w.to(dev), 1e-6, cos.to(dev), sin.to(dev), pos.to(dev), True).cpu()
+    assert torch.equal(got, hadamard_rows(plain.reshape(t * h, d), d).reshape(t, h, d))
+    torch.testing.assert_close(got, TorchOps().qk_norm_rope(qk, RMSNorm(w, 1e-6), cos, sin, pos, True))
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        qk_norm_rope(torch.zeros(1, 2, 24, device=dev), None, 0.0, cos[:, :24], sin[:, :24], pos[:1], True)
+
+
 # ---- quantize --rotate, the loader, and what is refused ----------------------------------------------------
 SPEC = RandomModelSpec(
     hidden_size=128,
@@ -253,8 +341,10 @@ def test_quantize_rotate_round_trips_through_the_loader(rotated_w8a8):
     r4 = qc["transform_config"]["config_groups"]["R4"]
     assert r4["type"] == "hadamard" and r4["head_dim"] == 256 and not r4["randomize"]
     assert [a["location"] for a in r4["apply"]] == ["input", "weight_input"]
+    r3 = qc["transform_config"]["config_groups"]["R3"]  # (--rotate includes R3 unless --no-r3)
+    assert r3["type"] == "hadamard" and r3["head_dim"] == 32
     weights = load_model_weights(rotated_w8a8 / "w8a8")
-    assert weights.online.down_proj_input_block == 256
+    assert weights.online == OnlineTransforms(down_proj_input_block=256, qk_head_hadamard=True)
     assert weights.layers[0].linears["mlp.down_proj"].qweight.dtype == torch.int8
     # A8W8 of the rotated model stays close to the float model (unrotated): the transform is applied
     prompt = list(range(7, 7 + PROMPT_LEN))
@@ -265,6 +355,17 @@ def test_quantize_rotate_round_trips_through_the_loader(rotated_w8a8):
     runner.model.layers[0].down.input_hadamard = 0  # without R4's online half the model is another one
     wrong, _ = _logits_and_greedy(runner, prompt)
     assert (wrong - ref).abs().max() > 4 * (got - ref).abs().max()
+
+
+def test_quantize_no_r3_leaves_r3_out(rotated_w8a8, tmp_path):
+    from server.cli import main
+
+    main(["quantize", str(rotated_w8a8 / "float"), str(tmp_path / "no-r3"), "--rotate", "--no-r3"])
+    groups = json.loads((tmp_path / "no-r3" / "config.json").read_text())["quantization_config"]["transform_config"]
+    assert set(groups["config_groups"]) == {"R1", "R2", "R4"}
+    assert load_model_weights(tmp_path / "no-r3").online == OnlineTransforms(down_proj_input_block=256)
+    with pytest.raises(SystemExit, match="--no-r3 applies only with --rotate"):
+        main(["quantize", str(rotated_w8a8 / "float"), str(tmp_path / "plain"), "--no-r3"])
 
 
 def test_decoder_stack_applies_the_rotation_like_the_layer_loop(rotated_w8a8):
@@ -298,13 +399,19 @@ def _with_transform(src, dst, edit):
 def test_transforms_we_do_not_implement_are_refused_by_name(rotated_w8a8, tmp_path):
     src = rotated_w8a8 / "w8a8"
 
-    def r3(groups):  # QuaRot's R3: queries and keys rotated online after RoPE
-        groups["R3"] = {
+    def output(groups):  # a transform of q_proj's output (not R3's place: before RoPE)
+        groups["R5"] = {
             "type": "hadamard",
             "randomize": False,
             "head_dim": 32,
             "apply": [{"targets": ["re:.*self_attn.q_proj$"], "location": "output", "inverse": False}],
         }
+
+    def r3_queries_only(groups):
+        groups["R3"]["apply"] = groups["R3"]["apply"][:1]
+
+    def r3_block(groups):
+        groups["R3"]["head_dim"] = 16
 
     def random_online(groups):
         groups["R4"]["type"] = "random-hadamard"
@@ -313,7 +420,9 @@ def test_transforms_we_do_not_implement_are_refused_by_name(rotated_w8a8, tmp_pa
         groups["R4"]["head_dim"] = 96
 
     cases = {
-        "r3": (r3, r"config_groups\.R3\.apply\[0\].*'output'"),
+        "output": (output, r"config_groups\.R5\.apply\[0\].*'output'"),
+        "r3_queries_only": (r3_queries_only, r"R3 rotates queries and keys together; 'k_cache' is missing"),
+        "r3_block": (r3_block, r"config_groups\.R3\.head_dim.*16 on queries and keys of head_dim 32"),
         "random": (random_online, r"config_groups\.R4\.type.*random-hadamard"),
         "block": (odd_block, r"config_groups\.R4\.head_dim.*96"),
     }

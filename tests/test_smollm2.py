@@ -239,9 +239,10 @@ def test_eval_quality_command_runs(smol_float, tmp_path):
     # the default row is the default model's recipe
     row = CONFIGS[DEFAULT_ROW]
     recipe = DEFAULT_MODEL_RECIPE
-    assert (row.smoothed, row.rotation, row.gptq) == (
+    assert (row.smoothed, row.rotation, row.r3, row.gptq) == (
         recipe.smooth_alpha is not None,
         recipe.rotation and recipe.rotation.r1,
+        bool(recipe.rotation and recipe.rotation.r3),
         recipe.gptq,
     )
     assert (row.quantization, row.kv, row.dtype, row.keep_float) == ("a8w8", "int8", DEFAULT_MODEL_FLOAT_DTYPE, ())
@@ -264,6 +265,8 @@ def test_eval_quality_command_runs(smol_float, tmp_path):
     assert res[DEFAULT_ROW].mean_kld < res["rotated_a8w8_int8kv"].mean_kld < res["smoothquant_a8w8_int8kv"].mean_kld
     assert f.positions == 4 * 127 and f.mean_kld == 0 and f.same_top == 1  # 4 chunks of 256, 2nd halves
     assert 0 < q.mean_kld < q.p99_kld and 0.5 < q.same_top < 1
+    # the perplexity gap's standard error (llama-perplexity's +- on ln(PPL(Q)/PPL(base))): zero against itself
+    assert f.ln_ppl_ratio_stderr == 0 and 0 < q.ln_ppl_ratio_stderr < 0.05
     assert report["greedy_agreement"]["float"] == 1.0
     # quantization costs something, but not everything
     assert f.perplexity * 0.95 < q.perplexity < f.perplexity * 1.3
@@ -307,7 +310,11 @@ def test_default_model_command_builds_the_rotated_w8a8_model(tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["quantization_config"]["format"] == "int-quantized"
     # rotated: R4's online Hadamard on down_proj's input (1536 = 3 x 512), read back by the loader
-    assert cfg["quantization_config"]["transform_config"]["config_groups"]["R4"]["head_dim"] == 512
+    groups = cfg["quantization_config"]["transform_config"]["config_groups"]
+    assert groups["R4"]["head_dim"] == 512
+    # and R3's per-head rotation of queries and keys (head_dim 64), which the loader applies too
+    assert groups["R3"]["head_dim"] == 64 and [a["location"] for a in groups["R3"]["apply"]] == ["q_attn", "k_cache"]
+    assert load_model_weights(path).online.qk_head_hadamard
     assert cfg["tie_word_embeddings"] is False  # (the lm_head took the final norm's weight)
     # the model card's sampling, for requests that leave it out
     gen = json.loads((__import__("pathlib").Path(path) / "generation_config.json").read_text())

@@ -141,8 +141,10 @@ class Backend(Protocol):
         cos: torch.Tensor,
         sin_signed: torch.Tensor,
         positions: torch.Tensor,
+        head_hadamard: bool = False,
     ) -> torch.Tensor:
-        """Per-head RMSNorm (optional) then RoPE of ``qk`` ``[T, H, D]``; may work in place."""
+        """Per-head RMSNorm (optional) then RoPE of ``qk`` ``[T, H, D]``; may work in place. ``head_hadamard``:
+        then each head times the normalized Sylvester matrix of order D (R3, :func:`hadamard_rows`)."""
         ...
 
     def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -201,12 +203,17 @@ class TorchOps:
         cos: torch.Tensor,
         sin_signed: torch.Tensor,
         positions: torch.Tensor,
+        head_hadamard: bool = False,
     ) -> torch.Tensor:
         if norm is not None:
             qk = rms_norm(qk, norm.weight, norm.eps)
         c, s = cos[positions][:, None, :], sin_signed[positions][:, None, :]
         # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin]: one roll instead of slice/neg/cat
-        return qk * c + qk.roll(qk.shape[-1] // 2, dims=-1) * s
+        out = qk * c + qk.roll(qk.shape[-1] // 2, dims=-1) * s
+        if head_hadamard:  # R3: q and k rotated alike, so q . k is unchanged while K's INT8 rounding spreads out
+            t, h, d = out.shape
+            out = hadamard_rows(out.reshape(t * h, d), d).reshape(t, h, d)
+        return out
 
     def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         cache.write(layer, slots, k, v)

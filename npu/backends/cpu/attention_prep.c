@@ -1,6 +1,8 @@
 // What happens to the fused q/k/v projection before attention, in one pass each, AVX-512:
 //   qk_norm_rope:  per (token, q or k head): optional RMSNorm over head_dim (Qwen3's q_norm / k_norm),
-//                  then RoPE: y[d] * cos[pos, d] + y[(d + D/2) % D] * sin_signed[pos, d]   (in place)
+//                  then RoPE: y[d] * cos[pos, d] + y[(d + D/2) % D] * sin_signed[pos, d]   (in place),
+//                  then, where hadamard_log2 (= log2 D) is set, a rotated checkpoint's R3: each head times the
+//                  normalized Sylvester matrix of order D (row_prologue.h hadamard_row, R4's transform)
 //   kv_write_int8: per (token, kv head): symmetric INT8 of K and V over head_dim, stored at the token's
 //                  slot of the paged cache with its fp32 scale (s = absmax / 127, round half to even)
 // Both follow the eager PyTorch ops in npu/model.py and npu/kv_cache.py operation by operation (no fused
@@ -11,6 +13,7 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
+#include "row_prologue.h"
 
 #define VEC 16
 #define MAX_D 512
@@ -18,11 +21,11 @@
 #define QMAX 127.0f
 
 // qkv [T, row_stride] fp32: heads 0..H-1 of width D start at column 0 (q heads then k heads).
-// norm_w [H, D] or NULL; cos / sin_signed [max_pos, D]; positions [T].
+// norm_w [H, D] or NULL; cos / sin_signed [max_pos, D]; positions [T]; hadamard_log2: 0, or log2 D for R3.
 // Returns -1 (nothing done) for head sizes this kernel does not handle.
 int qk_norm_rope(float *qkv, int T, int row_stride, int H, int D, const float *norm_w, float eps, const float *cos_t,
-                 const float *sin_t, const int64_t *positions) {
-    if (D % (2 * VEC) || D > MAX_D) return -1;
+                 const float *sin_t, const int64_t *positions, int hadamard_log2) {
+    if (D % (2 * VEC) || D > MAX_D || (hadamard_log2 && (1 << hadamard_log2) != D)) return -1;
     const int half = D / 2;
 #pragma omp parallel for schedule(static) if (T * H >= 64)
     for (int th = 0; th < T * H; th++) {
@@ -49,6 +52,7 @@ int qk_norm_rope(float *qkv, int T, int row_stride, int H, int D, const float *n
             __m512 b = _mm512_mul_ps(_mm512_loadu_ps(y + partner), _mm512_loadu_ps(s + d));
             _mm512_storeu_ps(x + d, _mm512_add_ps(a, b));
         }
+        if (hadamard_log2) hadamard_row(x, D, hadamard_log2);
     }
     return 0;
 }

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from loaders.quantization import FloatLinear, Int8Linear, LinearWeight, quantize_activations
 from npu.backends.base import RMSNorm, TorchOps, UnfusedLinear
 from npu.backends.cpu.decoder_stack import DecoderStack
-from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace, load_vnni_library
+from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace, hadamard_log2, load_vnni_library
 from npu.host_memory import HugePageArena
 from npu.kv_cache import Int8KV, PagedKVCache
 
@@ -154,6 +154,7 @@ class CpuBackend(TorchOps):
         cos: torch.Tensor,
         sin_signed: torch.Tensor,
         positions: torch.Tensor,
+        head_hadamard: bool = False,
     ) -> torch.Tensor:
         """In place with our C kernel where ``qk`` is fp32 with contiguous heads; else the eager ops."""
         t, h, d = qk.shape
@@ -167,7 +168,7 @@ class CpuBackend(TorchOps):
             or positions.dtype != torch.long
             or not positions.is_contiguous()
         ):
-            return super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
+            return super().qk_norm_rope(qk, norm, cos, sin_signed, positions, head_hadamard)
         status = self._vnni.qk_norm_rope(
             qk.data_ptr(),
             t,
@@ -179,11 +180,12 @@ class CpuBackend(TorchOps):
             cos.data_ptr(),
             sin_signed.data_ptr(),
             positions.data_ptr(),
+            hadamard_log2(d if head_hadamard else 0),
         )
         if status == 0:
             return qk
         _kernel_failed("qk_norm_rope", status)
-        return super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
+        return super().qk_norm_rope(qk, norm, cos, sin_signed, positions, head_hadamard)
 
     def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """INT8 caches through our C kernel (quantize + scatter in one pass); other dtypes as the cache does."""

@@ -4,7 +4,7 @@
 // 0.1 ms per layer: argument checks, views, ctypes marshalling).
 //
 //   qkv     = a8w8_gemm(rmsnorm(x, input_norm))            fused q | k | v projection
-//   q, k    = qk_norm_rope(q, k)                           in place in qkv
+//   q, k    = qk_norm_rope(q, k)                           in place in qkv (then R3's rotation, where set)
 //   cache  <- kv_write_int8(k, v) at the tokens' slots
 //   attn    = paged_attention_decode_int8(q, cache)
 //   x       = x + a8w8_gemm(attn)                           o_proj, residual added in place
@@ -31,6 +31,7 @@ typedef struct {
     const float *input_norm, *post_norm;
     const float *qk_norm;  // [Hq + Hkv, D] (Qwen3's q_norm then k_norm per head) or NULL (Llama)
     float input_eps, post_eps, qk_eps;
+    int qk_hadamard_log2;  // R3's rotation of q and k per head after RoPE (attention_prep.c); 0: none
 } stack_layer;
 
 typedef struct {
@@ -51,7 +52,9 @@ typedef struct {
 // 0 when every kernel of the stack handles these shapes (each is probed with zero rows), else -1.
 int decoder_stack_check(const decoder_stack *d) {
     const int H = d->num_heads + d->num_kv_heads, D = d->head_dim;
-    if (qk_norm_rope(NULL, 0, H * D, H, D, NULL, 0.0f, d->cos, d->sin_signed, NULL)) return -1;
+    for (int l = 0; l < d->num_layers; l++)
+        if (qk_norm_rope(NULL, 0, H * D, H, D, NULL, 0.0f, d->cos, d->sin_signed, NULL, d->layers[l].qk_hadamard_log2))
+            return -1;
     if (kv_write_int8(NULL, NULL, 0, 0, 0, d->num_kv_heads, D, NULL, NULL, NULL, NULL, NULL)) return -1;
     if (paged_attention_decode_int8(NULL, 0, 0, d->num_heads, d->num_kv_heads, D, NULL, NULL, NULL, NULL, NULL, NULL,
                                     0, d->scale, NULL))
@@ -80,7 +83,8 @@ void decoder_stack_decode(const decoder_stack *d, const kv_cache *c, float *x, i
         int8_t *kc = c->k + l * c->layer_stride, *vc = c->v + l * c->layer_stride;
         float *ks = c->k_scale + l * c->scale_layer_stride, *vs = c->v_scale + l * c->scale_layer_stride;
         linear(&ly->qkv, x, T, PROLOGUE_RMSNORM, ly->input_norm, ly->input_eps, NULL, qkv, xq, sx);
-        qk_norm_rope(qkv, T, row, Hq + Hkv, D, ly->qk_norm, ly->qk_eps, d->cos, d->sin_signed, positions);
+        qk_norm_rope(qkv, T, row, Hq + Hkv, D, ly->qk_norm, ly->qk_eps, d->cos, d->sin_signed, positions,
+                     ly->qk_hadamard_log2);
         kv_write_int8(k, v, T, row, row, Hkv, D, slot_mapping, kc, ks, vc, vs);
         paged_attention_decode_int8(qkv, row, T, Hq, Hkv, D, kc, ks, vc, vs, ctx_slots, lengths, Lmax, d->scale, attn);
         linear(&ly->o, attn, T, PROLOGUE_NONE, NULL, 0.0f, x, x, xq, sx);

@@ -46,6 +46,7 @@ class _StackLayer(ctypes.Structure):
         ("input_eps", _f),
         ("post_eps", _f),
         ("qk_eps", _f),
+        ("qk_hadamard_log2", _i),
     ]
 
 
@@ -141,6 +142,7 @@ class DecoderStack:
                     layer.input_norm.eps,
                     layer.post_norm.eps,
                     0.0 if qk_norm is None else qk_norm.eps,
+                    hadamard_log2(head_dim if layer.qk_hadamard else 0),
                 )
             )
         self._layers = (_StackLayer * len(rows))(*rows)

@@ -100,7 +100,7 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     lib.a8w8_pack.argtypes, lib.a8w8_pack.restype = [p, i, i, p, p], None
     f = ctypes.c_float
     lib.a8w8_gemm.argtypes, lib.a8w8_gemm.restype = [p, i, i, i, p, f, p, p, p, p, i, p, p, p, p], None
-    lib.qk_norm_rope.argtypes, lib.qk_norm_rope.restype = [p, i, i, i, i, p, f, p, p, p], i
+    lib.qk_norm_rope.argtypes, lib.qk_norm_rope.restype = [p, i, i, i, i, p, f, p, p, p, i], i
     lib.bf16_packed_k.argtypes, lib.bf16_packed_k.restype = [i], i
     lib.bf16_packed_n.argtypes, lib.bf16_packed_n.restype = [i], i
     lib.bf16_panel_bytes.argtypes, lib.bf16_panel_bytes.restype = [i, i], ctypes.c_long

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from npu.backends.cuda.linear import DIVISOR_FLOOR, QMAX, round_half_even
+from npu.backends.base import hadamard_scale
+from npu.backends.cuda.linear import DIVISOR_FLOOR, QMAX, hadamard_butterfly, round_half_even
 
 # Context tokens per decode-attention split: one program per (sequence, kv head, split). Fixed (not chosen
 # from the batch) so that a sequence's numbers never depend on what else runs: 256 tokens of INT8 K and V at
@@ -42,11 +43,14 @@ def _qk_norm_rope_kernel(
     pos_ptr,
     H,
     D,
+    hadamard_scale,
     HAS_NORM: tl.constexpr,
+    HADAMARD_LOG2: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One token's q and k heads ``[H, D]``: per-head RMSNorm, then RoPE at the token's position, in place."""
+    """One token's q and k heads ``[H, D]``: per-head RMSNorm, then RoPE at the token's position, then (R3, where
+    ``HADAMARD_LOG2`` is log2 D = log2 BLOCK_D) each head times the normalized Sylvester matrix, in place."""
     t = tl.program_id(0)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -64,18 +68,34 @@ def _qk_norm_rope_kernel(
     pos = tl.load(pos_ptr + t).to(tl.int64)
     c = tl.load(cos_ptr + pos * D + d, mask=d < D, other=0.0)[None, :]
     s = tl.load(sin_ptr + pos * D + d, mask=d < D, other=0.0)[None, :]
-    tl.store(base + d[None, :], x * c + xr * s, mask=mask)
+    y = x * c + xr * s
+    if HADAMARD_LOG2 > 0:  # butterflies of stride < D stay inside a head's row of the flattened [BLOCK_H, D] block
+        y = tl.reshape(y, (BLOCK_H * BLOCK_D,))
+        for stage in tl.static_range(HADAMARD_LOG2):
+            y = hadamard_butterfly(y, BLOCK_H * BLOCK_D, 1 << stage)
+        y = tl.reshape(y, (BLOCK_H, BLOCK_D)) * hadamard_scale
+    tl.store(base + d[None, :], y, mask=mask)
 
 
 def qk_norm_rope(
-    qk: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, cos, sin_signed, positions
+    qk: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    cos,
+    sin_signed,
+    positions,
+    head_hadamard: bool = False,
 ) -> torch.Tensor:
-    """Per-head RMSNorm (``norm_weight`` ``[H, D]``, optional) then RoPE of fp32 ``qk`` ``[T, H, D]``, in place."""
+    """Per-head RMSNorm (``norm_weight`` ``[H, D]``, optional) then RoPE of fp32 ``qk`` ``[T, H, D]``, then R3's
+    per-head Hadamard where ``head_hadamard`` (D a power of two), in place."""
     t, h, d = qk.shape
+    if head_hadamard and d & (d - 1):
+        raise ValueError(f"R3's per-head Hadamard needs a power-of-two head_dim, not {d}")
     if t:
         _qk_norm_rope_kernel[(t,)](
             qk, qk.stride(0), qk.stride(1), qk if norm_weight is None else norm_weight, eps,
-            cos, sin_signed, positions, h, d, HAS_NORM=norm_weight is not None,
+            cos, sin_signed, positions, h, d, hadamard_scale(d) if head_hadamard else 1.0,
+            HAS_NORM=norm_weight is not None, HADAMARD_LOG2=d.bit_length() - 1 if head_hadamard else 0,
             BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d),
         )  # fmt: skip
     return qk

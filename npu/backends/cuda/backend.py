@@ -65,11 +65,13 @@ class CudaBackend(TorchOps):
         cos: torch.Tensor,
         sin_signed: torch.Tensor,
         positions: torch.Tensor,
+        head_hadamard: bool = False,
     ) -> torch.Tensor:
         if qk.dtype != torch.float32 or qk.stride(2) != 1 or not (cos.is_contiguous() and sin_signed.is_contiguous()):
-            return super().qk_norm_rope(qk, norm, cos, sin_signed, positions)
+            return super().qk_norm_rope(qk, norm, cos, sin_signed, positions, head_hadamard)
         weight = None if norm is None else norm.weight.contiguous()
-        return attention.qk_norm_rope(qk, weight, 0.0 if norm is None else norm.eps, cos, sin_signed, positions)
+        eps = 0.0 if norm is None else norm.eps
+        return attention.qk_norm_rope(qk, weight, eps, cos, sin_signed, positions, head_hadamard)
 
     def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         heads_contiguous = (k.shape[2], 1)

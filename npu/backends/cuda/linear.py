@@ -41,7 +41,7 @@ def round_half_even(x):
 
 
 @triton.jit
-def _butterfly(v, BLOCK: tl.constexpr, H: tl.constexpr):
+def hadamard_butterfly(v, BLOCK: tl.constexpr, H: tl.constexpr):
     """One stage of the fast Walsh-Hadamard transform over ``v`` [BLOCK]: each pair (i, i + H) of every
     2H-run becomes (a + b, a - b), as npu/backends/base.py hadamard_rows computes it."""
     y = tl.permute(tl.reshape(v, (BLOCK // (2 * H), 2, H)), (0, 2, 1))  # [runs, H, 2]: the pairs last
@@ -75,7 +75,7 @@ def _prologue_values(
         v = w * (v * inv_rms)
     if HADAMARD_LOG2 > 0:
         for s in tl.static_range(HADAMARD_LOG2):
-            v = _butterfly(v, BLOCK, 1 << s)
+            v = hadamard_butterfly(v, BLOCK, 1 << s)
         v = v * hadamard_scale
     return v
 
