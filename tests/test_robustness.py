@@ -223,6 +223,9 @@ def test_openapi_documents_400_not_422(server):
 # ------------------------------------------------------------------------------------------------
 # big, chunked and slow inputs
 # ------------------------------------------------------------------------------------------------
+RETAINED_MIB_LIMIT = 150  # what the API process may keep after the big bodies below (measured: it shrank)
+
+
 def test_big_prompts_keep_the_api_responsive(server):
     base = server.base
     rss0 = rss_mib(server.proc.pid)
@@ -243,8 +246,12 @@ def test_big_prompts_keep_the_api_responsive(server):
         err = _error(httpx.post(f"{base}/tokenize", json={"prompt": "hello " * 5_000_000}, timeout=120), 400)
         assert "at least" in err["message"]
     assert poller.worst < HEALTH_LATENCY_LIMIT, poller.worst
-    grown = rss_mib(server.proc.pid) - rss0
-    assert grown < 400, f"API process grew by {grown:.0f} MiB"
+    # and the memory they took goes back to the system (server/guard.py trims the C heap after a large body;
+    # without that the process kept about 350 MiB here): within a few seconds of the last answer
+    deadline = time.monotonic() + 10
+    while (grown := rss_mib(server.proc.pid) - rss0) >= RETAINED_MIB_LIMIT and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert grown < RETAINED_MIB_LIMIT, f"API process kept {grown:.0f} MiB"
 
 
 def test_every_body_is_capped(server):
