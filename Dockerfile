@@ -11,8 +11,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     A8W8_SERVE_CACHE=/var/cache/a8w8-serve \
     HOME=/home/a8w8
 
-# gcc and the C library headers: the AVX-512 VNNI kernels are compiled on first use on a CPU that has
-# them (npu/backends/cpu/vnni.py); without a compiler the server falls back to the slower oneDNN path.
+# gcc and the C library headers: the CPU kernels (the AVX-512 VNNI, AVX2 or NEON family, whichever the CPU
+# runs) are compiled on first use (npu/backends/cpu/vnni.py); without a compiler the server falls back to the
+# slower oneDNN path.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \

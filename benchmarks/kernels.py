@@ -4,7 +4,7 @@
 
 Weights are cycled through a set larger than L3 so that small-M numbers are not hot-cache numbers.
 Paths: bf16 F.linear; our BF16 kernel (the BF16 lm_head's); our VNNI kernel (quantize + GEMM + epilogue in
-one C call); the eager A8W8 op
+one C call) and the same GEMM of every other kernel family this CPU runs (AVX2); the eager A8W8 op
 (per-token quantize + torch._int_mm + fp32 epilogue); _int_mm alone; fbgemm dynamic quantized linear (per-tensor uint8 activations: different math, speed only);
 oneDNN qlinear_pointwise with a prepacked weight (per-tensor uint8 activations: speed only).
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from loaders.quantization import quantize_activations, quantize_linear
 from npu.backends.cpu.backend import Int8GemmLinear
-from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace, load_vnni_library
+from npu.backends.cpu.vnni import FAMILIES, Bf16Linear, VnniLinear, Workspace, load_kernel_library, load_vnni_library
 from npu.host_memory import HugePageArena
 
 WORKING_SET_BYTES = 96 * 1024**2  # > 32 MiB L3
@@ -53,6 +53,12 @@ def main() -> None:
     workspace, arena = Workspace(), HugePageArena()  # packed weights on huge pages, as the cpu backend keeps them
     vnni = [VnniLinear(quantize_linear(w), lib, workspace, arena) for w in floats] if lib is not None else []
     bf16_ours = [Bf16Linear(w, lib, workspace, arena) for w in bf16] if lib is not None and lib.has_bf16 else []
+    # the A8W8 GEMM of the other kernel families this CPU runs (same interface, same results)
+    family_ops = {}
+    for name in FAMILIES:
+        family_lib = load_kernel_library(name)[0]
+        if name != "avx512-vnni" and family_lib is not None:
+            family_ops[name] = [VnniLinear(quantize_linear(w), family_lib, workspace, arena) for w in floats]
     torch.backends.quantized.engine = "fbgemm"
     packed = []
     onednn = []
@@ -72,6 +78,7 @@ def main() -> None:
             "bf16 F.linear": (lambda w: F.linear(xb, w), bf16, 2),
             "bf16 kernel (ours)": (lambda op: op(x), bf16_ours, 2),
             "a8w8 VNNI kernel (fused quantize + epilogue)": (lambda op: op(x), vnni, 1),
+            **{f"a8w8 {name} kernel (same interface)": (lambda op: op(x), ops, 1) for name, ops in family_ops.items()},
             "a8w8 (quantize + _int_mm + epilogue)": (lambda op: op(x), ours, 1),
             "_int_mm only": (lambda op: torch._int_mm(qx, op.qweight.t()), ours, 1),
             "fbgemm linear_dynamic (per-tensor u8)": (

@@ -1,9 +1,14 @@
 """Side by side in one process: decode ms/step at batch 1 and 16 and prefill tokens/s of several variants of a
-model (checkpoint directory and ``--dtype``), measured in interleaved rounds so that the machine's drift hits
-every variant alike; medians over rounds and each variant's ratio to the first.
+model (checkpoint directory, ``--dtype`` and ``--cpu-kernels``), measured in interleaved rounds so that the
+machine's drift hits every variant alike; medians over rounds and each variant's ratio to the first.
 
     python benchmarks/variant_bench.py --variant default=DIR --variant float-down=DIR2 \
-        [--variant float-down-bf16=DIR2:bfloat16] [--rounds 5] [--out bench-results/variants.json]
+        [--variant float-down-bf16=DIR2:bfloat16] [--variant avx2=DIR:auto:avx2] [--rounds 5] \
+        [--out bench-results/variants.json]
+
+To compare CPU kernel families with nothing else using AVX-512, hold PyTorch's own kernels to AVX2 as well:
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/variant_bench.py --variant
+avx512=DIR:auto:avx512-vnni --variant avx2=DIR:auto:avx2 --variant reference=DIR:auto:reference``.
 
 Without ``--variant`` it builds the two SmolLM2 variants that eval-quality compares: the default model
 (rotated and GPTQ-rounded, every decoder linear A8W8) and the SmoothQuant model with down_proj kept in float (compressed-tensors
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -63,14 +69,16 @@ def measure(runner: ModelRunner) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[:DTYPE]")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR[:DTYPE[:CPU_KERNELS]]")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="bench-results/variants.json")
     args = ap.parse_args()
     variants = {}
+    kernels = {}
     for v in args.variant:
         name, _, rest = v.partition("=")
-        path, _, dtype = rest.partition(":")
+        path, _, options = rest.partition(":")
+        dtype, _, kernels[name] = options.partition(":")
         variants[name] = (path, dtype or "auto")
     variants = variants or default_variants()
     runners = {
@@ -78,6 +86,7 @@ def main() -> None:
             WorkerConfig(
                 model_dir=path,
                 dtype=dtype,
+                cpu_kernels=kernels.get(name) or "auto",
                 kv_cache_memory_bytes=256 << 20,
                 max_model_len=CONTEXT + DECODE_STEPS + PREFILL_TOKENS + 64,
             )
@@ -90,7 +99,13 @@ def main() -> None:
         for name in order:
             rounds[name].append(measure(runners[name]))
     first = next(iter(runners))
-    report = {"threads": torch.get_num_threads(), "rounds": args.rounds, "variants": {}}
+    report = {
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        # what PyTorch's own CPU kernels were held to (unset: the CPU's best)
+        "env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
+        "variants": {},
+    }
     print(
         f"{args.rounds} interleaved rounds, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"decode at context {CONTEXT}, prefill of {PREFILL_TOKENS} tokens; medians, ratio to {first!r}"
@@ -102,6 +117,7 @@ def main() -> None:
         report["variants"][name] = {
             "model": variants[name][0],
             "dtype": variants[name][1],
+            "backend": runner.backend.name,
             "median": med,
             "ratio": ratio,
             "rounds": rs,

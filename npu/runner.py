@@ -61,7 +61,7 @@ def fit_max_model_len(
 class ModelRunner:
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.backend = get_backend(config.device, config.num_threads, config.int8_kernel)
+        self.backend = get_backend(config.device, config.num_threads, config.cpu_kernels)
         weights = load_model_weights(
             config.model_dir, config.quantization, quantize_lm_head=config.quantize_lm_head, dtype=config.dtype
         )

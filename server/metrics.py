@@ -64,6 +64,16 @@ class _EngineCollector:
         for i, n in enumerate(spec.accepted_per_position):
             per_pos.add_metric([self.model_name, str(i)], n)
         yield per_pos
+        info = self.engine.core.worker_info
+        if info is not None:  # (Prometheus' *_info convention: the labels are the information, the value 1)
+            backend = GaugeMetricFamily(
+                "a8w8:backend_info",
+                "Where the model runs: the device and the kernels (cpu-vnni, cpu-avx2, cpu-neon, cpu-onednn, "
+                "cuda-triton).",
+                labels=["model_name", "device", "backend"],
+            )
+            backend.add_metric([self.model_name, info.device, info.backend], 1)
+            yield backend
 
 
 class ServerMetrics:

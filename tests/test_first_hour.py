@@ -318,13 +318,15 @@ def test_startup_summary_says_what_was_loaded_and_where(server, serve_model):
         f"curl {server.base}/v1/chat/completions",
     ):
         assert field in block, field
-    # the device and its kernels: the CPU's VNNI or oneDNN path, or Triton on a GPU
+    # the device and its kernels: the CPU's kernel family (AVX-512 VNNI, AVX2) or oneDNN path, or Triton on a GPU
     assert re.search(r"device         (cpu|cuda:\d+ \(.+\))\n", block)
-    assert re.search(r"kernels        (cpu-(vnni|onednn), \d+ threads|cuda-triton)\n", block)
+    assert re.search(r"kernels        (cpu-(vnni|avx2|onednn), \d+ threads|cuda-triton)\n", block)
     version = httpx.get(f"{server.base}/version").json()
     assert version["device"] in block and version["backend"] in block
     if "kernels        cpu-onednn" in block:  # the slow fallback is a warning, with the reason
-        assert re.search(r"WARNING .*VNNI kernels are not in use \(.+\)", log)
+        assert re.search(r"WARNING .*no CPU kernel family is usable here \(.+\)", log)
+    if "kernels        cpu-avx2" in block:  # so is a family that has only some of the kernels
+        assert re.search(r"WARNING .*the avx2 kernel family has the A8W8 GEMM only", log)
 
 
 def test_logs_are_quiet_when_idle_and_count_a_streams_tokens(server):

@@ -259,6 +259,10 @@ def test_metrics_change_after_requests(server, client):
         "vllm:num_requests_waiting",
     ):
         metric(server.base, name)
+    # where the model runs, as /version says it (the CPU kernel family's backend name, or cuda-triton)
+    version = httpx.get(f"{server.base}/version").json()
+    labels = f'backend="{version["backend"]}",device="{version["device"]}"'  # (exposed in name order)
+    assert metric(server.base, "a8w8:backend_info", labels) == 1
 
 
 def test_cached_tokens_reported(client):

@@ -157,9 +157,9 @@ class TestServedInA8W8:
     def test_real_answer_through_the_server_in_a8w8(self, smol_server):
         client = openai.OpenAI(base_url=f"{smol_server.base}/v1", api_key="x", max_retries=0, timeout=120)
         # SmolLM2-135M answers some phrasings of this question in French even in float32 (5 of 6 right in
-        # float), and which ones moves with ulp-level differences between kernels: the VNNI kernels answered
-        # the first two "The capital of France is Paris.", the oneDNN fallback (CPUs without AVX-512) the
-        # first, third and fourth.
+        # float), and which ones moves with ulp-level differences between kernels: with the default model v6 the
+        # AVX-512 kernels answered the first, second and fourth "The capital of France is Paris.", the avx2
+        # family and the reference path (eager attention and lm_head) all four.
         questions = [
             "Which city is the capital of France?",
             "Tell me the capital of France.",

@@ -34,8 +34,8 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() and _triton_missing() is None else "cpu"
 
 
-def get_backend(device: str, num_threads: int | None = None, int8_kernel: str = "auto") -> Backend:
-    """The backend for ``device`` (``int8_kernel`` selects the CPU backend's INT8 GEMM). ``cuda`` without a
+def get_backend(device: str, num_threads: int | None = None, cpu_kernels: str = "auto") -> Backend:
+    """The backend for ``device`` (``cpu_kernels`` selects the CPU backend's kernel family). ``cuda`` without a
     CUDA device runs the Triton kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` (tests), else fails."""
     import torch
 
@@ -43,7 +43,7 @@ def get_backend(device: str, num_threads: int | None = None, int8_kernel: str = 
     if device == "cpu":
         from npu.backends.cpu import CpuBackend
 
-        return CpuBackend(num_threads=num_threads, int8_kernel=int8_kernel)
+        return CpuBackend(num_threads=num_threads, cpu_kernels=cpu_kernels)
     missing = _triton_missing()
     if missing:
         raise RuntimeError(missing)

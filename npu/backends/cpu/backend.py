@@ -9,7 +9,8 @@ as much again at decode sizes.
 
 Hence our own kernel, ``a8w8_vnni.c`` (see ``vnni.py``): per-token quantization, a VNNI GEMM over prepacked
 weights and the epilogue in one call, bit-identical to the ``_int_mm`` path; the default where the CPU has
-AVX-512 VNNI and gcc is present (``int8_kernel="auto"``). The two are measured side by side, decode and prefill
+AVX-512 VNNI and gcc is present (``cpu_kernels="auto"``), else ``a8w8_avx2.c`` (the same results with AVX2)
+where the CPU has AVX2 and FMA. The two are measured side by side, decode and prefill
 shapes, by ``python benchmarks/kernels.py`` (figures in the README's Performance section).
 """
 
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from loaders.quantization import FloatLinear, Int8Linear, LinearWeight, quantize_activations
 from npu.backends.base import RMSNorm, TorchOps, UnfusedLinear
 from npu.backends.cpu.decoder_stack import DecoderStack
-from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace, hadamard_log2, load_vnni_library
+from npu.backends.cpu.vnni import FAMILIES, Bf16Linear, VnniLinear, Workspace, hadamard_log2, load_kernel_library
 from npu.host_memory import HugePageArena
 from npu.kv_cache import Int8KV, PagedKVCache
+from npu.messages import CPU_KERNELS, INT8_KERNEL_ALIASES
 
 log = logging.getLogger("a8w8.kernels")
 _reported_fallbacks: set[str] = set()
@@ -75,7 +77,9 @@ class FloatGemmLinear(UnfusedLinear):
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(self.activation_dtype)
 
 
-INT8_KERNELS = ("auto", "vnni", "onednn")
+assert CPU_KERNELS == ("auto", *FAMILIES, "reference"), "npu/messages.py names every kernel family"
+# the backend's name (startup summary, /version, metrics) per kernel family
+BACKEND_NAMES = {"avx512-vnni": "cpu-vnni", "avx2": "cpu-avx2", "neon": "cpu-neon", "reference": "cpu-onednn"}
 
 
 def _layer_ptr(cache_tensor: torch.Tensor, layer: int) -> int:
@@ -88,35 +92,49 @@ class CpuBackend(TorchOps):
     # fp32 residual stream: cheap on CPU at these widths, and keeps norms/attention exact enough.
     activation_dtype = torch.float32
 
-    def __init__(self, num_threads: int | None = None, int8_kernel: str = "auto"):
-        if int8_kernel not in INT8_KERNELS:
-            raise ValueError(f"int8_kernel={int8_kernel!r}; choose one of {INT8_KERNELS}")
+    def __init__(self, num_threads: int | None = None, cpu_kernels: str = "auto"):
+        cpu_kernels = INT8_KERNEL_ALIASES.get(cpu_kernels, cpu_kernels)
+        if cpu_kernels not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernels={cpu_kernels!r}; choose one of {CPU_KERNELS}")
         if num_threads:
             torch.set_num_threads(num_threads)
         if not torch.backends.mkldnn.is_available():
             raise RuntimeError("the cpu backend needs PyTorch built with oneDNN (mkldnn)")
         torch.backends.mkldnn.enabled = True
-        self._vnni = None
-        if int8_kernel != "onednn":
-            lib, why = load_vnni_library()
-            if lib is None and int8_kernel == "vnni":
-                raise RuntimeError(f"int8_kernel='vnni' is not available: {why}")
+        lib = None
+        if cpu_kernels != "reference":
+            reasons = []
+            for name in FAMILIES if cpu_kernels == "auto" else (cpu_kernels,):
+                lib, why = load_kernel_library(name)
+                if lib is not None:
+                    break
+                reasons.append(f"{name}: {why}")
+            if lib is None and cpu_kernels != "auto":
+                raise RuntimeError(f"cpu kernels {cpu_kernels!r} are not available: {why}")
             if lib is None:
                 self.note = (
-                    f"the AVX-512 VNNI kernels are not in use ({why}): INT8 GEMMs run through "
-                    "torch._int_mm (oneDNN), several times slower; check the CPU (lscpu) or pass --int8-kernel "
-                    "onednn to silence this"
+                    f"no CPU kernel family is usable here ({'; '.join(reasons)}): INT8 GEMMs run through "
+                    "torch._int_mm (oneDNN) and the rest as eager PyTorch, several times slower; check the CPU "
+                    "(lscpu) and gcc, or pass --cpu-kernels reference to silence this"
                 )
-            self._vnni = lib
+            elif not lib.family.complete:
+                self.note = (
+                    f"the {lib.family.name} kernel family has the A8W8 GEMM only so far: attention, the BF16 "
+                    "lm_head and the one-call decoder stack run as eager PyTorch"
+                )
+        # the chosen family's A8W8 GEMM, and the library with every other kernel where that family has them
+        self._gemm = lib
+        self._vnni = lib if lib is not None and lib.family.complete else None
+        self.kernel_family = "reference" if lib is None else lib.family.name
         self._workspace = Workspace()
         self._weight_arena = HugePageArena()  # packed weights on huge pages (npu/host_memory.py)
-        self.name = "cpu-vnni" if self._vnni is not None else "cpu-onednn"
+        self.name = BACKEND_NAMES[self.kernel_family]
 
     def prepare_linear(self, weight: LinearWeight, input_hadamard: int = 0):
         if isinstance(weight, Int8Linear):
             return (
-                VnniLinear(weight, self._vnni, self._workspace, self._weight_arena, input_hadamard)
-                if self._vnni is not None
+                VnniLinear(weight, self._gemm, self._workspace, self._weight_arena, input_hadamard)
+                if self._gemm is not None
                 else Int8GemmLinear(weight, input_hadamard)
             )
         if (

@@ -1,10 +1,13 @@
-"""The CPU backend's own AVX-512 kernels, built with gcc on first use and loaded with ctypes:
-the A8W8 GEMM with its fused prologue/epilogue (``a8w8_vnni.c``), q/k norm + RoPE and the INT8 KV write
-(``attention_prep.c``), and decode attention over the paged INT8 KV cache (``paged_attention.c``).
+"""The CPU backend's own kernels, by instruction-set family, built with gcc on first use and loaded with ctypes.
 
-The library is compiled once per source version into the a8w8-serve cache directory (a second or two:
-it includes no PyTorch headers). Where the CPU lacks AVX-512 VNNI, or no C compiler is installed,
-:func:`load_vnni_library` returns None with the reason, and the backend keeps ``torch._int_mm``.
+``avx512-vnni`` has them all: the A8W8 GEMM with its fused prologue/epilogue (``a8w8_vnni.c``), the BF16 GEMM
+(``bf16_gemm.c``), q/k norm + RoPE and the INT8 KV write (``attention_prep.c``), attention over the paged INT8
+KV cache (``paged_attention.c``) and the one-call decoder stack (``decoder_stack.c``). ``avx2`` (x86) and
+``neon`` (aarch64 with sdot) have the A8W8 GEMM with the same interface and the same results (``a8w8_avx2.c``,
+``a8w8_neon.c``). A family's library is compiled once per
+source version into the a8w8-serve cache directory (a second or two: it includes no PyTorch headers). Where the
+CPU lacks a family's instructions, or no C compiler is installed, :func:`load_kernel_library` returns None with
+the reason; the backend then takes the next family, or ``torch._int_mm`` and eager PyTorch.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import hashlib
 import os
 import shutil
 import subprocess
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -24,27 +28,47 @@ from loaders.quantization import Int8Linear
 from npu.backends.base import RMSNorm
 from npu.host_memory import HugePageArena
 
-SOURCES = [
-    Path(__file__).with_name(name)
-    for name in ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c")
-]
-HEADERS = [
-    Path(__file__).with_name(name) for name in ("simd_math.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h")
-]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+@dataclass(frozen=True)
+class KernelFamily:
+    """One build of the CPU kernels for one instruction set: its C sources, compiler flags, and the CPU flags
+    (``/proc/cpuinfo``) it needs. Every family exports the A8W8 GEMM (``a8w8_pack`` / ``a8w8_gemm``, the same
+    arguments and results); a ``complete`` one also has the BF16 GEMM, the attention kernels and the decoder
+    stack."""
+
+    name: str
+    sources: tuple[str, ...]
+    headers: tuple[str, ...]
+    cflags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]
+    complete: bool
+
+
 # -ffp-contract=off: no implicit fused multiply-adds, so elementwise math rounds like the eager PyTorch ops
-CFLAGS = [
-    "-O3",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512vnni",
-    "-mavx512bf16",
-    "-ffp-contract=off",
-    "-fopenmp",
-    "-shared",
-    "-fPIC",
-]
+_COMMON_CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+AVX512_VNNI = KernelFamily(
+    "avx512-vnni",
+    ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c"),
+    ("simd_math.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h"),
+    ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", *_COMMON_CFLAGS),
+    ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+    complete=True,
+)
+# AVX2 + FMA (Intel since Haswell, AMD since Zen): the A8W8 GEMM so far (a8w8_avx2.c); the rest runs eagerly.
+AVX2 = KernelFamily(
+    "avx2", ("a8w8_avx2.c",), ("row_prologue_avx2.h",), ("-mavx2", "-mfma", *_COMMON_CFLAGS), ("avx2", "fma"), False
+)
+# aarch64 with the dot-product extension (sdot; /proc/cpuinfo "asimddp"): the A8W8 GEMM so far (a8w8_neon.c).
+# Bit-exact against the others under qemu-aarch64 in the tests; its speed is not measured on ARM hardware yet.
+NEON = KernelFamily(
+    "neon",
+    ("a8w8_neon.c",),
+    ("row_prologue_neon.h",),
+    ("-march=armv8.2-a+dotprod", *_COMMON_CFLAGS),
+    ("asimddp",),
+    complete=False,
+)
+FAMILIES = {f.name: f for f in (AVX512_VNNI, AVX2, NEON)}  # fastest first: what ``auto`` tries in order
 # bf16_gemm is only called where the CPU also has this (the rest of the library does not use it)
 BF16_CPU_FLAG = "avx512_bf16"
 SCRATCH_ALIGN = 64  # cache line: activation panels start on one
@@ -66,40 +90,61 @@ def _cpu_flags() -> set[str]:
     except OSError:
         return set()
     for line in text.splitlines():
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):  # x86 "flags", aarch64 "Features" (its HWCAP names)
             return set(line.split(":", 1)[1].split())
     return set()
 
 
-@lru_cache(maxsize=1)
-def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
-    """(library, "") when usable, else (None, why not)."""
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+@cache
+def load_kernel_library(name: str) -> tuple[ctypes.CDLL | None, str]:
+    """The library of kernel family ``name`` (:data:`FAMILIES`): (library, "") when usable here, else (None, why
+    not). Compiled once per source version into the a8w8-serve cache directory (a second or two)."""
+    family = FAMILIES[name]
+    missing = [f for f in family.cpu_flags if f not in _cpu_flags()]
     if missing:
         return None, f"CPU lacks {', '.join(missing)}"
     compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    source = b"".join(src.read_bytes() for src in SOURCES + HEADERS)
-    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    lib_path = cache_dir() / "kernels" / f"a8w8_vnni-{digest}.so"
+    here = Path(__file__).parent
+    sources = [here / f for f in family.sources]
+    source = b"".join((here / f).read_bytes() for f in family.sources + family.headers)
+    digest = hashlib.sha256(source + " ".join(family.cflags).encode()).hexdigest()[:16]
+    lib_path = cache_dir() / "kernels" / f"{family.name}-{digest}.so"
     if not lib_path.is_file():
         if compiler is None:
             return None, "no C compiler (gcc) found"
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib_path.with_suffix(f".tmp{os.getpid()}")
         result = subprocess.run(
-            [compiler, *CFLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True
+            [compiler, *family.cflags, *map(str, sources), "-o", str(tmp), "-lm"], capture_output=True, text=True
         )
         if result.returncode != 0:
-            return None, f"compiling the CPU kernels failed: {result.stderr.strip()[:500]}"
+            return None, f"compiling the {family.name} CPU kernels failed: {result.stderr.strip()[:500]}"
         os.replace(tmp, lib_path)
     lib = ctypes.CDLL(str(lib_path))
-    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.family = family
+    _declare_gemm(lib)
+    lib.has_bf16 = False
+    if family.complete:
+        _declare_complete(lib)
+    return lib, ""
+
+
+def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
+    """The AVX-512 VNNI family's library (every kernel), or (None, why not)."""
+    return load_kernel_library(AVX512_VNNI.name)
+
+
+def _declare_gemm(lib: ctypes.CDLL) -> None:
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.a8w8_packed_k.argtypes, lib.a8w8_packed_k.restype = [i], i
     lib.a8w8_packed_n.argtypes, lib.a8w8_packed_n.restype = [i], i
     lib.a8w8_panel_bytes.argtypes, lib.a8w8_panel_bytes.restype = [i, i], ctypes.c_long
     lib.a8w8_pack.argtypes, lib.a8w8_pack.restype = [p, i, i, p, p], None
-    f = ctypes.c_float
     lib.a8w8_gemm.argtypes, lib.a8w8_gemm.restype = [p, i, i, i, p, f, p, p, p, p, i, p, p, p, p], None
+
+
+def _declare_complete(lib: ctypes.CDLL) -> None:
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.qk_norm_rope.argtypes, lib.qk_norm_rope.restype = [p, i, i, i, i, p, f, p, p, p, i], i
     lib.bf16_packed_k.argtypes, lib.bf16_packed_k.restype = [i], i
     lib.bf16_packed_n.argtypes, lib.bf16_packed_n.restype = [i], i
@@ -113,7 +158,6 @@ def load_vnni_library() -> tuple[ctypes.CDLL | None, str]:
     lib.paged_attention_decode_int8.restype = i
     lib.paged_attention_prefill_int8.argtypes = [p, i, i, i, i, i, i, p, p, p, p, p, ctypes.c_float, p]
     lib.paged_attention_prefill_int8.restype = i
-    return lib, ""
 
 
 class Workspace:

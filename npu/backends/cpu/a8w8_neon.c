@@ -1,0 +1,155 @@
+// A8W8 GEMM for aarch64 with the dot-product extension (sdot: ARMv8.2 "asimddp", every Graviton 2+, Ampere
+// Altra, Apple M1+), the "neon" kernel family: the same entry points, arguments and results as a8w8_vnni.c, bit
+// for bit. sdot multiplies signed by signed bytes and adds each 4 into an int32 lane, so the activations stay
+// signed and no correction is needed: the exact INT32 dot product, as VNNI's.
+//
+// out[m, n] = residual[m, n] + ((sum_k q_a[m, k] * q_w[n, k]) * s_a[m] * s_w[n] + bias[n]), with a = prologue(x)
+// (row_prologue_neon.h) quantized per token exactly as a8w8_vnni.c does.
+// Weights are packed as [N/4][K/4][4][4]: one 16-byte load gives 4 consecutive k of 4 channels.
+#include <arm_neon.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "row_prologue_neon.h"
+
+#define NB 4           // output channels per block (one 128-bit register of int32)
+#define KG 4           // k values per int32 lane
+#define NR 4           // column blocks per register tile
+#define MR 4           // activation rows per register tile (16 accumulators of the 32 registers)
+#define PANEL_ROWS MR  // activations in panels [M / P][Kp / 4][P][4], P = M <= MR ? M : MR
+#define MIN_DIVISOR 1e-30f
+#define QMAX 127.0f
+#define PARALLEL_QUANTIZE_MIN_ROWS 4
+
+int a8w8_packed_k(int K) { return (K + KG - 1) / KG * KG; }
+int a8w8_packed_n(int N) { return (N + NB * NR - 1) / (NB * NR) * (NB * NR); }
+long a8w8_panel_bytes(int M, int K) { return (long)(M + PANEL_ROWS - 1) / PANEL_ROWS * PANEL_ROWS * a8w8_packed_k(K); }
+
+// w: [N, K] int8 row-major -> wp: [Np/4][Kp/4][4][4]; wsum [Np] as a8w8_vnni.c writes it (unused here).
+void a8w8_pack(const int8_t *w, int N, int K, int8_t *wp, int32_t *wsum) {
+    const int Kp = a8w8_packed_k(K), nblocks = a8w8_packed_n(N) / NB;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < nblocks; b++) {
+        int8_t *blk = wp + (size_t)b * Kp * NB;
+        memset(blk, 0, (size_t)Kp * NB);
+        for (int j = 0; j < NB; j++) {
+            const int n = b * NB + j;
+            int32_t s = 0;
+            if (n < N) {
+                const int8_t *row = w + (size_t)n * K;
+                for (int k = 0; k < K; k++) {
+                    s += row[k];
+                    blk[((size_t)(k / KG) * NB + j) * KG + k % KG] = row[k];
+                }
+            }
+            wsum[n] = s;
+        }
+    }
+}
+
+// a[0:K] fp32 -> one row of an activation panel (signed codes, k-group g at out + g * gstride, K..Kp zero);
+// returns the scale. The same operations as a8w8_vnni.c quantize_row, so the same codes.
+static float quantize_row(const float *a, int K, int Kp, int8_t *out, size_t gstride) {
+    float absmax = 0.0f;
+    for (int k = 0; k < K; k++) absmax = fmaxf(absmax, fabsf(a[k]));
+    const float s = absmax / QMAX, div = s > MIN_DIVISOR ? s : MIN_DIVISOR;
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        float32x4_t q = vrndnq_f32(vdivq_f32(vld1q_f32(a + k), vdupq_n_f32(div)));
+        q = vminq_f32(vmaxq_f32(q, vdupq_n_f32(-QMAX)), vdupq_n_f32(QMAX));
+        int32_t codes[4];
+        vst1q_s32(codes, vcvtq_s32_f32(q));
+        for (int i = 0; i < 4; i++) out[(size_t)((k + i) / KG) * gstride + (k + i) % KG] = (int8_t)codes[i];
+    }
+    for (; k < K; k++) {
+        float q = nearbyintf(a[k] / div);
+        q = fminf(fmaxf(q, -QMAX), QMAX);
+        out[(size_t)(k / KG) * gstride + k % KG] = (int8_t)(int)q;
+    }
+    for (; k < Kp; k++) out[(size_t)(k / KG) * gstride + k % KG] = 0;
+    return s;
+}
+
+static inline int panel_rows(int M) { return M <= MR ? M : PANEL_ROWS; }
+
+static inline int8_t *panel_row(int8_t *xq, int m, int M, int Kp) {
+    const int P = panel_rows(M);
+    return xq + (size_t)(m / P) * P * Kp + (size_t)(m % P) * KG;
+}
+
+static void quantize_rows(const float *x, int M, int K, int Kp, int prologue, const float *norm_w, float eps,
+                          int8_t *xq, float *sx) {
+#pragma omp parallel if (M >= PARALLEL_QUANTIZE_MIN_ROWS)
+    {
+        float *buf = prologue == PROLOGUE_NONE ? NULL : (float *)aligned_alloc(64, ((size_t)K * 4 + 63) / 64 * 64);
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++)
+            sx[m] = quantize_row(prologue_row(x, m, K, prologue, norm_w, eps, buf), K, Kp, panel_row(xq, m, M, Kp),
+                                 (size_t)panel_rows(M) * KG);
+        free(buf);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile(const int8_t *xp, int PR_, int Kp, const int8_t *w0, int MR_,
+                                                       int32x4_t acc[MR][NR]) {
+    const size_t bstride = (size_t)Kp * NB;
+    for (int r = 0; r < MR_; r++)
+        for (int j = 0; j < NR; j++) acc[r][j] = vdupq_n_s32(0);
+    const int ngroups = Kp / KG;
+    for (int g = 0; g < ngroups; g++) {
+        int8x16_t w[NR];
+        for (int j = 0; j < NR; j++) w[j] = vld1q_s8(w0 + j * bstride + (size_t)g * NB * KG);
+        const int8_t *xg = xp + (size_t)g * PR_ * KG;
+        for (int r = 0; r < MR_; r++) {
+            int32_t xb;
+            memcpy(&xb, xg + r * KG, 4);
+            const int8x16_t b = vreinterpretq_s8_s32(vdupq_n_s32(xb));
+            for (int j = 0; j < NR; j++) acc[r][j] = vdotq_s32(acc[r][j], w[j], b);
+        }
+    }
+}
+
+// Epilogue of rows m0..m0+mr of the NR column blocks from column n0, in a8w8_vnni.c's order of operations.
+static inline void store_tile(int32x4_t acc[MR][NR], int mr, int m0, int n0, const float *sw, const float *sx, int N,
+                              const float *bias, const float *residual, float *out) {
+    for (int r = 0; r < mr; r++) {
+        const float32x4_t vsx = vdupq_n_f32(sx[m0 + r]);
+        for (int j = 0; j < NR; j++) {
+            const int n = n0 + j * NB;
+            if (n >= N) break;
+            float32x4_t v = vmulq_f32(vmulq_f32(vcvtq_f32_s32(acc[r][j]), vsx), vld1q_f32(sw + n));
+            if (bias) v = vaddq_f32(v, vld1q_f32(bias + n));  // padded to Np like sw
+            const size_t at = (size_t)(m0 + r) * N + n;
+            float vals[NB];
+            vst1q_f32(vals, v);
+            for (int i = 0; i < NB && n + i < N; i++) out[at + i] = residual ? residual[at + i] + vals[i] : vals[i];
+        }
+    }
+}
+
+// As a8w8_vnni.c a8w8_gemm (wsum unused); xq (a8w8_panel_bytes(M, K) bytes) and sx [M] are scratch.
+void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const int8_t *wp,
+               const int32_t *wsum, const float *sw, const float *bias, int N, const float *residual, float *out,
+               int8_t *xq, float *sx) {
+    (void)wsum;
+    const int Kp = a8w8_packed_k(K), ntiles = a8w8_packed_n(N) / (NB * NR);
+    quantize_rows(x, M, K, Kp, prologue, norm_w, eps, xq, sx);
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < ntiles; t++) {
+        const int8_t *w0 = wp + (size_t)t * NR * Kp * NB;
+        int32x4_t acc[MR][NR];
+        for (int m0 = 0; m0 < M; m0 += PANEL_ROWS) {
+            const int mr = M - m0 < MR ? M - m0 : MR, pr = panel_rows(M);
+            const int8_t *xt = panel_row(xq, m0, M, Kp);
+            switch (mr) {
+                case 1: tile(xt, pr, Kp, w0, 1, acc); break;
+                case 2: tile(xt, pr, Kp, w0, 2, acc); break;
+                case 3: tile(xt, pr, Kp, w0, 3, acc); break;
+                default: tile(xt, pr, Kp, w0, 4, acc); break;
+            }
+            store_tile(acc, mr, m0, t * NR * NB, sw, sx, N, bias, residual, out);
+        }
+    }
+}
