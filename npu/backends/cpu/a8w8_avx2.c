@@ -19,41 +19,15 @@
 
 #include "row_prologue_avx2.h"
 
-#define NB 8           // output channels per block (one ymm of int32)
-#define KG 4           // k values per 32-bit lane
-#define NR 2           // column blocks per register tile
-#define MR 4           // activation rows per register tile (8 accumulators of the 16 ymm registers)
-#define PANEL_ROWS MR  // activations in panels [M / P][Kp / 4][P][4], P = M <= MR ? M : MR
+#define NB 8  // output channels per block (one ymm of int32)
+#define KG 4  // k values per 32-bit lane
+#define NR 2  // column blocks per register tile
+#define MR 4  // activation rows per register tile (8 accumulators of the 16 ymm registers)
+typedef __m256i acc_t;
+#include "a8w8_signed.h"
+
 #define MIN_DIVISOR 1e-30f
 #define QMAX 127.0f
-#define PARALLEL_QUANTIZE_MIN_ROWS 4
-
-int a8w8_packed_k(int K) { return (K + KG - 1) / KG * KG; }
-int a8w8_packed_n(int N) { return (N + NB * NR - 1) / (NB * NR) * (NB * NR); }
-long a8w8_panel_bytes(int M, int K) { return (long)(M + PANEL_ROWS - 1) / PANEL_ROWS * PANEL_ROWS * a8w8_packed_k(K); }
-
-// w: [N, K] int8 row-major -> wp: [Np/8][Kp/4][8][4]; wsum [Np] as a8w8_vnni.c writes it (unused here: the
-// activations stay signed, so no correction is needed; kept so that both families share one interface).
-void a8w8_pack(const int8_t *w, int N, int K, int8_t *wp, int32_t *wsum) {
-    const int Kp = a8w8_packed_k(K), nblocks = a8w8_packed_n(N) / NB;
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < nblocks; b++) {
-        int8_t *blk = wp + (size_t)b * Kp * NB;
-        memset(blk, 0, (size_t)Kp * NB);
-        for (int j = 0; j < NB; j++) {
-            const int n = b * NB + j;
-            int32_t s = 0;
-            if (n < N) {
-                const int8_t *row = w + (size_t)n * K;
-                for (int k = 0; k < K; k++) {
-                    s += row[k];
-                    blk[((size_t)(k / KG) * NB + j) * KG + k % KG] = row[k];
-                }
-            }
-            wsum[n] = s;
-        }
-    }
-}
 
 // a[0:K] fp32 -> one row of an activation panel (signed codes, k-group g at out + g * gstride, K..Kp zero);
 // returns the scale. The same operations as a8w8_vnni.c quantize_row, so the same codes.
@@ -85,31 +59,11 @@ static float quantize_row(const float *a, int K, int Kp, int8_t *out, size_t gst
     return s;
 }
 
-static inline int panel_rows(int M) { return M <= MR ? M : PANEL_ROWS; }
-
-static inline int8_t *panel_row(int8_t *xq, int m, int M, int Kp) {
-    const int P = panel_rows(M);
-    return xq + (size_t)(m / P) * P * Kp + (size_t)(m % P) * KG;
-}
-
-static void quantize_rows(const float *x, int M, int K, int Kp, int prologue, const float *norm_w, float eps,
-                          int8_t *xq, float *sx) {
-#pragma omp parallel if (M >= PARALLEL_QUANTIZE_MIN_ROWS)
-    {
-        float *buf = prologue == PROLOGUE_NONE ? NULL : (float *)aligned_alloc(64, ((size_t)K * 4 + 63) / 64 * 64);
-#pragma omp for schedule(static)
-        for (int m = 0; m < M; m++)
-            sx[m] = quantize_row(prologue_row(x, m, K, prologue, norm_w, eps, buf), K, Kp, panel_row(xq, m, M, Kp),
-                                 (size_t)panel_rows(M) * KG);
-        free(buf);
-    }
-}
-
 // One MR_ x NR register tile: MR_ rows of panel xp (of PR_ rows) against NR packed column blocks from w0. With
 // next (the next column tile, on a single row pass) its lines are prefetched alongside, one tile ahead of the
 // hardware prefetcher, as a8w8_vnni.c does.
 static inline __attribute__((always_inline)) void tile(const int8_t *xp, int PR_, int Kp, const int8_t *w0, int MR_,
-                                                       __m256i acc[MR][NR], const int8_t *next) {
+                                                       acc_t acc[MR][NR], const int8_t *next) {
     const size_t bstride = (size_t)Kp * NB;
     const __m256i ones = _mm256_set1_epi16(1);
     for (int r = 0; r < MR_; r++)
@@ -138,7 +92,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xp, int PR_
 }
 
 // Epilogue of rows m0..m0+mr of the NR column blocks from column n0, in a8w8_vnni.c's order of operations.
-static inline void store_tile(__m256i acc[MR][NR], int mr, int m0, int n0, const float *sw, const float *sx, int N,
+static inline void store_tile(acc_t acc[MR][NR], int mr, int m0, int n0, const float *sw, const float *sx, int N,
                               const float *bias, const float *residual, float *out) {
     for (int r = 0; r < mr; r++) {
         const __m256 vsx = _mm256_set1_ps(sx[m0 + r]);
@@ -156,33 +110,6 @@ static inline void store_tile(__m256i acc[MR][NR], int mr, int m0, int n0, const
                 _mm256_storeu_ps(vals, v);
                 for (int i = 0; i < N - n; i++) out[at + i] = residual ? residual[at + i] + vals[i] : vals[i];
             }
-        }
-    }
-}
-
-// As a8w8_vnni.c a8w8_gemm (wsum unused); xq (a8w8_panel_bytes(M, K) bytes) and sx [M] are scratch.
-void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const int8_t *wp,
-               const int32_t *wsum, const float *sw, const float *bias, int N, const float *residual, float *out,
-               int8_t *xq, float *sx) {
-    (void)wsum;
-    const int Kp = a8w8_packed_k(K), ntiles = a8w8_packed_n(N) / (NB * NR);
-    quantize_rows(x, M, K, Kp, prologue, norm_w, eps, xq, sx);
-    // each thread takes whole column tiles and runs every row pass over them (their weights stay in its cache)
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < ntiles; t++) {
-        const int8_t *w0 = wp + (size_t)t * NR * Kp * NB;
-        const int8_t *next = M <= MR && t + 1 < ntiles ? w0 + (size_t)NR * Kp * NB : NULL;
-        __m256i acc[MR][NR];
-        for (int m0 = 0; m0 < M; m0 += PANEL_ROWS) {
-            const int mr = M - m0 < MR ? M - m0 : MR, pr = panel_rows(M);
-            const int8_t *xt = panel_row(xq, m0, M, Kp);
-            switch (mr) {
-                case 1: tile(xt, pr, Kp, w0, 1, acc, next); break;
-                case 2: tile(xt, pr, Kp, w0, 2, acc, next); break;
-                case 3: tile(xt, pr, Kp, w0, 3, acc, next); break;
-                default: tile(xt, pr, Kp, w0, 4, acc, next); break;
-            }
-            store_tile(acc, mr, m0, t * NR * NB, sw, sx, N, bias, residual, out);
         }
     }
 }

@@ -1,24 +1,12 @@
-// What a linear applies to its input rows before the GEMM, shared by the GEMM kernels:
-//   PROLOGUE_NONE     a = x
-//   PROLOGUE_RMSNORM  a = w * (x * 1/sqrt(mean(x^2) + eps))          (transformers' RMSNorm in fp32)
-//   PROLOGUE_SILU_MUL a = silu(x[:, :K]) * x[:, K:]                    (x has 2K columns: gate | up)
-// and then, where the code's bits from PROLOGUE_HADAMARD_SHIFT up hold log2(B) > 0, a rotated checkpoint's R4:
-//   a = a * blockdiag(H_B, ..., H_B) / sqrt(B)                          (H_B Sylvester's Hadamard matrix of order B)
-// as a fast Walsh-Hadamard transform: butterfly stages of stride 1, 2, 4, ..., B / 2 (a + b, a - b in fp32), then one
-// multiplication by the fp32 1/sqrt(B): exactly npu/backends/base.py hadamard_rows' operations, so the same bits.
+// The AVX-512 family's row prologue (prologue_common.h says what each code computes): 16-lane vectors.
 #pragma once
 #include <immintrin.h>
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
 
+#include "prologue_common.h"
 #include "simd_math.h"
-
-enum { PROLOGUE_NONE = 0, PROLOGUE_RMSNORM = 1, PROLOGUE_SILU_MUL = 2 };
-#define PROLOGUE_KIND_MASK 0xFF
-#define PROLOGUE_HADAMARD_SHIFT 8
-
-static inline float silu_scalar(float g) { return g / (1.0f + expf(-g)); }
 
 // The normalized block-diagonal Hadamard transform of a[0:K] in place (blocks of 1 << log2_block, which divides K).
 // Strides below 16 are butterflies inside one 16-lane vector: each lane adds its partner (lane ^ h, fetched with a
@@ -44,33 +32,12 @@ static inline void hadamard_row(float *a, int K, int log2_block) {
                     _mm512_storeu_ps(a + k + h, _mm512_sub_ps(u, w));
                 }
     } else {
-        for (; h < B; h *= 2)
-            for (int k0 = 0; k0 < K; k0 += 2 * h)
-                for (int k = k0; k < k0 + h; k++) {
-                    const float u = a[k], w = a[k + h];
-                    a[k] = u + w;
-                    a[k + h] = u - w;
-                }
+        hadamard_stages_scalar(a, K, h, B);
     }
-    // the fp32 rounding of 1/sqrt(B), as hadamard_scale computes it (exact for even log2_block)
-    const float scale = (float)(1.0 / sqrt((double)B));
+    const float scale = hadamard_scale(B);
     int k = 0;
     for (; k + 16 <= K; k += 16) _mm512_storeu_ps(a + k, _mm512_mul_ps(_mm512_loadu_ps(a + k), _mm512_set1_ps(scale)));
     for (; k < K; k++) a[k] *= scale;
-}
-
-static const float *prologue_kind_row(const float *x, int m, int K, int prologue, const float *norm_w, float eps,
-                                      float *buf);
-
-// Writes the prologue's output row a[0:K] into buf (or returns x's row itself for PROLOGUE_NONE without a rotation).
-static inline const float *prologue_row(const float *x, int m, int K, int prologue, const float *norm_w, float eps,
-                                        float *buf) {
-    const int log2_block = prologue >> PROLOGUE_HADAMARD_SHIFT;
-    const float *a = prologue_kind_row(x, m, K, prologue & PROLOGUE_KIND_MASK, norm_w, eps, buf);
-    if (!log2_block) return a;
-    if (a != buf) memcpy(buf, a, (size_t)K * sizeof(float));
-    hadamard_row(buf, K, log2_block);
-    return buf;
 }
 
 static inline const float *prologue_kind_row(const float *x, int m, int K, int prologue, const float *norm_w,

@@ -11,11 +11,7 @@
 #include <stddef.h>
 #include <string.h>
 
-enum { PROLOGUE_NONE = 0, PROLOGUE_RMSNORM = 1, PROLOGUE_SILU_MUL = 2 };
-#define PROLOGUE_KIND_MASK 0xFF
-#define PROLOGUE_HADAMARD_SHIFT 8
-
-static inline float silu_scalar(float g) { return g / (1.0f + expf(-g)); }
+#include "prologue_common.h"
 
 // 2^n for integer-valued n in [-75, 64] (a normal float), built from its exponent bits.
 static inline __m256 pow2_256(__m256i n) {
@@ -75,15 +71,9 @@ static inline void hadamard_row(float *a, int K, int log2_block) {
                     _mm256_storeu_ps(a + k + h, _mm256_sub_ps(u, w));
                 }
     } else {
-        for (; h < B; h *= 2)
-            for (int k0 = 0; k0 < K; k0 += 2 * h)
-                for (int k = k0; k < k0 + h; k++) {
-                    const float u = a[k], w = a[k + h];
-                    a[k] = u + w;
-                    a[k + h] = u - w;
-                }
+        hadamard_stages_scalar(a, K, h, B);
     }
-    const float scale = (float)(1.0 / sqrt((double)B));
+    const float scale = hadamard_scale(B);
     int k = 0;
     for (; k + 8 <= K; k += 8) _mm256_storeu_ps(a + k, _mm256_mul_ps(_mm256_loadu_ps(a + k), _mm256_set1_ps(scale)));
     for (; k < K; k++) a[k] *= scale;
@@ -120,16 +110,5 @@ static inline const float *prologue_kind_row(const float *x, int m, int K, int p
     for (k = 0; k + 8 <= K; k += 8)
         _mm256_storeu_ps(buf + k, _mm256_mul_ps(_mm256_loadu_ps(norm_w + k), _mm256_mul_ps(_mm256_loadu_ps(row + k), vr)));
     for (; k < K; k++) buf[k] = norm_w[k] * (row[k] * r);
-    return buf;
-}
-
-// Writes the prologue's output row a[0:K] into buf (or returns x's row itself for PROLOGUE_NONE without a rotation).
-static inline const float *prologue_row(const float *x, int m, int K, int prologue, const float *norm_w, float eps,
-                                        float *buf) {
-    const int log2_block = prologue >> PROLOGUE_HADAMARD_SHIFT;
-    const float *a = prologue_kind_row(x, m, K, prologue & PROLOGUE_KIND_MASK, norm_w, eps, buf);
-    if (!log2_block) return a;
-    if (a != buf) memcpy(buf, a, (size_t)K * sizeof(float));
-    hadamard_row(buf, K, log2_block);
     return buf;
 }

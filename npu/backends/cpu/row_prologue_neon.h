@@ -11,11 +11,7 @@
 #include <stddef.h>
 #include <string.h>
 
-enum { PROLOGUE_NONE = 0, PROLOGUE_RMSNORM = 1, PROLOGUE_SILU_MUL = 2 };
-#define PROLOGUE_KIND_MASK 0xFF
-#define PROLOGUE_HADAMARD_SHIFT 8
-
-static inline float silu_scalar(float g) { return g / (1.0f + expf(-g)); }
+#include "prologue_common.h"
 
 // 2^n for integer n in [-75, 64] (a normal float), built from its exponent bits.
 static inline float32x4_t pow2_neon(int32x4_t n) {
@@ -50,14 +46,8 @@ static inline float reduce_add_16(float32x4_t q0, float32x4_t q1, float32x4_t q2
 // butterflies (a + b, a - b) in the same stage order.
 static inline void hadamard_row(float *a, int K, int log2_block) {
     const int B = 1 << log2_block;
-    for (int h = 1; h < B; h *= 2)
-        for (int k0 = 0; k0 < K; k0 += 2 * h)
-            for (int k = k0; k < k0 + h; k++) {
-                const float u = a[k], w = a[k + h];
-                a[k] = u + w;
-                a[k + h] = u - w;
-            }
-    const float scale = (float)(1.0 / sqrt((double)B));
+    hadamard_stages_scalar(a, K, 1, B);
+    const float scale = hadamard_scale(B);
     for (int k = 0; k < K; k++) a[k] *= scale;
 }
 
@@ -87,16 +77,5 @@ static inline const float *prologue_kind_row(const float *x, int m, int K, int p
     for (; k < K; k++) ss += row[k] * row[k];
     const float r = 1.0f / sqrtf(ss / (float)K + eps);
     for (k = 0; k < K; k++) buf[k] = norm_w[k] * (row[k] * r);
-    return buf;
-}
-
-// Writes the prologue's output row a[0:K] into buf (or returns x's row itself for PROLOGUE_NONE without a rotation).
-static inline const float *prologue_row(const float *x, int m, int K, int prologue, const float *norm_w, float eps,
-                                        float *buf) {
-    const int log2_block = prologue >> PROLOGUE_HADAMARD_SHIFT;
-    const float *a = prologue_kind_row(x, m, K, prologue & PROLOGUE_KIND_MASK, norm_w, eps, buf);
-    if (!log2_block) return a;
-    if (a != buf) memcpy(buf, a, (size_t)K * sizeof(float));
-    hadamard_row(buf, K, log2_block);
     return buf;
 }

@@ -49,21 +49,26 @@ _COMMON_CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 AVX512_VNNI = KernelFamily(
     "avx512-vnni",
     ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c"),
-    ("simd_math.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h"),
+    ("simd_math.h", "prologue_common.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h"),
     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", *_COMMON_CFLAGS),
     ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
     complete=True,
 )
 # AVX2 + FMA (Intel since Haswell, AMD since Zen): the A8W8 GEMM so far (a8w8_avx2.c); the rest runs eagerly.
 AVX2 = KernelFamily(
-    "avx2", ("a8w8_avx2.c",), ("row_prologue_avx2.h",), ("-mavx2", "-mfma", *_COMMON_CFLAGS), ("avx2", "fma"), False
+    "avx2",
+    ("a8w8_avx2.c",),
+    ("prologue_common.h", "row_prologue_avx2.h", "a8w8_signed.h"),
+    ("-mavx2", "-mfma", *_COMMON_CFLAGS),
+    ("avx2", "fma"),
+    complete=False,
 )
 # aarch64 with the dot-product extension (sdot; /proc/cpuinfo "asimddp"): the A8W8 GEMM so far (a8w8_neon.c).
 # Bit-exact against the others under qemu-aarch64 in the tests; its speed is not measured on ARM hardware yet.
 NEON = KernelFamily(
     "neon",
     ("a8w8_neon.c",),
-    ("row_prologue_neon.h",),
+    ("prologue_common.h", "row_prologue_neon.h", "a8w8_signed.h"),
     ("-march=armv8.2-a+dotprod", *_COMMON_CFLAGS),
     ("asimddp",),
     complete=False,
