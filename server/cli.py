@@ -192,8 +192,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=list(CPU_KERNELS),
         default="auto",
         help="cpu kernel family, compiled with gcc on first use: avx512-vnni (every kernel), avx2 or neon (aarch64 "
-        "with sdot; the A8W8 GEMMs, the rest eager), reference (torch._int_mm and eager PyTorch); auto = the "
-        "fastest the CPU and a compiler allow",
+        "with sdot; the A8W8 GEMMs and, avx2, the attention preparation; the rest eager), reference "
+        "(torch._int_mm and eager PyTorch); auto = the fastest the CPU and a compiler allow",
     )
     g.add_argument(
         "--int8-kernel",

@@ -121,7 +121,8 @@ def test_backend_takes_the_family_asked_for():
         op = backend.prepare_linear(lw)
         assert isinstance(op, VnniLinear) and op.lib.family.name == name
         if not op.lib.family.complete:  # a partial family says what it does not cover
-            assert "A8W8 GEMM only" in backend.note and backend.prepare_decoder_stack([], 1, 1, 64, *[None] * 3) is None
+            assert "does not have paged attention" in backend.note
+            assert backend.prepare_decoder_stack([], 1, 1, 64, *[None] * 3) is None
     reference = CpuBackend(cpu_kernels="reference")
     assert reference.name == "cpu-onednn" and isinstance(reference.prepare_linear(lw), Int8GemmLinear)
     assert CpuBackend(cpu_kernels="onednn").kernel_family == "reference"  # the earlier --int8-kernel names
@@ -214,3 +215,39 @@ def test_neon_family_is_bit_exact_under_emulation(neon_harness):
             else:
                 want, got = op(x), _harness_gemm(neon_harness, lw, x, code)
             assert torch.equal(got, want), (m, k, n, name)
+
+
+def test_attention_prep_is_the_same_in_every_family_that_has_it():
+    """q/k norm + RoPE (and R3), the INT8 KV write and argmax: without the norm bit-exact against the eager ops,
+    with it bit-exact between families (the eager norm sums in another order)."""
+    from npu.backends.base import TorchOps
+    from npu.backends.cpu.vnni import ATTENTION_PREP
+    from npu.kv_cache import PagedKVCache
+
+    names = [name for name, lib in _families().items() if ATTENTION_PREP in lib.family.ops]
+    if not names:
+        pytest.skip("no kernel family with the attention preparation runs here")
+    g = torch.Generator().manual_seed(8)
+    for t, h, hkv, d in ((1, 16, 8, 128), (37, 6, 2, 64), (5, 4, 4, 32)):
+        qk = torch.randn(t, h + hkv, d, generator=g) * 4
+        cos, sin = torch.randn(100, d, generator=g), torch.randn(100, d, generator=g)
+        positions = torch.randint(0, 100, (t,), generator=g)
+        norm = RMSNorm(torch.rand(h + hkv, d, generator=g) + 0.5, 1e-6)
+        kv = torch.randn(t, 2 * hkv, d, generator=g)
+        slots = torch.randperm(64, generator=g)[:t]
+        logits = torch.randn(t, 1000 + d, generator=g)
+        normed = []
+        for name in names:
+            backend = CpuBackend(cpu_kernels=name)
+            for r3 in (False, True):
+                want = TorchOps().qk_norm_rope(qk.clone(), None, cos, sin, positions, r3)
+                assert torch.equal(backend.qk_norm_rope(qk.clone(), None, cos, sin, positions, r3), want), name
+            normed.append([backend.qk_norm_rope(qk.clone(), norm, cos, sin, positions, r3) for r3 in (False, True)])
+            fused, eager = (PagedKVCache("int8", 1, hkv, d, num_blocks=4, block_size=16) for _ in range(2))
+            backend.write_kv(fused, 0, slots, kv[:, :hkv], kv[:, hkv:])
+            eager.write(0, slots, kv[:, :hkv], kv[:, hkv:])
+            for tensor in fused.tensors:
+                assert torch.equal(fused.tensors[tensor], eager.tensors[tensor]), (name, tensor)
+            assert torch.equal(backend.argmax_rows(logits), logits.argmax(-1)), name
+        for other in normed[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(normed[0], other))

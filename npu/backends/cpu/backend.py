@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from loaders.quantization import FloatLinear, Int8Linear, LinearWeight, quantize_activations
 from npu.backends.base import RMSNorm, TorchOps, UnfusedLinear
 from npu.backends.cpu.decoder_stack import DecoderStack
-from npu.backends.cpu.vnni import FAMILIES, Bf16Linear, VnniLinear, Workspace, hadamard_log2, load_kernel_library
+from npu.backends.cpu.vnni import (
+    ATTENTION_PREP,
+    FAMILIES,
+    Bf16Linear,
+    VnniLinear,
+    Workspace,
+    hadamard_log2,
+    load_kernel_library,
+)
 from npu.host_memory import HugePageArena
 from npu.kv_cache import Int8KV, PagedKVCache
 from npu.messages import CPU_KERNELS, INT8_KERNEL_ALIASES
@@ -119,11 +127,13 @@ class CpuBackend(TorchOps):
                 )
             elif not lib.family.complete:
                 self.note = (
-                    f"the {lib.family.name} kernel family has the A8W8 GEMM only so far: attention, the BF16 "
-                    "lm_head and the one-call decoder stack run as eager PyTorch"
+                    f"the {lib.family.name} kernel family does not have {', '.join(lib.family.missing())} yet: "
+                    "those run as eager PyTorch"
                 )
-        # the chosen family's A8W8 GEMM, and the library with every other kernel where that family has them
+        # the chosen family's A8W8 GEMM, its attention preparation (q/k norm + RoPE, KV write, argmax) where it
+        # has it, and the library with every other kernel where the family is complete
         self._gemm = lib
+        self._prep = lib if lib is not None and ATTENTION_PREP in lib.family.ops else None
         self._vnni = lib if lib is not None and lib.family.complete else None
         self.kernel_family = "reference" if lib is None else lib.family.name
         self._workspace = Workspace()
@@ -177,7 +187,7 @@ class CpuBackend(TorchOps):
         """In place with our C kernel where ``qk`` is fp32 with contiguous heads; else the eager ops."""
         t, h, d = qk.shape
         if (
-            self._vnni is None
+            self._prep is None
             or qk.dtype != torch.float32
             or qk.stride(2) != 1
             or qk.stride(1) != d
@@ -187,7 +197,7 @@ class CpuBackend(TorchOps):
             or not positions.is_contiguous()
         ):
             return super().qk_norm_rope(qk, norm, cos, sin_signed, positions, head_hadamard)
-        status = self._vnni.qk_norm_rope(
+        status = self._prep.qk_norm_rope(
             qk.data_ptr(),
             t,
             qk.stride(0),
@@ -209,7 +219,7 @@ class CpuBackend(TorchOps):
         """INT8 caches through our C kernel (quantize + scatter in one pass); other dtypes as the cache does."""
         t, h, d = k.shape
         usable = (
-            self._vnni is not None
+            self._prep is not None
             and isinstance(cache.format, Int8KV)
             and k.dtype == torch.float32
             and v.dtype == torch.float32
@@ -220,7 +230,7 @@ class CpuBackend(TorchOps):
         )
         if usable:
             c = cache.tensors
-            status = self._vnni.kv_write_int8(
+            status = self._prep.kv_write_int8(
                 k.data_ptr(),
                 v.data_ptr(),
                 t,
@@ -240,10 +250,10 @@ class CpuBackend(TorchOps):
         cache.write(layer, slots, k, v)
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
-        if self._vnni is None or logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous():
+        if self._prep is None or logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous():
             return super().argmax_rows(logits)
         out = torch.empty(logits.shape[0], dtype=torch.long)
-        self._vnni.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
+        self._prep.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
         return out
 
     def prefill_attention(

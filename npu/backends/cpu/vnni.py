@@ -28,20 +28,34 @@ from loaders.quantization import Int8Linear
 from npu.backends.base import RMSNorm
 from npu.host_memory import HugePageArena
 
+# What a family's library can export, each with the same arguments and results in every family that has it.
+GEMM = "the A8W8 GEMM"  # a8w8_pack / a8w8_gemm
+ATTENTION_PREP = "q/k norm + RoPE, the INT8 KV write and argmax"  # attention_prep*.c
+BF16_GEMM = "the BF16 lm_head"  # bf16_gemm.c
+ATTENTION = "paged attention"  # paged_attention.c
+DECODER_STACK = "the one-call decoder stack"  # decoder_stack.c
+ALL_OPS = frozenset({GEMM, ATTENTION_PREP, BF16_GEMM, ATTENTION, DECODER_STACK})
+
 
 @dataclass(frozen=True)
 class KernelFamily:
-    """One build of the CPU kernels for one instruction set: its C sources, compiler flags, and the CPU flags
-    (``/proc/cpuinfo``) it needs. Every family exports the A8W8 GEMM (``a8w8_pack`` / ``a8w8_gemm``, the same
-    arguments and results); a ``complete`` one also has the BF16 GEMM, the attention kernels and the decoder
-    stack."""
+    """One build of the CPU kernels for one instruction set: its C sources, compiler flags, the CPU flags
+    (``/proc/cpuinfo``) it needs, and which kernels it has (``ops``; every family has the A8W8 GEMM)."""
 
     name: str
     sources: tuple[str, ...]
     headers: tuple[str, ...]
     cflags: tuple[str, ...]
     cpu_flags: tuple[str, ...]
-    complete: bool
+    ops: frozenset[str]
+
+    @property
+    def complete(self) -> bool:
+        return self.ops == ALL_OPS
+
+    def missing(self) -> list[str]:
+        """What this family does not have (those parts run as eager PyTorch), in a fixed order."""
+        return [op for op in (ATTENTION, ATTENTION_PREP, BF16_GEMM, DECODER_STACK) if op not in self.ops]
 
 
 # -ffp-contract=off: no implicit fused multiply-adds, so elementwise math rounds like the eager PyTorch ops
@@ -52,16 +66,17 @@ AVX512_VNNI = KernelFamily(
     ("simd_math.h", "prologue_common.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h"),
     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", *_COMMON_CFLAGS),
     ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
-    complete=True,
+    ALL_OPS,
 )
-# AVX2 + FMA (Intel since Haswell, AMD since Zen): the A8W8 GEMM so far (a8w8_avx2.c); the rest runs eagerly.
+# AVX2 + FMA (Intel since Haswell, AMD since Zen): the A8W8 GEMM and the attention preparation so far; the rest
+# runs eagerly.
 AVX2 = KernelFamily(
     "avx2",
-    ("a8w8_avx2.c",),
-    ("prologue_common.h", "row_prologue_avx2.h", "a8w8_signed.h"),
+    ("a8w8_avx2.c", "attention_prep_avx2.c"),
+    ("prologue_common.h", "row_prologue_avx2.h", "a8w8_signed.h", "cpu_kernels.h"),
     ("-mavx2", "-mfma", *_COMMON_CFLAGS),
     ("avx2", "fma"),
-    complete=False,
+    frozenset({GEMM, ATTENTION_PREP}),
 )
 # aarch64 with the dot-product extension (sdot; /proc/cpuinfo "asimddp"): the A8W8 GEMM so far (a8w8_neon.c).
 # Bit-exact against the others under qemu-aarch64 in the tests; its speed is not measured on ARM hardware yet.
@@ -71,7 +86,7 @@ NEON = KernelFamily(
     ("prologue_common.h", "row_prologue_neon.h", "a8w8_signed.h"),
     ("-march=armv8.2-a+dotprod", *_COMMON_CFLAGS),
     ("asimddp",),
-    complete=False,
+    frozenset({GEMM}),
 )
 FAMILIES = {f.name: f for f in (AVX512_VNNI, AVX2, NEON)}  # fastest first: what ``auto`` tries in order
 # bf16_gemm is only called where the CPU also has this (the rest of the library does not use it)
@@ -129,6 +144,8 @@ def load_kernel_library(name: str) -> tuple[ctypes.CDLL | None, str]:
     lib.family = family
     _declare_gemm(lib)
     lib.has_bf16 = False
+    if ATTENTION_PREP in family.ops:
+        _declare_attention_prep(lib)
     if family.complete:
         _declare_complete(lib)
     return lib, ""
@@ -148,17 +165,21 @@ def _declare_gemm(lib: ctypes.CDLL) -> None:
     lib.a8w8_gemm.argtypes, lib.a8w8_gemm.restype = [p, i, i, i, p, f, p, p, p, p, i, p, p, p, p], None
 
 
-def _declare_complete(lib: ctypes.CDLL) -> None:
+def _declare_attention_prep(lib: ctypes.CDLL) -> None:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.qk_norm_rope.argtypes, lib.qk_norm_rope.restype = [p, i, i, i, i, p, f, p, p, p, i], i
+    lib.argmax_rows.argtypes, lib.argmax_rows.restype = [p, i, i, p], None
+    lib.kv_write_int8.argtypes, lib.kv_write_int8.restype = [p, p, i, i, i, i, i, p, p, p, p, p], i
+
+
+def _declare_complete(lib: ctypes.CDLL) -> None:
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.bf16_packed_k.argtypes, lib.bf16_packed_k.restype = [i], i
     lib.bf16_packed_n.argtypes, lib.bf16_packed_n.restype = [i], i
     lib.bf16_panel_bytes.argtypes, lib.bf16_panel_bytes.restype = [i, i], ctypes.c_long
     lib.bf16_pack.argtypes, lib.bf16_pack.restype = [p, i, i, p], None
     lib.bf16_gemm.argtypes, lib.bf16_gemm.restype = [p, i, i, i, p, f, p, i, p, p, p], None
     lib.has_bf16 = BF16_CPU_FLAG in _cpu_flags()
-    lib.argmax_rows.argtypes, lib.argmax_rows.restype = [p, i, i, p], None
-    lib.kv_write_int8.argtypes, lib.kv_write_int8.restype = [p, p, i, i, i, i, i, p, p, p, p, p], i
     lib.paged_attention_decode_int8.argtypes = [p, i, i, i, i, i, p, p, p, p, p, p, i, ctypes.c_float, p]
     lib.paged_attention_decode_int8.restype = i
     lib.paged_attention_prefill_int8.argtypes = [p, i, i, i, i, i, i, p, p, p, p, p, ctypes.c_float, p]
