@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
+#include "kv_write_common.h"
 #include "row_prologue.h"
 
 #define VEC 16
@@ -57,6 +58,7 @@ int qk_norm_rope(float *qkv, int T, int row_stride, int H, int D, const float *n
     return 0;
 }
 
+// kv_write_common.h's per-head quantization (16 lanes at a time)
 static void quantize_head(const float *x, int D, int8_t *q, float *scale) {
     __m512 vmax = _mm512_setzero_ps();
     for (int d = 0; d < D; d += VEC) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
@@ -69,21 +71,6 @@ static void quantize_head(const float *x, int D, int8_t *q, float *scale) {
         _mm_storeu_si128((__m128i *)(q + d), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
     }
     *scale = s;
-}
-
-// k rows [T, k_stride] and v rows [T, v_stride] fp32 (Hkv heads of width D each); caches of one layer:
-// kc/vc [slots, Hkv, D] int8, ks/vs [slots, Hkv] fp32; slots [T].
-int kv_write_int8(const float *k, const float *v, int T, int k_stride, int v_stride, int Hkv, int D,
-                  const int64_t *slots, int8_t *kc, float *ks, int8_t *vc, float *vs) {
-    if (D % VEC) return -1;
-#pragma omp parallel for schedule(static) if (T * Hkv >= 64)
-    for (int th = 0; th < T * Hkv; th++) {
-        const int t = th / Hkv, h = th % Hkv;
-        const size_t dst = (size_t)slots[t] * Hkv + h;
-        quantize_head(k + (size_t)t * k_stride + (size_t)h * D, D, kc + dst * D, ks + dst);
-        quantize_head(v + (size_t)t * v_stride + (size_t)h * D, D, vc + dst * D, vs + dst);
-    }
-    return 0;
 }
 
 // Greedy sampling: out[s] = index of the first maximum of logits[s, 0:V], as torch.argmax for rows

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
+#include "kv_write_common.h"
 #include "row_prologue_avx2.h"
 
 #define VEC 8
@@ -58,6 +59,7 @@ int qk_norm_rope(float *qkv, int T, int row_stride, int H, int D, const float *n
     return 0;
 }
 
+// kv_write_common.h's per-head quantization (8 lanes at a time)
 static void quantize_head(const float *x, int D, int8_t *q, float *scale) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 vmax = _mm256_setzero_ps();
@@ -72,20 +74,6 @@ static void quantize_head(const float *x, int D, int8_t *q, float *scale) {
         for (int i = 0; i < VEC; i++) q[d + i] = (int8_t)codes[i];
     }
     *scale = s;
-}
-
-// As attention_prep.c kv_write_int8.
-int kv_write_int8(const float *k, const float *v, int T, int k_stride, int v_stride, int Hkv, int D,
-                  const int64_t *slots, int8_t *kc, float *ks, int8_t *vc, float *vs) {
-    if (D % 16) return -1;  // (the AVX-512 kernel's condition, so both families take the same shapes)
-#pragma omp parallel for schedule(static) if (T * Hkv >= 64)
-    for (int th = 0; th < T * Hkv; th++) {
-        const int t = th / Hkv, h = th % Hkv;
-        const size_t dst = (size_t)slots[t] * Hkv + h;
-        quantize_head(k + (size_t)t * k_stride + (size_t)h * D, D, kc + dst * D, ks + dst);
-        quantize_head(v + (size_t)t * v_stride + (size_t)h * D, D, vc + dst * D, vs + dst);
-    }
-    return 0;
 }
 
 // As attention_prep.c argmax_rows: the first index of the maximum, for rows without NaN as torch.argmax.

@@ -63,7 +63,7 @@ _COMMON_CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 AVX512_VNNI = KernelFamily(
     "avx512-vnni",
     ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c"),
-    ("simd_math.h", "prologue_common.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h"),
+    ("simd_math.h", "prologue_common.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h", "kv_write_common.h"),
     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", *_COMMON_CFLAGS),
     ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
     ALL_OPS,
@@ -73,7 +73,7 @@ AVX512_VNNI = KernelFamily(
 AVX2 = KernelFamily(
     "avx2",
     ("a8w8_avx2.c", "attention_prep_avx2.c"),
-    ("prologue_common.h", "row_prologue_avx2.h", "a8w8_signed.h", "cpu_kernels.h"),
+    ("prologue_common.h", "row_prologue_avx2.h", "a8w8_signed.h", "cpu_kernels.h", "kv_write_common.h"),
     ("-mavx2", "-mfma", *_COMMON_CFLAGS),
     ("avx2", "fma"),
     frozenset({GEMM, ATTENTION_PREP}),
