@@ -30,7 +30,7 @@ import torch
 
 from loaders.writer import RandomModelSpec, write_random_qwen3
 from npu.kv_cache import HOST
-from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
+from npu.messages import CPU_KERNELS, NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
 from npu.runner import ModelRunner
 
 SHAPES = {
@@ -423,6 +423,13 @@ def main() -> None:
         default=None,
         help="compute threads of the worker (CPU), as serve's --num-threads; default all cores",
     )
+    ap.add_argument(
+        "--cpu-kernels",
+        choices=CPU_KERNELS,
+        default="auto",
+        help="CPU kernel family, as serve's --cpu-kernels (hold ATen to the same instruction set with "
+        "ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA for a fair reading)",
+    )
     ap.add_argument("--out", default="bench-results/worker.json")
     args = ap.parse_args()
     if args.num_threads:
@@ -445,6 +452,7 @@ def main() -> None:
                     max_model_len=4096,
                     device=args.device,
                     num_threads=args.num_threads,
+                    cpu_kernels=args.cpu_kernels,
                 )
             ),
         )

@@ -520,9 +520,16 @@ def test_int8_kernels_agree_on_logits(model_factory):
         assert (a - b).abs().max() < 1e-2 * a.abs().max()
 
 
-def test_decoder_stack_is_bit_identical_to_the_layer_loop(model_factory):
+@pytest.mark.parametrize("family", ["avx512-vnni", "avx2"])
+def test_decoder_stack_is_bit_identical_to_the_layer_loop(model_factory, family):
     """Pure decode steps through the one-call C layer stack vs the model's Python layer loop (the same
-    kernels): identical tokens, logprobs and KV cache bytes, over sequences of different context lengths."""
+    kernels): identical tokens, logprobs and KV cache bytes, over sequences of different context lengths; in
+    each kernel family with the stack (the same decoder_stack.c over the family's kernels)."""
+    from npu.backends.cpu.vnni import load_kernel_library
+
+    lib, why = load_kernel_library(family)
+    if lib is None:
+        pytest.skip(f"{family} kernels unavailable here: {why}")
     spec = RandomModelSpec(
         hidden_size=128,
         num_layers=3,
@@ -534,7 +541,7 @@ def test_decoder_stack_is_bit_identical_to_the_layer_loop(model_factory):
         seed=12,
     )
     model_dir = model_factory(spec, tokenizer=False)
-    stacked, looped = _runner(model_dir, kv="int8"), _runner(model_dir, kv="int8")
+    stacked, looped = (_runner(model_dir, kv="int8", cpu_kernels=family) for _ in range(2))
     if stacked.model.decode_stack is None:
         pytest.skip("the C decoder stack is unavailable here")
     looped.model.decode_stack = None
@@ -555,19 +562,23 @@ def test_decoder_stack_is_bit_identical_to_the_layer_loop(model_factory):
 
 
 def _attention_backend(kind: str):
-    """The CPU backend's C kernels ("cpu-vnni"), or the eager reference every backend falls back to."""
+    """The CPU backend with a kernel family's C kernels ("cpu-vnni", "cpu-avx2"), or the eager reference every
+    backend falls back to."""
     from npu.backends.base import TorchOps
     from npu.backends.cpu import CpuBackend
+    from npu.backends.cpu.backend import BACKEND_NAMES
+    from npu.backends.cpu.vnni import load_kernel_library
 
     if kind == "reference":
         return TorchOps()
-    backend = CpuBackend()
-    if backend.name != kind:
-        pytest.skip(f"{kind} kernels unavailable here ({backend.name})")
-    return backend
+    family = next(name for name, backend_name in BACKEND_NAMES.items() if backend_name == kind)
+    lib, why = load_kernel_library(family)
+    if lib is None:
+        pytest.skip(f"{kind} kernels unavailable here: {why}")
+    return CpuBackend(cpu_kernels=family)
 
 
-@pytest.mark.parametrize("kind", ["cpu-vnni", "reference"])
+@pytest.mark.parametrize("kind", ["cpu-vnni", "cpu-avx2", "reference"])
 def test_paged_prefill_attention_matches_sdpa(kind):
     """Whole prompts and later chunks (queries at the end of a longer context), causal, with GQA."""
     from torch.nn.attention.bias import causal_lower_right
@@ -603,7 +614,7 @@ def test_paged_prefill_attention_matches_sdpa(kind):
             assert torch.allclose(fused, ref, atol=1e-4, rtol=1e-4), (hq, hkv, d, q_len, ctx)
 
 
-@pytest.mark.parametrize("kind", ["cpu-vnni", "reference"])
+@pytest.mark.parametrize("kind", ["cpu-vnni", "cpu-avx2", "reference"])
 def test_paged_decode_attention_matches_sdpa_per_sequence(kind):
     """One padded call over contexts of different lengths against each sequence attended alone."""
     from npu.kv_cache import PagedKVCache

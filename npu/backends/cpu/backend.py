@@ -27,7 +27,10 @@ from loaders.quantization import FloatLinear, Int8Linear, LinearWeight, quantize
 from npu.backends.base import RMSNorm, TorchOps, UnfusedLinear
 from npu.backends.cpu.decoder_stack import DecoderStack
 from npu.backends.cpu.vnni import (
+    ATTENTION,
     ATTENTION_PREP,
+    BF16_GEMM,
+    DECODER_STACK,
     FAMILIES,
     Bf16Linear,
     VnniLinear,
@@ -130,15 +133,22 @@ class CpuBackend(TorchOps):
                     f"the {lib.family.name} kernel family does not have {', '.join(lib.family.missing())} yet: "
                     "those run as eager PyTorch"
                 )
-        # the chosen family's A8W8 GEMM, its attention preparation (q/k norm + RoPE, KV write, argmax) where it
-        # has it, and the library with every other kernel where the family is complete
+        # the chosen family's library for each kind of kernel it has (None: that kind runs as eager PyTorch)
         self._gemm = lib
-        self._prep = lib if lib is not None and ATTENTION_PREP in lib.family.ops else None
-        self._vnni = lib if lib is not None and lib.family.complete else None
+        self._prep = self._with(lib, ATTENTION_PREP)
+        self._attention = self._with(lib, ATTENTION)
+        self._stack = self._with(lib, DECODER_STACK)
+        bf16 = self._with(lib, BF16_GEMM)
+        self._bf16 = bf16 if bf16 is not None and bf16.has_bf16 else None
         self.kernel_family = "reference" if lib is None else lib.family.name
         self._workspace = Workspace()
         self._weight_arena = HugePageArena()  # packed weights on huge pages (npu/host_memory.py)
         self.name = BACKEND_NAMES[self.kernel_family]
+
+    @staticmethod
+    def _with(lib: Any, op: str) -> Any:
+        """``lib`` where its family has kernel ``op`` (npu/backends/cpu/vnni.py), else None."""
+        return lib if lib is not None and op in lib.family.ops else None
 
     def prepare_linear(self, weight: LinearWeight, input_hadamard: int = 0):
         if isinstance(weight, Int8Linear):
@@ -148,12 +158,9 @@ class CpuBackend(TorchOps):
                 else Int8GemmLinear(weight, input_hadamard)
             )
         if (
-            weight.weight.dtype == torch.bfloat16
-            and weight.bias is None
-            and self._vnni is not None
-            and self._vnni.has_bf16
+            weight.weight.dtype == torch.bfloat16 and weight.bias is None and self._bf16 is not None
         ):  # (a float linear with a bias: the reference path)
-            return Bf16Linear(weight.weight, self._vnni, self._workspace, self._weight_arena, input_hadamard)
+            return Bf16Linear(weight.weight, self._bf16, self._workspace, self._weight_arena, input_hadamard)
         return FloatGemmLinear(weight, self.activation_dtype, input_hadamard)
 
     def prepare_decoder_stack(
@@ -168,10 +175,10 @@ class CpuBackend(TorchOps):
         layer_loop: Callable[..., torch.Tensor] | None = None,
     ) -> DecoderStack | None:
         """All layers of a decode step in one C call, where every kernel of the loop is ours."""
-        if self._vnni is None or not DecoderStack.applies_to(layers, cos, sin_signed):
+        if self._stack is None or not DecoderStack.applies_to(layers, cos, sin_signed):
             return None
         stack = DecoderStack(
-            self._vnni, self._workspace, layers, num_heads, num_kv_heads, head_dim, cos, sin_signed, scale
+            self._stack, self._workspace, layers, num_heads, num_kv_heads, head_dim, cos, sin_signed, scale
         )
         return stack if stack.supported else None
 
@@ -263,7 +270,7 @@ class CpuBackend(TorchOps):
         SDPA path where the kernel does not apply (other KV dtypes, no kernel)."""
         n, hq, d = q.shape
         if (
-            self._vnni is None
+            self._attention is None
             or not isinstance(cache.format, Int8KV)
             or q.dtype != torch.float32
             or q.stride()[1:] != (d, 1)
@@ -273,7 +280,7 @@ class CpuBackend(TorchOps):
             return super().prefill_attention(q, cache, layer, slots, scale)
         t = cache.tensors
         out = torch.empty(n, hq * d, dtype=torch.float32)
-        status = self._vnni.paged_attention_prefill_int8(
+        status = self._attention.paged_attention_prefill_int8(
             q.data_ptr(),
             q.stride(0) if n > 1 else hq * d,
             n,
@@ -301,7 +308,7 @@ class CpuBackend(TorchOps):
         reference SDPA path where the kernel does not apply (other KV dtypes, no kernel)."""
         s, hq, d = q.shape
         if (
-            self._vnni is None
+            self._attention is None
             or not isinstance(cache.format, Int8KV)
             or q.dtype != torch.float32
             or q.stride()[1:] != (d, 1)
@@ -310,7 +317,7 @@ class CpuBackend(TorchOps):
         t = cache.tensors
         hkv = t["k"].shape[2]
         out = torch.empty(s, hq, d, dtype=torch.float32)
-        status = self._vnni.paged_attention_decode_int8(
+        status = self._attention.paged_attention_decode_int8(
             q.data_ptr(),
             q.stride(0),
             s,

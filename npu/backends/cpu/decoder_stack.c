@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 #include "cpu_kernels.h"
-#include "row_prologue.h"
+#include "prologue_codes.h"
 
 // One A8W8 linear as a8w8_pack left it (npu/backends/cpu/vnni.py VnniLinear).
 typedef struct {

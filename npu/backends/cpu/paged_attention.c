@@ -30,29 +30,11 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
+#include "paged_attention_common.h"
 #include "simd_math.h"
 
-#define VEC 16        // fp32 / int32 lanes per zmm
-#define MAX_D 256     // keeps the INT32 q . k sum exact (see above)
-#define MAX_G 16
-#define Q_MAX 32767.0f
-#define KEY_BLOCK 16  // keys whose dot products are reduced together
-// p . v keeps up to this many query heads' accumulators in registers; more are done in groups.
-#define PV_GROUP 8
-// Slots ahead to prefetch: the slot list is an indirection the hardware prefetcher cannot follow.
-#define PREFETCH_SLOTS 8
-#define CACHE_LINE 64
-#define PV_FLUSH 256  // keys per INT32 p . v accumulation in decode: 256 * 32767 * 127 < 2^31
-// Decode splits a sequence's context into parts of at most this many keys, one work item each (with a
-// whole group of heads): keeps both threads busy at small batches while every item reads whole slot
-// rows. In an A/B of the two variants (decode attention alone, context 300, INT8 K/V from DRAM; the
-// script was not kept, benchmarks/attention_bench.py times this one) it was 21 % faster at batch 1 and 2
-// than giving each item fewer heads instead, and equal at batch 4 to 16; 128 was no faster at batch 1.
-#define SPLIT_KEYS 256
-
-static inline void prefetch_run(const int8_t *p, int bytes) {
-    for (int b = 0; b < bytes; b += CACHE_LINE) _mm_prefetch((const char *)(p + b), _MM_HINT_T0);
-}
+#define VEC 16  // fp32 / int32 lanes per zmm
+_Static_assert(VEC == ITEM_QV_MAX, "a decode item's (key, query vector) lanes are one zmm");
 
 // r[i] = sum of the 16 lanes of v[i], for 16 vectors at once (unpack within 128-bit lanes, then across).
 static inline __m512i hsum16_epi32(const __m512i v[KEY_BLOCK]) {
@@ -315,9 +297,6 @@ static void pv_item(const int16_t *p16, int NQV, int G, int HC, const float *osc
     }
 }
 
-// Parts a context of L keys is split into: equal parts of at most SPLIT_KEYS keys (a function of L only).
-static inline int context_parts(int L) { return L > SPLIT_KEYS ? (L + SPLIT_KEYS - 1) / SPLIT_KEYS : 1; }
-
 // q [S, q_stride] (heads 0..Hq-1 of width D from column 0); slots [S, Lmax] (sequence s uses its first
 // lens[s]); out [S, Hq, D]. Returns 0 on success, -1 when the shapes are outside what this kernel handles
 // (caller falls back).
@@ -326,9 +305,7 @@ int paged_attention_decode_int8(const float *q, int q_stride, int S, int Hq, int
                                 float scale, float *out) {
     if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > VEC) return -1;
     const int G = Hq / Hkv;
-    // heads per work item: the largest divisor of Hkv with at most VEC query vectors (whole slot rows)
-    int HC = Hkv;
-    while (Hkv % HC || HC * G > VEC) HC--;
+    const int HC = decode_heads_per_item(Hkv, G);
     // a sequence's context is split in context_parts(L) parts (so its result does not depend on the batch),
     // combined by their softmax max and sum; no part is longer than min(Lmax, SPLIT_KEYS) keys
     const int max_splits = context_parts(Lmax), longest_part = Lmax < SPLIT_KEYS ? Lmax : SPLIT_KEYS;
@@ -375,27 +352,8 @@ int paged_attention_decode_int8(const float *q, int q_stride, int S, int Hq, int
         for (int sc = 0; sc < S * chunks; sc++) {
             const int s = sc / chunks, h0 = sc % chunks * HC, nsplit = context_parts(lens[s]);
             if (nsplit == 1) continue;
-            const float *p0 = part + (size_t)sc * max_splits * part_size;
-            float *o = out + ((size_t)s * Hq + (size_t)h0 * G) * D;
-            for (int i = 0; i < NQV; i++) {
-                float mx = -INFINITY, den = 0.0f;
-                for (int p = 0; p < nsplit; p++) {
-                    const float m = p0[p * part_size + (size_t)NQV * D + i];
-                    mx = m > mx ? m : mx;
-                }
-                for (int p = 0; p < nsplit; p++) {
-                    const float *stats = p0 + p * part_size + (size_t)NQV * D;
-                    den += expf(stats[i] - mx) * stats[NQV + i];
-                }
-                for (int d = 0; d < D; d += VEC) {
-                    __m512 acc = _mm512_setzero_ps();
-                    for (int p = 0; p < nsplit; p++) {
-                        const float w = expf(p0[p * part_size + (size_t)NQV * D + i] - mx) / den;
-                        acc = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(p0 + p * part_size + (size_t)i * D + d), acc);
-                    }
-                    _mm512_storeu_ps(o + (size_t)i * D + d, acc);
-                }
-            }
+            combine_parts(part + (size_t)sc * max_splits * part_size, nsplit, part_size, NQV, D,
+                          out + ((size_t)s * Hq + (size_t)h0 * G) * D);
         }
         free(sv); free(p16); free(vstage);
     }
@@ -409,8 +367,6 @@ int paged_attention_decode_int8(const float *q, int q_stride, int S, int Hq, int
 // 0..start + i. A work item is (KV head, tile of PF_ROWS query positions): its PF_ROWS x G query vectors
 // share every key and value they read, which is converted once per item (GQA reuse); q . k is the
 // integer product of the decode kernel, 16 keys reduced at a time; p . v as in pv_group.
-#define PF_ROWS 8
-#define PF_QV_MAX (PF_ROWS * MAX_G)
 
 // scores[qv][j0 + jj] for 16 keys and nqv query vectors (q16: [nqv][D], qk_scale: [nqv]).
 static void scores_key_block(const int16_t *q16, const float *qk_scale, int nqv, const int16_t *kb, const float *kscale,

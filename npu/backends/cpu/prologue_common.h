@@ -13,9 +13,7 @@
 #include <stddef.h>
 #include <string.h>
 
-enum { PROLOGUE_NONE = 0, PROLOGUE_RMSNORM = 1, PROLOGUE_SILU_MUL = 2 };
-#define PROLOGUE_KIND_MASK 0xFF
-#define PROLOGUE_HADAMARD_SHIFT 8
+#include "prologue_codes.h"
 
 static inline float silu_scalar(float g) { return g / (1.0f + expf(-g)); }
 

@@ -2,9 +2,10 @@
 
 ``avx512-vnni`` has them all: the A8W8 GEMM with its fused prologue/epilogue (``a8w8_vnni.c``), the BF16 GEMM
 (``bf16_gemm.c``), q/k norm + RoPE and the INT8 KV write (``attention_prep.c``), attention over the paged INT8
-KV cache (``paged_attention.c``) and the one-call decoder stack (``decoder_stack.c``). ``avx2`` (x86) and
-``neon`` (aarch64 with sdot) have the A8W8 GEMM with the same interface and the same results (``a8w8_avx2.c``,
-``a8w8_neon.c``). A family's library is compiled once per
+KV cache (``paged_attention.c``) and the one-call decoder stack (``decoder_stack.c``). ``avx2`` (x86) has all
+but the BF16 GEMM (``a8w8_avx2.c``, ``attention_prep_avx2.c``, ``paged_attention_avx2.c`` and the same
+``decoder_stack.c``) and ``neon`` (aarch64 with sdot) the A8W8 GEMM (``a8w8_neon.c``), with the same interfaces
+and the same results. A family's library is compiled once per
 source version into the a8w8-serve cache directory (a second or two: it includes no PyTorch headers). Where the
 CPU lacks a family's instructions, or no C compiler is installed, :func:`load_kernel_library` returns None with
 the reason; the backend then takes the next family, or ``torch._int_mm`` and eager PyTorch.
@@ -63,27 +64,44 @@ _COMMON_CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 AVX512_VNNI = KernelFamily(
     "avx512-vnni",
     ("a8w8_vnni.c", "bf16_gemm.c", "attention_prep.c", "paged_attention.c", "decoder_stack.c"),
-    ("simd_math.h", "prologue_common.h", "row_prologue.h", "cpu_kernels.h", "tile_dispatch.h", "kv_write_common.h"),
+    (
+        "simd_math.h",
+        "prologue_common.h",
+        "prologue_codes.h",
+        "row_prologue.h",
+        "cpu_kernels.h",
+        "tile_dispatch.h",
+        "kv_write_common.h",
+        "paged_attention_common.h",
+    ),
     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", *_COMMON_CFLAGS),
     ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
     ALL_OPS,
 )
-# AVX2 + FMA (Intel since Haswell, AMD since Zen): the A8W8 GEMM and the attention preparation so far; the rest
-# runs eagerly.
+# AVX2 + FMA (Intel since Haswell, AMD since Zen): everything but the BF16 lm_head (F.linear runs it); the
+# decoder stack is the AVX-512 family's own C file, calling this family's kernels.
 AVX2 = KernelFamily(
     "avx2",
-    ("a8w8_avx2.c", "attention_prep_avx2.c"),
-    ("prologue_common.h", "row_prologue_avx2.h", "a8w8_signed.h", "cpu_kernels.h", "kv_write_common.h"),
+    ("a8w8_avx2.c", "attention_prep_avx2.c", "paged_attention_avx2.c", "decoder_stack.c"),
+    (
+        "prologue_common.h",
+        "prologue_codes.h",
+        "row_prologue_avx2.h",
+        "a8w8_signed.h",
+        "cpu_kernels.h",
+        "kv_write_common.h",
+        "paged_attention_common.h",
+    ),
     ("-mavx2", "-mfma", *_COMMON_CFLAGS),
     ("avx2", "fma"),
-    frozenset({GEMM, ATTENTION_PREP}),
+    frozenset({GEMM, ATTENTION_PREP, ATTENTION, DECODER_STACK}),
 )
 # aarch64 with the dot-product extension (sdot; /proc/cpuinfo "asimddp"): the A8W8 GEMM so far (a8w8_neon.c).
 # Bit-exact against the others under qemu-aarch64 in the tests; its speed is not measured on ARM hardware yet.
 NEON = KernelFamily(
     "neon",
     ("a8w8_neon.c",),
-    ("prologue_common.h", "row_prologue_neon.h", "a8w8_signed.h"),
+    ("prologue_common.h", "prologue_codes.h", "row_prologue_neon.h", "a8w8_signed.h"),
     ("-march=armv8.2-a+dotprod", *_COMMON_CFLAGS),
     ("asimddp",),
     frozenset({GEMM}),
@@ -146,8 +164,10 @@ def load_kernel_library(name: str) -> tuple[ctypes.CDLL | None, str]:
     lib.has_bf16 = False
     if ATTENTION_PREP in family.ops:
         _declare_attention_prep(lib)
-    if family.complete:
-        _declare_complete(lib)
+    if ATTENTION in family.ops:
+        _declare_attention(lib)
+    if BF16_GEMM in family.ops:
+        _declare_bf16(lib)
     return lib, ""
 
 
@@ -172,7 +192,7 @@ def _declare_attention_prep(lib: ctypes.CDLL) -> None:
     lib.kv_write_int8.argtypes, lib.kv_write_int8.restype = [p, p, i, i, i, i, i, p, p, p, p, p], i
 
 
-def _declare_complete(lib: ctypes.CDLL) -> None:
+def _declare_bf16(lib: ctypes.CDLL) -> None:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.bf16_packed_k.argtypes, lib.bf16_packed_k.restype = [i], i
     lib.bf16_packed_n.argtypes, lib.bf16_packed_n.restype = [i], i
@@ -180,6 +200,10 @@ def _declare_complete(lib: ctypes.CDLL) -> None:
     lib.bf16_pack.argtypes, lib.bf16_pack.restype = [p, i, i, p], None
     lib.bf16_gemm.argtypes, lib.bf16_gemm.restype = [p, i, i, i, p, f, p, i, p, p, p], None
     lib.has_bf16 = BF16_CPU_FLAG in _cpu_flags()
+
+
+def _declare_attention(lib: ctypes.CDLL) -> None:
+    p, i = ctypes.c_void_p, ctypes.c_int
     lib.paged_attention_decode_int8.argtypes = [p, i, i, i, i, i, p, p, p, p, p, p, i, ctypes.c_float, p]
     lib.paged_attention_decode_int8.restype = i
     lib.paged_attention_prefill_int8.argtypes = [p, i, i, i, i, i, i, p, p, p, p, p, ctypes.c_float, p]
