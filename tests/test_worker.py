@@ -423,16 +423,17 @@ def bf16_linear_reference(x_bf16: torch.Tensor, w: torch.Tensor, x_rounding_ulps
     return exact, 2**-8 * (exact.abs() + accumulation) + accumulation + 1e-30
 
 
-def test_bf16_kernel_matches_the_exact_product_within_fp32_accumulation():
-    """The BF16 GEMM against the exact product of the same BF16 inputs: within the bound of fp32 accumulation
-    and BF16 output rounding, the output BF16-rounded,
-    and equal to the BF16 rounding of the exact product for nearly every output."""
+@pytest.mark.parametrize("family", ["avx512-vnni", "avx2"])
+def test_bf16_kernel_matches_the_exact_product_within_fp32_accumulation(family):
+    """Each kernel family's BF16 GEMM against the exact product of the same BF16 inputs: within the bound of
+    fp32 accumulation and BF16 output rounding, the output BF16-rounded, and equal to the BF16 rounding of the
+    exact product for nearly every output."""
     from npu.backends.base import RMSNorm, rms_norm
-    from npu.backends.cpu.vnni import Bf16Linear, Workspace, load_vnni_library
+    from npu.backends.cpu.vnni import Bf16Linear, Workspace, load_kernel_library
 
-    lib, why = load_vnni_library()
+    lib, why = load_kernel_library(family)
     if lib is None or not lib.has_bf16:
-        pytest.skip(f"BF16 kernel unavailable here: {why or 'no avx512_bf16'}")
+        pytest.skip(f"{family} BF16 kernel unavailable here: {why or lib.family.bf16_cpu_flags}")
     g = torch.Generator().manual_seed(8)
     for n, k in ((96, 160), (100, 70), (1000, 576)):
         w = torch.randn(n, k, generator=g).to(torch.bfloat16)

@@ -138,8 +138,7 @@ class CpuBackend(TorchOps):
         self._prep = self._with(lib, ATTENTION_PREP)
         self._attention = self._with(lib, ATTENTION)
         self._stack = self._with(lib, DECODER_STACK)
-        bf16 = self._with(lib, BF16_GEMM)
-        self._bf16 = bf16 if bf16 is not None and bf16.has_bf16 else None
+        self._bf16 = self._bf16_library(lib)
         self.kernel_family = "reference" if lib is None else lib.family.name
         self._workspace = Workspace()
         self._weight_arena = HugePageArena()  # packed weights on huge pages (npu/host_memory.py)
@@ -149,6 +148,19 @@ class CpuBackend(TorchOps):
     def _with(lib: Any, op: str) -> Any:
         """``lib`` where its family has kernel ``op`` (npu/backends/cpu/vnni.py), else None."""
         return lib if lib is not None and op in lib.family.ops else None
+
+    @staticmethod
+    def _bf16_library(lib: Any) -> Any:
+        """The chosen family's BF16 GEMM where this CPU runs it, else the next family's that it runs (an AVX-512
+        CPU without AVX-512 BF16 takes the AVX2 family's), else None (F.linear)."""
+        if lib is None:
+            return None
+        names = list(FAMILIES)
+        for name in names[names.index(lib.family.name) :]:
+            other = lib if name == lib.family.name else load_kernel_library(name)[0]
+            if other is not None and BF16_GEMM in other.family.ops and other.has_bf16:
+                return other
+        return None
 
     def prepare_linear(self, weight: LinearWeight, input_hadamard: int = 0):
         if isinstance(weight, Int8Linear):

@@ -1,11 +1,12 @@
 """The CPU backend's own kernels, by instruction-set family, built with gcc on first use and loaded with ctypes.
 
 ``avx512-vnni`` has them all: the A8W8 GEMM with its fused prologue/epilogue (``a8w8_vnni.c``), the BF16 GEMM
-(``bf16_gemm.c``), q/k norm + RoPE and the INT8 KV write (``attention_prep.c``), attention over the paged INT8
-KV cache (``paged_attention.c``) and the one-call decoder stack (``decoder_stack.c``). ``avx2`` (x86) has all
-but the BF16 GEMM (``a8w8_avx2.c``, ``attention_prep_avx2.c``, ``paged_attention_avx2.c`` and the same
-``decoder_stack.c``) and ``neon`` (aarch64 with sdot) the A8W8 GEMM (``a8w8_neon.c``), with the same interfaces
-and the same results. A family's library is compiled once per
+(``bf16_gemm.c``, where the CPU has AVX-512 BF16), q/k norm + RoPE and the INT8 KV write (``attention_prep.c``),
+attention over the paged INT8 KV cache (``paged_attention.c``) and the one-call decoder stack
+(``decoder_stack.c``). ``avx2`` (x86) has them all too (``a8w8_avx2.c``, ``bf16_gemm_avx2.c``,
+``attention_prep_avx2.c``, ``paged_attention_avx2.c`` and the same ``decoder_stack.c``) and ``neon`` (aarch64
+with sdot) the A8W8 GEMM (``a8w8_neon.c``), with the same interfaces and the same results (the BF16 GEMM's
+within a bound: its sums are fused multiply-adds there, vdpbf16ps here). A family's library is compiled once per
 source version into the a8w8-serve cache directory (a second or two: it includes no PyTorch headers). Where the
 CPU lacks a family's instructions, or no C compiler is installed, :func:`load_kernel_library` returns None with
 the reason; the backend then takes the next family, or ``torch._int_mm`` and eager PyTorch.
@@ -49,6 +50,7 @@ class KernelFamily:
     cflags: tuple[str, ...]
     cpu_flags: tuple[str, ...]
     ops: frozenset[str]
+    bf16_cpu_flags: tuple[str, ...] = ()  # what its BF16 GEMM needs beyond cpu_flags (elsewhere it is not called)
 
     @property
     def complete(self) -> bool:
@@ -73,17 +75,21 @@ AVX512_VNNI = KernelFamily(
         "tile_dispatch.h",
         "kv_write_common.h",
         "paged_attention_common.h",
+        "bf16_packing.h",
     ),
     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", *_COMMON_CFLAGS),
     ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
     ALL_OPS,
+    bf16_cpu_flags=("avx512_bf16",),
 )
-# AVX2 + FMA (Intel since Haswell, AMD since Zen): everything but the BF16 lm_head (F.linear runs it); the
-# decoder stack is the AVX-512 family's own C file, calling this family's kernels.
+# AVX2 + FMA (Intel since Haswell, AMD since Zen): every kernel; the decoder stack is the AVX-512 family's own C
+# file, calling this family's kernels.
 AVX2 = KernelFamily(
     "avx2",
-    ("a8w8_avx2.c", "attention_prep_avx2.c", "paged_attention_avx2.c", "decoder_stack.c"),
+    ("a8w8_avx2.c", "bf16_gemm_avx2.c", "attention_prep_avx2.c", "paged_attention_avx2.c", "decoder_stack.c"),
     (
+        "bf16_packing.h",
+        "tile_dispatch.h",
         "prologue_common.h",
         "prologue_codes.h",
         "row_prologue_avx2.h",
@@ -94,7 +100,7 @@ AVX2 = KernelFamily(
     ),
     ("-mavx2", "-mfma", *_COMMON_CFLAGS),
     ("avx2", "fma"),
-    frozenset({GEMM, ATTENTION_PREP, ATTENTION, DECODER_STACK}),
+    ALL_OPS,
 )
 # aarch64 with the dot-product extension (sdot; /proc/cpuinfo "asimddp"): the A8W8 GEMM so far (a8w8_neon.c).
 # Bit-exact against the others under qemu-aarch64 in the tests; its speed is not measured on ARM hardware yet.
@@ -107,8 +113,6 @@ NEON = KernelFamily(
     frozenset({GEMM}),
 )
 FAMILIES = {f.name: f for f in (AVX512_VNNI, AVX2, NEON)}  # fastest first: what ``auto`` tries in order
-# bf16_gemm is only called where the CPU also has this (the rest of the library does not use it)
-BF16_CPU_FLAG = "avx512_bf16"
 SCRATCH_ALIGN = 64  # cache line: activation panels start on one
 # a8w8_gemm prologue codes (row_prologue.h): the kind in the low byte, log2 of R4's Hadamard block above it
 PROLOGUE_NONE, PROLOGUE_RMSNORM, PROLOGUE_SILU_MUL = 0, 1, 2
@@ -199,7 +203,8 @@ def _declare_bf16(lib: ctypes.CDLL) -> None:
     lib.bf16_panel_bytes.argtypes, lib.bf16_panel_bytes.restype = [i, i], ctypes.c_long
     lib.bf16_pack.argtypes, lib.bf16_pack.restype = [p, i, i, p], None
     lib.bf16_gemm.argtypes, lib.bf16_gemm.restype = [p, i, i, i, p, f, p, i, p, p, p], None
-    lib.has_bf16 = BF16_CPU_FLAG in _cpu_flags()
+    flags = _cpu_flags()
+    lib.has_bf16 = all(flag in flags for flag in lib.family.bf16_cpu_flags)
 
 
 def _declare_attention(lib: ctypes.CDLL) -> None:
