@@ -15,14 +15,6 @@
 #define MIN_DIVISOR 1e-30f
 #define QMAX 127.0f
 
-static inline float reduce_max_8(__m256 v) {  // (the order of a max does not matter for rows without NaN)
-    float lanes[VEC];
-    _mm256_storeu_ps(lanes, v);
-    float m = lanes[0];
-    for (int i = 1; i < VEC; i++) m = fmaxf(m, lanes[i]);
-    return m;
-}
-
 // As attention_prep.c qk_norm_rope (the head size checks included, so both families take the same shapes).
 int qk_norm_rope(float *qkv, int T, int row_stride, int H, int D, const float *norm_w, float eps, const float *cos_t,
                  const float *sin_t, const int64_t *positions, int hadamard_log2) {

@@ -32,14 +32,6 @@ static inline __m256i hsum8_epi32(const __m256i v[8]) {
 
 static inline __m256 abs256(__m256 v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
 
-static inline float max_lanes(__m256 v) {  // (the order of a max does not matter for values without NaN)
-    float t[VEC];
-    _mm256_storeu_ps(t, v);
-    float m = t[0];
-    for (int i = 1; i < VEC; i++) m = t[i] > m ? t[i] : m;
-    return m;
-}
-
 // lanes [0, n) set (n may be <= 0 or >= 8)
 static inline __m256i lanes_below(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -49,7 +41,7 @@ static inline __m256i lanes_below(int n) {
 static float quantize_q16(const float *q, int D, int16_t *q16) {
     __m256 vmax = _mm256_setzero_ps();
     for (int d = 0; d < D; d += VEC) vmax = _mm256_max_ps(vmax, abs256(_mm256_loadu_ps(q + d)));
-    const float s = max_lanes(vmax) / Q_MAX, inv = s > 0.0f ? 1.0f / s : 0.0f;
+    const float s = reduce_max_8(vmax) / Q_MAX, inv = s > 0.0f ? 1.0f / s : 0.0f;
     const __m256 vinv = _mm256_set1_ps(inv);
     for (int d = 0; d < D; d += 2 * VEC) {
         const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(q + d), vinv));
@@ -201,65 +193,31 @@ static void item_pv(const int16_t *p16, int NQV, int G, const float *oscale, int
     }
 }
 
-// As paged_attention.c paged_attention_decode_int8 (same arguments, shapes, work items and results).
-int paged_attention_decode_int8(const float *q, int q_stride, int S, int Hq, int Hkv, int D, const int8_t *kc, const float *ks,
-                                const int8_t *vc, const float *vs, const int64_t *slots, const int32_t *lens, int Lmax,
-                                float scale, float *out) {
-    if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > ITEM_QV_MAX) return -1;
-    const int G = Hq / Hkv, HC = decode_heads_per_item(Hkv, G);
-    const int max_splits = context_parts(Lmax), longest_part = Lmax < SPLIT_KEYS ? Lmax : SPLIT_KEYS;
-    const int chunks = Hkv / HC, NQV = HC * G, Lcap = (longest_part > 0 ? longest_part : 1) + 2;
-    const int nitems = S * chunks * max_splits;
-    const size_t part_size = (size_t)NQV * (D + 2);  // as in paged_attention.c
-    float *part = max_splits > 1 ? (float *)malloc(sizeof(float) * nitems * part_size) : NULL;
-#pragma omp parallel
-    {
-        int32_t *dots = (int32_t *)malloc(sizeof(int32_t) * ((size_t)Lcap * NQV + VEC));
-        float *sv = (float *)malloc(sizeof(float) * ((size_t)Lcap * NQV + 2 * VEC));
-        int16_t *p16 = (int16_t *)malloc(sizeof(int16_t) * (size_t)NQV * (Lcap + 2));
-        int8_t *vstage = (int8_t *)malloc((size_t)HC * Lcap * D);
-        int16_t q16[ITEM_QV_MAX * MAX_D];
-#pragma omp for schedule(dynamic)
-        for (int w = 0; w < nitems; w++) {
-            const int s = w / (chunks * max_splits), h0 = (w / max_splits % chunks) * HC, sp = w % max_splits;
-            const int L = lens[s], nsplit = context_parts(L);
-            float *o = out + ((size_t)s * Hq + (size_t)h0 * G) * D;
-            if (L <= 0) {
-                if (sp == 0) memset(o, 0, sizeof(float) * NQV * D);
-                continue;
-            }
-            if (sp >= nsplit) continue;
-            const int ja = (int)((long)L * sp / nsplit), n = (int)((long)L * (sp + 1) / nsplit) - ja;
-            const int64_t *sl = slots + (size_t)s * Lmax + ja;
-            float qs[ITEM_QV_MAX], psc[ITEM_QV_MAX], rmax[ITEM_QV_MAX], rsum[ITEM_QV_MAX];
-            for (int i = 0; i < NQV; i++) qs[i] = quantize_q16(q + (size_t)s * q_stride + ((size_t)h0 * G + i) * D, D, q16 + (size_t)i * D) * scale;
-            item_dots(q16, NQV, G, D, kc, vc, sl, n, Hkv, h0, dots, vstage, Lcap);
-            item_probs(dots, qs, NQV, G, n, ks, vs, sl, Hkv, h0, sv, p16, psc, rmax, rsum);
-            if (nsplit == 1) {  // normalize here
-                for (int i = 0; i < NQV; i++) psc[i] /= rsum[i];
-                item_pv(p16, NQV, G, psc, n, vstage, Lcap, D, o);
-            } else {  // this part's unnormalized output, its max and sum
-                float *pw = part + (size_t)w * part_size;
-                item_pv(p16, NQV, G, psc, n, vstage, Lcap, D, pw);
-                memcpy(pw + (size_t)NQV * D, rmax, sizeof(float) * NQV);
-                memcpy(pw + (size_t)NQV * D + NQV, rsum, sizeof(float) * NQV);
-            }
-        }
-#pragma omp for schedule(static)
-        for (int sc = 0; sc < S * chunks; sc++) {
-            const int s = sc / chunks, h0 = sc % chunks * HC, nsplit = context_parts(lens[s]);
-            if (nsplit == 1) continue;
-            combine_parts(part + (size_t)sc * max_splits * part_size, nsplit, part_size, NQV, D,
-                          out + ((size_t)s * Hq + (size_t)h0 * G) * D);
-        }
-        free(dots); free(sv); free(p16); free(vstage);
-    }
-    free(part);
-    return 0;
+// One decode work item's scratch: the dot products, scores, INT16 weights and staged V rows.
+static size_t decode_scratch_bytes(int NQV, int HC, int Lcap, int D) {
+    return scratch_round(sizeof(int32_t) * ((size_t)Lcap * NQV + VEC)) +
+           scratch_round(sizeof(float) * ((size_t)Lcap * NQV + 2 * VEC)) +
+           scratch_round(sizeof(int16_t) * (size_t)NQV * (Lcap + 2)) + scratch_round((size_t)HC * Lcap * D);
+}
+
+// One decode work item (paged_attention_driver.h), as paged_attention.c decode_item.
+static void decode_item(const int16_t *q16, const float *qs, int NQV, int G, int D, const int8_t *kc, const float *ks,
+                        const int8_t *vc, const float *vs, const int64_t *sl, int L, int Hkv, int h0, int Lcap,
+                        char *scratch, int normalize, float *out, float *rmax, float *rsum) {
+    int32_t *dots = (int32_t *)scratch;
+    float *sv = (float *)((char *)dots + scratch_round(sizeof(int32_t) * ((size_t)Lcap * NQV + VEC)));
+    int16_t *p16 = (int16_t *)((char *)sv + scratch_round(sizeof(float) * ((size_t)Lcap * NQV + 2 * VEC)));
+    int8_t *vstage = (int8_t *)p16 + scratch_round(sizeof(int16_t) * (size_t)NQV * (Lcap + 2));
+    float psc[ITEM_QV_MAX];
+    item_dots(q16, NQV, G, D, kc, vc, sl, L, Hkv, h0, dots, vstage, Lcap);
+    item_probs(dots, qs, NQV, G, L, ks, vs, sl, Hkv, h0, sv, p16, psc, rmax, rsum);
+    if (normalize)
+        for (int i = 0; i < NQV; i++) psc[i] /= rsum[i];
+    item_pv(p16, NQV, G, psc, L, vstage, Lcap, D, out);
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Prefill / chunked prefill (paged_attention.c paged_attention_prefill_int8, same work items).
+// Prefill's steps (the work items: paged_attention_driver.h).
 
 // scores[qv][j0 + jj] for KEY_BLOCK keys and nqv query vectors: (dot * q scale) * k scale.
 static void scores_key_block(const int16_t *q16, const float *qk_scale, int nqv, const int16_t *kb, const float *kscale,
@@ -317,77 +275,10 @@ static inline __attribute__((always_inline)) void pv_group(const float *p, int L
     }
 }
 
-static void pv_head(const float *p, int pstride, int L, const int8_t *vc, const int64_t *sl, int Hkv, int h, int D,
-                    int G, float *out) {
-    for (int g0 = 0; g0 < G; g0 += PV_GROUP) {
-        const int ng = G - g0 < PV_GROUP ? G - g0 : PV_GROUP;
-        const float *pg = p + (size_t)g0 * pstride;
-        float *og = out + (size_t)g0 * D;
-        switch (ng) {
-            case 1: pv_group(pg, L, vc, sl, Hkv, h, D, 1, og, pstride); break;
-            case 2: pv_group(pg, L, vc, sl, Hkv, h, D, 2, og, pstride); break;
-            case 3: pv_group(pg, L, vc, sl, Hkv, h, D, 3, og, pstride); break;
-            case 4: pv_group(pg, L, vc, sl, Hkv, h, D, 4, og, pstride); break;
-            case 5: pv_group(pg, L, vc, sl, Hkv, h, D, 5, og, pstride); break;
-            case 6: pv_group(pg, L, vc, sl, Hkv, h, D, 6, og, pstride); break;
-            case 7: pv_group(pg, L, vc, sl, Hkv, h, D, 7, og, pstride); break;
-            default: pv_group(pg, L, vc, sl, Hkv, h, D, PV_GROUP, og, pstride); break;
-        }
-    }
+// An INT8 key row -> INT16 (the prefill's key block).
+static void widen_key_row(const int8_t *kr, int D, int16_t *kb) {
+    for (int c = 0; c < D / 16; c++)
+        _mm256_storeu_si256((__m256i *)(kb + c * 16), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(kr + c * 16))));
 }
 
-int paged_attention_prefill_int8(const float *q, int q_stride, int nq, int start, int Hq, int Hkv, int D,
-                                 const int8_t *kc, const float *ks, const int8_t *vc, const float *vs,
-                                 const int64_t *slots, float scale, float *out) {
-    if (D % 32 || D > MAX_D || Hq % Hkv || Hq / Hkv > MAX_G) return -1;
-    const int G = Hq / Hkv, ntiles = (nq + PF_ROWS - 1) / PF_ROWS, ctx = start + nq;
-    const int stride = (ctx + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;  // scores row length, whole key blocks
-#pragma omp parallel
-    {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)PF_QV_MAX * stride);
-        int16_t *q16 = (int16_t *)malloc(sizeof(int16_t) * (size_t)PF_QV_MAX * D);
-        int16_t *kb = (int16_t *)malloc(sizeof(int16_t) * (size_t)KEY_BLOCK * D);
-        float *tmp = (float *)malloc(sizeof(float) * (size_t)PF_QV_MAX * D);
-        float *vscale = (float *)malloc(sizeof(float) * (size_t)stride);
-        float qk_scale[PF_QV_MAX], kscale[KEY_BLOCK];
-#pragma omp for schedule(dynamic)
-        for (int w = 0; w < Hkv * ntiles; w++) {
-            const int h = w % Hkv, t = ntiles - 1 - w / Hkv;  // later tiles (more keys) first
-            const int r0 = t * PF_ROWS, nr = nq - r0 < PF_ROWS ? nq - r0 : PF_ROWS, nqv = nr * G;
-            const int nkeys = start + r0 + nr;
-            for (int r = 0; r < nr; r++)
-                for (int g = 0; g < G; g++)
-                    qk_scale[r * G + g] = quantize_q16(q + (size_t)(r0 + r) * q_stride + (size_t)(h * G + g) * D, D,
-                                                       q16 + (size_t)(r * G + g) * D) * scale;
-            for (int j0 = 0; j0 < nkeys; j0 += KEY_BLOCK) {
-                const int nb = nkeys - j0 < KEY_BLOCK ? nkeys - j0 : KEY_BLOCK;
-                for (int jj = 0; jj < KEY_BLOCK; jj++) {
-                    if (jj < nb) {
-                        const size_t row = (size_t)slots[j0 + jj] * Hkv + h;
-                        const int8_t *kr = kc + row * D;
-                        for (int c = 0; c < D / 16; c++)
-                            _mm256_storeu_si256((__m256i *)(kb + (size_t)jj * D + c * 16),
-                                                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(kr + c * 16))));
-                        kscale[jj] = ks[row];
-                        vscale[j0 + jj] = vs[row];
-                    } else {  // past the last key: zeros, masked below
-                        memset(kb + (size_t)jj * D, 0, sizeof(int16_t) * D);
-                        kscale[jj] = 0.0f;
-                    }
-                }
-                scores_key_block(q16, qk_scale, nqv, kb, kscale, D, scores, stride, j0);
-            }
-            for (int r = 0; r < nr; r++) {
-                const int L = start + r0 + r + 1;  // causal: keys 0..position
-                for (int g = 0; g < G; g++) softmax_fold_scales(scores + (size_t)(r * G + g) * stride, L, nkeys, vscale);
-            }
-            pv_head(scores, stride, nkeys, vc, slots, Hkv, h, D, nqv, tmp);
-            for (int v = 0; v < nqv; v++) {
-                const int r = v / G, g = v % G;
-                memcpy(out + ((size_t)(r0 + r) * Hq + (size_t)h * G + g) * D, tmp + (size_t)v * D, sizeof(float) * D);
-            }
-        }
-        free(scores); free(q16); free(kb); free(tmp); free(vscale);
-    }
-    return 0;
-}
+#include "paged_attention_driver.h"

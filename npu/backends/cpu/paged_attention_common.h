@@ -70,3 +70,6 @@ static void combine_parts(const float *p0, int nsplit, size_t part_size, int NQV
         memcpy(o + (size_t)i * D, acc, sizeof(float) * D);
     }
 }
+
+// A family's decode scratch buffers start on cache lines: each piece's size rounded up with this.
+static inline size_t scratch_round(size_t bytes) { return (bytes + CACHE_LINE - 1) / CACHE_LINE * CACHE_LINE; }

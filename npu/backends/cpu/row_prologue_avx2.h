@@ -38,6 +38,15 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(_mm256_mul_ps(p, pow2_256(half)), pow2_256(_mm256_sub_epi32(ni, half)));
 }
 
+// The largest of the 8 lanes (the order of a max does not matter for values without NaN).
+static inline float reduce_max_8(__m256 v) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    float m = lanes[0];
+    for (int i = 1; i < 8; i++) m = fmaxf(m, lanes[i]);
+    return m;
+}
+
 // _mm512_reduce_add_ps of the 16 lanes lo | hi, in gcc's order: the halves added, then the 128-bit halves, then
 // lanes (0, 2) and (1, 3), then the two.
 static inline float reduce_add_16(__m256 lo, __m256 hi) {
