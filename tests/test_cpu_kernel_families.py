@@ -152,6 +152,27 @@ def test_a_family_the_cpu_cannot_run_is_refused_with_the_reason(monkeypatch):
         load_kernel_library.cache_clear()
 
 
+def test_an_avx512_cpu_without_avx512_bf16_takes_the_avx2_bf16_gemm(monkeypatch):
+    """As on Cascade Lake or Ice Lake (AVX-512 VNNI without AVX-512 BF16): the BF16 lm_head runs through the AVX2
+    family's kernel, not F.linear, while everything else stays AVX-512."""
+    from loaders.quantization import FloatLinear
+    from npu.backends.cpu.vnni import Bf16Linear
+
+    if not {"avx512-vnni", "avx2"} <= set(_families()):
+        pytest.skip("needs both the avx512-vnni and the avx2 families")
+    flags = vnni._cpu_flags()
+    load_kernel_library.cache_clear()
+    try:
+        monkeypatch.setattr(vnni, "_cpu_flags", lambda: flags - {"avx512_bf16"})
+        backend = CpuBackend(cpu_kernels="avx512-vnni")
+        op = backend.prepare_linear(FloatLinear(torch.randn(40, 64).to(torch.bfloat16)))
+        assert backend.kernel_family == "avx512-vnni"
+        assert isinstance(op, Bf16Linear) and op.lib.family.name == "avx2"
+        assert isinstance(backend.prepare_linear(quantize_linear(torch.randn(48, 64))), VnniLinear)
+    finally:
+        load_kernel_library.cache_clear()
+
+
 # ---- the NEON family, built for aarch64 and run under emulation --------------------------------------------
 HARNESS = Path(__file__).parent / "native" / "a8w8_harness.c"
 KERNELS = Path(vnni.__file__).parent
