@@ -6,15 +6,11 @@ the CPU cannot run is refused with the reason."""
 
 from __future__ import annotations
 
-import platform
-import shutil
-import struct
-import subprocess
-from pathlib import Path
+import ctypes
 
-import numpy as np
 import pytest
 import torch
+from kernel_emulation import EmulatedKernels, NativeKernels, SharedArena, build_neon_harness
 
 from loaders.quantization import Int8Linear, quantize_linear
 from npu.backends.base import RMSNorm
@@ -173,70 +169,319 @@ def test_an_avx512_cpu_without_avx512_bf16_takes_the_avx2_bf16_gemm(monkeypatch)
         load_kernel_library.cache_clear()
 
 
-# ---- the NEON family, built for aarch64 and run under emulation --------------------------------------------
-HARNESS = Path(__file__).parent / "native" / "a8w8_harness.c"
-KERNELS = Path(vnni.__file__).parent
+# ---- the NEON family, built for aarch64 and run under emulation (tests/kernel_emulation.py) ------------------
 NEON_PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2, "silu_mul_hadamard_4": 2 | 2 << 8, "hadamard_16": 4 << 8}
+ARENA_BYTES = 256 << 20
 
 
 @pytest.fixture(scope="module")
-def neon_harness(tmp_path_factory) -> list[str]:
-    """The NEON family's GEMM linked into tests/native/a8w8_harness.c: natively on aarch64, else cross-compiled
-    (Debian's gcc-aarch64-linux-gnu, static) and run by qemu-aarch64 (qemu-user); scripts/test.sh installs both."""
-    family = FAMILIES["neon"]
-    native = platform.machine() in ("aarch64", "arm64")
-    compiler = "gcc" if native else "aarch64-linux-gnu-gcc"
-    runner = [] if native else ["qemu-aarch64"]
-    missing = [tool for tool in [compiler, *runner] if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (scripts/test.sh installs them with apt)")
-    exe = tmp_path_factory.mktemp("neon") / "a8w8_harness"
-    flags = [f for f in family.cflags if f not in ("-shared", "-fPIC", "-fopenmp")]
-    sources = [str(KERNELS / s) for s in family.sources]
-    cmd = [compiler, *flags, *([] if native else ["-static"]), f"-I{KERNELS}", *sources, str(HARNESS), "-o", str(exe)]
-    subprocess.run([*cmd, "-lm"], check=True, capture_output=True)
-    return [*runner, str(exe)]
+def neon(tmp_path_factory):
+    """The NEON family's kernels, callable by name, with their arguments in a shared arena (``neon.arena``)."""
+    command, why = build_neon_harness(tmp_path_factory.mktemp("neon"))
+    if command is None:
+        pytest.skip(why)
+    arena = SharedArena(ARENA_BYTES)
+    kernels = EmulatedKernels(command, arena, FAMILIES["neon"])
+    yield kernels
+    kernels.close()
+    arena.close()
 
 
-def _harness_gemm(cmd, lw: Int8Linear, x, prologue: int, norm=None, residual=None, eps: float = 1e-6):
-    m, (n, k) = x.shape[0], lw.qweight.shape
-    flags = (m, k, n, prologue, norm is not None, lw.bias is not None, residual is not None)
-    parts = [struct.pack("<7if", *flags, eps), x.float().numpy().tobytes()]
-    parts += [] if norm is None else [norm.float().numpy().tobytes()]
-    parts += [lw.qweight.numpy().tobytes(), lw.scale.float().numpy().tobytes()]
-    parts += [] if lw.bias is None else [lw.bias.float().numpy().tobytes()]
-    parts += [] if residual is None else [residual.float().numpy().tobytes()]
-    done = subprocess.run(cmd, input=b"".join(parts), capture_output=True, check=True, timeout=120)
-    return torch.from_numpy(np.frombuffer(done.stdout, dtype=np.float32).copy()).view(m, n)
+def _native(op: str | None = None, prefer: str | None = None) -> NativeKernels:
+    """A family this CPU runs natively (``prefer`` where it runs), other than NEON, with kernel ``op``."""
+    libs = {
+        name: lib
+        for name, lib in _families_or_none().items()
+        if name != "neon" and (op is None or op in lib.family.ops)
+    }
+    if not libs:
+        pytest.skip(f"no family other than NEON{' with ' + op if op else ''} runs natively here to compare with")
+    return NativeKernels(libs.get(prefer) or next(iter(libs.values())))
 
 
-def test_neon_family_is_bit_exact_under_emulation(neon_harness):
+def _packed_linear(kernels, arena: SharedArena, lw: Int8Linear) -> dict:
+    """An Int8Linear packed by ``kernels``' own a8w8_pack into the arena (scale and bias padded as VnniLinear
+    pads them)."""
+    n, k = lw.qweight.shape
+    kp, np_ = kernels.a8w8_packed_k(k), kernels.a8w8_packed_n(n)
+    packed = {"wp": arena.empty((np_ * kp,), torch.int8), "wsum": arena.empty((np_,), torch.int32), "n": n, "k": k}
+    kernels.a8w8_pack(arena.copy(lw.qweight), n, k, packed["wp"], packed["wsum"])
+    packed["sw"] = arena.copy(torch.nn.functional.pad(lw.scale.float(), (0, np_ - n)))
+    packed["bias"] = None if lw.bias is None else arena.copy(torch.nn.functional.pad(lw.bias.float(), (0, np_ - n)))
+    return packed
+
+
+def _gemm(kernels, arena: SharedArena, packed: dict, x, prologue: int, norm=None, residual=None, eps: float = 1e-6):
+    m, k, n = x.shape[0], packed["k"], packed["n"]
+    out = arena.empty((m, n), torch.float32)
+    xq = arena.empty((kernels.a8w8_panel_bytes(m, k),), torch.uint8)
+    sx = arena.empty((max(m, 1),), torch.float32)
+    kernels.a8w8_gemm(
+        arena.copy(x),
+        m,
+        k,
+        prologue,
+        None if norm is None else arena.copy(norm),
+        eps,
+        packed["wp"],
+        packed["wsum"],
+        packed["sw"],
+        packed["bias"],
+        n,
+        None if residual is None else arena.copy(residual),
+        out,
+        xq,
+        sx,
+    )
+    return out.clone()
+
+
+def test_neon_gemm_is_bit_exact_under_emulation(neon):
     """Small shapes (emulation is slow): against torch._int_mm's path without a prologue; with every prologue
     against a family this machine runs natively (the float prologues give the same bits everywhere)."""
-    native = next(iter(lib for name, lib in _families_or_none().items() if name != "neon"), None)
-    g = torch.Generator().manual_seed(5)
+    arena, g = neon.arena, torch.Generator().manual_seed(5)
     for m, k, n in ((1, 64, 40), (5, 96, 36), (9, 128, 20)):
         lw = _weights(n, k, g)
         x = torch.randn(m, k, generator=g) * 3
         gu = torch.randn(m, 2 * k, generator=g) * 3
         residual = torch.randn(m, n, generator=g)
         norm = torch.rand(k, generator=g) + 0.5
-        ref = Int8GemmLinear(lw)
-        assert torch.equal(_harness_gemm(neon_harness, lw, x, 0), ref(x)), (m, k, n)
-        assert torch.equal(_harness_gemm(neon_harness, lw, x, 0, residual=residual), ref(x, residual=residual))
-        if native is None:
-            continue
+        ref, packed = Int8GemmLinear(lw), _packed_linear(neon, arena, lw)
+        assert torch.equal(_gemm(neon, arena, packed, x, 0), ref(x)), (m, k, n)
+        assert torch.equal(_gemm(neon, arena, packed, x, 0, residual=residual), ref(x, residual=residual))
+        native = _native(prefer="avx512-vnni").lib
         for name, code in NEON_PROLOGUES.items():
             block = 1 << (code >> 8) if code >> 8 else 0
             op = VnniLinear(lw, native, Workspace(), input_hadamard=block)
             kind = code & 0xFF
             if kind == 1:
-                want, got = op(x, norm=RMSNorm(norm, 1e-6)), _harness_gemm(neon_harness, lw, x, code, norm=norm)
+                want, got = op(x, norm=RMSNorm(norm, 1e-6)), _gemm(neon, arena, packed, x, code, norm=norm)
             elif kind == 2:
-                want, got = op(gu, gated=True), _harness_gemm(neon_harness, lw, gu, code)
+                want, got = op(gu, gated=True), _gemm(neon, arena, packed, gu, code)
             else:
-                want, got = op(x), _harness_gemm(neon_harness, lw, x, code)
+                want, got = op(x), _gemm(neon, arena, packed, x, code)
             assert torch.equal(got, want), (m, k, n, name)
+
+
+def test_neon_attention_prep_is_bit_exact_under_emulation(neon):
+    """q/k norm + RoPE (with and without the norm and R3), the INT8 KV write and argmax: the same bytes as a
+    family this CPU runs, from the same C calls on the same arguments."""
+    from npu.backends.cpu.vnni import ATTENTION_PREP
+
+    arena, native, g = neon.arena, _native(ATTENTION_PREP), torch.Generator().manual_seed(9)
+    for t, h, hkv, d in ((1, 16, 8, 128), (3, 6, 2, 64), (2, 4, 4, 32)):
+        qk = torch.randn(t, h + hkv, d, generator=g) * 4
+        cos, sin = arena.copy(torch.randn(50, d, generator=g)), arena.copy(torch.randn(50, d, generator=g))
+        positions = arena.copy(torch.randint(0, 50, (t,), generator=g))
+        norm = arena.copy(torch.rand(h + hkv, d, generator=g) + 0.5)
+        for with_norm in (False, True):
+            for r3 in (0, d.bit_length() - 1):
+                outs = []
+                for kernels in (native, neon):
+                    x = arena.copy(qk)
+                    rc = kernels.qk_norm_rope(
+                        x, t, (h + hkv) * d, h + hkv, d, norm if with_norm else None, 1e-6, cos, sin, positions, r3
+                    )
+                    outs.append((rc, x.clone()))
+                assert outs[0][0] == outs[1][0] == 0 and torch.equal(outs[0][1], outs[1][1]), (t, h, d, with_norm, r3)
+        kv, slots = torch.randn(t, 2 * hkv, d, generator=g) * 3, arena.copy(torch.randperm(64, generator=g)[:t])
+        kv[0, 0] = 0.0  # an all-zero head: scale 0
+        written = []
+        for kernels in (native, neon):
+            caches = [arena.empty((64, hkv, d), torch.int8), arena.empty((64, hkv), torch.float32)] * 2
+            x = arena.copy(kv)
+            kernels.kv_write_int8(x, x[:, hkv:], t, 2 * hkv * d, 2 * hkv * d, hkv, d, slots, *caches)
+            written.append([c.clone() for c in caches])
+        assert all(torch.equal(a, b) for a, b in zip(*written)), (t, hkv, d)
+    logits = torch.randn(5, 1003, generator=g)
+    logits[1, 7] = logits[1, 900] = 50.0  # a tie: the first index
+    chosen = []
+    for kernels in (native, neon):
+        out = arena.empty((5,), torch.int64)
+        kernels.argmax_rows(arena.copy(logits), 5, 1003, out)
+        chosen.append(out.clone())
+    assert torch.equal(chosen[0], chosen[1]) and torch.equal(chosen[1], logits.argmax(-1))
+
+
+def _arena_cache(arena: SharedArena, hkv: int, d: int, g: torch.Generator, slots_total: int = 640):
+    cache = {
+        "k": torch.randint(-127, 128, (slots_total, hkv, d), generator=g, dtype=torch.int8),
+        "v": torch.randint(-127, 128, (slots_total, hkv, d), generator=g, dtype=torch.int8),
+        "ks": torch.rand(slots_total, hkv, generator=g) * 0.05,
+        "vs": torch.rand(slots_total, hkv, generator=g) * 0.05,
+    }
+    return {name: arena.copy(t) for name, t in cache.items()}
+
+
+def test_neon_paged_attention_is_bit_exact_under_emulation(neon):
+    """Decode (contexts of 1 to 600 keys: split in up to 3 parts, odd lengths) and prefill (whole prompts and later
+    chunks) give the bits of a family this CPU runs, for each head layout of the cross-family test."""
+    from npu.backends.cpu.vnni import ATTENTION
+
+    arena, native, g = neon.arena, _native(ATTENTION), torch.Generator().manual_seed(23)
+    for hq, hkv, d in ATTENTION_SHAPES:
+        c = _arena_cache(arena, hkv, d, g)
+        lengths = [1, 2, 17, 130, 257, 600]
+        slots = arena.copy(torch.stack([torch.randperm(640, generator=g)[:600] for _ in lengths]))
+        lens = arena.copy(torch.tensor(lengths, dtype=torch.int32))
+        q = arena.copy(torch.randn(len(lengths), hq * d, generator=g) * 2)
+        outs = []
+        for kernels in (native, neon):
+            out = arena.empty((len(lengths), hq, d), torch.float32)
+            rc = kernels.paged_attention_decode_int8(
+                q, hq * d, len(lengths), hq, hkv, d, c["k"], c["ks"], c["v"], c["vs"], slots, lens, 600, d**-0.5, out
+            )
+            outs.append((rc, out.clone()))
+        assert outs[0][0] == outs[1][0] == 0 and torch.equal(outs[0][1], outs[1][1]), ("decode", hq, hkv, d)
+        for q_len, ctx in ((1, 1), (37, 37), (16, 100), (20, 300)):
+            wide = arena.copy(torch.randn(q_len, hq * d + 7, generator=g))
+            outs = []
+            for kernels in (native, neon):
+                out = arena.empty((q_len, hq * d), torch.float32)
+                rc = kernels.paged_attention_prefill_int8(
+                    wide,
+                    hq * d + 7,
+                    q_len,
+                    ctx - q_len,
+                    hq,
+                    hkv,
+                    d,
+                    c["k"],
+                    c["ks"],
+                    c["v"],
+                    c["vs"],
+                    slots[3],
+                    d**-0.5,
+                    out,
+                )
+                outs.append((rc, out.clone()))
+            assert outs[0][0] == outs[1][0] == 0 and torch.equal(outs[0][1], outs[1][1]), ("prefill", hq, hkv, d, q_len)
+
+
+def test_neon_bf16_gemm_is_bit_exact_under_emulation(neon):
+    """The BF16 lm_head: the AVX2 family's fused multiply-adds in vdpbf16ps's defined order, bit for bit."""
+    from npu.backends.cpu.vnni import BF16_GEMM
+
+    arena, native, g = neon.arena, _native(BF16_GEMM, prefer="avx2"), torch.Generator().manual_seed(24)
+    if native.family.name != "avx2":
+        pytest.skip("the AVX2 family (whose order NEON keeps) does not run here")
+    for n, k in ((100, 64), (33, 70), (260, 576)):
+        w = arena.copy(torch.randn(n, k, generator=g).to(torch.bfloat16).view(torch.int16))
+        norm = arena.copy(torch.rand(k, generator=g) + 0.5)
+        for m in (1, 3, 5):
+            x, res = arena.copy(torch.randn(m, k, generator=g)), arena.copy(torch.randn(m, n, generator=g))
+            for prologue, residual in ((0, None), (1, res)):
+                outs = []
+                for kernels in (native, neon):
+                    kp, np_ = kernels.bf16_packed_k(k), kernels.bf16_packed_n(n)
+                    wp = arena.empty((np_ * kp,), torch.int16)
+                    kernels.bf16_pack(w, n, k, wp)
+                    out = arena.empty((m, n), torch.float32)
+                    xb = arena.empty((kernels.bf16_panel_bytes(m, k),), torch.uint8)
+                    kernels.bf16_gemm(x, m, k, prologue, norm, 1e-6, wp, n, residual, out, xb)
+                    outs.append(out.clone())
+                assert torch.equal(outs[0], outs[1]), (n, k, m, prologue)
+
+
+def test_neon_decoder_stack_is_bit_exact_under_emulation(neon):
+    """The one-call decoder stack (decoder_stack.c built with the NEON kernels) on two layers of a small Qwen3-like
+    model, each linear packed by its family: the residual stream and the KV cache it writes are the bytes of a
+    family this CPU runs."""
+    from npu.backends.cpu.decoder_stack import _declare, _DecoderStack, _KvCache, _PackedLinear, _StackLayer
+    from npu.backends.cpu.vnni import DECODER_STACK
+
+    arena, native, g = neon.arena, _native(DECODER_STACK), torch.Generator().manual_seed(25)
+    _declare(native.lib)  # the stack's argument types (DecoderStack declares them where it is built)
+    hidden, hq, hkv, d, inter, layers, s = 96, 4, 2, 32, 160, 2, 3
+    weights = [
+        {
+            name: _weights(n, k, g)
+            for name, (n, k) in {
+                "qkv": ((hq + 2 * hkv) * d, hidden),
+                "o": (hidden, hq * d),
+                "gate_up": (2 * inter, hidden),
+                "down": (hidden, inter),
+            }.items()
+        }
+        for _ in range(layers)
+    ]
+    norms = [[arena.copy(torch.rand(hidden, generator=g) + 0.5) for _ in range(2)] for _ in range(layers)]
+    qk_norm = arena.copy(torch.rand(hq + hkv, d, generator=g) + 0.5)
+    cos, sin = arena.copy(torch.randn(64, d, generator=g)), arena.copy(torch.randn(64, d, generator=g))
+    x0 = torch.randn(s, hidden, generator=g)
+    positions = torch.tensor([5, 17, 40])
+    slot_mapping = arena.copy(torch.tensor([5, 64 + 17, 128 + 40]))
+    ctx = torch.full((s, 41), 0, dtype=torch.long)
+    for i, p in enumerate(positions.tolist()):
+        ctx[i, : p + 1] = torch.arange(64 * i, 64 * i + p + 1)
+    lengths = arena.copy((positions + 1).to(torch.int32))
+    positions, ctx = arena.copy(positions), arena.copy(ctx)
+    cache0 = {
+        "k": torch.randint(-127, 128, (layers, 192, hkv, d), generator=g, dtype=torch.int8),
+        "ks": torch.rand(layers, 192, hkv, generator=g) * 0.05,
+    }
+    cache0["v"], cache0["vs"] = cache0["k"].flip(-1).clone(), cache0["ks"].flip(-1).clone()
+
+    results = []
+    for kernels in (native, neon):
+        rows = []
+        for ly, norm in zip(weights, norms):
+            packed = {name: _packed_linear(kernels, arena, lw) for name, lw in ly.items()}
+            linear = {
+                name: _PackedLinear(
+                    p["wp"].data_ptr(), p["wsum"].data_ptr(), p["sw"].data_ptr(), None, p["n"], p["k"], 0
+                )
+                for name, p in packed.items()
+            }
+            rows.append(
+                _StackLayer(
+                    linear["qkv"],
+                    linear["o"],
+                    linear["gate_up"],
+                    linear["down"],
+                    norm[0].data_ptr(),
+                    norm[1].data_ptr(),
+                    qk_norm.data_ptr(),
+                    1e-6,
+                    1e-6,
+                    1e-6,
+                    0,
+                )
+            )
+        table = arena.struct((_StackLayer * layers)(*rows))
+        stack = arena.struct(
+            _DecoderStack(
+                layers,
+                hq,
+                hkv,
+                d,
+                ctypes.cast(table, ctypes.POINTER(_StackLayer)),
+                cos.data_ptr(),
+                sin.data_ptr(),
+                d**-0.5,
+            )
+        )
+        cache = {name: arena.copy(t) for name, t in cache0.items()}
+        kv = arena.struct(
+            _KvCache(
+                cache["k"].data_ptr(),
+                cache["v"].data_ptr(),
+                cache["ks"].data_ptr(),
+                cache["vs"].data_ptr(),
+                cache["k"].stride(0),
+                cache["ks"].stride(0),
+            )
+        )
+        assert kernels.decoder_stack_check(stack) == 0
+        x = arena.copy(x0)
+        scratch = [arena.empty((s, n), torch.float32) for n in ((hq + 2 * hkv) * d, hq * d, 2 * inter)]
+        xq = arena.empty((kernels.a8w8_panel_bytes(s, inter),), torch.uint8)
+        sx = arena.empty((s,), torch.float32)
+        kernels.decoder_stack_decode(stack, kv, x, s, positions, slot_mapping, ctx, lengths, 41, *scratch, xq, sx)
+        results.append([x.clone()] + [t.clone() for t in cache.values()])
+    assert not torch.equal(results[0][0], x0)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_attention_prep_is_the_same_in_every_family_that_has_it():

@@ -1,57 +1,40 @@
-// The AVX2 family's attention_prep.c: q/k norm + RoPE (+ R3), the INT8 KV write and greedy argmax with 8-lane
-// vectors, the same entry points and the same results as the AVX-512 kernels (every element through the same fp32
-// operations; the norm's sum of squares in 16 lanes reduced in gcc's _mm512_reduce_add_ps order).
+// The AVX2 family's attention_prep.c: the steps of q/k norm + RoPE (+ R3), the INT8 KV write and greedy argmax
+// (attention_prep_common.h's loops) with 8-lane vectors, the same results as the AVX-512 kernels (every element
+// through the same fp32 operations; the norm's sum of squares in 16 lanes reduced in gcc's _mm512_reduce_add_ps
+// order).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#include "cpu_kernels.h"
-#include "kv_write_common.h"
+#include "attention_prep_common.h"
 #include "row_prologue_avx2.h"
 
 #define VEC 8
-#define MAX_D 512
-#define MIN_DIVISOR 1e-30f
-#define QMAX 127.0f
 
-// As attention_prep.c qk_norm_rope (the head size checks included, so both families take the same shapes).
-int qk_norm_rope(float *qkv, int T, int row_stride, int H, int D, const float *norm_w, float eps, const float *cos_t,
-                 const float *sin_t, const int64_t *positions, int hadamard_log2) {
-    if (D % 32 || D > MAX_D || (hadamard_log2 && (1 << hadamard_log2) != D)) return -1;
-    const int half = D / 2;
-#pragma omp parallel for schedule(static) if (T * H >= 64)
-    for (int th = 0; th < T * H; th++) {
-        const int t = th / H, h = th % H;
-        float *x = qkv + (size_t)t * row_stride + (size_t)h * D;
-        float y[MAX_D];
-        if (norm_w) {
-            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-            for (int d = 0; d < D; d += 16) {
-                const __m256 a = _mm256_loadu_ps(x + d), b = _mm256_loadu_ps(x + d + 8);
-                lo = _mm256_add_ps(lo, _mm256_mul_ps(a, a));
-                hi = _mm256_add_ps(hi, _mm256_mul_ps(b, b));
-            }
-            const __m256 r = _mm256_set1_ps(1.0f / sqrtf(reduce_add_16(lo, hi) / (float)D + eps));
-            const float *w = norm_w + (size_t)h * D;
-            for (int d = 0; d < D; d += VEC)
-                _mm256_storeu_ps(y + d, _mm256_mul_ps(_mm256_loadu_ps(w + d), _mm256_mul_ps(_mm256_loadu_ps(x + d), r)));
-        } else {
-            memcpy(y, x, sizeof(float) * D);
-        }
-        const float *c = cos_t + (size_t)positions[t] * D, *s = sin_t + (size_t)positions[t] * D;
-        for (int d = 0; d < D; d += VEC) {
-            const int partner = d < half ? d + half : d - half;
-            const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(y + d), _mm256_loadu_ps(c + d));
-            const __m256 b = _mm256_mul_ps(_mm256_loadu_ps(y + partner), _mm256_loadu_ps(s + d));
-            _mm256_storeu_ps(x + d, _mm256_add_ps(a, b));
-        }
-        if (hadamard_log2) hadamard_row(x, D, hadamard_log2);
+static void norm_head(const float *x, const float *w, int D, float eps, float *y) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 16) {
+        const __m256 a = _mm256_loadu_ps(x + d), b = _mm256_loadu_ps(x + d + 8);
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(a, a));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(b, b));
     }
-    return 0;
+    const __m256 r = _mm256_set1_ps(1.0f / sqrtf(reduce_add_16(lo, hi) / (float)D + eps));
+    for (int d = 0; d < D; d += VEC)
+        _mm256_storeu_ps(y + d, _mm256_mul_ps(_mm256_loadu_ps(w + d), _mm256_mul_ps(_mm256_loadu_ps(x + d), r)));
 }
 
-// kv_write_common.h's per-head quantization (8 lanes at a time)
+static void rope_head(const float *y, const float *c, const float *s, int D, float *x) {
+    const int half = D / 2;
+    for (int d = 0; d < D; d += VEC) {
+        const int partner = d < half ? d + half : d - half;
+        const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(y + d), _mm256_loadu_ps(c + d));
+        const __m256 b = _mm256_mul_ps(_mm256_loadu_ps(y + partner), _mm256_loadu_ps(s + d));
+        _mm256_storeu_ps(x + d, _mm256_add_ps(a, b));
+    }
+}
+
+// attention_prep_common.h's per-head quantization (8 lanes at a time)
 static void quantize_head(const float *x, int D, int8_t *q, float *scale) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 vmax = _mm256_setzero_ps();
@@ -68,26 +51,25 @@ static void quantize_head(const float *x, int D, int8_t *q, float *scale) {
     *scale = s;
 }
 
-// As attention_prep.c argmax_rows: the first index of the maximum, for rows without NaN as torch.argmax.
-void argmax_rows(const float *logits, int S, int V, int64_t *out) {
-#pragma omp parallel for schedule(static)
-    for (int s = 0; s < S; s++) {
-        const float *row = logits + (size_t)s * V;
-        __m256 best = _mm256_set1_ps(-INFINITY);
-        int v = 0;
-        for (; v + VEC <= V; v += VEC) best = _mm256_max_ps(best, _mm256_loadu_ps(row + v));
-        float m = reduce_max_8(best);
-        for (; v < V; v++) m = row[v] > m ? row[v] : m;
-        const __m256 vm = _mm256_set1_ps(m);
-        int64_t idx = -1;
-        for (v = 0; v + VEC <= V && idx < 0; v += VEC) {
-            const __m256 x = _mm256_loadu_ps(row + v);
-            const int hit = _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(x, vm, _CMP_EQ_OQ), _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
-            if (hit) idx = v + __builtin_ctz(hit);
-        }
-        for (; v < V && idx < 0; v++) {
-            if (row[v] == m || row[v] != row[v]) idx = v;
-        }
-        out[s] = idx < 0 ? 0 : idx;
+static float row_max(const float *row, int V) {
+    __m256 best = _mm256_set1_ps(-INFINITY);
+    int v = 0;
+    for (; v + VEC <= V; v += VEC) best = _mm256_max_ps(best, _mm256_loadu_ps(row + v));
+    float m = reduce_max_8(best);
+    for (; v < V; v++) m = row[v] > m ? row[v] : m;
+    return m;
+}
+
+// the first index holding m (or a NaN), 8 lanes at a time; -1 for none
+static int64_t first_at(const float *row, int V, float m) {
+    const __m256 vm = _mm256_set1_ps(m);
+    int v = 0;
+    for (; v + VEC <= V; v += VEC) {
+        const __m256 x = _mm256_loadu_ps(row + v);
+        const int hit = _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(x, vm, _CMP_EQ_OQ), _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+        if (hit) return v + __builtin_ctz(hit);
     }
+    for (; v < V; v++)
+        if (row[v] == m || row[v] != row[v]) return v;
+    return -1;
 }

@@ -15,7 +15,6 @@
 #include <string.h>
 
 #include "row_prologue_avx2.h"
-#include "tile_dispatch.h"
 
 #define NB 16  // output channels per block (bf16_gemm.c's packing)
 #define KG 2   // k values per packed pair
@@ -24,8 +23,7 @@
 
 #include "bf16_packing.h"
 
-// Bytes of the activation rows for M rows (the xb scratch of bf16_gemm): fp32 here.
-long bf16_panel_bytes(int M, int K) { return (long)M * bf16_packed_k(K) * 4; }
+typedef __m256 bf16_acc_row[2];  // one row's accumulators of a block
 
 // fp32 -> the fp32 value of its BF16 rounding (to nearest even; NaN stays NaN), 8 lanes.
 static inline __m256 bf16_round_256(__m256 v) {
@@ -71,36 +69,11 @@ static inline void store_tile(__m256 acc[MR][2], int mr, int m0, int n, int N, c
         }
 }
 
-// As bf16_gemm.c bf16_gemm: x [M, K] fp32 (prologue as in row_prologue_avx2.h); out [M, N] fp32 holding
-// BF16-rounded values, plus residual [M, N] when not NULL (added after the rounding); xb (bf16_panel_bytes(M, K)
-// bytes) is caller-provided scratch.
-void bf16_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const uint16_t *wp, int N,
-               const float *residual, float *out, uint16_t *xb) {
-    const int Kp = bf16_packed_k(K), nblocks = (N + NB - 1) / NB;
-    float *xa = (float *)xb;
-    float *buf = prologue == PROLOGUE_NONE ? NULL : (float *)aligned_alloc(64, ((size_t)K * 4 + 63) / 64 * 64);
-    for (int m = 0; m < M; m++) {
-        const float *a = prologue_row(x, m, K, prologue, norm_w, eps, buf);
-        float *row = xa + (size_t)m * Kp;
-        int k = 0;
-        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(row + k, bf16_round_256(_mm256_loadu_ps(a + k)));
-        for (; k < Kp; k++) {
-            const uint32_t bits = k < K ? (uint32_t)bf16_round_scalar(a[k]) << 16 : 0;
-            memcpy(row + k, &bits, 4);
-        }
-    }
-    free(buf);
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < nblocks; b++) {
-        const uint16_t *blk = wp + (size_t)b * Kp * NB;
-        __m256 acc[MR][2];
-        for (int m0 = 0; m0 < M; m0 += MR) {
-            const int mr = M - m0 < MR ? M - m0 : MR;
-            const float *xr = xa + (size_t)m0 * Kp;
-#define ROW_TILE(R) tile(xr, Kp, blk, R, acc)
-            DISPATCH_ROWS_4(mr, ROW_TILE)
-#undef ROW_TILE
-            store_tile(acc, mr, m0, b * NB, N, residual, out);
-        }
-    }
+// row[0:k] = the BF16 rounding of a[0:k] for whole vectors; returns k (bf16_gemm_fma.h rounds the rest).
+static inline int bf16_round_run(const float *a, int K, float *row) {
+    int k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(row + k, bf16_round_256(_mm256_loadu_ps(a + k)));
+    return k;
 }
+
+#include "bf16_gemm_fma.h"

@@ -16,7 +16,7 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
-#include "paged_attention_common.h"
+#include "paged_attention_lanes.h"
 #include "row_prologue_avx2.h"
 
 #define VEC 8          // fp32 / int32 lanes per ymm
@@ -36,6 +36,13 @@ static inline __m256 abs256(__m256 v) { return _mm256_and_ps(v, _mm256_castsi256
 static inline __m256i lanes_below(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
+
+// paged_attention_lanes.h's steps: exp256 over a run (padded to whole vectors), vcvtss2si's rounding.
+static void exp_run(float *v, int n) {
+    for (int p = 0; p < n; p += VEC) _mm256_storeu_ps(v + p, exp256(_mm256_loadu_ps(v + p)));
+}
+
+static inline int32_t round_half_even(float x) { return _mm_cvtss_si32(_mm_set_ss(x)); }
 
 // q row [D] fp32 -> q16 [D] int16; returns the scale (paged_attention.c quantize_q16).
 static float quantize_q16(const float *q, int D, int16_t *q16) {
@@ -79,11 +86,7 @@ static void item_dots(const int16_t *q16, int NQV, int G, int D, const int8_t *k
     __m256i pending[VEC];
     int npending = 0, at = 0;
     for (int j = 0; j < L; j++) {
-        if (j + PREFETCH_SLOTS < L) {
-            const size_t ahead = ((size_t)sl[j + PREFETCH_SLOTS] * Hkv + h0) * D;
-            prefetch_run(kc + ahead, HC * D);
-            prefetch_run(vc + ahead, HC * D);
-        }
+        prefetch_item_slot(kc, vc, sl, j + PREFETCH_SLOTS, L, Hkv, h0, HC, D);
         const size_t row = (size_t)sl[j] * Hkv + h0;
         for (int hi = 0; hi < HC; hi++) {
             const int8_t *kr = kc + (row + hi) * D;
@@ -106,58 +109,6 @@ static void item_dots(const int16_t *q16, int NQV, int G, int D, const int8_t *k
         _mm256_storeu_si256((__m256i *)t, hsum8_epi32(pending));
         memcpy(dots + at, t, sizeof(int32_t) * npending);
     }
-}
-
-// From the dots: scores, their softmax per query vector (unnormalized, e = exp(score - max)) times the V scales,
-// rounded to INT16 per query vector: p16[j * NQV + i] with scale psc[i]; rmax[i] and rsum[i] are the max score and
-// the sum of e (paged_attention.c probs_int16, which the caller normalizes alike). sv: scratch of L * NQV + VEC
-// floats. Two zero keys of padding follow key L - 1.
-static void item_probs(const int32_t *dots, const float *qs, int NQV, int G, int L, const float *ks, const float *vs,
-                       const int64_t *sl, int Hkv, int h0, float *sv, int16_t *p16, float *psc, float *rmax,
-                       float *rsum) {
-    const int n = L * NQV, KN = ITEM_QV_MAX / NQV * NQV;  // the AVX-512 kernel's used lanes per vector
-    for (int i = 0; i < NQV; i++) rmax[i] = -INFINITY;
-    for (int j = 0; j < L; j++) {
-        const float *kr = ks + (size_t)sl[j] * Hkv + h0;
-        for (int i = 0; i < NQV; i++) {
-            const float s = (float)dots[j * NQV + i] * qs[i] * kr[i / G];  // (dot * q scale) * k scale, as there
-            sv[j * NQV + i] = s;
-            rmax[i] = s > rmax[i] ? s : rmax[i];
-        }
-    }
-    for (int j = 0; j < L; j++)
-        for (int i = 0; i < NQV; i++) sv[j * NQV + i] -= rmax[i];
-    for (int p = n; p < n + VEC; p++) sv[p] = 0.0f;
-    for (int p = 0; p < n; p += VEC) _mm256_storeu_ps(sv + p, exp256(_mm256_loadu_ps(sv + p)));
-    // the sum of e per query vector in the AVX-512 kernel's order: each lane over the vectors in turn, then the
-    // lanes of one query vector (k * NQV + i, k = 0, 1, ...) in turn
-    float lane[ITEM_QV_MAX] = {0};
-    for (int b = 0; b * KN < n; b++)
-        for (int l = 0; l < KN && b * KN + l < n; l++) lane[l] += sv[b * KN + l];
-    for (int i = 0; i < NQV; i++) {
-        float a = lane[i];
-        for (int k = 1; k < KN / NQV; k++) a += lane[k * NQV + i];
-        rsum[i] = a;
-    }
-    float pmax[ITEM_QV_MAX] = {0}, qscale[ITEM_QV_MAX];
-    for (int j = 0; j < L; j++) {
-        const float *vr = vs + (size_t)sl[j] * Hkv + h0;
-        for (int i = 0; i < NQV; i++) {
-            const float p = sv[j * NQV + i] * vr[i / G];
-            sv[j * NQV + i] = p;
-            pmax[i] = p > pmax[i] ? p : pmax[i];
-        }
-    }
-    for (int i = 0; i < NQV; i++) {
-        psc[i] = pmax[i] / Q_MAX;
-        qscale[i] = pmax[i] > 0.0f ? Q_MAX / pmax[i] : 0.0f;
-    }
-    for (int j = 0; j < L; j++)
-        for (int i = 0; i < NQV; i++) {
-            const int32_t r = _mm_cvtss_si32(_mm_set_ss(sv[j * NQV + i] * qscale[i]));  // vcvtps2dq's rounding
-            p16[j * NQV + i] = (int16_t)(r > 32767 ? 32767 : r < -32768 ? -32768 : r);
-        }
-    memset(p16 + (size_t)n, 0, sizeof(int16_t) * 2 * NQV);
 }
 
 // out[i][0:D] = oscale[i] * sum_j p16[j * NQV + i] v_(i's head)[j], exact in INT32 over PV_FLUSH keys at a time
@@ -191,29 +142,6 @@ static void item_pv(const int16_t *p16, int NQV, int G, const float *oscale, int
             for (int c = 0; c < 2 * nc; c++) _mm256_storeu_ps(out + (size_t)i * D + d0 + c * VEC, _mm256_mul_ps(fo[c], s));
         }
     }
-}
-
-// One decode work item's scratch: the dot products, scores, INT16 weights and staged V rows.
-static size_t decode_scratch_bytes(int NQV, int HC, int Lcap, int D) {
-    return scratch_round(sizeof(int32_t) * ((size_t)Lcap * NQV + VEC)) +
-           scratch_round(sizeof(float) * ((size_t)Lcap * NQV + 2 * VEC)) +
-           scratch_round(sizeof(int16_t) * (size_t)NQV * (Lcap + 2)) + scratch_round((size_t)HC * Lcap * D);
-}
-
-// One decode work item (paged_attention_driver.h), as paged_attention.c decode_item.
-static void decode_item(const int16_t *q16, const float *qs, int NQV, int G, int D, const int8_t *kc, const float *ks,
-                        const int8_t *vc, const float *vs, const int64_t *sl, int L, int Hkv, int h0, int Lcap,
-                        char *scratch, int normalize, float *out, float *rmax, float *rsum) {
-    int32_t *dots = (int32_t *)scratch;
-    float *sv = (float *)((char *)dots + scratch_round(sizeof(int32_t) * ((size_t)Lcap * NQV + VEC)));
-    int16_t *p16 = (int16_t *)((char *)sv + scratch_round(sizeof(float) * ((size_t)Lcap * NQV + 2 * VEC)));
-    int8_t *vstage = (int8_t *)p16 + scratch_round(sizeof(int16_t) * (size_t)NQV * (Lcap + 2));
-    float psc[ITEM_QV_MAX];
-    item_dots(q16, NQV, G, D, kc, vc, sl, L, Hkv, h0, dots, vstage, Lcap);
-    item_probs(dots, qs, NQV, G, L, ks, vs, sl, Hkv, h0, sv, p16, psc, rmax, rsum);
-    if (normalize)
-        for (int i = 0; i < NQV; i++) psc[i] /= rsum[i];
-    item_pv(p16, NQV, G, psc, L, vstage, Lcap, D, out);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 // What the paged INT8 attention kernels of every kernel family (paged_attention.c for AVX-512 VNNI,
 // paged_attention_avx2.c) share: the shape limits, the constants that fix their results (how a decode context is
 // split, how many keys one INT32 p . v sum takes, the prefill's query tile), and the combination of a split
-// context's parts. A family includes it after <immintrin.h>.
+// context's parts. Portable C: the x86 and the aarch64 families include it alike.
 #pragma once
-#include <immintrin.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -34,7 +33,7 @@
 #define PF_QV_MAX (PF_ROWS * MAX_G)
 
 static inline void prefetch_run(const int8_t *p, int bytes) {
-    for (int b = 0; b < bytes; b += CACHE_LINE) _mm_prefetch((const char *)(p + b), _MM_HINT_T0);
+    for (int b = 0; b < bytes; b += CACHE_LINE) __builtin_prefetch(p + b, 0, 3);  // (x86: prefetcht0)
 }
 
 // Parts a context of L keys is split into: equal parts of at most SPLIT_KEYS keys (a function of L only).

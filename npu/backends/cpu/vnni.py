@@ -4,9 +4,9 @@
 (``bf16_gemm.c``, where the CPU has AVX-512 BF16), q/k norm + RoPE and the INT8 KV write (``attention_prep.c``),
 attention over the paged INT8 KV cache (``paged_attention.c``) and the one-call decoder stack
 (``decoder_stack.c``). ``avx2`` (x86) has them all too (``a8w8_avx2.c``, ``bf16_gemm_avx2.c``,
-``attention_prep_avx2.c``, ``paged_attention_avx2.c`` and the same ``decoder_stack.c``) and ``neon`` (aarch64
-with sdot) the A8W8 GEMM (``a8w8_neon.c``), with the same interfaces and the same results (the BF16 GEMM's
-within a bound: its sums are fused multiply-adds there, vdpbf16ps here). A family's library is compiled once per
+``attention_prep_avx2.c``, ``paged_attention_avx2.c`` and the same ``decoder_stack.c``), and so has ``neon``
+(aarch64 with sdot: the ``*_neon.c`` files), with the same interfaces and the same results (the BF16 GEMM's
+within a bound: its sums are fused multiply-adds in the AVX2 and NEON families, vdpbf16ps in the AVX-512 one). A family's library is compiled once per
 source version into the a8w8-serve cache directory (a second or two: it includes no PyTorch headers). Where the
 CPU lacks a family's instructions, or no C compiler is installed, :func:`load_kernel_library` returns None with
 the reason; the backend then takes the next family, or ``torch._int_mm`` and eager PyTorch.
@@ -73,7 +73,7 @@ AVX512_VNNI = KernelFamily(
         "row_prologue.h",
         "cpu_kernels.h",
         "tile_dispatch.h",
-        "kv_write_common.h",
+        "attention_prep_common.h",
         "paged_attention_common.h",
         "paged_attention_driver.h",
         "bf16_packing.h",
@@ -83,36 +83,41 @@ AVX512_VNNI = KernelFamily(
     ALL_OPS,
     bf16_cpu_flags=("avx512_bf16",),
 )
+# What the families narrower than AVX-512 (signed activation codes, BF16 by fused multiply-adds, a decode item's
+# softmax element by element) include besides their own row prologue.
+_NARROW_FAMILY_HEADERS = (
+    "bf16_packing.h",
+    "bf16_gemm_fma.h",
+    "tile_dispatch.h",
+    "prologue_common.h",
+    "prologue_codes.h",
+    "a8w8_signed.h",
+    "cpu_kernels.h",
+    "attention_prep_common.h",
+    "paged_attention_common.h",
+    "paged_attention_lanes.h",
+    "paged_attention_driver.h",
+)
 # AVX2 + FMA (Intel since Haswell, AMD since Zen): every kernel; the decoder stack is the AVX-512 family's own C
 # file, calling this family's kernels.
 AVX2 = KernelFamily(
     "avx2",
     ("a8w8_avx2.c", "bf16_gemm_avx2.c", "attention_prep_avx2.c", "paged_attention_avx2.c", "decoder_stack.c"),
-    (
-        "bf16_packing.h",
-        "tile_dispatch.h",
-        "prologue_common.h",
-        "prologue_codes.h",
-        "row_prologue_avx2.h",
-        "a8w8_signed.h",
-        "cpu_kernels.h",
-        "kv_write_common.h",
-        "paged_attention_common.h",
-        "paged_attention_driver.h",
-    ),
+    ("row_prologue_avx2.h", *_NARROW_FAMILY_HEADERS),
     ("-mavx2", "-mfma", *_COMMON_CFLAGS),
     ("avx2", "fma"),
     ALL_OPS,
 )
-# aarch64 with the dot-product extension (sdot; /proc/cpuinfo "asimddp"): the A8W8 GEMM so far (a8w8_neon.c).
-# Bit-exact against the others under qemu-aarch64 in the tests; its speed is not measured on ARM hardware yet.
+# aarch64 with the dot-product extension (sdot; /proc/cpuinfo "asimddp"): every kernel, the decoder stack again the
+# same decoder_stack.c. Bit-exact against the x86 families under qemu-aarch64 in the tests; its speed is not
+# measured on ARM hardware yet.
 NEON = KernelFamily(
     "neon",
-    ("a8w8_neon.c",),
-    ("prologue_common.h", "prologue_codes.h", "row_prologue_neon.h", "a8w8_signed.h"),
+    ("a8w8_neon.c", "bf16_gemm_neon.c", "attention_prep_neon.c", "paged_attention_neon.c", "decoder_stack.c"),
+    ("row_prologue_neon.h", *_NARROW_FAMILY_HEADERS),
     ("-march=armv8.2-a+dotprod", *_COMMON_CFLAGS),
     ("asimddp",),
-    frozenset({GEMM}),
+    ALL_OPS,
 )
 FAMILIES = {f.name: f for f in (AVX512_VNNI, AVX2, NEON)}  # fastest first: what ``auto`` tries in order
 SCRATCH_ALIGN = 64  # cache line: activation panels start on one
