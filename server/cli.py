@@ -191,8 +191,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--cpu-kernels",
         choices=list(CPU_KERNELS),
         default="auto",
-        help="cpu kernel family, compiled with gcc on first use: avx512-vnni (every kernel), avx2 or neon (aarch64 "
-        "with sdot; the A8W8 GEMMs and, avx2, the attention preparation; the rest eager), reference "
+        help="cpu kernel family, compiled with gcc on first use, each with every kernel and the same results: "
+        "avx512-vnni, avx-vnni (AVX2 + AVX-VNNI), avx2, neon (aarch64 with sdot); reference "
         "(torch._int_mm and eager PyTorch); auto = the fastest the CPU and a compiler allow",
     )
     g.add_argument(

@@ -89,6 +89,41 @@ def test_families_agree_bit_for_bit_with_every_prologue():
                 assert torch.equal(a, b), (m, k, n, i)
 
 
+def _avx_vnni_twin():
+    """vnni.AVX_VNNI_EVEX_TWIN: the avx-vnni source with its vpdpbusd in the AVX-512 VL encoding, so that it runs on
+    AVX-512 VNNI CPUs (the VEX encoding is then the one part these tests do not execute)."""
+    from npu.backends.cpu.vnni import AVX_VNNI_EVEX_TWIN, build_family_library
+
+    lib, why = build_family_library(AVX_VNNI_EVEX_TWIN)
+    if lib is None:
+        pytest.skip(f"avx-vnni's EVEX twin: {why}")
+    return lib
+
+
+def test_avx_vnni_gemm_is_bit_exact_with_every_prologue():
+    """The avx-vnni family's GEMM (where this CPU has AVX-VNNI: the family itself, else its EVEX twin) against the
+    reference without a prologue and against the AVX2 family with every prologue, including the weight code -128
+    against the largest activations (vpdpbusd adds the four u8 x s8 products of a lane exactly)."""
+    lib = load_kernel_library("avx-vnni")[0] or _avx_vnni_twin()
+    avx2 = _families().get("avx2")
+    g = torch.Generator().manual_seed(6)
+    for m, k, n in SHAPES:
+        lw = _weights(n, k, g)
+        x = torch.randn(m, k, generator=g) * 3
+        x[:, :5] = 1000.0  # codes 127 against the weights' -128
+        residual = torch.randn(m, n, generator=g)
+        ref = Int8GemmLinear(lw)
+        assert torch.equal(VnniLinear(lw, lib, Workspace())(x), ref(x)), (m, k, n)
+        assert torch.equal(VnniLinear(lw, lib, Workspace())(x, residual=residual), ref(x, residual=residual))
+        if avx2 is None:
+            continue
+        gu, norm = torch.randn(m, 2 * k, generator=g) * 3, RMSNorm(torch.rand(k, generator=g) + 0.5, 1e-6)
+        for block in [0] + [b for b in (4, 16) if k % b == 0]:
+            ops = [VnniLinear(lw, family, Workspace(), input_hadamard=block) for family in (lib, avx2)]
+            for kwargs, inp in (({"norm": norm}, x), ({"gated": True}, gu), ({}, x)):
+                assert torch.equal(ops[0](inp, **kwargs), ops[1](inp, **kwargs)), (m, k, n, block, kwargs)
+
+
 def test_avx2_pair_sums_do_not_saturate():
     """vpmaddubsw adds two u8 x s8 products into a saturating int16: the largest pair the AVX2 family forms,
     |-128| * 127 twice (32512), must come out exact, for every sign combination."""

@@ -1,5 +1,6 @@
 // A8W8 GEMM for CPUs with AVX2 (and FMA) but without AVX-512 VNNI, built by npu/backends/cpu/vnni.py as the
-// "avx2" kernel family: the same entry points, arguments and results as a8w8_vnni.c, bit for bit.
+// "avx2" kernel family, and with AVX-VNNI's vpdpbusd as the "avx-vnni" family (dot4_add): the same entry points,
+// arguments and results as a8w8_vnni.c, bit for bit.
 //
 // out[m, n] = residual[m, n] + ((sum_k q_a[m, k] * q_w[n, k]) * s_a[m] * s_w[n] + bias[n]), INT32 accumulation,
 // with a = prologue(x) (row_prologue_avx2.h) quantized per token exactly as a8w8_vnni.c does.
@@ -59,6 +60,34 @@ static float quantize_row(const float *a, int K, int Kp, int8_t *out, size_t gst
     return s;
 }
 
+// The products of one k-group: acc + the sums of 4 adjacent products of the broadcast activation codes b and one
+// column block's weight codes w (aw = |w|), exact in INT32.
+//   avx2: vpmaddubsw(|w|, b * sign(w)) then vpmaddwd against ones (no pair saturates: see above).
+//   avx-vnni (built with -DA8W8_AVX_VNNI): the activations biased to unsigned as a8w8_vnni.c does (code + 128, one
+//   xor per broadcast: biased_codes), then one vpdpbusd against the weights as packed; store_tile takes the bias's
+//   share, 128 * wsum[n], off. A8W8_AVX_VNNI_EVEX makes that the AVX-512 VL encoding of the same instruction, so
+//   that the tests run this family on AVX-512 VNNI CPUs too.
+#if defined(A8W8_AVX_VNNI)
+#define ACTIVATION_BIAS 128  // (2^7: store_tile's shift)
+static inline __m256i biased_codes(int32_t xb) {
+    return _mm256_xor_si256(_mm256_set1_epi32(xb), _mm256_set1_epi8((char)0x80));
+}
+static inline __m256i dot4_add(__m256i acc, __m256i w, __m256i aw, __m256i b, __m256i ones) {
+    (void)aw, (void)ones;
+#if defined(A8W8_AVX_VNNI_EVEX)
+    return _mm256_dpbusd_epi32(acc, b, w);
+#else
+    return _mm256_dpbusd_avx_epi32(acc, b, w);
+#endif
+}
+#else
+#define ACTIVATION_BIAS 0
+static inline __m256i biased_codes(int32_t xb) { return _mm256_set1_epi32(xb); }
+static inline __m256i dot4_add(__m256i acc, __m256i w, __m256i aw, __m256i b, __m256i ones) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(b, w)), ones));
+}
+#endif
+
 // One MR_ x NR register tile: MR_ rows of panel xp (of PR_ rows) against NR packed column blocks from w0. With
 // next (the next column tile, on a single row pass) its lines are prefetched alongside, one tile ahead of the
 // hardware prefetcher, as a8w8_vnni.c does.
@@ -82,24 +111,24 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xp, int PR_
         for (int r = 0; r < MR_; r++) {
             int32_t xb;
             memcpy(&xb, xg + r * KG, 4);
-            const __m256i b = _mm256_set1_epi32(xb);
-            for (int j = 0; j < NR; j++) {
-                const __m256i pairs = _mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(b, w[j]));
-                acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(pairs, ones));
-            }
+            const __m256i b = biased_codes(xb);
+            for (int j = 0; j < NR; j++) acc[r][j] = dot4_add(acc[r][j], w[j], aw[j], b, ones);
         }
     }
 }
 
 // Epilogue of rows m0..m0+mr of the NR column blocks from column n0, in a8w8_vnni.c's order of operations.
-static inline void store_tile(acc_t acc[MR][NR], int mr, int m0, int n0, const float *sw, const float *sx, int N,
-                              const float *bias, const float *residual, float *out) {
+static inline void store_tile(acc_t acc[MR][NR], int mr, int m0, int n0, const int32_t *wsum, const float *sw,
+                              const float *sx, int N, const float *bias, const float *residual, float *out) {
     for (int r = 0; r < mr; r++) {
         const __m256 vsx = _mm256_set1_ps(sx[m0 + r]);
         for (int j = 0; j < NR; j++) {
             const int n = n0 + j * NB;
             if (n >= N) break;
-            __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][j]), vsx), _mm256_loadu_ps(sw + n));
+            __m256i dot = acc[r][j];
+            if (ACTIVATION_BIAS)  // (wsum is padded to Np, as sw)
+                dot = _mm256_sub_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(wsum + n)), 7));
+            __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), vsx), _mm256_loadu_ps(sw + n));
             if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));  // padded to Np like sw
             const size_t at = (size_t)(m0 + r) * N + n;
             if (N - n >= NB) {

@@ -71,8 +71,9 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xp, int PR_
 }
 
 // Epilogue of rows m0..m0+mr of the NR column blocks from column n0, in a8w8_vnni.c's order of operations.
-static inline void store_tile(acc_t acc[MR][NR], int mr, int m0, int n0, const float *sw, const float *sx, int N,
-                              const float *bias, const float *residual, float *out) {
+static inline void store_tile(acc_t acc[MR][NR], int mr, int m0, int n0, const int32_t *wsum, const float *sw,
+                              const float *sx, int N, const float *bias, const float *residual, float *out) {
+    (void)wsum;  // (the activations stay signed: nothing to correct)
     for (int r = 0; r < mr; r++) {
         const float32x4_t vsx = vdupq_n_f32(sx[m0 + r]);
         for (int j = 0; j < NR; j++) {

@@ -5,7 +5,8 @@
 // quantize_row, tile and store_tile after it (declared here).
 //
 // Interface and results are a8w8_vnni.c's (npu/backends/cpu/vnni.py calls any family alike): weights packed as
-// [N/NB][K/KG][NB][KG], wsum filled (unused: the activations stay signed, so nothing needs correcting),
+// [N/NB][K/KG][NB][KG], wsum filled (for avx-vnni, whose activations are biased to unsigned inside its tile;
+// the others' stay signed, so nothing needs correcting),
 // activations in panels [M / P][Kp / KG][P][KG] with P = M <= MR ? M : MR.
 #pragma once
 #include <stdint.h>
@@ -55,8 +56,8 @@ static inline int8_t *panel_row(int8_t *xq, int m, int M, int Kp) {
 static float quantize_row(const float *a, int K, int Kp, int8_t *out, size_t gstride);
 static inline void tile(const int8_t *xp, int PR_, int Kp, const int8_t *w0, int MR_, acc_t acc[MR][NR],
                         const int8_t *next);
-static inline void store_tile(acc_t acc[MR][NR], int mr, int m0, int n0, const float *sw, const float *sx, int N,
-                              const float *bias, const float *residual, float *out);
+static inline void store_tile(acc_t acc[MR][NR], int mr, int m0, int n0, const int32_t *wsum, const float *sw,
+                              const float *sx, int N, const float *bias, const float *residual, float *out);
 
 static void quantize_rows(const float *x, int M, int K, int Kp, int prologue, const float *norm_w, float eps,
                           int8_t *xq, float *sx) {
@@ -71,13 +72,12 @@ static void quantize_rows(const float *x, int M, int K, int Kp, int prologue, co
     }
 }
 
-// As a8w8_vnni.c a8w8_gemm (wsum unused); xq (a8w8_panel_bytes(M, K) bytes) and sx [M] are scratch. Each thread
+// As a8w8_vnni.c a8w8_gemm (wsum for a family whose store_tile corrects biased activations); xq (a8w8_panel_bytes(M, K) bytes) and sx [M] are scratch. Each thread
 // takes whole column tiles and runs every row pass over one before the next (its weights stay in cache); a single
 // pass prefetches the next tile.
 void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const int8_t *wp,
                const int32_t *wsum, const float *sw, const float *bias, int N, const float *residual, float *out,
                int8_t *xq, float *sx) {
-    (void)wsum;
     const int Kp = a8w8_packed_k(K), ntiles = a8w8_packed_n(N) / (NB * NR);
     quantize_rows(x, M, K, Kp, prologue, norm_w, eps, xq, sx);
 #pragma omp parallel for schedule(static)
@@ -94,7 +94,7 @@ void a8w8_gemm(const float *x, int M, int K, int prologue, const float *norm_w, 
                 case 3: tile(xt, pr, Kp, w0, 3, acc, next); break;
                 default: tile(xt, pr, Kp, w0, 4, acc, next); break;
             }
-            store_tile(acc, mr, m0, t * NR * NB, sw, sx, N, bias, residual, out);
+            store_tile(acc, mr, m0, t * NR * NB, wsum, sw, sx, N, bias, residual, out);
         }
     }
 }

@@ -90,7 +90,13 @@ class FloatGemmLinear(UnfusedLinear):
 
 assert CPU_KERNELS == ("auto", *FAMILIES, "reference"), "npu/messages.py names every kernel family"
 # the backend's name (startup summary, /version, metrics) per kernel family
-BACKEND_NAMES = {"avx512-vnni": "cpu-vnni", "avx2": "cpu-avx2", "neon": "cpu-neon", "reference": "cpu-onednn"}
+BACKEND_NAMES = {
+    "avx512-vnni": "cpu-vnni",
+    "avx-vnni": "cpu-avx-vnni",
+    "avx2": "cpu-avx2",
+    "neon": "cpu-neon",
+    "reference": "cpu-onednn",
+}
 
 
 def _layer_ptr(cache_tensor: torch.Tensor, layer: int) -> int:

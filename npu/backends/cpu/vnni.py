@@ -119,7 +119,27 @@ NEON = KernelFamily(
     ("asimddp",),
     ALL_OPS,
 )
-FAMILIES = {f.name: f for f in (AVX512_VNNI, AVX2, NEON)}  # fastest first: what ``auto`` tries in order
+# AVX2 + AVX-VNNI (Intel client CPUs since Alder Lake, and the Atom cores of Sierra Forest): the AVX2 family's
+# files, its A8W8 GEMM's products by 256-bit vpdpbusd (VEX) instead of vpmaddubsw + vpmaddwd (a8w8_avx2.c).
+AVX_VNNI = KernelFamily(
+    "avx-vnni",
+    AVX2.sources,
+    AVX2.headers,
+    ("-mavx2", "-mfma", "-mavxvnni", "-DA8W8_AVX_VNNI", *_COMMON_CFLAGS),
+    ("avx2", "fma", "avx_vnni"),
+    ALL_OPS,
+)
+# The avx-vnni family with its vpdpbusd in the AVX-512 VL encoding (the same instruction, defined alike): not a
+# family to serve with, but what runs the avx-vnni source on AVX-512 VNNI CPUs (tests, benchmarks/kernels.py).
+AVX_VNNI_EVEX_TWIN = KernelFamily(
+    "avx-vnni-evex-twin",
+    AVX_VNNI.sources,
+    AVX_VNNI.headers,
+    ("-mavx2", "-mfma", "-mavx512vnni", "-mavx512vl", "-DA8W8_AVX_VNNI", "-DA8W8_AVX_VNNI_EVEX", *_COMMON_CFLAGS),
+    ("avx2", "fma", "avx512_vnni", "avx512vl"),
+    ALL_OPS,
+)
+FAMILIES = {f.name: f for f in (AVX512_VNNI, AVX_VNNI, AVX2, NEON)}  # fastest first: what ``auto`` tries in order
 SCRATCH_ALIGN = 64  # cache line: activation panels start on one
 # a8w8_gemm prologue codes (row_prologue.h): the kind in the low byte, log2 of R4's Hadamard block above it
 PROLOGUE_NONE, PROLOGUE_RMSNORM, PROLOGUE_SILU_MUL = 0, 1, 2
@@ -148,7 +168,12 @@ def _cpu_flags() -> set[str]:
 def load_kernel_library(name: str) -> tuple[ctypes.CDLL | None, str]:
     """The library of kernel family ``name`` (:data:`FAMILIES`): (library, "") when usable here, else (None, why
     not). Compiled once per source version into the a8w8-serve cache directory (a second or two)."""
-    family = FAMILIES[name]
+    return build_family_library(FAMILIES[name])
+
+
+def build_family_library(family: KernelFamily) -> tuple[ctypes.CDLL | None, str]:
+    """:func:`load_kernel_library` of a family given whole, not cached in this process (the tests build variants
+    of a family this way; the compiled library is cached on disk all the same)."""
     missing = [f for f in family.cpu_flags if f not in _cpu_flags()]
     if missing:
         return None, f"CPU lacks {', '.join(missing)}"
