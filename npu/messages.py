@@ -182,7 +182,7 @@ MAX_SPECULATIVE_TOKENS = 16
 
 # WorkerConfig.cpu_kernels: auto (the fastest kernel family this CPU runs), a family by name (npu/backends/cpu/
 # vnni.py FAMILIES), or reference (torch._int_mm and eager PyTorch, no C kernels)
-CPU_KERNELS = ("auto", "avx512-vnni", "avx-vnni", "avx2", "neon", "reference")
+CPU_KERNELS = ("auto", "avx512-vnni", "avx-vnni", "avx2", "neon", "neon-plain", "reference")
 INT8_KERNEL_ALIASES = {"vnni": "avx512-vnni", "onednn": "reference"}  # the earlier --int8-kernel's names
 
 # Default KV-cache budget when none is given: enough for many concurrent chats on a small model
@@ -201,7 +201,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
     block_size: int = 16
     device: str = "auto"  # auto | cpu | cuda (auto: cuda where PyTorch sees a GPU and Triton is installed)
-    cpu_kernels: str = "auto"  # cpu kernel family: auto | avx512-vnni | avx-vnni | avx2 | neon | reference
+    cpu_kernels: str = "auto"  # cpu kernel family: auto | avx512-vnni | avx-vnni | avx2 | neon | neon-plain | reference
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     sampleable_vocab_size: int | None = None  # tokens past this id are padding; None: the whole vocab
     num_threads: int | None = None

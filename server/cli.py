@@ -192,7 +192,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=list(CPU_KERNELS),
         default="auto",
         help="cpu kernel family, compiled with gcc on first use, each with every kernel and the same results: "
-        "avx512-vnni, avx-vnni (AVX2 + AVX-VNNI), avx2, neon (aarch64 with sdot); reference "
+        "avx512-vnni, avx-vnni (AVX2 + AVX-VNNI), avx2, neon (aarch64 with sdot), neon-plain (without); reference "
         "(torch._int_mm and eager PyTorch); auto = the fastest the CPU and a compiler allow",
     )
     g.add_argument(

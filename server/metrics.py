@@ -68,7 +68,7 @@ class _EngineCollector:
         if info is not None:  # (Prometheus' *_info convention: the labels are the information, the value 1)
             backend = GaugeMetricFamily(
                 "a8w8:backend_info",
-                "Where the model runs: the device and the kernels (cpu-vnni, cpu-avx-vnni, cpu-avx2, cpu-neon, cpu-onednn, "
+                "Where the model runs: the device and the kernels (cpu-vnni, cpu-avx-vnni, cpu-avx2, cpu-neon, cpu-neon-plain, cpu-onednn, "
                 "cuda-triton).",
                 labels=["model_name", "device", "backend"],
             )

@@ -33,9 +33,10 @@ ARENA_ADDRESSES = [0x3A0000000000 + i * 0x10000000000 for i in range(8)]
 _PROT_RW, _MAP_SHARED, _MAP_FIXED_NOREPLACE = 0x3, 0x01, 0x100000
 
 
-def build_neon_harness(out_dir: Path) -> tuple[list[str] | None, str]:
-    """The NEON family linked into the harness: (command to run it, "") or (None, why it cannot be built here)."""
-    family = vnni.FAMILIES["neon"]
+def build_neon_harness(out_dir: Path, name: str = "neon") -> tuple[list[str] | None, str]:
+    """An aarch64 family (neon, neon-plain) linked into the harness: (command to run it, "") or (None, why it cannot
+    be built here)."""
+    family = vnni.FAMILIES[name]
     native = platform.machine() in ("aarch64", "arm64")
     compiler = "gcc" if native else "aarch64-linux-gnu-gcc"
     runner = [] if native else ["qemu-aarch64"]

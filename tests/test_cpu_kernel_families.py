@@ -209,14 +209,15 @@ NEON_PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2, "silu_mul_hadamard_4":
 ARENA_BYTES = 256 << 20
 
 
-@pytest.fixture(scope="module")
-def neon(tmp_path_factory):
-    """The NEON family's kernels, callable by name, with their arguments in a shared arena (``neon.arena``)."""
-    command, why = build_neon_harness(tmp_path_factory.mktemp("neon"))
+@pytest.fixture(scope="module", params=["neon", "neon-plain"])
+def neon(request, tmp_path_factory):
+    """An aarch64 family's kernels (with sdot, and plain NEON without it), callable by name, with their arguments in
+    a shared arena (``neon.arena``)."""
+    command, why = build_neon_harness(tmp_path_factory.mktemp(request.param), request.param)
     if command is None:
         pytest.skip(why)
     arena = SharedArena(ARENA_BYTES)
-    kernels = EmulatedKernels(command, arena, FAMILIES["neon"])
+    kernels = EmulatedKernels(command, arena, FAMILIES[request.param])
     yield kernels
     kernels.close()
     arena.close()
@@ -227,7 +228,7 @@ def _native(op: str | None = None, prefer: str | None = None) -> NativeKernels:
     libs = {
         name: lib
         for name, lib in _families_or_none().items()
-        if name != "neon" and (op is None or op in lib.family.ops)
+        if not name.startswith("neon") and (op is None or op in lib.family.ops)
     }
     if not libs:
         pytest.skip(f"no family other than NEON{' with ' + op if op else ''} runs natively here to compare with")

@@ -47,6 +47,18 @@ static float quantize_row(const float *a, int K, int Kp, int8_t *out, size_t gst
     return s;
 }
 
+// acc + the sums of 4 adjacent products of w and b (signed bytes), exact in INT32: one sdot, or on plain NEON
+// (the "neon-plain" family, built without +dotprod) widening products (|w * b| <= 128 * 127 fits INT16) added
+// pairwise twice.
+static inline int32x4_t dot4_add(int32x4_t acc, int8x16_t w, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(acc, w, b);
+#else
+    const int16x8_t lo = vmull_s8(vget_low_s8(w), vget_low_s8(b)), hi = vmull_high_s8(w, b);
+    return vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)));
+#endif
+}
+
 // One MR_ x NR register tile: MR_ rows of panel xp (of PR_ rows) against NR packed column blocks from w0 (next: the
 // next column tile on a single row pass, prefetched alongside).
 static inline __attribute__((always_inline)) void tile(const int8_t *xp, int PR_, int Kp, const int8_t *w0, int MR_,
@@ -65,7 +77,7 @@ static inline __attribute__((always_inline)) void tile(const int8_t *xp, int PR_
             int32_t xb;
             memcpy(&xb, xg + r * KG, 4);
             const int8x16_t b = vreinterpretq_s8_s32(vdupq_n_s32(xb));
-            for (int j = 0; j < NR; j++) acc[r][j] = vdotq_s32(acc[r][j], w[j], b);
+            for (int j = 0; j < NR; j++) acc[r][j] = dot4_add(acc[r][j], w[j], b);
         }
     }
 }

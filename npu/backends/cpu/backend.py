@@ -95,6 +95,7 @@ BACKEND_NAMES = {
     "avx-vnni": "cpu-avx-vnni",
     "avx2": "cpu-avx2",
     "neon": "cpu-neon",
+    "neon-plain": "cpu-neon-plain",
     "reference": "cpu-onednn",
 }
 

@@ -139,7 +139,19 @@ AVX_VNNI_EVEX_TWIN = KernelFamily(
     ("avx2", "fma", "avx512_vnni", "avx512vl"),
     ALL_OPS,
 )
-FAMILIES = {f.name: f for f in (AVX512_VNNI, AVX_VNNI, AVX2, NEON)}  # fastest first: what ``auto`` tries in order
+# aarch64 without the dot-product extension (ARMv8.0: Cortex-A72, Graviton 1, Raspberry Pi 4): the NEON family's
+# files, its GEMM's products by widening multiplies and pairwise adds instead of sdot (a8w8_neon.c dot4_add).
+NEON_PLAIN = KernelFamily(
+    "neon-plain",
+    NEON.sources,
+    NEON.headers,
+    ("-march=armv8-a", *_COMMON_CFLAGS),
+    ("asimd",),
+    ALL_OPS,
+)
+FAMILIES = {
+    f.name: f for f in (AVX512_VNNI, AVX_VNNI, AVX2, NEON, NEON_PLAIN)
+}  # fastest first: what ``auto`` tries in order
 SCRATCH_ALIGN = 64  # cache line: activation panels start on one
 # a8w8_gemm prologue codes (row_prologue.h): the kind in the low byte, log2 of R4's Hadamard block above it
 PROLOGUE_NONE, PROLOGUE_RMSNORM, PROLOGUE_SILU_MUL = 0, 1, 2
