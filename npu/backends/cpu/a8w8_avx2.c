@@ -68,7 +68,7 @@ static float quantize_row(const float *a, int K, int Kp, int8_t *out, size_t gst
 //   share, 128 * wsum[n], off. A8W8_AVX_VNNI_EVEX makes that the AVX-512 VL encoding of the same instruction, so
 //   that the tests run this family on AVX-512 VNNI CPUs too.
 #if defined(A8W8_AVX_VNNI)
-#define ACTIVATION_BIAS 128  // (2^7: store_tile's shift)
+#define ACTIVATION_BIAS_LOG2 7  // codes + 128
 static inline __m256i biased_codes(int32_t xb) {
     return _mm256_xor_si256(_mm256_set1_epi32(xb), _mm256_set1_epi8((char)0x80));
 }
@@ -81,7 +81,7 @@ static inline __m256i dot4_add(__m256i acc, __m256i w, __m256i aw, __m256i b, __
 #endif
 }
 #else
-#define ACTIVATION_BIAS 0
+#define ACTIVATION_BIAS_LOG2 0  // none
 static inline __m256i biased_codes(int32_t xb) { return _mm256_set1_epi32(xb); }
 static inline __m256i dot4_add(__m256i acc, __m256i w, __m256i aw, __m256i b, __m256i ones) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(b, w)), ones));
@@ -126,8 +126,9 @@ static inline void store_tile(acc_t acc[MR][NR], int mr, int m0, int n0, const i
             const int n = n0 + j * NB;
             if (n >= N) break;
             __m256i dot = acc[r][j];
-            if (ACTIVATION_BIAS)  // (wsum is padded to Np, as sw)
-                dot = _mm256_sub_epi32(dot, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(wsum + n)), 7));
+            if (ACTIVATION_BIAS_LOG2)  // (wsum is padded to Np, as sw)
+                dot = _mm256_sub_epi32(
+                    dot, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(wsum + n)), ACTIVATION_BIAS_LOG2));
             __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), vsx), _mm256_loadu_ps(sw + n));
             if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));  // padded to Np like sw
             const size_t at = (size_t)(m0 + r) * N + n;

@@ -4,8 +4,9 @@
 (``bf16_gemm.c``, where the CPU has AVX-512 BF16), q/k norm + RoPE and the INT8 KV write (``attention_prep.c``),
 attention over the paged INT8 KV cache (``paged_attention.c``) and the one-call decoder stack
 (``decoder_stack.c``). ``avx2`` (x86) has them all too (``a8w8_avx2.c``, ``bf16_gemm_avx2.c``,
-``attention_prep_avx2.c``, ``paged_attention_avx2.c`` and the same ``decoder_stack.c``), and so has ``neon``
-(aarch64 with sdot: the ``*_neon.c`` files), with the same interfaces and the same results (the BF16 GEMM's
+``attention_prep_avx2.c``, ``paged_attention_avx2.c`` and the same ``decoder_stack.c``; ``avx-vnni`` is those files
+with the GEMM's products by 256-bit vpdpbusd), and so have ``neon`` (aarch64 with sdot: the ``*_neon.c`` files) and
+``neon-plain`` (the same without sdot), with the same interfaces and the same results (the BF16 GEMM's
 within a bound: its sums are fused multiply-adds in the AVX2 and NEON families, vdpbf16ps in the AVX-512 one). A family's library is compiled once per
 source version into the a8w8-serve cache directory (a second or two: it includes no PyTorch headers). Where the
 CPU lacks a family's instructions, or no C compiler is installed, :func:`load_kernel_library` returns None with
