@@ -148,7 +148,7 @@ def main() -> None:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    ours_cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(port)]
+    ours_cmd = [sys.executable, "-m", "a8w8_serve", "serve", "--model", str(model), "--port", str(port)]
     ours_cmd += ["--served-model-name", "bench", "--replay-token-ids", str(script), "--max-num-seqs", "256"]
     proc = start(ours_cmd, base)
     try:

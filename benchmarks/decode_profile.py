@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from worker_bench import KV_BUDGET_BYTES, SHAPES, decode_ms
 
 from loaders.writer import write_random_qwen3
-from npu.messages import WorkerConfig
+from npu.config import WorkerConfig
 from npu.runner import ModelRunner
 
 PROMPT_TOKENS = 128

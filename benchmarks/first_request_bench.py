@@ -53,7 +53,7 @@ def ttft(base: str, body: dict) -> float:
 def one_round(serve_args: list[str]) -> dict[str, float]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *serve_args]
+    cmd = [sys.executable, "-m", "a8w8_serve", "serve", "--port", str(port), *serve_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         started = time.perf_counter()

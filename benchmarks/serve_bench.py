@@ -207,7 +207,7 @@ def start_server(kind: str, extra: str, model: str, port: int, args: argparse.Na
         cmd = [
             sys.executable,
             "-m",
-            "server.cli",
+            "a8w8_serve",
             "serve",
             "--model",
             model,

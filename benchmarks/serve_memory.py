@@ -21,7 +21,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import free_port, wait_healthy, worker_pid  # noqa: E402
 
-from server.cli import parse_size  # noqa: E402
+from a8w8_serve.flags import parse_size  # noqa: E402
 
 MIB = 1 << 20
 
@@ -45,7 +45,7 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [
-        *(sys.executable, "-m", "server.cli", "serve", "--model", args.model, "--port", str(port)),
+        *(sys.executable, "-m", "a8w8_serve", "serve", "--model", args.model, "--port", str(port)),
         *("--kv-cache-memory", args.kv_cache_memory, "--max-model-len", args.max_model_len),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -18,10 +18,11 @@ import statistics
 import time
 from pathlib import Path
 
-from engine.core import EngineConfig, EngineCore
+from engine.config import EngineConfig
+from engine.core import EngineCore
 from engine.sampling_params import SamplingParams, StructuredOutput
 from engine.structured_output import json_schema_grammar
-from npu.messages import WorkerConfig
+from npu.config import WorkerConfig
 
 DEFAULT_MODEL = "/tmp/bench-models/qwen3-0.6b-shaped-w8a8"
 # Warm-up steps left out of the statistics (the prefill step and the first decodes).

@@ -18,6 +18,7 @@ import openai
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from helpers import WEATHER_TOOL as TOOL  # noqa: E402
 from servers import CliServer  # noqa: E402
 
 CITIES = {
@@ -25,18 +26,6 @@ CITIES = {
     "What's the weather like in London today?": "London",
     "Is it raining in Tokyo?": "Tokyo",
     "Tell me the weather in Berlin.": "Berlin",
-}
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "description": "The city name"}},
-            "required": ["city"],
-        },
-    },
 }
 SAMPLINGS = {"auto": [(0.0, None), (0.7, 1), (0.7, 2)], "required": [(0.0, None), (0.7, 1)]}
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from worker_bench import decode_ms, prefill_tokens_per_s  # noqa: E402
 
-from npu.messages import WorkerConfig  # noqa: E402
+from npu.config import WorkerConfig  # noqa: E402
 from npu.runner import ModelRunner  # noqa: E402
 
 CONTEXT = 300  # decode context, as worker_bench's breakdown and the serving benchmark's range

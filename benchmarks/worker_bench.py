@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from loaders.writer import RandomModelSpec, write_random_qwen3
+from npu.config import CPU_KERNELS, WorkerConfig
 from npu.kv_cache import HOST
-from npu.messages import CPU_KERNELS, NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
+from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest
 from npu.runner import ModelRunner
 
 SHAPES = {

@@ -10,6 +10,7 @@ sizes; overlapping would need speculative scheduling).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -19,10 +20,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from engine.core import EngineConfig, EngineCore
+from engine.client import EngineClient
+from engine.config import EngineConfig
+from engine.core import EngineCore
 from engine.sampling_params import InvalidRequest, SamplingParams
 from engine.sequence import Sequence, TokenLogprob
 from npu.client import WorkerDied, WorkerError
+from npu.messages import Ready, SpecDecodeStats
 
 log = logging.getLogger("a8w8.engine")
 # How long the idle engine thread waits for a command before checking for shutdown and worker death.
@@ -137,14 +141,18 @@ class RequestStream:
                 self.engine.abort(self.request_id)
 
 
-class AsyncEngine:
+class AsyncEngine(EngineClient):
+    """The :class:`~engine.client.EngineClient` the server talks to. Its ``EngineCore`` is private to the engine
+    thread (engine/client.py states the threading rule; ``EngineCore`` enforces it)."""
+
     def __init__(self, config: EngineConfig, on_fatal: Callable[[str], None] | None = None):
         """``on_fatal(reason)`` is called on the event loop when the worker cannot be restarted any more."""
         self.config = config
-        self.core = EngineCore(config)
-        self.tokenizer = self.core.tokenizer
-        self.chat_template = self.core.chat_template
-        self.generation_defaults = self.core.generation_defaults
+        self._core = EngineCore(config)
+        self.tokenizer = self._core.tokenizer
+        self.chat_template = self._core.chat_template
+        self.generation_defaults = self._core.generation_defaults
+        self.model_config = self._core.model_config
         self.on_fatal = on_fatal
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
@@ -164,7 +172,7 @@ class AsyncEngine:
         """Wait (off the event loop) for the worker to load, then start the engine thread."""
         self._loop = asyncio.get_running_loop()
         try:
-            await asyncio.to_thread(self.core.start)
+            await asyncio.to_thread(self._core.start)
         except WorkerError as e:
             self._set_state(EngineState.DEAD, str(e))
             raise
@@ -177,7 +185,7 @@ class AsyncEngine:
         self._commands.put((_Command.WAKE, None))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
-        await asyncio.to_thread(self.core.shutdown)
+        await asyncio.to_thread(self._core.shutdown)
 
     def _set_state(
         self, state: EngineState, detail: str | None, only_from: tuple[EngineState, ...] | None = None
@@ -188,21 +196,44 @@ class AsyncEngine:
 
     @property
     def max_model_len(self) -> int | None:
-        return self.core.max_model_len
+        return self._core.max_model_len
+
+    @property
+    def worker_info(self) -> Ready | None:
+        return self._core.worker_info
+
+    @property
+    def spec_totals(self) -> SpecDecodeStats:
+        return self._core.spec_totals
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._core.encode_prompt(text)
+
+    def prompt_from_ids(self, ids: list[int]) -> str:
+        self._core.check_prompt_ids(ids)  # before decoding: ids past the vocabulary or the context never reach it
+        return self.tokenizer.decode(ids)
+
+    def compile_grammar(self, grammar: str) -> concurrent.futures.Future:
+        return self._core.grammars.submit(grammar)
+
+    def kill_worker(self) -> None:
+        worker = self._core.worker
+        if worker is not None:
+            worker.process.kill()
 
     @property
     def healthy(self) -> bool:
-        worker = self.core.worker
+        worker = self._core.worker
         return (
             self.state is EngineState.READY
             and worker is not None
             and worker.alive
-            and self.core.step_watch.stalled() is None
+            and self._core.step_watch.stalled() is None
         )
 
     def stalled(self) -> str | None:
         """Why the worker counts as stalled (a step past its deadline), or None."""
-        return self.core.step_watch.stalled() if self.state is EngineState.READY else None
+        return self._core.step_watch.stalled() if self.state is EngineState.READY else None
 
     @property
     def num_open_requests(self) -> int:
@@ -248,7 +279,7 @@ class AsyncEngine:
         without queueing it: the server asks before it compiles the request's grammar."""
         if self.state is not EngineState.READY:
             raise self._unavailable()
-        self.core.check_request(prompt_token_ids, params, priority)
+        self._core.check_request(prompt_token_ids, params, priority)
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
@@ -263,7 +294,7 @@ class AsyncEngine:
         request_id = request_id or self.new_request_id("req")
         if request_id in self._streams:
             raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
-        seqs = self.core.make_sequences(request_id, prompt_token_ids, params, priority)
+        seqs = self._core.make_sequences(request_id, prompt_token_ids, params, priority)
         stream = RequestStream(self, request_id, seqs)
         self._streams[request_id] = stream
         self._pending_adds += 1
@@ -292,10 +323,10 @@ class AsyncEngine:
         while True:
             kind, payload = cmd
             if kind is _Command.ADD:
-                self.core.add(payload)
+                self._core.add(payload)
                 self._loop.call_soon_threadsafe(self._added)
             elif kind is _Command.ABORT:
-                self.core.abort(payload)
+                self._core.abort(payload)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
@@ -306,6 +337,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         """The engine thread: serve steps; when the worker is lost (or a step breaks), restart it."""
+        self._core.claim_thread()
         while not self._stopping.is_set():
             try:
                 self._serve()
@@ -325,17 +357,17 @@ class AsyncEngine:
             self.stats.num_preemptions,
         )
         while not self._stopping.is_set():
-            sched = self.core.scheduler
+            sched = self._core.scheduler
             self._drain_commands(block=not sched.has_work)
             if sched.has_work:
                 t0 = time.perf_counter()
-                updates = self.core.step()
+                updates = self._core.step()
                 self._publish(updates)
                 self.stats.steps += 1
                 self.stats.step_seconds_total += time.perf_counter() - t0
-                self.stats.compute_seconds_total += self.core.last_step_compute_seconds
-            elif not self.core.worker.alive:  # died while idle: notice now, not at the next request
-                raise WorkerDied(f"the worker process {self.core.worker.exit_description()}")
+                self.stats.compute_seconds_total += self._core.last_step_compute_seconds
+            elif not self._core.worker.alive:  # died while idle: notice now, not at the next request
+                raise WorkerDied(f"the worker process {self._core.worker.exit_description()}")
             self._update_stats()
             if time.monotonic() - last_log > STATS_LOG_INTERVAL_SECONDS:
                 last_log = time.monotonic()
@@ -359,14 +391,14 @@ class AsyncEngine:
         restart budget is spent (the engine is then DEAD and ``on_fatal`` was called)."""
         log.error("worker lost: %s", reason)
         self._set_state(EngineState.RESTARTING, reason, only_from=(EngineState.READY, EngineState.RESTARTING))
-        carried, lost = self.core.take_unstarted()
+        carried, lost = self._core.take_unstarted()
         lost_error = EngineUnavailable(
             f"the worker failed while this request was running ({reason}); it can be retried",
             RESTART_RETRY_AFTER_SECONDS,
         )
         for rid in dict.fromkeys(seq.request_id for seq in lost):
             self._loop.call_soon_threadsafe(self._fail_stream, rid, lost_error)
-        self.core.stop_worker()
+        self._core.stop_worker()
         if self.state is EngineState.DRAINING:  # shutting down (a second signal killed the worker): no restart
             return False
         window = self.config.worker_restart_window_seconds
@@ -386,11 +418,11 @@ class AsyncEngine:
             self._restart_times.append(time.monotonic())
             log.warning("starting a new worker (restart %d in the last %g s)", len(self._restart_times), window)
             try:
-                self.core.start(carried)
+                self._core.start(carried)
             except WorkerError as e:
                 reason = str(e)
                 log.error("the new worker failed to start: %s", reason)
-                self.core.stop_worker()
+                self._core.stop_worker()
                 continue
             self.stats.worker_restarts += 1
             self._update_stats()
@@ -458,12 +490,12 @@ class AsyncEngine:
                     del self._streams[o.request_id]
 
     def _update_stats(self) -> None:
-        sched, s = self.core.scheduler, self.stats
+        sched, s = self._core.scheduler, self.stats
         s.num_running, s.num_waiting = len(sched.running), len(sched.waiting)
         s.kv_usage = sched.bm.usage()
         s.num_free_blocks, s.num_blocks = sched.bm.num_free_blocks, sched.bm.num_blocks
         s.num_preemptions = sched.num_preemptions
         s.constraint_failures = sched.num_constraint_failures
         s.prefix_queries, s.prefix_hits = sched.bm.prefix_queries, sched.bm.prefix_hits
-        s.prompt_tokens_total = self.core.prompt_tokens_total
-        s.generation_tokens_total = self.core.generation_tokens_total
+        s.prompt_tokens_total = self._core.prompt_tokens_total
+        s.generation_tokens_total = self._core.generation_tokens_total

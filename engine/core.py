@@ -5,24 +5,23 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
 from engine.block_manager import BlockManager
 from engine.chat_template import ChatTemplate, ChatTemplateError
+from engine.config import EngineConfig
 from engine.detokenizer import OutputText
-from engine.grammar_limits import GrammarLimits
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
+from engine.scheduler import Scheduler, SequenceUpdate
 from engine.sequence import FinishReason, Sequence
-from engine.step_watch import StepDeadlines, StepWatch
+from engine.step_watch import StepWatch
 from engine.structured_output import GrammarCompiler
-from engine.tokenizer import Tokenizer, TokenizerImpl, load_tokenizer, max_text_bytes_per_token, tokenizer_json
-from loaders.config import GENERATION_CONFIG_AUTO, GenerationDefaults, load_generation_defaults, load_model_config
+from engine.tokenizer import Tokenizer, load_tokenizer, max_text_bytes_per_token, tokenizer_json
+from loaders.config import GenerationDefaults, load_generation_defaults, load_model_config
 from npu.client import WorkerClient
-from npu.messages import Ready, SpecDecodeStats, StepRequest, WorkerConfig
+from npu.messages import Ready, SpecDecodeStats, StepRequest
 
 # Every worker serves one short request before the engine says it is ready, so that the first client does not pay
 # for what a first request sets up (kernel primitives for its shapes, the sampler's and the decode path's first
@@ -31,29 +30,6 @@ WARMUP_PROMPT = "Hello!"
 WARMUP_MAX_TOKENS = 4
 # Priorities order requests in the scheduler; like vLLM's, they are 64-bit signed integers.
 PRIORITY_MIN, PRIORITY_MAX = -(2**63), 2**63 - 1
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    worker: WorkerConfig
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    tokenizer_impl: str = TokenizerImpl.AUTO.value
-    # Waiting requests beyond this are refused (HTTP 429) instead of queued without limit.
-    max_queued_requests: int = 1024
-    # A worker that dies is restarted, at most this many times within the window; past that the engine
-    # gives up (and the server exits non-zero, so that an orchestrator restarts the whole process).
-    max_worker_restarts: int = 5
-    worker_restart_window_seconds: float = 600.0
-    # Request defaults (vLLM's flags): "auto" (the model's generation_config.json), "vllm" (none) or a
-    # directory holding a generation_config.json; then single fields overridden.
-    generation_config: str = GENERATION_CONFIG_AUTO
-    override_generation_config: dict = field(default_factory=dict)
-    # vLLM's --chat-template: a Jinja file (or the template itself) instead of the model's own
-    chat_template: str | None = None
-    # What one request's grammar may cost (structured output and forced tool calls)
-    grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
-    # How long one worker step may take before /health says stalled, and before the worker is restarted
-    step_deadlines: StepDeadlines = field(default_factory=StepDeadlines)
 
 
 def check_text_length(max_model_len: int, num_bytes: int, bytes_per_token: int) -> None:
@@ -71,6 +47,12 @@ def check_context_length(max_model_len: int, prompt_len: int, max_tokens: int | 
 
 class EngineCore:
     """Owns the worker client, the block manager and the scheduler. Driven by one thread.
+
+    Threading: the scheduler's state (:meth:`add`, :meth:`abort`, :meth:`step`, :meth:`take_unstarted`) belongs to
+    one thread, the one that last called :meth:`start` or :meth:`claim_thread`; a call from any other raises
+    RuntimeError. :meth:`encode_prompt`, :meth:`check_prompt_ids`, :meth:`check_request` and
+    :meth:`make_sequences` read only what is fixed between starts, and the grammar compiler has its own lock:
+    those may be called from any thread (engine/client.py says which the server uses where).
 
     :meth:`start` spawns a worker and builds the scheduler from what it reports; after the worker dies,
     :meth:`take_unstarted` empties the scheduler and ``start(carried)`` does the same again, carrying over
@@ -114,12 +96,25 @@ class EngineCore:
         self.last_step_compute_seconds = 0.0
         self.spec_totals = SpecDecodeStats()  # summed over all steps
         self.step_watch = StepWatch(config.step_deadlines)
+        self._owner_thread: int | None = None  # the thread that may change the scheduler's state
+
+    def claim_thread(self) -> None:
+        """From now on only this thread may add, abort or step (AsyncEngine's engine thread claims it)."""
+        self._owner_thread = threading.get_ident()
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._owner_thread:
+            raise RuntimeError(
+                "EngineCore's scheduler is driven by one thread (the one that called start() or claim_thread()); "
+                "the server reaches it only through engine/client.py's EngineClient"
+            )
 
     def start(self, carried: list[Sequence] = ()) -> None:
         """Spawn a worker, block until it has loaded the model, then build a fresh block manager and
         scheduler from its report, serve the warm-up request and queue ``carried`` (sequences that never
         reached a worker). On the first start, the grammar engine's view of the vocabulary is built meanwhile,
         in a thread (the first constrained request would otherwise wait for it)."""
+        self.claim_thread()
         grammars = None
         if self.worker_info is None:
             grammars = threading.Thread(target=self.grammars.warm_up, name="a8w8-grammar-warmup", daemon=True)
@@ -175,6 +170,7 @@ class EngineCore:
     def take_unstarted(self) -> tuple[list[Sequence], list[Sequence]]:
         """After the worker is lost: (sequences that never reached it, which can run on the next one; every
         other unfinished sequence, whose computed state is gone). The scheduler is emptied."""
+        self._check_thread()
         if self._scheduler is None:
             return [], []
         sched = self._scheduler
@@ -257,17 +253,20 @@ class EngineCore:
         return seqs
 
     def add(self, seqs: list[Sequence]) -> None:
+        self._check_thread()
         for seq in seqs:
             self.scheduler.add(seq)
         self.prompt_tokens_total += len(seqs[0].prompt_token_ids) if seqs else 0
 
     def abort(self, seqs: list[Sequence]) -> None:
+        self._check_thread()
         for seq in seqs:
             if not seq.finished and seq.seq_id in self.scheduler.seqs:
                 self.scheduler.finish(seq, FinishReason.ABORT)
 
     def step(self) -> list[SequenceUpdate]:
         """One schedule -> run -> postprocess cycle."""
+        self._check_thread()
         assert self.worker is not None  # (start() made it, with the scheduler)
         step = self.scheduler.schedule()
         req = step.request

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.core import EngineConfig, EngineCore
+from engine.config import EngineConfig, SchedulerConfig
+from engine.core import EngineCore
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerConfig
-from npu.messages import WorkerConfig
+from npu.config import WorkerConfig
 
 
 @dataclass

@@ -21,22 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
 from engine.sequence import FinishReason, Sequence, Status, TokenLogprob
 from npu.messages import NewSequence, ScheduledChunk, StepRequest, StepResult
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    # Prompt chunks longer than this are split (0: only the token budget limits a chunk).
-    long_prefill_token_threshold: int = 512
-    max_model_len: int | None = None  # None: the worker's (the model's, or --max-model-len)
-    enable_prefix_caching: bool = True
-    # Speculative decoding: KV slots reserved after a running sequence's sampling chunk, for the worker to
-    # draft into (its num_speculative_tokens; 0: off). They count against the token budget.
-    num_lookahead_tokens: int = 0
-    lookahead_max_running: int | None = None  # no lookahead while this many sequences or more are running
 
 
 @dataclass

@@ -12,7 +12,8 @@ same error events). Both can be set instead (``--step-stall-timeout``, ``--step-
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+
+from engine.config import StepDeadlines
 
 # Auto deadlines: stalled after STALL_FACTOR x the expected step time (at least STALL_FLOOR_SECONDS), hung after
 # HANG_FACTOR x that (at least HANG_FLOOR_SECONDS). What was measured decays by DECAY a step, so that one slow step
@@ -27,14 +28,6 @@ DECAY = 0.99
 PROMPT_SIZED_STEP_TOKENS = 32
 # Before a prompt-sized step is measured, a token is taken to cost this fraction of the slowest step.
 PRIOR_TOKEN_SHARE_OF_STEP = 1 / 8
-
-
-@dataclass(frozen=True)
-class StepDeadlines:
-    """Explicit deadlines (seconds); None: learned as the module docstring says."""
-
-    stall_seconds: float | None = None
-    hang_seconds: float | None = None
 
 
 class StepWatch:

@@ -39,7 +39,7 @@ from typing import Any
 import llguidance
 import numpy as np
 
-from engine.grammar_limits import GrammarLimits
+from engine.config import GrammarLimits
 
 log = logging.getLogger(__name__)
 

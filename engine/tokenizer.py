@@ -1,6 +1,6 @@
 """Tokenizers: the ``tokenizers`` library (primary) and a pure-Python byte-level BPE fallback.
 
-Both read the same Hugging Face files and must give identical ids (tests/test_tokenizer_parity.py).
+Both read the same Hugging Face files and must give identical ids (tests/unit/test_tokenizer.py).
 The fallback exists for machines where the ``tokenizers`` wheel is unavailable; select it explicitly with
 ``--tokenizer-impl python``.
 """
@@ -25,7 +25,7 @@ QWEN_PRETOKENIZE_PATTERN = (
 UNICODE_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # Texts from this many characters on are encoded through ``encode_batch``, which releases the GIL while the
 # Rust code runs (plain ``encode`` holds it for the whole call), so the API process's event loop keeps
-# answering while a long prompt is tokenized (tests/test_robustness.py holds /health under 1 s meanwhile).
+# answering while a long prompt is tokenized (tests/integration/test_robustness.py holds /health under 1 s meanwhile).
 GIL_FREE_ENCODE_MIN_CHARS = 4096
 # NFC normalization composes at most three code points into one (Hangul L+V+T jamo: 9 UTF-8 bytes become
 # one 3-byte syllable), so a normalizing tokenizer sees at least a third of the input's bytes.

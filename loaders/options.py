@@ -3,10 +3,10 @@ the CLI offers them as choices, and ``a8w8-serve --help`` should not pay for loa
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Quantization(str, Enum):
+class Quantization(StrEnum):
     """How linear layers are executed: ``auto`` = whatever the checkpoint is, A8W8 for float checkpoints."""
 
     AUTO = "auto"

@@ -7,6 +7,7 @@ import signal
 import time
 
 from npu import messages as m
+from npu.config import WorkerConfig
 from npu.worker import worker_main
 
 # How often a waiting parent checks that the worker is still alive.
@@ -28,7 +29,7 @@ class WorkerDied(WorkerError):
 class WorkerClient:
     """Owns one worker process. Not thread-safe: one thread drives steps."""
 
-    def __init__(self, config: m.WorkerConfig):
+    def __init__(self, config: WorkerConfig):
         self.config = config
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from loaders.quantization import quantize_symmetric
+from npu.config import KVCacheDtype
 from npu.host_memory import zeros_huge_pages
-from npu.messages import KVCacheDtype
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from loaders.config import ModelConfig
 from loaders.transforms import OnlineTransforms
 from loaders.weights import LayerWeights, ModelWeights
-from npu.backends.base import Backend, RMSNorm
+from npu.backends.base import Backend, DecoderStackInputs, RMSNorm
 from npu.kv_cache import PagedKVCache
 from npu.rope import rope_tables
 
@@ -157,14 +157,16 @@ class DecoderModel:
         self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(device=self.device, dtype=self.dtype)
         # the backend's one-call version of the layer loop for pure decode steps, where it has one
         self.decode_stack = backend.prepare_decoder_stack(
-            self.layers,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            self.cos,
-            self.sin_signed,
-            self.scale,
-            layer_loop=lambda x, batch, cache: self._layer_loop(x, batch, cache, None),
+            DecoderStackInputs(
+                self.layers,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                self.cos,
+                self.sin_signed,
+                self.scale,
+                layer_loop=lambda x, batch, cache: self._layer_loop(x, batch, cache, None),
+            )
         )
 
     @torch.inference_mode()

@@ -10,7 +10,8 @@ tests drive that post-processing where a random-weight model cannot produce the 
 
 from __future__ import annotations
 
-from npu.messages import Ready, SampledToken, StepRequest, StepResult, WorkerConfig
+from npu.config import WorkerConfig
+from npu.messages import Ready, SampledToken, StepRequest, StepResult
 from npu.sampler import allowed_tokens
 
 # No weights or KV cache are allocated, so the pool the scheduler accounts for costs nothing: sized for

@@ -11,6 +11,7 @@ import torch
 
 from loaders.weights import load_model_weights
 from npu.backends import get_backend
+from npu.config import WorkerConfig
 from npu.kv_cache import PagedKVCache
 from npu.messages import (
     NewSequence,
@@ -21,7 +22,6 @@ from npu.messages import (
     SpecDecodeStats,
     StepRequest,
     StepResult,
-    WorkerConfig,
 )
 from npu.model import DecoderModel, ForwardBatch, SeqSpan
 from npu.sampler import Sampler, SequenceSamplingState, options_error

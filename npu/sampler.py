@@ -292,12 +292,7 @@ class Sampler:
         sampled (e.g. non-finite probabilities) fails alone."""
         if drafts is not None and any(drafts):
             return self._sample_drafted(logits, seq_ids, states, drafts, masks)
-        logits = logits.float()
-        logits[:, self.sampleable_vocab_size :] = float("-inf")  # padding rows are never sampled
-        want_logprobs = any(st.options.logprobs is not None for st in states)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if masks is not None and any(m is not None for m in masks):
-            apply_grammar_masks(logits, list(range(len(states))), masks)
+        logits, logprobs = self._prepare(logits, states, masks, list(range(len(states))))
         plain = [i for i, st in enumerate(states) if _is_plain_greedy(st.options, st)]
         greedy: dict[int, int] = {}
         if plain:
@@ -312,6 +307,24 @@ class Sampler:
                 failed.append(SequenceFailure(seq_id, f"sampling failed: {type(e).__name__}: {e}"))
         return out, failed
 
+    def _prepare(
+        self,
+        logits: torch.Tensor,
+        states: list[SequenceSamplingState],
+        masks: list[bytes | None] | None,
+        mask_rows: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What both sampling paths start with: the logits in float32 with the padding rows of the vocabulary
+        never sampled, the model's logprobs (before masks and penalties) if any sequence wants them, and each
+        constrained sequence's grammar mask applied to its row ``mask_rows[i]``."""
+        logits = logits.float()
+        logits[:, self.sampleable_vocab_size :] = float("-inf")  # padding rows are never sampled
+        want_logprobs = any(st.options.logprobs is not None for st in states)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if masks is not None and any(m is not None for m in masks):
+            apply_grammar_masks(logits, mask_rows, masks)
+        return logits, logprobs
+
     def _sample_drafted(
         self,
         logits: torch.Tensor,
@@ -320,14 +333,9 @@ class Sampler:
         drafts: list[list[int]],
         masks: list[bytes | None] | None,
     ) -> tuple[list[SampledToken], list[SequenceFailure]]:
-        logits = logits.float()
-        logits[:, self.sampleable_vocab_size :] = float("-inf")
-        want_logprobs = any(st.options.logprobs is not None for st in states)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if masks is not None and any(m is not None for m in masks):
-            first_rows = [sum(len(d) + 1 for d in drafts[:i]) for i in range(len(drafts))]
-            # (a constrained sequence has no draft: its one row is its first)
-            apply_grammar_masks(logits, first_rows, masks)
+        # (a constrained sequence has no draft: its one row is its first)
+        first_rows = [sum(len(d) + 1 for d in drafts[:i]) for i in range(len(drafts))]
+        logits, logprobs = self._prepare(logits, states, masks, first_rows)
         out: list[SampledToken] = []
         failed: list[SequenceFailure] = []
         r = 0

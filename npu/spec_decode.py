@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from npu.messages import SpeculativeConfig
+from npu.config import SpeculativeConfig
 
 # Longest pause (in steps) of a sequence whose drafts keep being rejected.
 MAX_BACKOFF_STEPS = 32

@@ -9,11 +9,12 @@ import traceback
 from multiprocessing.connection import Connection
 
 from npu import messages as m
+from npu.config import WorkerConfig
 
 log = logging.getLogger("a8w8.worker")
 
 
-def _make_runner(config: m.WorkerConfig):
+def _make_runner(config: WorkerConfig):
     if config.replay_token_ids is not None:
         from npu.replay import ReplayRunner
 
@@ -23,7 +24,7 @@ def _make_runner(config: m.WorkerConfig):
     return ModelRunner(config)
 
 
-def worker_main(conn: Connection, config: m.WorkerConfig) -> None:
+def worker_main(conn: Connection, config: WorkerConfig) -> None:
     """Entry point of the spawned process. Exits when told to, or when the parent's pipe closes."""
     # Terminal signals are the API process's to handle (it drains, then stops this process): a Ctrl-C sent to
     # the process group is ignored here. The parent spawned this process with SIGINT blocked; any SIGINT

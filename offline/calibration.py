@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from engine.tokenizer import load_tokenizer
 from loaders.assets import calibration_text_path
-from npu.messages import WorkerConfig
+from npu.config import WorkerConfig
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 

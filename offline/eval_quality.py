@@ -30,7 +30,8 @@ from loaders.quantization import quantize_activations, quantize_symmetric
 from loaders.weights import load_model_weights
 from loaders.writer import quantize_checkpoint
 from npu.backends.base import UnfusedLinear
-from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest, WorkerConfig
+from npu.config import WorkerConfig
+from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepRequest
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 from offline.gptq import gptq_rounding

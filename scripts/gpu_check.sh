@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 
 stage_kernels() {  # every kernel and configuration on the GPU against the reference, the model, the server
-  timeout 240 python3 -m pytest -q -rfE --durations=10 -p no:cacheprovider tests/test_cuda_kernels.py 2>&1 | tee "$OUT/kernel-tests.log"
+  timeout 240 python3 -m pytest -q -rfE --durations=10 -p no:cacheprovider tests/integration/test_cuda_kernels.py 2>&1 | tee "$OUT/kernel-tests.log"
 }
 
 stage_bench-small() {  # decode at batch 1/16/64, prefill, HBM bandwidth and the INT8 roof on the 0.6B shape
@@ -50,8 +50,7 @@ stage_cpu-scaling() {  # the CPU backend on the lent machine's host: worker_benc
 }
 
 stage_suite() {  # the README's suite minus what needs a browser, HAProxy or the deploy linters (not on that image)
-  timeout 560 python3 -m pytest -q -x -p no:cacheprovider --ignore=tests/test_web_ui.py \
-    --ignore=tests/test_router.py --ignore=tests/test_deploy.py 2>&1 | tee "$OUT/suite.log"
+  timeout 560 python3 -m pytest -q -x -p no:cacheprovider tests/unit tests/integration 2>&1 | tee "$OUT/suite.log"
 }
 
 for stage in "${@:-kernels}"; do

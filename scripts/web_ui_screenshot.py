@@ -1,6 +1,6 @@
 """Screenshot of the chat page in a real exchange with the built-in default model (SmolLM2-135M-Instruct).
 
-The same setup as tests/test_web_ui.py: `a8w8-serve serve` as a process on 127.0.0.1, Debian's chromium
+The same setup as tests/system/test_web_ui.py: `a8w8-serve serve` as a process on 127.0.0.1, Debian's chromium
 driven by Playwright. Greedy sampling (temperature 0 in the page's settings) so a rerun shows the same answer.
 
     .venv/bin/python scripts/web_ui_screenshot.py --out docs/web-ui.png
@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     base = f"http://127.0.0.1:{args.port}"
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(args.port)])
+    proc = subprocess.Popen([sys.executable, "-m", "a8w8_serve", "serve", "--port", str(args.port)])
     try:
         wait_healthy(base, timeout=STARTUP_SECONDS, proc=proc)
         with sync_playwright() as p:

@@ -9,7 +9,6 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -17,34 +16,21 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from engine.async_engine import AsyncEngine
-from engine.core import EngineConfig
+from engine.client import EngineClient
 from server.api_docs import mount_api_docs
+from server.config import ServerSettings
+from server.context import ServingContext
 from server.errors import install_error_handlers
 from server.guard import RequestGuard
-from server.http_server import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES
 from server.metrics import ServerMetrics
 from server.responses import STREAM_CHUNKS
 from server.routes import router
 from server.schemas import REQUEST_BODIES
-from server.serving import ServingContext
 from server.startup import startup_summary, startup_warnings
 from server.version import package_version
 from server.web_ui import mount_web_ui
 
 log = logging.getLogger("a8w8.server")
-
-
-@dataclass
-class ServerSettings:
-    engine: EngineConfig
-    served_model_names: list[str]
-    api_key: str | None = None
-    cors_origins: list[str] = field(default_factory=list)
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
-    reasoning_parser: str = "auto"  # auto | qwen3 | none
-    base_url: str | None = None  # where clients reach the server, for the startup summary
-    web_ui: bool = True  # the chat page at / (server/web_ui.py); off behind a gateway that wants only the API
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -95,7 +81,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
         if task.exception() is not None:
             engine_failed(f"the engine failed to start: {task.exception()}")
             return
-        engine: AsyncEngine = app.state.engine
+        engine: EngineClient = app.state.engine
         for warning in startup_warnings(engine):
             log.warning("%s", warning)
         log.info(

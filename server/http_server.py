@@ -18,19 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from server.config import HTTPSettings
+
 log = logging.getLogger("a8w8.server")
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # generous for long prompts, small enough to refuse abuse
-# Longest wait for the next piece of a request body before answering 408 (a stalled upload).
-DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
-DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0
-DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
 # After the drain, how long uvicorn waits for the connections to finish writing (the cut streams' last
 # events) before it closes them.
 CONNECTION_CLOSE_GRACE_SECONDS = 5.0
@@ -80,15 +76,6 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
     return HeaderTimeoutH11Protocol
 
 
-@dataclass(frozen=True)
-class HTTPSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    log_level: str = "info"
-    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
-
-
 class GracefulServer(uvicorn.Server):
     """uvicorn.Server with the drain, the second-signal exit and the fatal exit described above."""
 
@@ -113,8 +100,8 @@ class GracefulServer(uvicorn.Server):
             log.warning("second %s: exiting now", signal.Signals(sig).name)
             self.force_exit = self.should_exit = True
             engine = self.engine
-            if engine is not None and engine.core.worker is not None:
-                engine.core.worker.process.kill()
+            if engine is not None:
+                engine.kill_worker()
             return
         self._draining = True
         log.warning(

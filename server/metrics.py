@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from engine.async_engine import AsyncEngine, RequestOutput
+from engine.async_engine import RequestOutput
+from engine.client import EngineClient
 
 # Histogram buckets in seconds (vLLM's, trimmed to what a CPU server sees).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
@@ -16,11 +17,11 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 class _EngineCollector:
     """Reads gauges and engine-side counters from the engine's stats at scrape time."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: EngineClient, model_name: str):
         self.engine, self.model_name = engine, model_name
 
     def collect(self):
-        s, spec = self.engine.stats, self.engine.core.spec_totals
+        s, spec = self.engine.stats, self.engine.spec_totals
         gauges = (
             ("vllm:num_requests_running", "Requests running on the worker.", s.num_running),
             ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
@@ -64,7 +65,7 @@ class _EngineCollector:
         for i, n in enumerate(spec.accepted_per_position):
             per_pos.add_metric([self.model_name, str(i)], n)
         yield per_pos
-        info = self.engine.core.worker_info
+        info = self.engine.worker_info
         if info is not None:  # (Prometheus' *_info convention: the labels are the information, the value 1)
             backend = GaugeMetricFamily(
                 "a8w8:backend_info",
@@ -77,7 +78,7 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: EngineClient, model_name: str):
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.registry.register(_EngineCollector(engine, model_name))

@@ -1,6 +1,6 @@
 """The HTTP routes: OpenAI's /v1 API, tokenize and detokenize, health, liveness, version and metrics.
 
-Each route gets the server's :class:`~server.serving.ServingContext` (engine, metrics, served names) through a
+Each route gets the server's :class:`~server.context.ServingContext` (engine, metrics, served names) through a
 dependency on ``app.state.serving``, which the app's lifespan sets when the engine starts (server/app.py).
 """
 
@@ -14,8 +14,12 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
 from engine.async_engine import EngineState
+from server.chat import create_chat_completion
+from server.completions import create_completion
+from server.context import ServingContext
 from server.errors import ERROR_TYPES, APIError
 from server.request_body import documented_body, json_body
+from server.request_mapping import chat_prompt_ids, input_named
 from server.responses import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -30,15 +34,7 @@ from server.responses import (
     VersionInfo,
 )
 from server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.serving import (
-    DONE,
-    ServingContext,
-    chat_prompt_ids,
-    create_chat_completion,
-    create_completion,
-    input_named,
-    json_response,
-)
+from server.streaming import DONE, json_response
 from server.version import package_version
 
 # Statuses every POST route can answer with an OpenAI-style error body (documented in /openapi.json).
@@ -122,7 +118,7 @@ async def live(c: Serving) -> Response:
 @router.get("/version", response_model=VersionInfo)
 async def get_version(c: Serving) -> Response:
     """The package version and, once the worker is up, where the model runs and on which kernels."""
-    info = c.engine.core.worker_info
+    info = c.engine.worker_info
     if info is None:
         return json_response(VersionInfo(version=package_version()))
     return json_response(VersionInfo(version=package_version(), device=info.device, backend=info.backend))
@@ -198,7 +194,7 @@ async def tokenize(req: json_body(TokenizeRequest), c: Serving) -> Response:
                 [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
             )
         else:
-            tokens = await asyncio.to_thread(c.engine.core.encode_prompt, req.prompt)
+            tokens = await asyncio.to_thread(c.engine.encode_prompt, req.prompt)
     return json_response(TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=c.engine.max_model_len))
 
 

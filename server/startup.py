@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 
-from engine.async_engine import AsyncEngine
+from engine.client import EngineClient
 
 MIB = 1024**2
 
 
-def startup_warnings(engine: AsyncEngine) -> list[str]:
+def startup_warnings(engine: EngineClient) -> list[str]:
     """One line per thing an operator should act on or at least know."""
-    info = engine.core.worker_info
+    info = engine.worker_info
     out = []
     if info is None:
         return out
@@ -30,7 +30,7 @@ def startup_warnings(engine: AsyncEngine) -> list[str]:
 
 
 def startup_summary(
-    engine: AsyncEngine,
+    engine: EngineClient,
     served_model_names: list[str],
     base_url: str | None,
     seconds: float,
@@ -38,8 +38,8 @@ def startup_summary(
     web_ui: bool = False,
 ) -> str:
     """The block logged when the server starts serving."""
-    info = engine.core.worker_info
-    cfg = engine.core.model_config
+    info = engine.worker_info
+    cfg = engine.model_config
     worker = engine.config.worker
     threads = worker.num_threads or os.cpu_count()
     kv_tokens = info.num_blocks * info.block_size

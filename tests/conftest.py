@@ -1,4 +1,5 @@
-"""Shared fixtures: random Qwen3 checkpoints written by the tests themselves (no downloads)."""
+"""Shared fixtures: random Qwen3 checkpoints written by the tests themselves (no downloads); each test marked
+with its tier (the folder it is in: unit, integration, system; tests/README.md says what each covers)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Without a GPU the CUDA backend's Triton kernels run in Triton's interpreter (tests/test_cuda_kernels.py).
+# Without a GPU the CUDA backend's Triton kernels run in Triton's interpreter (tests/integration/test_cuda_kernels.py).
 # Triton reads the switch when it is first imported, and other modules (transformers) import it before the
 # kernels are: so it is set here, before any test module is imported.
 if not torch.cuda.is_available():
@@ -44,3 +45,16 @@ def model_factory(tmp_path_factory):
 def serve_model(model_factory) -> Path:
     """The compressed-tensors W8A8 model the engine and server tests run."""
     return model_factory(SERVE_SPEC, quantized=True)
+
+
+TIERS = ("unit", "integration", "system")
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark every test with its tier, from its folder: ``pytest -m "not system"`` and the like select by it."""
+    for item in items:
+        tier = item.path.relative_to(TESTS_DIR).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: every test module lives in one of tests/{{{','.join(TIERS)}}}/")
+        item.add_marker(getattr(pytest.mark, tier))

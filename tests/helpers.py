@@ -5,10 +5,29 @@ from __future__ import annotations
 import random
 import unicodedata
 
+from loaders.writer import RandomModelSpec
 from npu.messages import ScheduledChunk, StepRequest
 from npu.runner import ModelRunner
 
 BLOCK_SIZE = 4  # small blocks so prompts and decodes cross many block boundaries
+# The smallest model at real Qwen3 ratios (GQA 2:1, head_dim != hidden / heads) with a small vocabulary: the
+# kernel and parity tests vary its seed and dtype (dataclasses.replace).
+TINY_SPEC = RandomModelSpec(
+    hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96, vocab_size=512
+)
+# A function tool the tool-call tests and benchmarks/tool_call_probe.py offer a model.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city name"}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 class Driver:

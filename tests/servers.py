@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,12 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from engine.config import EngineConfig, SchedulerConfig
+from npu.config import WorkerConfig
+from server.config import ServerSettings
+
 STARTUP_TIMEOUT = 120.0
+MODEL = "test-model"
 
 
 def free_port() -> int:
@@ -47,7 +53,7 @@ class CliServer:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"a8w8-server-{self.port}.log", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(self.port), *args],
+            [sys.executable, "-m", "a8w8_serve", "serve", "--model", str(model_dir), "--port", str(self.port), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -110,3 +116,36 @@ class ThreadServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def server_settings(model_dir, **kw) -> ServerSettings:
+    """Settings of a small in-process server of ``model_dir`` (the engine's, worker's and scheduler's fields by
+    name, in ``engine``, ``worker`` and ``scheduler``)."""
+    worker_kw = kw.pop("worker", {})
+    sched_kw = kw.pop("scheduler", {})
+    engine = EngineConfig(
+        worker=WorkerConfig(model_dir=str(model_dir), kv_cache_memory_bytes=32 << 20, max_model_len=1024, **worker_kw),
+        scheduler=SchedulerConfig(**sched_kw),
+        max_queued_requests=kw.pop("max_queued_requests", 1024),
+        **kw.pop("engine", {}),
+    )
+    return ServerSettings(engine=engine, served_model_names=[MODEL], **kw)
+
+
+def metric(base: str, name: str, labels: str = "", default: float | None = None) -> float:
+    """Value of ``name{model_name=MODEL,...labels}`` in /metrics (labels in any order)."""
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.startswith(name + "{") and f'model_name="{MODEL}"' in head and labels in head:
+            return float(value)
+    assert default is not None, f"{name} {labels} not in /metrics"
+    return default
+
+
+def data_events(base: str, path: str, body: dict) -> list[dict]:
+    """The JSON data of a stream's server-sent events, up to its [DONE]."""
+    with httpx.stream("POST", f"{base}{path}", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]

@@ -6,7 +6,7 @@ Starts ``a8w8-serve serve`` N times (ports PORT+1 .. PORT+N; arguments after ``-
 waits until each answers ``/health``, writes the HAProxy config from ``haproxy.cfg.template`` and runs
 ``haproxy`` (Debian's package) on PORT until Ctrl-C, then stops everything (SIGTERM: the replicas drain).
 Clients that send ``X-Session-Id`` (or the OpenAI ``user`` field) keep hitting one replica.
-``tests/test_router.py`` drives the same class.
+``tests/system/test_router.py`` drives the same class.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class LocalCluster:
 
     def spawn_replica(self, index: int) -> subprocess.Popen:
         """Start replica ``index`` (``a8w8-serve serve`` on its port); it is not waited for."""
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.ports[index]), *self.serve_args]
+        cmd = [sys.executable, "-m", "a8w8_serve", "serve", "--port", str(self.ports[index]), *self.serve_args]
         return subprocess.Popen(cmd, stdout=self._log(f"replica{index + 1}"), stderr=subprocess.STDOUT)
 
     def start(self, timeout: float = STARTUP_SECONDS) -> None:

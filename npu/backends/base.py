@@ -63,6 +63,23 @@ def hadamard_rows(x: torch.Tensor, block: int) -> torch.Tensor:
     return (y.reshape(m, k) * hadamard_scale(block)).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class DecoderStackInputs:
+    """What a backend's one-call decoder stack is built from (:meth:`Backend.prepare_decoder_stack`): the model's
+    layers (each with ``qkv``, ``o``, ``gate_up``, ``down``, ``input_norm``, ``post_norm``, ``qk_norm``), its
+    attention shape, its RoPE tables, the attention scale, and ``layer_loop(x, batch, cache) -> x``, the model's
+    own layer loop, for a backend that captures it (CUDA graphs) rather than reimplementing it."""
+
+    layers: Sequence[Any]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    cos: torch.Tensor
+    sin_signed: torch.Tensor
+    scale: float
+    layer_loop: Callable[..., torch.Tensor] | None = None
+
+
 class LinearOp(Protocol):
     """A prepared linear layer: ``[M, K]`` activations (backend dtype) -> ``[M, N]`` activations.
 
@@ -158,22 +175,10 @@ class Backend(Protocol):
         ``len(slots)`` positions) over its context ``slots`` of layer ``layer``; returns ``[n, Hq * D]``."""
         ...
 
-    def prepare_decoder_stack(
-        self,
-        layers: Sequence[Any],
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        cos: torch.Tensor,
-        sin_signed: torch.Tensor,
-        scale: float,
-        layer_loop: Callable[..., torch.Tensor] | None = None,
-    ) -> Any | None:
+    def prepare_decoder_stack(self, stack: DecoderStackInputs) -> Any | None:
         """Optional: an object whose ``decode(x, positions, slot_mapping, context_slots, lengths, cache) -> bool``
         runs all decoder layers of a pure decode step at once, with the same results as the model's layer loop
-        over ``layers`` (each with ``qkv``, ``o``, ``gate_up``, ``down``, ``input_norm``, ``post_norm``,
-        ``qk_norm``); None to keep the loop. ``layer_loop(x, batch, cache) -> x`` is that loop itself, for a
-        backend that captures it (CUDA graphs) rather than reimplementing it."""
+        over ``stack.layers``; None to keep the loop."""
         ...
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
@@ -221,17 +226,7 @@ class TorchOps:
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
 
-    def prepare_decoder_stack(
-        self,
-        layers: Sequence[Any],
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        cos: torch.Tensor,
-        sin_signed: torch.Tensor,
-        scale: float,
-        layer_loop: Callable[..., torch.Tensor] | None = None,
-    ) -> Any | None:
+    def prepare_decoder_stack(self, stack: DecoderStackInputs) -> Any | None:
         return None
 
     def prefill_attention(

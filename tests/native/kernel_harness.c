@@ -1,6 +1,6 @@
 // Serves calls into one kernel family's library built for another machine (the aarch64 NEON family, run under
 // qemu-aarch64), so that its kernels can be checked bit for bit against the families this machine runs
-// (tests/kernel_emulation.py, tests/test_cpu_kernel_families.py).
+// (tests/kernel_emulation.py, tests/integration/test_cpu_kernel_families.py).
 //
 // The arguments' memory is shared: argv names a file (a memfd) that the test process has mapped at an address
 // of its choosing, and this process maps it at the same address, so every pointer the test passes (into tensors,

@@ -17,14 +17,14 @@ shapes, by ``python benchmarks/kernels.py`` (figures in the README's Performance
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from loaders.quantization import FloatLinear, Int8Linear, LinearWeight, quantize_activations
-from npu.backends.base import RMSNorm, TorchOps, UnfusedLinear
+from npu.backends.base import DecoderStackInputs, RMSNorm, TorchOps, UnfusedLinear
 from npu.backends.cpu.decoder_stack import DecoderStack
 from npu.backends.cpu.vnni import (
     ATTENTION,
@@ -38,9 +38,9 @@ from npu.backends.cpu.vnni import (
     hadamard_log2,
     load_kernel_library,
 )
+from npu.config import CPU_KERNELS, INT8_KERNEL_ALIASES
 from npu.host_memory import HugePageArena
 from npu.kv_cache import Int8KV, PagedKVCache
-from npu.messages import CPU_KERNELS, INT8_KERNEL_ALIASES
 
 log = logging.getLogger("a8w8.kernels")
 _reported_fallbacks: set[str] = set()
@@ -54,6 +54,16 @@ def _kernel_failed(kernel: str, status: int) -> None:
         log.warning(
             "C kernel %s returned %d: the call (and any later one it refuses) runs through PyTorch", kernel, status
         )
+
+
+def _kernel_ran(kernel: str, call: Callable[..., int], *args: Any) -> bool:
+    """Call a C kernel; True when it did the work (status 0). False (reported once, by :func:`_kernel_failed`)
+    when it refused: the caller then runs the eager path of the reference backend."""
+    status = call(*args)
+    if status == 0:
+        return True
+    _kernel_failed(kernel, status)
+    return False
 
 
 class Int8GemmLinear(UnfusedLinear):
@@ -182,24 +192,12 @@ class CpuBackend(TorchOps):
             return Bf16Linear(weight.weight, self._bf16, self._workspace, self._weight_arena, input_hadamard)
         return FloatGemmLinear(weight, self.activation_dtype, input_hadamard)
 
-    def prepare_decoder_stack(
-        self,
-        layers: Sequence[Any],
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        cos: torch.Tensor,
-        sin_signed: torch.Tensor,
-        scale: float,
-        layer_loop: Callable[..., torch.Tensor] | None = None,
-    ) -> DecoderStack | None:
+    def prepare_decoder_stack(self, stack: DecoderStackInputs) -> DecoderStack | None:
         """All layers of a decode step in one C call, where every kernel of the loop is ours."""
-        if self._stack is None or not DecoderStack.applies_to(layers, cos, sin_signed):
+        if self._stack is None or not DecoderStack.applies_to(stack.layers, stack.cos, stack.sin_signed):
             return None
-        stack = DecoderStack(
-            self._stack, self._workspace, layers, num_heads, num_kv_heads, head_dim, cos, sin_signed, scale
-        )
-        return stack if stack.supported else None
+        prepared = DecoderStack(self._stack, self._workspace, stack)
+        return prepared if prepared.supported else None
 
     def qk_norm_rope(
         self,
@@ -223,7 +221,9 @@ class CpuBackend(TorchOps):
             or not positions.is_contiguous()
         ):
             return super().qk_norm_rope(qk, norm, cos, sin_signed, positions, head_hadamard)
-        status = self._prep.qk_norm_rope(
+        if _kernel_ran(
+            "qk_norm_rope",
+            self._prep.qk_norm_rope,
             qk.data_ptr(),
             t,
             qk.stride(0),
@@ -235,10 +235,8 @@ class CpuBackend(TorchOps):
             sin_signed.data_ptr(),
             positions.data_ptr(),
             hadamard_log2(d if head_hadamard else 0),
-        )
-        if status == 0:
+        ):
             return qk
-        _kernel_failed("qk_norm_rope", status)
         return super().qk_norm_rope(qk, norm, cos, sin_signed, positions, head_hadamard)
 
     def write_kv(self, cache: PagedKVCache, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -256,7 +254,9 @@ class CpuBackend(TorchOps):
         )
         if usable:
             c = cache.tensors
-            status = self._prep.kv_write_int8(
+            if _kernel_ran(
+                "kv_write_int8",
+                self._prep.kv_write_int8,
                 k.data_ptr(),
                 v.data_ptr(),
                 t,
@@ -269,10 +269,8 @@ class CpuBackend(TorchOps):
                 _layer_ptr(c["k_scale"], layer),
                 _layer_ptr(c["v"], layer),
                 _layer_ptr(c["v_scale"], layer),
-            )
-            if status == 0:
+            ):
                 return
-            _kernel_failed("kv_write_int8", status)
         cache.write(layer, slots, k, v)
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
@@ -299,7 +297,9 @@ class CpuBackend(TorchOps):
             return super().prefill_attention(q, cache, layer, slots, scale)
         t = cache.tensors
         out = torch.empty(n, hq * d, dtype=torch.float32)
-        status = self._attention.paged_attention_prefill_int8(
+        if not _kernel_ran(
+            "paged_attention_prefill_int8",
+            self._attention.paged_attention_prefill_int8,
             q.data_ptr(),
             q.stride(0) if n > 1 else hq * d,
             n,
@@ -314,9 +314,7 @@ class CpuBackend(TorchOps):
             slots.data_ptr(),
             scale,
             out.data_ptr(),
-        )
-        if status != 0:
-            _kernel_failed("paged_attention_prefill_int8", status)
+        ):
             return super().prefill_attention(q, cache, layer, slots, scale)
         return out
 
@@ -336,7 +334,9 @@ class CpuBackend(TorchOps):
         t = cache.tensors
         hkv = t["k"].shape[2]
         out = torch.empty(s, hq, d, dtype=torch.float32)
-        status = self._attention.paged_attention_decode_int8(
+        if not _kernel_ran(
+            "paged_attention_decode_int8",
+            self._attention.paged_attention_decode_int8,
             q.data_ptr(),
             q.stride(0),
             s,
@@ -352,8 +352,6 @@ class CpuBackend(TorchOps):
             slots.shape[1],
             scale,
             out.data_ptr(),
-        )
-        if status != 0:
-            _kernel_failed("paged_attention_decode_int8", status)
+        ):
             return super().decode_attention(q, cache, layer, slots, lengths, scale)
         return out.view(s, hq * d)

@@ -3,7 +3,7 @@
 The model's layer loop calls seven kernels per layer through Python; on a 28-layer model that Python is
 about 3 ms of a 25-35 ms batch-1 step (worker_bench's "other"). :class:`DecoderStack` hands the same kernel
 sequence to C once per step, with pointers gathered when the model is loaded, and the result is bit-identical
-to the loop (``tests/test_worker.py`` compares them). It applies where every linear is a :class:`VnniLinear`,
+to the loop (``tests/integration/test_worker.py`` compares them). It applies where every linear is a :class:`VnniLinear`,
 the KV cache is INT8 and the residual stream fp32; elsewhere the model keeps its loop.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from npu.backends.base import RMSNorm
+from npu.backends.base import DecoderStackInputs, RMSNorm
 from npu.backends.cpu.vnni import SCRATCH_ALIGN, VnniLinear, Workspace, hadamard_log2
 from npu.kv_cache import Int8KV, PagedKVCache
 
@@ -115,17 +115,12 @@ class DecoderStack:
         self,
         lib: ctypes.CDLL,
         workspace: Workspace,
-        layers: Sequence[Any],
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        cos: torch.Tensor,
-        sin_signed: torch.Tensor,
-        scale: float,
+        inputs: DecoderStackInputs,
     ):
         _declare(lib)
+        layers, head_dim, cos, sin_signed = inputs.layers, inputs.head_dim, inputs.cos, inputs.sin_signed
         self.lib, self.workspace = lib, workspace
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.head_dim = inputs.num_heads, head_dim
         self._keep = [cos, sin_signed]  # the C side holds raw pointers into these (the layers keep the rest)
         rows = []
         for layer in layers:
@@ -147,7 +142,14 @@ class DecoderStack:
             )
         self._layers = (_StackLayer * len(rows))(*rows)
         self._stack = _DecoderStack(
-            len(rows), num_heads, num_kv_heads, head_dim, self._layers, cos.data_ptr(), sin_signed.data_ptr(), scale
+            len(rows),
+            inputs.num_heads,
+            inputs.num_kv_heads,
+            head_dim,
+            self._layers,
+            cos.data_ptr(),
+            sin_signed.data_ptr(),
+            inputs.scale,
         )
         self.qkv_features = layers[0].qkv.out_features
         self.gate_up_features = layers[0].gate_up.out_features

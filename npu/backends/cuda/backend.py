@@ -2,7 +2,7 @@
 and pure decode steps replayed from CUDA graphs.
 
 Everything the model asks of a backend runs on the GPU; the worker moves a step's batch there and the logits
-back. The numerical contract is the CPU backend's (``tests/test_cuda_kernels.py`` checks every kernel against
+back. The numerical contract is the CPU backend's (``tests/integration/test_cuda_kernels.py`` checks every kernel against
 the eager :class:`~npu.backends.base.TorchOps` reference): the residual stream is fp32, INT8 GEMMs are exact in
 INT32, and a sequence's tokens do not depend on the rest of its batch.
 
@@ -13,13 +13,10 @@ on CPU tensors, without a GPU: that is how the test suite runs them. Speed on a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
-
 import torch
 
 from loaders.quantization import LinearWeight
-from npu.backends.base import RMSNorm, TorchOps
+from npu.backends.base import DecoderStackInputs, RMSNorm, TorchOps
 from npu.backends.cuda import attention
 from npu.backends.cuda.decode_graphs import PaddedDecodeStack
 from npu.backends.cuda.linear import TritonLinear
@@ -94,19 +91,11 @@ class CudaBackend(TorchOps):
             return super().decode_attention(q, cache, layer, slots, lengths, scale)
         return attention.decode_attention(q, _layer(cache, layer), slots, lengths, scale).view(q.shape[0], -1)
 
-    def prepare_decoder_stack(
-        self,
-        layers: Sequence[Any],
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        cos: torch.Tensor,
-        sin_signed: torch.Tensor,
-        scale: float,
-        layer_loop: Callable[..., torch.Tensor] | None = None,
-    ) -> PaddedDecodeStack | None:
+    def prepare_decoder_stack(self, stack: DecoderStackInputs) -> PaddedDecodeStack | None:
         """Pure decode steps through CUDA graphs of the model's own layer loop."""
-        if not self.decode_graphs or layer_loop is None:
+        if not self.decode_graphs or stack.layer_loop is None:
             return None
-        hidden = layers[0].qkv.in_features
-        return PaddedDecodeStack(layer_loop, hidden, cos.shape[0], self.device, capture=self.device.type == "cuda")
+        hidden = stack.layers[0].qkv.in_features
+        return PaddedDecodeStack(
+            stack.layer_loop, hidden, stack.cos.shape[0], self.device, capture=self.device.type == "cuda"
+        )

@@ -5,7 +5,7 @@ is as long as the weight streaming itself. A captured graph launches them all at
 into the graph's static buffers, padded up to the bucket: padding rows have KV slot -1 (the KV write skips
 them) and context length 0 (attention gives zeros), and every kernel computes a row or a sequence from its
 own data only, so the real rows' results are those of the eager layer loop, bit for bit
-(``tests/test_cuda_kernels.py`` compares them through the same padding, run eagerly under the interpreter).
+(``tests/integration/test_cuda_kernels.py`` compares them through the same padding, run eagerly under the interpreter).
 
 Graphs are captured lazily, the first time a bucket is met (a one-time cost of a few hundred milliseconds
 per bucket), and share one memory pool.

@@ -12,7 +12,7 @@
   summation order does not depend on the batch either.
 
 Configurations are a fixed list chosen by shape (:func:`choose_config`), not timed at run time, so every one
-of them is tested (``tests/test_cuda_kernels.py`` runs each under ``TRITON_INTERPRET=1`` with K and N tails).
+of them is tested (``tests/integration/test_cuda_kernels.py`` runs each under ``TRITON_INTERPRET=1`` with K and N tails).
 """
 
 from __future__ import annotations

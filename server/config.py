@@ -1,0 +1,36 @@
+"""The server layer's configuration: the app's settings (what it serves and how it guards the API) and the HTTP
+server's (where it listens, how it drains). No heavy imports: the CLI reads the defaults for --help."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # generous for long prompts, small enough to refuse abuse
+# Longest wait for the next piece of a request body before answering 408 (a stalled upload).
+DEFAULT_BODY_TIMEOUT_SECONDS = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass
+class ServerSettings:
+    engine: EngineConfig
+    served_model_names: list[str]
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
+    reasoning_parser: str = "auto"  # auto | qwen3 | none
+    base_url: str | None = None  # where clients reach the server, for the startup summary
+    web_ui: bool = True  # the chat page at / (server/web_ui.py); off behind a gateway that wants only the API
+
+
+@dataclass(frozen=True)
+class HTTPSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
