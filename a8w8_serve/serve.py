@@ -26,6 +26,7 @@ from server.config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
 )
+from server.response_store import DEFAULT_MAX_BYTES, DEFAULT_MAX_RESPONSES
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> None:
         reasoning_parser=args.reasoning_parser,
         base_url=f"http://{_url_host(args.host)}:{args.port}",
         web_ui=args.web_ui,
+        responses_store_max_count=args.responses_store_max_count,
+        responses_store_max_bytes=args.responses_store_max_bytes,
     )
     http = HTTPSettings(
         host=args.host,
@@ -188,5 +191,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=GrammarLimits.max_compile_cpu_seconds,
         metavar="SECONDS",
         help="CPU time one grammar may take to compile; past it the request gets HTTP 400 (and so does a repeat)",
+    )
+    rs = serve.add_argument_group("the Responses API's stored responses (store, previous_response_id)")
+    rs.add_argument(
+        "--responses-store-max-count",
+        type=int,
+        default=DEFAULT_MAX_RESPONSES,
+        metavar="N",
+        help="keep at most this many responses in memory (the oldest go first; 0: store none)",
+    )
+    rs.add_argument(
+        "--responses-store-max-bytes",
+        type=parse_size,
+        default=format_size(DEFAULT_MAX_BYTES),
+        metavar="SIZE",
+        help="keep at most this much of them (their JSON and conversations; the oldest go first)",
     )
     serve.set_defaults(func=run)

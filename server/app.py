@@ -22,8 +22,11 @@ from server.config import ServerSettings
 from server.context import ServingContext
 from server.errors import install_error_handlers
 from server.guard import RequestGuard
+from server.messages_schemas import CountTokensRequest, MessagesRequest, MessageStreamEvent
 from server.metrics import ServerMetrics
+from server.response_store import ResponseStore
 from server.responses import STREAM_CHUNKS
+from server.responses_schemas import ResponsesRequest, ResponseStreamEvent
 from server.routes import router
 from server.schemas import REQUEST_BODIES
 from server.startup import startup_summary, startup_warnings
@@ -48,13 +51,18 @@ def _openapi(app: FastAPI) -> dict:
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
         _, chunks = models_json_schema(
-            [(model, "serialization") for model in STREAM_CHUNKS], ref_template="#/components/schemas/{model}"
+            [(model, "serialization") for model in STREAM_CHUNKS + (ResponseStreamEvent, MessageStreamEvent)],
+            ref_template="#/components/schemas/{model}",
         )
         for name, definition in chunks.get("$defs", {}).items():
             components.setdefault(name, definition)
         # the request bodies, which the routes validate themselves (server/request_body.py)
         _, bodies = models_json_schema(
-            [(model, "validation") for model in REQUEST_BODIES], ref_template="#/components/schemas/{model}"
+            [
+                (model, "validation")
+                for model in REQUEST_BODIES + (ResponsesRequest, MessagesRequest, CountTokensRequest)
+            ],
+            ref_template="#/components/schemas/{model}",
         )
         for name, definition in bodies.get("$defs", {}).items():
             components.setdefault(name, definition)
@@ -119,6 +127,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
             metrics=ServerMetrics(engine, settings.served_model_names[0]),
             served_model_names=settings.served_model_names,
             reasoning=reasoning,
+            responses=ResponseStore(settings.responses_store_max_count, settings.responses_store_max_bytes),
         )
         app.state.serving, app.state.engine = ctx, engine
         start = asyncio.create_task(engine.start())  # /health answers 503 until the model is loaded

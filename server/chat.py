@@ -6,14 +6,16 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from engine.async_engine import RequestOutput
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from server.constraints import chat_constraint, tool_use
+from server.constraints import ToolUse, chat_constraint, tool_use
 from server.context import ServingContext
 from server.errors import APIError
 from server.reasoning import ReasoningParser
@@ -92,7 +94,7 @@ class ChatResponseBuilder(ResponseBuilder):
     def add(self, prompt_index: int, out: RequestOutput) -> None:
         self.choices[out.index].add(out)
 
-    def chunk(self, prompt_index: int, out: RequestOutput) -> ChatCompletionChunk | None:
+    def chunk(self, prompt_index: int, out: RequestOutput) -> list[ChatCompletionChunk]:
         ch = self.choices[out.index]
         reasoning, content, calls = ch.add(out)
         delta: dict[str, Any] = {}  # only the parts this output has (unset fields are left out)
@@ -103,7 +105,7 @@ class ChatResponseBuilder(ResponseBuilder):
         if calls:
             delta["tool_calls"] = [c.as_model() for c in calls]
         if not delta and not out.finished and not out.new_logprobs:
-            return None
+            return []
         choice = ChatCompletionChunkChoice(
             index=out.index,
             delta=ChoiceDelta(**delta),
@@ -111,7 +113,7 @@ class ChatResponseBuilder(ResponseBuilder):
             finish_reason=ch.finish_reason if out.finished else None,
             **({"stop_reason": out.stop_reason} if out.finished else {}),  # only in the last chunk
         )
-        return self._chunk(choices=[choice])
+        return [self._chunk(choices=[choice])]
 
     def closing(self) -> list[ChatCompletionChunk]:
         return [self._chunk(choices=[], usage=self.usage())] if self.include_usage else []
@@ -143,16 +145,23 @@ class ChatResponseBuilder(ResponseBuilder):
         )
 
 
-async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
-    with input_named("messages", "max_completion_tokens" if req.max_completion_tokens else "max_tokens"):
-        try:
-            return await _chat_completion(ctx, req, request)
-        except ClientDisconnected:
-            ctx.metrics.observe_aborted()
-            return Response(status_code=499)
+@dataclass
+class PreparedChat:
+    """A chat request made ready for the engine: what every endpoint built on chat (chat completions, the
+    Responses and Messages APIs) runs, with what its response builder needs to know."""
+
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    thinking: bool  # the answer's reasoning is split from its content
+    tools: ToolUse | None
+    logprobs: int | None
 
 
-async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
+async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> PreparedChat:
+    """Render and tokenize the messages, map the sampling fields, check everything cheap, then compile the
+    request's grammar (raises APIError naming the chat field at fault; ClientDisconnected when the client left
+    while its grammar compiled)."""
     model = ctx.check_model(req.model)
     refuse_stream_options_without_stream(req)
     use = tool_use(req)
@@ -182,17 +191,32 @@ async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, requ
     ctx.engine.check_request(prompt_ids, params, req.priority)
     refuse_a_huge_logprobs_body(ctx, req.stream, params.n, [len(prompt_ids)], max_tokens, logprobs)
     params = dataclasses.replace(params, structured=await structured_output(ctx, constraint, request))
+    return PreparedChat(model, prompt_ids, params, thinking, use, logprobs)
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
+    with input_named("messages", "max_completion_tokens" if req.max_completion_tokens else "max_tokens"):
+        try:
+            return await _chat_completion(ctx, req, request)
+        except ClientDisconnected:
+            ctx.metrics.observe_aborted()
+            return Response(status_code=499)
+
+
+async def _chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Response:
+    chat = await prepare_chat(ctx, req, request)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = ctx.engine.add_request(prompt_ids, params, request_id, priority=req.priority)
+    stream = ctx.engine.add_request(chat.prompt_ids, chat.params, request_id, priority=req.priority)
+    ctx.metrics.observe_request("chat_completions")
     builder = ChatResponseBuilder(
         ctx.engine.tokenizer,
         request_id,
-        model,
-        params.n,
-        len(prompt_ids),
-        thinking=thinking,
-        tools=use is not None,
-        logprobs=logprobs,
+        chat.model,
+        chat.params.n,
+        len(chat.prompt_ids),
+        thinking=chat.thinking,
+        tools=chat.tools is not None,
+        logprobs=chat.logprobs,
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
     )
     if req.stream:

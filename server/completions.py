@@ -71,13 +71,13 @@ class CompletionResponseBuilder(ResponseBuilder):
     def add(self, prompt_index: int, out: RequestOutput) -> None:
         self.choices[prompt_index * self.n + out.index].add(out)
 
-    def chunk(self, prompt_index: int, out: RequestOutput) -> CompletionChunk | None:
+    def chunk(self, prompt_index: int, out: RequestOutput) -> list[CompletionChunk]:
         idx = prompt_index * self.n + out.index
         ch = self.choices[idx]
         offset = len(ch.text)
         _, text, _ = ch.add(out)
         if not text and not out.finished and not out.new_logprobs:
-            return None
+            return []
         choice = CompletionChoice(
             index=idx,
             text=text,
@@ -87,7 +87,7 @@ class CompletionResponseBuilder(ResponseBuilder):
             finish_reason=out.finish_reason if out.finished else None,
             **({"stop_reason": out.stop_reason} if out.finished else {}),  # only in the last chunk
         )
-        return self._chunk(choices=[choice])
+        return [self._chunk(choices=[choice])]
 
     def closing(self) -> list[CompletionChunk]:
         return [self._chunk(choices=[], usage=self.usage())] if self.include_usage else []
@@ -150,6 +150,7 @@ async def _completion(ctx: ServingContext, req: CompletionRequest, request: Requ
         for s in streams:
             ctx.engine.abort(s.request_id)
         raise
+    ctx.metrics.observe_request("completions")
     builder = CompletionResponseBuilder(
         ctx.engine.tokenizer,
         request_id,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
+from server.response_store import DEFAULT_MAX_BYTES, DEFAULT_MAX_RESPONSES
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # generous for long prompts, small enough to refuse abuse
 # Longest wait for the next piece of a request body before answering 408 (a stalled upload).
@@ -25,6 +26,9 @@ class ServerSettings:
     reasoning_parser: str = "auto"  # auto | qwen3 | none
     base_url: str | None = None  # where clients reach the server, for the startup summary
     web_ui: bool = True  # the chat page at / (server/web_ui.py); off behind a gateway that wants only the API
+    # The Responses API's stored responses (server/response_store.py): at most this many, and this many bytes
+    responses_store_max_count: int = DEFAULT_MAX_RESPONSES
+    responses_store_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """What every endpoint is handed: the engine (through its client interface), the metrics, the names the model
-is served under and whether its template thinks."""
+is served under, whether its template thinks, and the Responses API's store of responses."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from engine.client import EngineClient
 from server.errors import APIError
 from server.metrics import ServerMetrics
+from server.response_store import ResponseStore
 
 
 @dataclass
@@ -17,6 +18,7 @@ class ServingContext:
     metrics: ServerMetrics
     served_model_names: list[str]
     reasoning: bool  # the model's template thinks in <think>...</think>
+    responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses with store (the default)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -1,8 +1,11 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+"""Errors in each API's own shape, with the right status: OpenAI's ``{"error": {"message", "type", "param",
+"code"}}`` everywhere but under Anthropic's Messages API (``/v1/messages``), which answers Anthropic's ``{"type":
+"error", "error": {"type", "message"}}``. :func:`error_format_for` says which a path gets."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -51,10 +54,43 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
     return ErrorResponse(error=ErrorBody(message=message, type=error_type(status), param=param, code=status)).as_dict()
 
 
+# Anthropic's error types by status (its API reference, "Errors"); any other status is an api_error.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+ANTHROPIC_API_PREFIX = "/v1/messages"
+
+
+def anthropic_error_body(status: int, message: str, param: str | None = None) -> dict:
+    """Anthropic's error body; its shape has no ``param``, so the field at fault leads the message."""
+    if param and not message.startswith(param):
+        message = f"{param}: {message}"
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+ErrorFormat = Callable[[int, str, "str | None"], dict]
+
+
+def error_format_for(path: str) -> ErrorFormat:
+    """The error body of the API a request path belongs to."""
+    if path == ANTHROPIC_API_PREFIX or path.startswith(ANTHROPIC_API_PREFIX + "/"):
+        return anthropic_error_body
+    return error_body
+
+
 def error_response(
-    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None, path: str = ""
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+    return JSONResponse(error_format_for(path)(status, message, param), status_code=status, headers=headers)
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -92,27 +128,29 @@ def _body_problem(error: dict, content_type: str | None) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        path = request.url.path
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":  # (pydantic's JSON parser: the reason says where)
             reason = (first.get("ctx") or {}).get("error", "invalid JSON")
             if "surrogate" in reason or "hex escape" in reason:
                 reason = f"a \\uD800-\\uDFFF escape that is not half of a surrogate pair is not text ({reason})"
-            return error_response(400, f"the request body is not valid JSON: {reason}", "body")
+            return error_response(400, f"the request body is not valid JSON: {reason}", "body", path=path)
         if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: missing, or not a JSON object
-            return error_response(400, _body_problem(first, request.headers.get("content-type")), "body")
+            return error_response(400, _body_problem(first, request.headers.get("content-type")), "body", path=path)
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
-        return error_response(400, f"{param}: {msg}" if param else msg, param)
+        return error_response(400, f"{param}: {msg}" if param else msg, param, path=path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # (keeps the exception's headers: a 405's Allow, which RFC 9110 requires, lists the route's methods)
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status_code, str(exc.detail), headers=headers, path=request.url.path)
 
-    async def _mapped(_: Request, exc: Exception) -> JSONResponse:
+    async def _mapped(request: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)
-        return error_response(err.status, err.message, err.param, err.headers)
+        return error_response(err.status, err.message, err.param, err.headers, path=request.url.path)
 
     for exc_class in (APIError, InvalidRequest, ChatTemplateError, EngineOverloaded, EngineUnavailable, RequestFailed):
         app.add_exception_handler(exc_class, _mapped)

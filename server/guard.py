@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 
-from server.errors import error_body
+from server.errors import error_format_for
 
 log = logging.getLogger("a8w8.server")
 
@@ -65,10 +65,10 @@ class _Trimmer:
 
 
 async def send_error(
-    send, status: int, message: str, headers: dict[str, str] | None = None, close: bool = False
+    send, scope, status: int, message: str, headers: dict[str, str] | None = None, close: bool = False
 ) -> None:
-    """An OpenAI-style JSON error as a complete ASGI response."""
-    body = json.dumps(error_body(status, message)).encode()
+    """A JSON error in the shape of the API the request's path belongs to, as a complete ASGI response."""
+    body = json.dumps(error_format_for(scope["path"])(status, message, None)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     if close:
@@ -124,13 +124,17 @@ class RequestGuard:
     def _authorized(self, scope) -> bool:
         if not self.api_key or not scope["path"].startswith("/v1/") or scope["method"] == "OPTIONS":
             return True  # (a CORS preflight carries no credentials)
-        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        # OpenAI's clients send Authorization: Bearer; Anthropic's send x-api-key (either is taken on any route)
+        given = auth[7:] if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
         return hmac.compare_digest(given.encode(), self.api_key.encode())
 
     async def _guarded(self, scope, receive, send) -> None:
         if not self._authorized(scope):
-            await send_error(send, 401, "invalid or missing API key (Authorization: Bearer <key>)")
+            await send_error(
+                send, scope, 401, "invalid or missing API key (Authorization: Bearer <key>, or x-api-key: <key>)"
+            )
             return
         declared = dict(scope["headers"]).get(b"content-length")
         try:
@@ -142,10 +146,10 @@ class RequestGuard:
         except _BodyTooLarge as e:
             if not e.body_done:
                 await self._discard_rest(receive)
-            await send_error(send, 413, str(e), close=True)
+            await send_error(send, scope, 413, str(e), close=True)
             return
         except _BodyTimeout as e:
-            await send_error(send, 408, str(e), close=True)
+            await send_error(send, scope, 408, str(e), close=True)
             return
         if body is None:  # the client left before sending its body
             return

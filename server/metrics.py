@@ -77,6 +77,10 @@ class _EngineCollector:
             yield backend
 
 
+# The APIs that generate: OpenAI's chat completions, completions and Responses, Anthropic's Messages.
+API_NAMES = ("chat_completions", "completions", "responses", "messages")
+
+
 class ServerMetrics:
     def __init__(self, engine: EngineClient, model_name: str):
         self.registry = CollectorRegistry()
@@ -110,6 +114,14 @@ class ServerMetrics:
         self.success = Counter(
             "vllm:request_success", "Finished requests.", ["model_name", "finished_reason"], registry=self.registry
         )
+        self.api_requests = Counter(
+            "a8w8:api_requests",
+            "Generation requests the engine took, by the API they came through.",
+            ["model_name", "api"],
+            registry=self.registry,
+        )
+        for api in API_NAMES:  # (every API's series from the start, at 0)
+            self.api_requests.labels(model_name, api)
 
     def observe_finished(self, out: RequestOutput) -> None:
         """Record one finished choice's latencies from its engine timestamps."""
@@ -123,6 +135,10 @@ class ServerMetrics:
         if out.first_scheduled is not None:
             self.queue.labels(m).observe(out.first_scheduled - out.arrival)
         self.success.labels(m, out.finish_reason or "abort").inc()
+
+    def observe_request(self, api: str) -> None:
+        """A generation request the engine took, through ``api`` (one of :data:`API_NAMES`)."""
+        self.api_requests.labels(self.model_name, api).inc()
 
     def observe_aborted(self) -> None:
         """A request its client abandoned (disconnect or cancel)."""

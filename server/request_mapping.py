@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import Request
+from pydantic import ValidationError
 
 from engine.sampling_params import InvalidRequest, PromptTooLong, SamplingParams, StructuredOutput
 from engine.structured_output import GrammarBusy, GrammarError, ThinkTokens
@@ -15,7 +17,7 @@ from server.constraints import OutputConstraint
 from server.context import ServingContext
 from server.errors import RETRY_AFTER_SECONDS, APIError
 from server.reasoning import THINK_END, THINK_START
-from server.schemas import ChatMessage, SamplingFields
+from server.schemas import ChatCompletionRequest, ChatMessage, SamplingFields
 from server.streaming import wait_for_disconnect
 from server.tool_calls import CALL_CLOSE, CALL_OPEN, messages_without_tool_support
 
@@ -238,3 +240,31 @@ def completion_prompts(ctx: ServingContext, prompt) -> list[tuple[str, list[int]
         else:
             raise InvalidRequest("prompt must be a string, a list of strings, or token id lists", "prompt")
     return out
+
+
+# ---- another API's request on the chat path (the Responses and Messages APIs) --------------------------------
+def validated_chat_request(fields: dict[str, Any], messages_param: str) -> ChatCompletionRequest:
+    """The chat completion request another API's request maps to (fields left None are left out); what chat's
+    model refuses is a 400 naming the field, ``messages_param`` for the messages."""
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = str(first.get("loc", ("messages",))[0])
+        param = messages_param if field == "messages" else field
+        raise APIError(400, f"{param}: {first.get('msg', 'invalid')}", param) from None
+
+
+@contextlib.contextmanager
+def renamed_chat_errors(renames: dict[str, str]) -> Iterator[None]:
+    """Errors raised on the chat path, with the chat fields they name (``param`` and whole words of the message)
+    renamed to the fields of the API the client used."""
+    try:
+        with input_named("messages", "max_completion_tokens"):
+            yield
+    except APIError as e:
+        message = e.message
+        for chat_name, ours in renames.items():
+            if "." not in chat_name:
+                message = message.replace(chat_name, ours)
+        raise APIError(e.status, message, renames.get(e.param or "", e.param), e.headers) from None

@@ -1,9 +1,12 @@
 """Response builders: one request's outputs -> an endpoint's chunks (streaming) or its one response, without
 HTTP (tests drive them with engine outputs directly). Each endpoint has one (server/chat.py,
-server/completions.py); :class:`ChoiceState` follows one choice's text, reasoning and tool calls."""
+server/completions.py, server/responses_api.py, server/messages_api.py); :class:`ChoiceState` follows one choice's
+text, reasoning and tool calls, and :class:`OutputParts` splits them into the parts that the Responses and Messages
+APIs stream as output items and content blocks."""
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 from engine.async_engine import RequestOutput
 from engine.sequence import TokenLogprob
 from engine.tokenizer import Tokenizer
+from server.errors import error_body
 from server.reasoning import ReasoningParser
 from server.responses import (
     ChatCompletionTokenLogprob,
@@ -67,7 +71,8 @@ class ResponseBuilder(ABC):
     """Builds one endpoint's answer to one request from its outputs: :meth:`opening`, :meth:`chunk` per output
     and :meth:`closing` when streamed; :meth:`add` per output and :meth:`response` when not."""
 
-    done_event = True  # a stream ends with OpenAI's data: [DONE]
+    done_event = True  # a stream ends with OpenAI's data: [DONE] (chat and completions; not the Responses API)
+    named_events = False  # each event named by its body's ``type`` (the Responses and Messages APIs)
 
     def __init__(self, prompt_tokens: int, choices: list[ChoiceState]):
         self.prompt_tokens = prompt_tokens
@@ -86,8 +91,8 @@ class ResponseBuilder(ABC):
         """Record an output (no response streamed)."""
 
     @abstractmethod
-    def chunk(self, prompt_index: int, out: RequestOutput) -> ResponseBody | None:
-        """Record an output; the event that streams it, or None when there is nothing to send."""
+    def chunk(self, prompt_index: int, out: RequestOutput) -> Sequence[ResponseBody]:
+        """Record an output; the events that stream it (none when there is nothing to send)."""
 
     def closing(self) -> Sequence[ResponseBody]:
         """The events sent after the last output (a usage chunk, or none)."""
@@ -96,6 +101,18 @@ class ResponseBuilder(ABC):
     @abstractmethod
     def response(self) -> ResponseBody:
         """The whole answer, once every output was added."""
+
+    def event(self, body: ResponseBody) -> str | dict[str, str]:
+        """One server-sent event of the stream: OpenAI's chat and completion chunks are data only; an API whose
+        events are named (:attr:`named_events`: the Responses and Messages APIs) has its event's ``type`` as the
+        SSE event's name."""
+        if self.named_events:
+            return {"event": body.type, "data": body.serialized()}
+        return body.serialized()
+
+    def error_event(self, status: int, message: str, param: str | None) -> str | dict[str, str]:
+        """The event that ends a stream which failed after it started (the status line was sent)."""
+        return json.dumps(error_body(status, message, param))
 
 
 def token_str(tokenizer: Tokenizer, token_id: int) -> str:
@@ -127,3 +144,115 @@ def completion_logprobs(tokenizer: Tokenizer, lps: list[TokenLogprob], offset: i
         top_logprobs=[{token_str(tokenizer, t): lp for t, lp in (x.top or [])} for x in lps],
         text_offset=offsets,
     )
+
+
+# ---- a choice's output as parts: what the Responses and Messages APIs stream as items or content blocks ------
+REASONING, TEXT, CALL = "reasoning", "text", "call"
+
+
+@dataclass
+class OutputPart:
+    """One part of a choice's output: its reasoning, a stretch of text, or one tool call (``text`` is then the
+    call's arguments, ``id`` its call id)."""
+
+    kind: str  # REASONING, TEXT or CALL
+    index: int  # its position among the choice's parts
+    text: str = ""
+    id: str = ""
+    name: str = ""
+    done: bool = False
+
+
+@dataclass
+class PartEvent:
+    """What a delta did to the parts: ``open`` a part, add ``text`` to it (``delta``), or ``close`` it."""
+
+    action: str  # "open", "delta", "close"
+    part: OutputPart
+    text: str = ""
+
+
+class OutputParts:
+    """Follows a choice's (reasoning, content, tool call) deltas as a list of parts, in the order they came: a
+    part is closed when another kind begins, a call when the next starts; whitespace alone opens no text part (it
+    is kept for the text that may follow it, as between a model's reasoning and its calls)."""
+
+    def __init__(self) -> None:
+        self.parts: list[OutputPart] = []
+        self._open: OutputPart | None = None
+        self._calls: dict[int, OutputPart] = {}
+        self._blank = ""
+
+    def _switch(self, kind: str, events: list[PartEvent]) -> OutputPart:
+        if self._open is not None and self._open.kind == kind and kind != CALL:
+            return self._open
+        if self._open is not None:
+            self._open.done = True
+            events.append(PartEvent("close", self._open))
+        part = OutputPart(kind, len(self.parts))
+        self.parts.append(part)
+        self._open = part
+        events.append(PartEvent("open", part))
+        return part
+
+    def feed(self, reasoning: str, content: str, calls: list[ToolCallDelta]) -> list[PartEvent]:
+        events: list[PartEvent] = []
+        if reasoning:
+            part = self._switch(REASONING, events)
+            part.text += reasoning
+            events.append(PartEvent("delta", part, reasoning))
+        if content:
+            if self._open is None or self._open.kind != TEXT:
+                content, self._blank = self._blank + content, ""
+                if not content.strip():
+                    self._blank = content
+                    content = ""
+            if content:
+                part = self._switch(TEXT, events)
+                part.text += content
+                events.append(PartEvent("delta", part, content))
+        for call in calls:
+            part = self._calls.get(call.index)
+            if part is None:
+                self._blank = ""
+                part = self._switch(CALL, events)
+                part.id, part.name = call.call.id, call.call.name
+                self._calls[call.index] = part
+            if call.arguments:
+                part.text += call.arguments
+                events.append(PartEvent("delta", part, call.arguments))
+        return events
+
+    def finish(self) -> list[PartEvent]:
+        """Close what is still open (at the end of the output)."""
+        events = [PartEvent("close", p) for p in self.parts if not p.done]
+        for part in self.parts:
+            part.done = True
+        self._open = None
+        return events
+
+
+class PartsBuilder(ResponseBuilder):
+    """The builder of an API that answers one choice as parts (the Responses API's output items, the Messages
+    API's content blocks), its stream named events without ``[DONE]``: each output's deltas become part events
+    (:class:`OutputParts`), which :meth:`events` turns into the API's own."""
+
+    done_event = False
+    named_events = True
+
+    def __init__(self, prompt_tokens: int, *, thinking: bool, tools: bool):
+        choice = ChoiceState(
+            parser=ReasoningParser() if thinking else None, tool_parser=ToolCallParser() if tools else None
+        )
+        super().__init__(prompt_tokens, [choice])
+        self.parts = OutputParts()
+
+    @abstractmethod
+    def events(self, changes: list[PartEvent]) -> list[ResponseBody]:
+        """The API's events for what the parts did."""
+
+    def add(self, prompt_index: int, out: RequestOutput) -> None:
+        self.chunk(prompt_index, out)
+
+    def chunk(self, prompt_index: int, out: RequestOutput) -> list[ResponseBody]:
+        return self.events(self.parts.feed(*self.choices[0].add(out)))

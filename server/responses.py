@@ -32,6 +32,17 @@ class ResponseBody(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
+class FullBody(ResponseBody):
+    """A body of an API that leaves nothing out (the Responses and Messages APIs): every field is always in the
+    JSON, null or not."""
+
+    def serialized(self) -> str:
+        return self.model_dump_json()
+
+    def as_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
 # ---- shared parts ------------------------------------------------------------------------------------
 class PromptTokensDetails(ResponseBody):
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache

@@ -7,7 +7,7 @@ dependency on ``app.state.serving``, which the app's lifespan sets when the engi
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -18,6 +18,15 @@ from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.context import ServingContext
 from server.errors import ERROR_TYPES, APIError
+from server.messages_api import count_tokens, create_message
+from server.messages_schemas import (
+    AnthropicError,
+    CountTokensRequest,
+    Message,
+    MessagesRequest,
+    MessageStreamEvent,
+    TokenCount,
+)
 from server.request_body import documented_body, json_body
 from server.request_mapping import chat_prompt_ids, input_named
 from server.responses import (
@@ -33,6 +42,9 @@ from server.responses import (
     TokenizeResponse,
     VersionInfo,
 )
+from server.responses_api import create_response, delete_response, retrieve_response
+from server.responses_schemas import DeletedResponse, ResponsesRequest, ResponseStreamEvent
+from server.responses_schemas import Response as ResponseObject
 from server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.streaming import DONE, json_response
 from server.version import package_version
@@ -49,32 +61,39 @@ def component_ref(model: type[BaseModel]) -> dict[str, str]:
 
 
 def _error_responses(
-    statuses: tuple[int, ...] = ERROR_STATUSES, streams: tuple[type[BaseModel], type[BaseModel]] | None = None
+    statuses: tuple[int, ...] = ERROR_STATUSES,
+    streams: tuple[type[BaseModel], type[BaseModel]] | None = None,
+    error_model: type[BaseModel] = ErrorResponse,
+    done: bool = True,
 ) -> dict[int | str, dict]:
-    """OpenAPI ``responses`` for a route: its error statuses with their body, and (``streams``: the response
-    and the chunk model) the success answered either as one JSON object or as server-sent events whose data
-    are chunks (OpenAPI 3.2's ``itemSchema``, as FastAPI documents its own event streams)."""
+    """OpenAPI ``responses`` for a route: its error statuses with their body (``error_model``: the API's error
+    shape), and (``streams``: the response and the chunk or event model) the success answered either as one JSON
+    object or as server-sent events whose data are chunks (OpenAPI 3.2's ``itemSchema``, as FastAPI documents its
+    own event streams); ``done``: the stream ends with OpenAI's ``[DONE]`` (else its events are named, the Responses
+    and Messages APIs')."""
     responses: dict[int | str, dict] = {
-        status: {"model": ErrorResponse, "description": ERROR_TYPES.get(status, "error")} for status in statuses
+        status: {"model": error_model, "description": ERROR_TYPES.get(status, "error")} for status in statuses
     }
     if streams is not None:
         body, chunk = streams
         json_data = {
             "type": "string",
             "contentMediaType": "application/json",
-            "contentSchema": {"anyOf": [component_ref(chunk), component_ref(ErrorResponse)]},
+            "contentSchema": {"anyOf": [component_ref(chunk), component_ref(error_model)]},
         }
-        # the last event's data is the literal [DONE] (OpenAI's end of stream), not JSON
-        event = {
-            "type": "object",
-            "properties": {"data": {"anyOf": [{"const": DONE}, json_data]}},
-            "required": ["data"],
-        }
+        if done:  # the last event's data is the literal [DONE] (OpenAI's end of stream), not JSON
+            properties: dict[str, Any] = {"data": {"anyOf": [{"const": DONE}, json_data]}}
+            end = ", then [DONE]"
+        else:  # each event named by its type
+            properties = {"event": {"type": "string"}, "data": json_data}
+            end = ", each named by its type"
         responses[200] = {
             "model": body,
-            "content": {"text/event-stream": {"itemSchema": event}},
+            "content": {
+                "text/event-stream": {"itemSchema": {"type": "object", "properties": properties, "required": ["data"]}}
+            },
             "description": f"a {body.__name__}; with stream=true, server-sent events whose data are each a "
-            f"{chunk.__name__} (an ErrorResponse if the request fails after the stream started), then [DONE]",
+            f"{chunk.__name__} (an {error_model.__name__} if the request fails after the stream started){end}",
         }
     return responses
 
@@ -170,6 +189,48 @@ async def chat(req: json_body(ChatCompletionRequest), request: Request, c: Servi
 )
 async def completions(req: json_body(CompletionRequest), request: Request, c: Serving) -> Response:
     return await create_completion(c, req, request)
+
+
+@router.post(
+    "/v1/responses",
+    responses=_error_responses(streams=(ResponseObject, ResponseStreamEvent), done=False),
+    openapi_extra=documented_body(ResponsesRequest),
+)
+async def responses(req: json_body(ResponsesRequest), request: Request, c: Serving) -> Response:
+    """OpenAI's Responses API (server/responses_api.py)."""
+    return await create_response(c, req, request)
+
+
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=_error_responses((401, 404)))
+async def get_response(response_id: str, c: Serving) -> Response:
+    """A stored response (``store``: the default), as it was returned."""
+    return retrieve_response(c, response_id)
+
+
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=_error_responses((401, 404)))
+async def remove_response(response_id: str, c: Serving) -> Response:
+    return delete_response(c, response_id)
+
+
+@router.post(
+    "/v1/messages",
+    responses=_error_responses(streams=(Message, MessageStreamEvent), error_model=AnthropicError, done=False),
+    openapi_extra=documented_body(MessagesRequest),
+)
+async def messages(req: json_body(MessagesRequest), request: Request, c: Serving) -> Response:
+    """Anthropic's Messages API (server/messages_api.py); errors in Anthropic's shape."""
+    return await create_message(c, req, request)
+
+
+@router.post(
+    "/v1/messages/count_tokens",
+    response_model=TokenCount,
+    responses=_error_responses(LOCAL_ERROR_STATUSES + (401,), error_model=AnthropicError),
+    openapi_extra=documented_body(CountTokensRequest),
+)
+async def messages_count_tokens(req: json_body(CountTokensRequest), c: Serving) -> Response:
+    """The prompt tokens a Messages request with these fields has."""
+    return await count_tokens(c, req)
 
 
 @router.post(

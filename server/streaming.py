@@ -4,7 +4,6 @@ end, one JSON body collected off the event loop, and a client's disconnect abort
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from engine.async_engine import RequestOutput, RequestStream
 from server.context import ServingContext
-from server.errors import error_body, to_api_error
+from server.errors import to_api_error
 from server.guard import USAGE_STATE_KEY
 from server.metrics import ServerMetrics
 from server.response_builder import ResponseBuilder
@@ -114,19 +113,18 @@ def sse_response(
     and ``[DONE]``. A client that goes away aborts ``request_ids``; an error after the stream started is one
     data event (the status line has been sent)."""
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[str | dict[str, str]]:
         try:
             for event in builder.opening():
-                yield event.serialized()
+                yield builder.event(event)
             async for p, out in outputs:
                 if out.finished:
                     ctx.metrics.observe_finished(out)
-                body = builder.chunk(p, out)
-                if body is not None:
-                    yield body.serialized()
+                for event in builder.chunk(p, out):
+                    yield builder.event(event)
             note_usage(request, builder)
-            for last in builder.closing():
-                yield last.serialized()
+            for event in builder.closing():
+                yield builder.event(event)
         except (asyncio.CancelledError, GeneratorExit):
             for rid in request_ids:
                 ctx.engine.abort(rid)
@@ -134,7 +132,7 @@ def sse_response(
             raise
         except Exception as e:
             err = to_api_error(e)
-            yield json.dumps(error_body(err.status, err.message, err.param))
+            yield builder.error_event(err.status, err.message, err.param)
         if builder.done_event:
             yield DONE
 

@@ -76,7 +76,7 @@ def test_chat_builder_splits_reasoning_content_and_tool_calls(tok):
     streamed = build(include_usage=True)
     (opening,) = [json.loads(c.serialized()) for c in streamed.opening()]
     assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    chunks = [c for out in outputs(tok, pieces) if (c := streamed.chunk(0, out)) is not None]
+    chunks = [c for out in outputs(tok, pieces) for c in streamed.chunk(0, out)]
     deltas = [json.loads(c.serialized())["choices"][0]["delta"] for c in chunks]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "sunny?"
     assert "".join(d.get("content", "") for d in deltas) == message["content"]
@@ -117,7 +117,7 @@ def test_completion_builder_indexes_prompts_by_n_and_echoes(tok):
     for p, _, outs in runs:
         for out in outs:
             collected.add(p, out)
-            chunk = streamed.chunk(p, out)
+            (chunk,) = streamed.chunk(p, out)
             (choice,) = json.loads(chunk.serialized())["choices"]
             texts[choice["index"]] += choice["text"]
             # a streamed token's offset counts from the start of its choice's generated text
@@ -134,3 +134,36 @@ def test_completion_builder_indexes_prompts_by_n_and_echoes(tok):
     assert body["choices"][2]["logprobs"]["text_offset"] == [len("Twice"), len("Twice green")]
     assert body["usage"]["prompt_tokens"] == 5 and body["usage"]["completion_tokens"] == 8
     assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}  # 2 cached for each prompt
+
+
+def test_output_parts_follow_the_deltas_in_order():
+    from server.response_builder import CALL, REASONING, TEXT, OutputParts
+    from server.tool_calls import ToolCall, ToolCallDelta
+
+    parts = OutputParts()
+    call = ToolCall("call_1", "get_weather")
+    events = parts.feed("Hm.", "", [])
+    events += parts.feed("", "\n\n", [])  # whitespace alone opens no text part
+    events += parts.feed("", "", [ToolCallDelta(0, call, started=True, arguments='{"city": ')])
+    events += parts.feed("", "", [ToolCallDelta(0, call, arguments='"Paris"}')])
+    events += parts.feed("", "\n", [])
+    events += parts.feed("", "Done.", [])  # text after a blank keeps it
+    events += parts.finish()
+    assert [(p.kind, p.text) for p in parts.parts] == [
+        (REASONING, "Hm."),
+        (CALL, '{"city": "Paris"}'),
+        (TEXT, "\nDone."),
+    ]
+    assert parts.parts[1].id == "call_1" and parts.parts[1].name == "get_weather"
+    assert [(e.action, e.part.index) for e in events] == [
+        ("open", 0),
+        ("delta", 0),
+        ("close", 0),
+        ("open", 1),
+        ("delta", 1),
+        ("delta", 1),
+        ("close", 1),
+        ("open", 2),
+        ("delta", 2),
+        ("close", 2),
+    ]
