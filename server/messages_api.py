@@ -291,7 +291,7 @@ class MessagesBuilder(PartsBuilder):
 # ---- the endpoints ----------------------------------------------------------------------------------------
 async def create_message(ctx: ServingContext, req: MessagesRequest, request: Request) -> HTTPResponse:
     with renamed_chat_errors(CHAT_TO_MESSAGES_PARAMS):
-        chat_req = to_chat_request(req)
+        chat_req = await asyncio.to_thread(to_chat_request, req)  # (work in proportion to the request)
         try:
             chat = await prepare_chat(ctx, chat_req, request)
         except ClientDisconnected:
@@ -312,7 +312,7 @@ async def count_tokens(ctx: ServingContext, req: CountTokensRequest) -> HTTPResp
     """The prompt tokens a Messages request with these fields would have (its chat template rendered)."""
     with renamed_chat_errors(CHAT_TO_MESSAGES_PARAMS):
         ctx.check_model(req.model)
-        chat_req = to_chat_request(req)
+        chat_req = await asyncio.to_thread(to_chat_request, req)  # (work in proportion to the request)
         use = tool_use(chat_req)
         ids = await asyncio.to_thread(
             chat_prompt_ids,

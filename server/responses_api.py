@@ -10,6 +10,7 @@ tool-call parser. :class:`ResponsesBuilder` turns the chat choice into output it
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -202,6 +203,12 @@ def to_chat_request(req: ResponsesRequest, conversation: list[dict[str, Any]]) -
     if req.reasoning is not None and req.reasoning.effort is not None:
         chat["chat_template_kwargs"] = {"enable_thinking": req.reasoning.effort not in ("none", "minimal")}
     return validated_chat_request(chat, "input")
+
+
+def _mapped(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ChatCompletionRequest]:
+    """The conversation (``history``, then the input) and the chat request that runs it."""
+    conversation = history + input_messages(req.input, history)
+    return conversation, to_chat_request(req, conversation)
 
 
 # ---- the builder ------------------------------------------------------------------------------------------
@@ -411,8 +418,8 @@ async def create_response(ctx: ServingContext, req: ResponsesRequest, request: R
             )
         history = stored.conversation
     with renamed_chat_errors(CHAT_TO_RESPONSES_PARAMS):
-        conversation = history + input_messages(req.input, history)
-        chat_req = to_chat_request(req, conversation)
+        # (in a thread: work in proportion to the input, which may be a body of many MB)
+        conversation, chat_req = await asyncio.to_thread(_mapped, req, history)
         try:
             chat = await prepare_chat(ctx, chat_req, request)
         except ClientDisconnected:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -215,6 +216,15 @@ def test_dockerfile_is_production_ready():
     assert args.host == "0.0.0.0" and f"EXPOSE {args.port}" in instructions
     assert re.search(r"apt-get install .*\bgcc\b", text)  # the VNNI kernels are compiled on first use
     assert f"{CACHE_ENV}=" in text
+
+
+def test_the_image_copies_every_package_the_project_installs():
+    """``pip install .`` in the image installs what was copied: every package pyproject.toml names must be."""
+    text = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) \1$", text, re.M))
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in found["include"]}
+    assert packages and packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
 
 
 def test_router_config_example_is_the_rendered_template():
