@@ -14,7 +14,15 @@ import msgspec
 from engine.config import GrammarLimits, StepDeadlines
 from engine.tokenizer import TokenizerImpl
 from loaders.options import FLOAT_DTYPE_NAMES, Quantization
-from npu.config import CPU_KERNELS, DEFAULT_KV_CACHE_BYTES, INT8_KERNEL_ALIASES, KVCacheDtype, SpeculativeConfig
+from npu.config import (
+    CPU_KERNELS,
+    DEFAULT_KV_CACHE_BYTES,
+    INT8_KERNEL_ALIASES,
+    CpuKernels,
+    Device,
+    KVCacheDtype,
+    SpeculativeConfig,
+)
 
 log = logging.getLogger("a8w8.cli")
 
@@ -168,7 +176,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--device",
-        choices=["auto", "cpu", "cuda"],
+        choices=[d.value for d in Device],
         default="auto",
         help="where the model runs: cuda (Triton kernels on an NVIDIA GPU; needs pip install 'a8w8-serve[cuda]') "
         "or cpu; auto = cuda when PyTorch sees a GPU and Triton is installed, else cpu",
@@ -307,8 +315,8 @@ def engine_config(args: argparse.Namespace):
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         num_threads=args.num_threads,
-        device=args.device,
-        cpu_kernels=INT8_KERNEL_ALIASES.get(args.cpu_kernels, args.cpu_kernels),
+        device=Device(args.device),
+        cpu_kernels=CpuKernels(INT8_KERNEL_ALIASES.get(args.cpu_kernels, args.cpu_kernels)),
         seed=args.seed,
         speculative=args.speculative_config,
         replay_token_ids=args.replay_token_ids,

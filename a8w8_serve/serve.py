@@ -25,6 +25,7 @@ from server.config import (
     DEFAULT_HEADER_TIMEOUT_SECONDS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+    ReasoningParserChoice,
 )
 from server.response_store import DEFAULT_MAX_BYTES, DEFAULT_MAX_RESPONSES
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
         cors_origins=args.cors_allow_origin or [],
         max_body_bytes=args.max_request_body_bytes,
         body_timeout_seconds=args.body_timeout,
-        reasoning_parser=args.reasoning_parser,
+        reasoning_parser=ReasoningParserChoice(args.reasoning_parser),
         base_url=f"http://{_url_host(args.host)}:{args.port}",
         web_ui=args.web_ui,
         responses_store_max_count=args.responses_store_max_count,
@@ -150,7 +151,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     h.add_argument(
         "--reasoning-parser",
-        choices=["auto", "qwen3", "none"],
+        choices=[c.value for c in ReasoningParserChoice],
         default="auto",
         help="split <think>...</think> into reasoning_content (auto: when the chat template uses <think>)",
     )

@@ -10,6 +10,14 @@ import msgspec
 from loaders.options import Quantization
 
 
+class Device(StrEnum):
+    """``WorkerConfig.device``: ``auto`` is cuda where PyTorch sees a GPU and Triton is installed, else cpu."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 class KVCacheDtype(StrEnum):
     """How the paged KV cache stores K and V (``WorkerConfig.kv_cache_dtype`` takes the values)."""
 
@@ -52,7 +60,19 @@ MAX_SPECULATIVE_TOKENS = 16
 
 # WorkerConfig.cpu_kernels: auto (the fastest kernel family this CPU runs), a family by name (npu/backends/cpu/
 # vnni.py FAMILIES), or reference (torch._int_mm and eager PyTorch, no C kernels)
-CPU_KERNELS = ("auto", "avx512-vnni", "avx-vnni", "avx2", "neon", "neon-plain", "reference")
+class CpuKernels(StrEnum):
+    """``WorkerConfig.cpu_kernels``: a CPU kernel family by name, ``auto`` or ``reference``."""
+
+    AUTO = "auto"
+    AVX512_VNNI = "avx512-vnni"
+    AVX_VNNI = "avx-vnni"
+    AVX2 = "avx2"
+    NEON = "neon"
+    NEON_PLAIN = "neon-plain"
+    REFERENCE = "reference"
+
+
+CPU_KERNELS = tuple(k.value for k in CpuKernels)
 INT8_KERNEL_ALIASES = {"vnni": "avx512-vnni", "onednn": "reference"}  # the earlier --int8-kernel's names
 
 # Default KV-cache budget when none is given: enough for many concurrent chats on a small model
@@ -70,8 +90,8 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     kv_cache_dtype: KVCacheDtype = KVCacheDtype.INT8
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
     block_size: int = 16
-    device: str = "auto"  # auto | cpu | cuda (auto: cuda where PyTorch sees a GPU and Triton is installed)
-    cpu_kernels: str = "auto"  # cpu kernel family: auto | avx512-vnni | avx-vnni | avx2 | neon | neon-plain | reference
+    device: Device = Device.AUTO
+    cpu_kernels: CpuKernels = CpuKernels.AUTO
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     sampleable_vocab_size: int | None = None  # tokens past this id are padding; None: the whole vocab
     num_threads: int | None = None

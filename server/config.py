@@ -4,6 +4,7 @@ server's (where it listens, how it drains). No heavy imports: the CLI reads the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from engine.config import EngineConfig
 from server.response_store import DEFAULT_MAX_BYTES, DEFAULT_MAX_RESPONSES
@@ -15,6 +16,14 @@ DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0
 DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
 
 
+class ReasoningParserChoice(StrEnum):
+    """``--reasoning-parser``: whether answers are split into reasoning and content at ``<think>...</think>``."""
+
+    AUTO = "auto"  # when the chat template uses <think>
+    QWEN3 = "qwen3"
+    NONE = "none"
+
+
 @dataclass
 class ServerSettings:
     engine: EngineConfig
@@ -23,7 +32,7 @@ class ServerSettings:
     cors_origins: list[str] = field(default_factory=list)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS
-    reasoning_parser: str = "auto"  # auto | qwen3 | none
+    reasoning_parser: ReasoningParserChoice = ReasoningParserChoice.AUTO
     base_url: str | None = None  # where clients reach the server, for the startup summary
     web_ui: bool = True  # the chat page at / (server/web_ui.py); off behind a gateway that wants only the API
     # The Responses API's stored responses (server/response_store.py): at most this many, and this many bytes

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 from npu.backends.base import Backend
+from npu.config import Device
 
 # What --device takes: auto picks cuda where PyTorch sees a CUDA device and Triton is installed, else cpu.
-DEVICE_NAMES = ("auto", "cpu", "cuda")
+DEVICE_NAMES = tuple(d.value for d in Device)
 
 
 def _triton_missing() -> str | None:
@@ -39,11 +40,11 @@ def get_backend(device: str, num_threads: int | None = None, cpu_kernels: str = 
     CUDA device runs the Triton kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` (tests), else fails."""
     import torch
 
-    device = resolve_device(device)
+    device = resolve_device(str(device))  # (a Device or its value)
     if device == "cpu":
         from npu.backends.cpu import CpuBackend
 
-        return CpuBackend(num_threads=num_threads, cpu_kernels=cpu_kernels)
+        return CpuBackend(num_threads=num_threads, cpu_kernels=str(cpu_kernels))
     missing = _triton_missing()
     if missing:
         raise RuntimeError(missing)
