@@ -18,7 +18,6 @@ from engine.tokenizer import Tokenizer
 from server.constraints import ToolUse, chat_constraint, tool_use
 from server.context import ServingContext
 from server.errors import APIError
-from server.reasoning import ReasoningParser
 from server.request_mapping import (
     ClientDisconnected,
     call_token_ids,
@@ -42,7 +41,6 @@ from server.responses import (
 )
 from server.schemas import ChatCompletionRequest
 from server.streaming import collected_response, indexed, sse_response
-from server.tool_calls import ToolCallParser
 
 
 class ChatResponseBuilder(ResponseBuilder):
@@ -63,10 +61,7 @@ class ChatResponseBuilder(ResponseBuilder):
         logprobs: int | None = None,
         include_usage: bool = False,
     ):
-        choices = [
-            ChoiceState(parser=ReasoningParser() if thinking else None, tool_parser=ToolCallParser() if tools else None)
-            for _ in range(n)
-        ]
+        choices = [ChoiceState.for_chat(thinking, tools) for _ in range(n)]
         super().__init__(prompt_tokens, choices)
         self.tokenizer, self.request_id, self.model = tokenizer, request_id, model
         self.logprobs, self.include_usage = logprobs, include_usage

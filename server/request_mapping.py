@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -257,14 +258,15 @@ def validated_chat_request(fields: dict[str, Any], messages_param: str) -> ChatC
 
 @contextlib.contextmanager
 def renamed_chat_errors(renames: dict[str, str]) -> Iterator[None]:
-    """Errors raised on the chat path, with the chat fields they name (``param`` and whole words of the message)
-    renamed to the fields of the API the client used."""
+    """Errors raised on the chat path, with the chat fields they name renamed to the fields of the API the client
+    used: the ``param``, and in the message only names no prose word can be (those with an underscore, whole),
+    so that a rename of ``stop`` or ``messages`` never rewrites a sentence."""
     try:
         with input_named("messages", "max_completion_tokens"):
             yield
     except APIError as e:
         message = e.message
         for chat_name, ours in renames.items():
-            if "." not in chat_name:
-                message = message.replace(chat_name, ours)
+            if "_" in chat_name and "." not in chat_name:
+                message = re.sub(rf"\b{re.escape(chat_name)}\b", ours, message)
         raise APIError(e.status, message, renames.get(e.param or "", e.param), e.headers) from None

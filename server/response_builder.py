@@ -39,6 +39,13 @@ class ChoiceState:
     parser: ReasoningParser | None = None
     tool_parser: ToolCallParser | None = None
 
+    @staticmethod
+    def for_chat(thinking: bool, tools: bool) -> ChoiceState:
+        """A chat choice: its reasoning split off where the model thinks, its tool calls parsed where it has tools."""
+        return ChoiceState(
+            parser=ReasoningParser() if thinking else None, tool_parser=ToolCallParser() if tools else None
+        )
+
     def add(self, out: RequestOutput) -> tuple[str, str, list[ToolCallDelta]]:
         """Record an output; returns its (reasoning, content, tool call) deltas."""
         self.token_ids.extend(out.new_token_ids)
@@ -241,10 +248,7 @@ class PartsBuilder(ResponseBuilder):
     named_events = True
 
     def __init__(self, prompt_tokens: int, *, thinking: bool, tools: bool):
-        choice = ChoiceState(
-            parser=ReasoningParser() if thinking else None, tool_parser=ToolCallParser() if tools else None
-        )
-        super().__init__(prompt_tokens, [choice])
+        super().__init__(prompt_tokens, [ChoiceState.for_chat(thinking, tools)])
         self.parts = OutputParts()
 
     @abstractmethod

@@ -107,3 +107,15 @@ def test_the_store_is_bounded_in_count_and_bytes():
     store.put("huge", item(600))  # larger than the whole budget: not kept, nothing evicted
     assert store.get("huge") is None and store.get("mid") is not None
     assert store.delete("mid") and not store.delete("mid") and store.bytes == 0 and len(store) == 0
+
+
+def test_chat_errors_are_renamed_to_the_clients_fields_without_rewriting_prose():
+    from server.messages_api import CHAT_TO_MESSAGES_PARAMS
+    from server.request_mapping import renamed_chat_errors
+
+    with pytest.raises(APIError) as e, renamed_chat_errors(CHAT_TO_MESSAGES_PARAMS):
+        raise APIError(
+            400, "stop strings must be shorter; max_completion_tokens_x and max_completion_tokens too", "stop"
+        )
+    assert e.value.param == "stop_sequences"
+    assert e.value.message == "stop strings must be shorter; max_completion_tokens_x and max_tokens too"
