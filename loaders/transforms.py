@@ -29,6 +29,8 @@ R4_TENSOR_PATTERN = r"model\.layers\.\d+\.mlp\.down_proj\.R4_input\.weight"
 DOWN_PROJ = "re:.*mlp.down_proj$"
 SELF_ATTN = "re:.*self_attn$"  # R3's target: the attention module, whose query and key states it rotates
 R3_LOCATIONS = ("q_attn", "k_cache")
+# R3's matrices as llm-compressor stores them under the attention module (optional: we write none)
+R3_TENSORS = tuple(f"R3_{location}.weight" for location in R3_LOCATIONS)
 _ATTN_V, _ATTN_O = "re:.*self_attn.v_proj$", "re:.*self_attn.o_proj$"
 R1_WRITERS = ["re:.*embed_tokens$", _ATTN_O, DOWN_PROJ]
 R1_READERS = [

@@ -21,9 +21,12 @@ from loaders.quantization import (
     LinearWeight,
     quantize_linear,
 )
-from loaders.transforms import R4_TENSOR, OnlineTransforms
+from loaders.transforms import R3_TENSORS, R4_TENSOR, OnlineTransforms
 
 FLOAT_TENSOR_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# a stored transform matrix: llm-compressor's SpinQuantModifier writes R3's and R4's in its `precision`, float64 by
+# default
+TRANSFORM_TENSOR_DTYPES = (*FLOAT_TENSOR_DTYPES, torch.float64)
 # Tensors a checkpoint may carry that the model does not need: old transformers saved the RoPE inverse
 # frequencies (recomputed from config.json), and a tied model's lm_head is the embedding.
 REDUNDANT_TENSORS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
@@ -135,13 +138,13 @@ def _cast_float_parts(weights: ModelWeights, dtype: torch.dtype) -> None:
     weights.lm_head = FloatLinear(weights.embed_tokens) if tied else cast(weights.lm_head)
 
 
-def _check_r4_matrix(reader: CheckpointReader, module: str, block: int) -> None:
-    """A checkpoint's stored R4 matrix must be the deterministic Hadamard the kernels apply (entries +-1, or
-    normalized by 1/sqrt(block)): the kernels compute the transform, they do not read the matrix."""
-    name = f"{module}.{R4_TENSOR}"
+def _check_online_matrix(reader: CheckpointReader, name: str, block: int) -> None:
+    """A checkpoint's stored matrix of an online transform (R4's on down_proj's input, R3's on queries and keys)
+    must be the deterministic Hadamard the kernels apply (entries +-1, or normalized by 1/sqrt(block)): the
+    kernels compute the transform, they do not read the matrix."""
     if not reader.has(name):
         return  # (optional: the config says what it is)
-    m = reader.get(name, (block, block), FLOAT_TENSOR_DTYPES).double()
+    m = reader.get(name, (block, block), TRANSFORM_TENSOR_DTYPES).double()
     h = sylvester(block)
     if not (torch.equal(m, h) or torch.allclose(m, h / block**0.5, rtol=1e-2, atol=0.0)):
         raise CheckpointError(
@@ -195,7 +198,10 @@ def load_model_weights(
             for name, shape in linear_shapes(cfg).items()
         }
         if online.down_proj_input_block:
-            _check_r4_matrix(reader, f"{prefix}.mlp.down_proj", online.down_proj_input_block)
+            _check_online_matrix(reader, f"{prefix}.mlp.down_proj.{R4_TENSOR}", online.down_proj_input_block)
+        if online.qk_head_hadamard:
+            for tensor in R3_TENSORS:
+                _check_online_matrix(reader, f"{prefix}.self_attn.{tensor}", cfg.head_dim)
         layers.append(LayerWeights(norms=norms, linears=linears))
     final_norm = reader.get("model.norm.weight", (cfg.hidden_size,), FLOAT_TENSOR_DTYPES)
     if reader.has("lm_head.weight") and not cfg.tie_word_embeddings:
