@@ -18,7 +18,6 @@ import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -35,7 +34,8 @@ from npu.messages import NewSequence, SamplingOptions, ScheduledChunk, StepReque
 from npu.model import ForwardBatch, SeqSpan
 from npu.runner import ModelRunner
 from offline.gptq import gptq_rounding
-from offline.smooth_quant import smooth_checkpoint
+from offline.quantize import QuantizeRecipe, quantize_with_recipe
+from offline.smooth_quant import DEFAULT_ALPHA, smooth_checkpoint
 
 PROMPTS = [
     "What is the capital of France?",
@@ -78,8 +78,19 @@ class EvalConfig:
 
     @property
     def source(self) -> tuple[bool, str | None, bool]:
-        """Which float checkpoint the row runs (or quantizes): smoothed or not, rotated how, with R3 or not."""
+        """Which float checkpoint the row runs (quantized on load): smoothed or not, rotated how, with R3 or not."""
         return self.smoothed, self.rotation, self.r3
+
+    @property
+    def recipe(self) -> QuantizeRecipe:
+        """The ``a8w8-serve quantize`` recipe of the row's weights, for rows whose checkpoint is written first."""
+        from offline.rotate import RotationPlan
+
+        return QuantizeRecipe(
+            smooth_alpha=DEFAULT_ALPHA if self.smoothed else None,
+            rotation=RotationPlan(r1=self.rotation, r3=self.r3) if self.rotation else None,
+            gptq=self.gptq,
+        )
 
 
 # The first is the reference the others are scored against.
@@ -329,9 +340,11 @@ def diagnose(model_dir: str, ids: list[int], context: int = KLD_CONTEXT) -> dict
         rotated = str(rotate_checkpoint(model_dir, Path(tmp) / "rotated", RotationPlan(r1=kind)))
         rotated_r3 = str(rotate_checkpoint(model_dir, Path(tmp) / "rotated-r3", RotationPlan(r1=kind, r3=True)))
         gptq, gptq_r3 = str(Path(tmp) / "gptq"), str(Path(tmp) / "gptq-r3")
-        rounding = gptq_rounding(Path(rotated))
+        # the default model's weights (GPTQ under the R3 checkpoint's Hessians, as its recipe computes them), with
+        # R3 in the config and without it: the rows without R3 differ by R3 alone
+        rounding = gptq_rounding(Path(rotated_r3))
         quantize_checkpoint(rotated, gptq, rounding=rounding)
-        quantize_checkpoint(rotated_r3, gptq_r3, rounding=rounding)  # the same weights, R3 in its config
+        quantize_checkpoint(rotated_r3, gptq_r3, rounding=rounding)
         runners = {
             "rotated_int8_weights_only": lambda: _simulated(rotated, max_len, "a8w8", None),
             "rotated_gptq_int8_weights_only": lambda: _simulated(gptq, max_len, "auto", None),
@@ -388,6 +401,12 @@ def float_sources(model_dir: str | Path, tmp: Path, wanted: set[tuple[bool, str 
     return out
 
 
+def _written(c: EvalConfig) -> bool:
+    """Whether the row's INT8 checkpoint is written first (GPTQ rounding, linears kept in float), rather than
+    quantized on load from a float checkpoint."""
+    return c.gptq or bool(c.keep_float)
+
+
 def select_rows(rows: list[str] | None) -> dict[str, EvalConfig]:
     """The configurations to run: ``rows`` (and ``float``, the reference, first), or all of them."""
     if not rows:
@@ -421,19 +440,17 @@ def evaluate(
     outs: dict[str, list[list[int]]] = {}
     base = targets = None
     with tempfile.TemporaryDirectory() as tmp:
-        sources = float_sources(model_dir, Path(tmp), {c.source for c in configs.values()})
-        # GPTQ's, per float weights (Hessians computed once; R3 changes the config, not the weights)
-        roundings: dict[tuple[bool, str | None], Any] = {}
+        sources = float_sources(model_dir, Path(tmp), {c.source for c in configs.values() if not _written(c)})
         # (a run takes minutes: progress over the configurations, on a terminal)
         for name, c in tqdm(configs.items(), desc="eval-quality configurations", unit="config", disable=None):
-            source = sources[c.source]
-            if c.keep_float or c.gptq:
-                source = Path(tmp) / f"{name}-w8a8"
-                weights = c.source[:2]
-                if c.gptq and weights not in roundings:
-                    roundings[weights] = gptq_rounding(sources[c.source])
-                rounding = roundings[weights] if c.gptq else None
-                quantize_checkpoint(sources[c.source], source, ignore=c.keep_float, rounding=rounding)
+            if _written(c):
+                # through `a8w8-serve quantize`'s own pipeline, so that the default row's INT8 weights are the
+                # default model's bit for bit (its float parts written in fp32, cast on load by the row's dtype): GPTQ's Hessians come from the checkpoint as the recipe leaves it (R3 changes
+                # its config, not its weights, but runs in the calibration pass, and GPTQ turns those rounding
+                # differences into other roundings: perplexity +0.62 % against +0.29 %, 2026-12-06)
+                source = quantize_with_recipe(model_dir, Path(tmp) / f"{name}-w8a8", c.recipe, ignore=c.keep_float)
+            else:
+                source = sources[c.source]
             runner = _runner(str(source), c.quantization, c.kv, max_len, c.int8_head, c.dtype)
             logprobs, targets = scored_logprobs(runner, ids, context)
             base = logprobs if base is None else base  # "float" comes first

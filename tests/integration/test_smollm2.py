@@ -139,26 +139,28 @@ def smol_server(smol_a8w8):
     server.stop()
 
 
+CAPITAL_QUESTIONS = [
+    "Which city is the capital of France?",
+    "Tell me the capital of France.",
+    "What is the capital of France?",
+    "Name the capital of France.",
+]
+
+
 class TestServedInA8W8:
     def test_real_answer_through_the_server_in_a8w8(self, smol_server):
         client = openai.OpenAI(base_url=f"{smol_server.base}/v1", api_key="x", max_retries=0, timeout=120)
         # SmolLM2-135M answers some phrasings of this question in French even in float32 (5 of 6 right in
         # float), and which ones moves with ulp-level differences between kernels: with the default model v6 the
-        # AVX-512 kernels answered the first, second and fourth "The capital of France is Paris.", the avx2
-        # family and the reference path (eager attention and lm_head) all four.
-        questions = [
-            "Which city is the capital of France?",
-            "Tell me the capital of France.",
-            "What is the capital of France?",
-            "Name the capital of France.",
-        ]
+        # AVX-512 kernels answer the first, second and fourth "The capital of France is Paris.", the reference
+        # path (eager attention and lm_head) all four.
         answers = [
             client.chat.completions.create(
                 model="smollm2", messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0
             )
             .choices[0]
             .message.content
-            for q in questions
+            for q in CAPITAL_QUESTIONS
         ]
         assert sum("Paris" in a for a in answers) >= 2, answers
         r = client.chat.completions.create(
@@ -169,12 +171,14 @@ class TestServedInA8W8:
 
     def test_the_pages_request_answers_sensibly_by_default(self, smol_server):
         """The chat page's own request (no sampling fields; stream, usage, its default max_tokens of 1024) gets
-        the model card's sampling from the default model's generation config: sensible answers in most seeded
-        runs (at transformers' default, temperature 1 and no top-p, this model answers "What is the capital
-        of France?" with "Scellaire de Paris (lisage des bonds)..." and rambles for thousands of tokens)."""
+        the model card's sampling from the default model's generation config (temperature 0.2, top-p 0.9): the
+        same text as asking for it, and sensible answers in most seeded runs. Asked over the four phrasings of
+        the test above, not one: whether this A8W8 model starts an answer with "The" or with a French "L" is a
+        near tie on some of them (docs/quality.md: "What is the capital of France?"), which any change of
+        rounding can tip either way."""
         import httpx
 
-        def ask(question: str, seed: int) -> str:
+        def ask(question: str, seed: int, **sampling) -> str:
             body = {
                 "model": "smollm2",
                 "messages": [{"role": "user", "content": question}],
@@ -182,6 +186,7 @@ class TestServedInA8W8:
                 "stream_options": {"include_usage": True},
                 "max_tokens": 1024,
                 "seed": seed,  # (not sent by the page: makes the runs repeatable)
+                **sampling,
             }
             text = ""
             with httpx.stream("POST", f"{smol_server.base}/v1/chat/completions", json=body, timeout=120) as r:
@@ -193,10 +198,11 @@ class TestServedInA8W8:
                             text += chunk["choices"][0]["delta"].get("content") or ""
             return text
 
-        paris = [ask("What is the capital of France?", seed) for seed in range(5)]
         four = [ask("What is 2+2?", seed) for seed in range(5)]
-        assert sum("Paris" in a for a in paris) >= 3, paris
+        assert ask("What is 2+2?", 0, temperature=0.2, top_p=0.9) == four[0]  # the model card's sampling
         assert sum("4" in a and len(a) < 200 for a in four) >= 3, four
+        paris = [ask(q, seed) for q in CAPITAL_QUESTIONS for seed in range(3)]
+        assert sum("Paris" in a for a in paris) >= len(paris) / 2, paris
 
     def test_forced_tool_call_names_the_city(self, smol_server):
         """SmolLM2's template knows no tools: they reach it as Hermes-style system instructions. Left to itself
@@ -222,15 +228,9 @@ def test_eval_quality_command_runs(smol_float, tmp_path):
     from offline.default_model import DEFAULT_MODEL_FLOAT_DTYPE, DEFAULT_MODEL_RECIPE
     from offline.eval_quality import CONFIGS, DEFAULT_ROW, main
 
-    # the default row is the default model's recipe
+    # the default row is the default model's recipe (its checkpoint written by the same quantize_with_recipe)
     row = CONFIGS[DEFAULT_ROW]
-    recipe = DEFAULT_MODEL_RECIPE
-    assert (row.smoothed, row.rotation, row.r3, row.gptq) == (
-        recipe.smooth_alpha is not None,
-        recipe.rotation and recipe.rotation.r1,
-        bool(recipe.rotation and recipe.rotation.r3),
-        recipe.gptq,
-    )
+    assert row.recipe == DEFAULT_MODEL_RECIPE
     assert (row.quantization, row.kv, row.dtype, row.keep_float) == ("a8w8", "int8", DEFAULT_MODEL_FLOAT_DTYPE, ())
     rows = [
         "a8w8_int8kv",

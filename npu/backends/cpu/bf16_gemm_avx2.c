@@ -1,7 +1,7 @@
 // The AVX2 family's bf16_gemm.c: the BF16-weight GEMM for few rows (the BF16 lm_head of a decode step) with the
-// same interface, weight packing and output (BF16-rounded fp32 logits), for CPUs without AVX-512 BF16.
+// same interface, weight packing and output (fp32 logits), for CPUs without AVX-512 BF16.
 //
-// out[m, n] = bf16_round(sum_k bf16(a[m, k]) * w[n, k]) with a = prologue(x) (row_prologue_avx2.h), accumulated
+// out[m, n] = sum_k bf16(a[m, k]) * w[n, k] with a = prologue(x) (row_prologue_avx2.h), accumulated
 // in fp32 by fused multiply-adds, per pair of k the odd product first and then the even one: the order of
 // vdpbf16ps in Intel's definition. Each product of two BF16 values is exact in fp32, so every step rounds once,
 // as there; vdpbf16ps also treats denormal inputs and results as zero, and hardware need not follow the
@@ -55,14 +55,14 @@ static inline __attribute__((always_inline)) void tile(const float *xr, int Kp, 
     }
 }
 
-// Rounds a tile to BF16 and stores it (plus residual): rows m0..m0+mr of the block at column n.
+// Stores a tile (plus residual), fp32: rows m0..m0+mr of the block at column n.
 static inline void store_tile(__m256 acc[MR][2], int mr, int m0, int n, int N, const float *residual, float *out) {
     for (int r = 0; r < mr; r++)
         for (int h = 0; h < 2; h++) {
             const int c = n + h * 8;
             if (c >= N) break;
             const __m256i in_n = _mm256_cmpgt_epi32(_mm256_set1_epi32(N - c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            __m256 v = bf16_round_256(acc[r][h]);
+            __m256 v = acc[r][h];
             const size_t at = (size_t)(m0 + r) * N + c;
             if (residual) v = _mm256_add_ps(_mm256_maskload_ps(residual + at, in_n), v);
             _mm256_maskstore_ps(out + at, in_n, v);

@@ -5,7 +5,7 @@
 //   bf16_round_run(a, K, row)                   row[0:k] = bf16 rounding of a[0:k] on its vectors; returns k
 //   tile(xr, Kp, blk, R, acc)                   rows [R] of x times one block of NB channels, fused multiply-adds
 //                                               per pair of k, the odd product first (vdpbf16ps's defined order)
-//   store_tile(acc, mr, m0, n, N, residual, out)   BF16 rounding, residual, store
+//   store_tile(acc, mr, m0, n, N, residual, out)   residual, store (fp32)
 #pragma once
 #include <stdint.h>
 #include <stdlib.h>
@@ -16,8 +16,8 @@
 // Bytes of the activation rows for M rows (the xb scratch of bf16_gemm): fp32 here.
 long bf16_panel_bytes(int M, int K) { return (long)M * bf16_packed_k(K) * 4; }
 
-// As bf16_gemm.c bf16_gemm: x [M, K] fp32 (prologue as in the family's row prologue); out [M, N] fp32 holding
-// BF16-rounded values, plus residual [M, N] when not NULL (added after the rounding); xb (bf16_panel_bytes(M, K)
+// As bf16_gemm.c bf16_gemm: x [M, K] fp32 (prologue as in the family's row prologue); out [M, N] fp32, plus
+// residual [M, N] when not NULL; xb (bf16_panel_bytes(M, K)
 // bytes) is caller-provided scratch.
 void bf16_gemm(const float *x, int M, int K, int prologue, const float *norm_w, float eps, const uint16_t *wp, int N,
                const float *residual, float *out, uint16_t *xb) {

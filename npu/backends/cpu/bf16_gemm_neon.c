@@ -1,7 +1,7 @@
 // The NEON family's bf16_gemm.c (aarch64, no BF16 extension needed): the BF16-weight GEMM for few rows (the BF16
-// lm_head of a decode step) with the same interface, weight packing and output (BF16-rounded fp32 logits).
+// lm_head of a decode step) with the same interface, weight packing and output (fp32 logits).
 //
-// out[m, n] = bf16_round(sum_k bf16(a[m, k]) * w[n, k]) with a = prologue(x) (row_prologue_neon.h), accumulated
+// out[m, n] = sum_k bf16(a[m, k]) * w[n, k] with a = prologue(x) (row_prologue_neon.h), accumulated
 // in fp32 by fused multiply-adds, per pair of k the odd product first and then the even one: the order of
 // vdpbf16ps in Intel's definition and of bf16_gemm_avx2.c, whose bits these are (each product of two BF16 values
 // is exact in fp32, and every step rounds once). The AVX-512 BF16 hardware need not keep that order, so logits are
@@ -55,14 +55,14 @@ static inline __attribute__((always_inline)) void tile(const float *xr, int Kp, 
     }
 }
 
-// Rounds a tile to BF16 and stores it (plus residual): rows m0..m0+mr of the block at column n.
+// Stores a tile (plus residual), fp32: rows m0..m0+mr of the block at column n.
 static inline void store_tile(float32x4_t acc[MR][4], int mr, int m0, int n, int N, const float *residual, float *out) {
     for (int r = 0; r < mr; r++)
         for (int q = 0; q < 4; q++) {
             const int c = n + q * 4;
             if (c >= N) break;
             float vals[4];
-            vst1q_f32(vals, bf16_round_neon(acc[r][q]));
+            vst1q_f32(vals, acc[r][q]);
             const size_t at = (size_t)(m0 + r) * N + c;
             for (int i = 0; i < 4 && c + i < N; i++) out[at + i] = residual ? residual[at + i] + vals[i] : vals[i];
         }

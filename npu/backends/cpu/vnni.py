@@ -302,8 +302,9 @@ def _input(x: torch.Tensor, in_features: int, gated: bool) -> torch.Tensor:
 
 
 class Bf16Linear:
-    """BF16-weight linear through ``bf16_gemm.c`` (for the BF16 lm_head): prologue, BF16 GEMM with fp32
-    accumulation, output rounded to BF16 as ``F.linear`` in BF16 leaves it, optional residual."""
+    """BF16-weight linear through ``bf16_gemm.c`` (for the BF16 lm_head): prologue, the input rounded to BF16,
+    fp32 accumulation and fp32 output (logits not rounded to BF16: :class:`FloatGemmLinear`'s definition),
+    optional residual."""
 
     def __init__(
         self,
