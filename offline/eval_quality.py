@@ -82,6 +82,12 @@ class EvalConfig:
         return self.smoothed, self.rotation, self.r3
 
     @property
+    def written(self) -> bool:
+        """Whether the row's INT8 checkpoint is written first (GPTQ rounding, linears kept in float), rather than
+        quantized on load from a float checkpoint."""
+        return self.gptq or bool(self.keep_float)
+
+    @property
     def recipe(self) -> QuantizeRecipe:
         """The ``a8w8-serve quantize`` recipe of the row's weights, for rows whose checkpoint is written first."""
         from offline.rotate import RotationPlan
@@ -401,12 +407,6 @@ def float_sources(model_dir: str | Path, tmp: Path, wanted: set[tuple[bool, str 
     return out
 
 
-def _written(c: EvalConfig) -> bool:
-    """Whether the row's INT8 checkpoint is written first (GPTQ rounding, linears kept in float), rather than
-    quantized on load from a float checkpoint."""
-    return c.gptq or bool(c.keep_float)
-
-
 def select_rows(rows: list[str] | None) -> dict[str, EvalConfig]:
     """The configurations to run: ``rows`` (and ``float``, the reference, first), or all of them."""
     if not rows:
@@ -440,15 +440,24 @@ def evaluate(
     outs: dict[str, list[list[int]]] = {}
     base = targets = None
     with tempfile.TemporaryDirectory() as tmp:
-        sources = float_sources(model_dir, Path(tmp), {c.source for c in configs.values() if not _written(c)})
+        sources = float_sources(model_dir, Path(tmp), {c.source for c in configs.values() if not c.written})
+        # checkpoints written first, by (recipe, linears kept in float): rows that differ only in how they run
+        # (KV dtype, float dtype, --quantize-lm-head) share one
+        written: dict[tuple[QuantizeRecipe, tuple[str, ...]], Path] = {}
         # (a run takes minutes: progress over the configurations, on a terminal)
         for name, c in tqdm(configs.items(), desc="eval-quality configurations", unit="config", disable=None):
-            if _written(c):
+            if c.written:
                 # through `a8w8-serve quantize`'s own pipeline, so that the default row's INT8 weights are the
-                # default model's bit for bit (its float parts written in fp32, cast on load by the row's dtype): GPTQ's Hessians come from the checkpoint as the recipe leaves it (R3 changes
-                # its config, not its weights, but runs in the calibration pass, and GPTQ turns those rounding
-                # differences into other roundings: perplexity +0.62 % against +0.29 %, 2026-12-06)
-                source = quantize_with_recipe(model_dir, Path(tmp) / f"{name}-w8a8", c.recipe, ignore=c.keep_float)
+                # default model's bit for bit (its float parts written in fp32, cast on load by the row's dtype).
+                # GPTQ's Hessians come from the checkpoint as the recipe leaves it: R3 changes its config, not its
+                # weights, but runs in the calibration pass, and GPTQ turns those rounding differences into other
+                # roundings (perplexity +0.62 % against +0.29 %, 2026-12-06)
+                key = (c.recipe, c.keep_float)
+                if key not in written:
+                    written[key] = quantize_with_recipe(
+                        model_dir, Path(tmp) / f"{name}-w8a8", c.recipe, ignore=c.keep_float
+                    )
+                source = written[key]
             else:
                 source = sources[c.source]
             runner = _runner(str(source), c.quantization, c.kv, max_len, c.int8_head, c.dtype)

@@ -11,9 +11,6 @@ import shutil
 import pytest
 import torch
 import transformers
-from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import QuantizationModifier
-from llmcompressor.modifiers.transform import SpinQuantModifier
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -59,6 +56,11 @@ def _float_model(tmp_path):
 def _rotated_by_llm_compressor(float_dir, dst, quantize: bool) -> torch.Tensor:
     """Writes ``dst`` with llm-compressor's oneshot (W8A8 too when ``quantize``); returns the logits for PROMPT of
     the model it leaves in memory (transformers with compressed-tensors' transforms)."""
+    # (imported here: llm-compressor takes seconds to import, which collecting the tier should not pay)
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+
     model = transformers.AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
     recipe = [SpinQuantModifier(rotations=ROTATIONS, transform_type="hadamard")]
     if quantize:
