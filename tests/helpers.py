@@ -205,3 +205,19 @@ class DocumentedSchemas:
         assert name in self.components, f"{name} is not among the documented schemas"
         root = {"$ref": f"#/components/schemas/{name}", "components": {"schemas": self.components}}
         jsonschema.Draft202012Validator(root).validate(body)
+
+
+def fastest_kernel_library():
+    """The library of the fastest CPU kernel family this CPU runs (what ``--cpu-kernels auto`` takes), skipping the
+    test where none does: kernel tests that hold for every family run on AVX-512 and AVX2-only machines alike."""
+    import pytest
+
+    from npu.backends.cpu.vnni import FAMILIES, load_kernel_library
+
+    reasons = []
+    for name in FAMILIES:
+        lib, why = load_kernel_library(name)
+        if lib is not None:
+            return lib
+        reasons.append(f"{name}: {why}")
+    pytest.skip(f"no CPU kernel family runs here ({'; '.join(reasons)})")

@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 import torch
-from helpers import BLOCK_SIZE, Driver
+from helpers import BLOCK_SIZE, Driver, fastest_kernel_library
 
 from loaders.assets import qwen3_tokenizer_dir
 from loaders.checkpoint import CheckpointError
@@ -217,20 +217,13 @@ def test_r3_needs_a_power_of_two_head_dim(tmp_path):
 
 
 # ---- the online transform: the same bits on every backend --------------------------------------------------
-def _vnni():
-    from npu.backends.cpu.vnni import load_vnni_library
-
-    lib, why = load_vnni_library()
-    if lib is None:
-        pytest.skip(f"the VNNI kernels are unavailable here: {why}")
-    return lib
-
-
 @pytest.mark.parametrize("block", [2, 8, 16, 64, 512])
 def test_online_hadamard_is_bit_exact_in_the_c_kernels(block):
     from npu.backends.cpu.vnni import Bf16Linear, VnniLinear, Workspace
 
-    lib = _vnni()
+    lib = (
+        fastest_kernel_library()
+    )  # (each family's prologue is the same arithmetic: tested in test_cpu_kernel_families)
     g = torch.Generator().manual_seed(block)
     k = 1536 if block == 512 else 4 * block + (block if block >= 16 else 0)
     for m in (1, 5, 17):
@@ -275,8 +268,8 @@ def test_r3_is_bit_exact_in_the_c_kernel(d):
     from npu.backends.cpu import CpuBackend
 
     backend = CpuBackend()
-    if backend.name != "cpu-vnni":
-        pytest.skip("C kernels unavailable here")
+    if backend.kernel_family == "reference":
+        pytest.skip("no CPU kernel family runs here")
     g = torch.Generator().manual_seed(d)
     t, h = 7, 6
     qk = torch.randn(t, h + 2, d, generator=g)[:, :h] * 4  # a strided view, as the model's qkv slice is

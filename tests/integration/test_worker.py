@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from helpers import BLOCK_SIZE, Driver
+from helpers import BLOCK_SIZE, Driver, fastest_kernel_library
 
 from loaders.quantization import Int8Linear, quantize_activations, quantize_linear
 from loaders.weights import load_model_weights
@@ -348,12 +348,10 @@ def test_quantized_lm_head_option(model_factory):
     assert d.run(chunks=[(1, len(prompt), True)]).tokens[0].token_id == a[0]
 
 
-def test_vnni_kernel_bit_identical_to_int_mm():
-    from npu.backends.cpu.vnni import VnniLinear, Workspace, load_vnni_library
+def test_fastest_kernel_family_gemm_is_bit_identical_to_int_mm():
+    from npu.backends.cpu.vnni import VnniLinear, Workspace
 
-    lib, why = load_vnni_library()
-    if lib is None:
-        pytest.skip(f"VNNI kernel unavailable here: {why}")
+    lib = fastest_kernel_library()
     g = torch.Generator().manual_seed(3)
     # M = 300 spans row blocks with a partial last pass; M = 1400 x N = 3072 writes its output with
     # non-temporal stores (over a8w8_vnni.c's STREAM_MIN_BYTES)
@@ -380,18 +378,16 @@ def test_vnni_kernel_bit_identical_to_int_mm():
             assert torch.equal(fast(x), expected) and torch.equal(fast(x, residual=residual), expected + residual)
 
 
-def test_vnni_fused_prologue_and_epilogue_match_eager_ops():
-    """RMSNorm / SiLU-gate prologues and the residual epilogue inside the VNNI call vs the same ops eagerly.
+def test_fastest_kernel_family_fused_prologue_and_epilogue_match_eager_ops():
+    """RMSNorm / SiLU-gate prologues and the residual epilogue inside the kernel call vs the same ops eagerly.
 
     The fused RMSNorm sums squares in another order than torch, so a quantized activation can land one
     step away on a rounding tie; everything else is the same arithmetic.
     """
     from npu.backends.base import RMSNorm, rms_norm, silu_and_mul
-    from npu.backends.cpu.vnni import VnniLinear, Workspace, load_vnni_library
+    from npu.backends.cpu.vnni import VnniLinear, Workspace
 
-    lib, why = load_vnni_library()
-    if lib is None:
-        pytest.skip(f"VNNI kernel unavailable here: {why}")
+    lib = fastest_kernel_library()
     g = torch.Generator().manual_seed(5)
     for n, k in ((96, 160), (100, 70), (200, 1024)):
         fast = VnniLinear(quantize_linear(torch.randn(n, k, generator=g)), lib, Workspace())
@@ -478,8 +474,8 @@ def test_attention_prep_kernels_match_eager_ops():
     from npu.kv_cache import PagedKVCache
 
     backend = CpuBackend()
-    if backend.name != "cpu-vnni":
-        pytest.skip("C kernels unavailable here")
+    if backend.kernel_family == "reference":
+        pytest.skip("no CPU kernel family runs here")
     g = torch.Generator().manual_seed(6)
     for t, hq, hkv, d in ((1, 16, 8, 128), (37, 6, 2, 64), (5, 4, 4, 32)):
         width = (hq + 2 * hkv) * d
