@@ -125,8 +125,9 @@ def test_avx_vnni_gemm_is_bit_exact_with_every_prologue():
 
 
 def test_avx2_pair_sums_do_not_saturate():
-    """vpmaddubsw adds two u8 x s8 products into a saturating int16: the largest pair the AVX2 family forms,
-    |-128| * 127 twice (32512), must come out exact, for every sign combination."""
+    """The AVX2 family's products: vpmaddwd adds two int16 products of codes into an int32 lane (before 2026-12-06,
+    vpmaddubsw added them into a saturating int16): the largest pair, |-128| * 127 twice (32512), must come out
+    exact, for every sign combination, over enough k that the INT32 sums pass 2^16."""
     lib = _families().get("avx2")
     if lib is None:
         pytest.skip(f"avx2: {_why_not('avx2')}")
@@ -297,6 +298,11 @@ def test_neon_gemm_is_bit_exact_under_emulation(neon):
             else:
                 want, got = op(x), _gemm(neon, arena, packed, x, code)
             assert torch.equal(got, want), (m, k, n, name)
+    # rows in more than one chunk of panels (a8w8_signed.h's PANEL_CHUNK_BYTES: 192 rows of K = 1024 bytes), the last
+    # one partial
+    lw = _weights(12, 1024, g)
+    x = torch.randn(201, 1024, generator=g)
+    assert torch.equal(_gemm(neon, arena, _packed_linear(neon, arena, lw), x, 0), Int8GemmLinear(lw)(x))
 
 
 def test_neon_attention_prep_is_bit_exact_under_emulation(neon):

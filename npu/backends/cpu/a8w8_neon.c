@@ -19,6 +19,7 @@
 #define NR 4  // column blocks per register tile
 #define MR 4  // activation rows per register tile (16 accumulators of the 32 registers)
 typedef int32x4_t acc_t;
+typedef int8_t code_t;  // (sdot multiplies signed bytes)
 #include "a8w8_signed.h"
 
 #define MIN_DIVISOR 1e-30f
@@ -26,7 +27,7 @@ typedef int32x4_t acc_t;
 
 // a[0:K] fp32 -> one row of an activation panel (signed codes, k-group g at out + g * gstride, K..Kp zero);
 // returns the scale. The same operations as a8w8_vnni.c quantize_row, so the same codes.
-static float quantize_row(const float *a, int K, int Kp, int8_t *out, size_t gstride) {
+static float quantize_row(const float *a, int K, int Kp, code_t *out, size_t gstride) {
     float absmax = 0.0f;
     for (int k = 0; k < K; k++) absmax = fmaxf(absmax, fabsf(a[k]));
     const float s = absmax / QMAX, div = s > MIN_DIVISOR ? s : MIN_DIVISOR;
@@ -61,7 +62,7 @@ static inline int32x4_t dot4_add(int32x4_t acc, int8x16_t w, int8x16_t b) {
 
 // One MR_ x NR register tile: MR_ rows of panel xp (of PR_ rows) against NR packed column blocks from w0 (next: the
 // next column tile on a single row pass, prefetched alongside).
-static inline __attribute__((always_inline)) void tile(const int8_t *xp, int PR_, int Kp, const int8_t *w0, int MR_,
+static inline __attribute__((always_inline)) void tile(const code_t *xp, int PR_, int Kp, const int8_t *w0, int MR_,
                                                        acc_t acc[MR][NR], const int8_t *next) {
     const size_t bstride = (size_t)Kp * NB;
     for (int r = 0; r < MR_; r++)
